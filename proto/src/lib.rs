@@ -1,0 +1,53 @@
+//! trainq's wire contract: everything that crosses a process boundary.
+//!
+//! - [`v1`]: the generated `trainq.v1` protobuf messages and the tonic client and server stubs,
+//!   with their proto3 JSON mapping (serde through pbjson).
+//! - [`FILE_DESCRIPTOR_SET`]: served by the coordinator through gRPC reflection.
+//! - [`spec`]: the validated domain form of a job spec, parsed from the wire type at the edge.
+//! - [`queue`]: the Redis key layout shared by the coordinator's and the worker's dispatch modules.
+//!
+//! This crate must not depend on a database, Redis client or libtorch: it is the contract only.
+
+pub mod queue;
+pub mod spec;
+
+/// Generated `trainq.v1` types and services.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    include!(concat!(env!("OUT_DIR"), "/trainq.v1.rs"));
+    include!(concat!(env!("OUT_DIR"), "/trainq.v1.serde.rs"));
+}
+
+/// Encoded `FileDescriptorSet` of every trainq proto file, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/trainq_descriptor.bin"));
+
+pub use pbjson_types::Timestamp;
+
+/// Converts a `JobState` wire value to its lowercase name (`queued`, `running`, ...), the form
+/// stored in Postgres and shown to people.
+pub fn state_name(state: v1::JobState) -> &'static str {
+    use v1::JobState::*;
+    match state {
+        Unspecified => "unspecified",
+        Waiting => "waiting",
+        Queued => "queued",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
+}
+
+/// The inverse of [`state_name`].
+pub fn state_from_name(name: &str) -> Option<v1::JobState> {
+    use v1::JobState::*;
+    Some(match name {
+        "waiting" => Waiting,
+        "queued" => Queued,
+        "running" => Running,
+        "succeeded" => Succeeded,
+        "failed" => Failed,
+        "cancelled" => Cancelled,
+        _ => return None,
+    })
+}

