@@ -1,0 +1,154 @@
+//! `trainq.v1.JobService`: submit, inspect, list, cancel and watch jobs.
+
+use std::sync::Arc;
+
+use proto::spec::JobSpec;
+use proto::v1::{self, job_service_server::JobService};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::{job_to_proto, watch, AppState};
+use crate::domain::{self, parse_job_id, JobQuery};
+use crate::error::{Error, Result};
+use crate::store;
+
+/// Implements `JobService` over the shared [`AppState`].
+#[derive(Clone)]
+pub struct JobApi {
+    state: Arc<AppState>,
+}
+
+impl JobApi {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    /// Stores a validated job, then tries to push its id. A failed push is only logged: the job
+    /// is safely stored as queued and undispatched, and the reconciler pushes it later.
+    async fn submit(&self, spec: Option<v1::JobSpec>) -> Result<v1::SubmitJobResponse> {
+        let spec = JobSpec::try_from(spec.ok_or_else(|| Error::invalid("spec", "is required"))?)?;
+        let id = Uuid::now_v7();
+        store::insert_job(&self.state.pool, id, &spec).await?;
+        tracing::info!(job_id = %id, name = %spec.name, kind = spec.experiment.kind(), "job submitted");
+        self.dispatch_new(id).await;
+        Ok(v1::SubmitJobResponse {
+            job_id: id.to_string(),
+            state: v1::JobState::Queued as i32,
+        })
+    }
+
+    async fn dispatch_new(&self, id: Uuid) {
+        match self.state.dispatcher.push(&[id]).await {
+            Ok(()) => {
+                if let Err(e) = store::mark_dispatched(&self.state.pool, &[id]).await {
+                    // Harmless: the reconciler will push it once more.
+                    tracing::warn!(job_id = %id, error = %e, "could not record dispatch");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %id, error = %e, "dispatch failed; the reconciler will retry")
+            }
+        }
+    }
+
+    async fn get(&self, job_id: &str) -> Result<v1::Job> {
+        let id = parse_job_id("job_id", job_id)?;
+        load_job(&self.state, id).await
+    }
+
+    async fn list(&self, req: v1::ListJobsRequest) -> Result<v1::ListJobsResponse> {
+        let query = JobQuery::try_from(req)?;
+        let (rows, next) = store::list_jobs(&self.state.pool, &query).await?;
+        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let mut latest = store::latest_metrics_of(&self.state.pool, &ids).await?;
+        let jobs = rows
+            .into_iter()
+            .map(|row| {
+                let metrics = latest.remove(&row.id).unwrap_or_default();
+                job_to_proto(row, metrics)
+            })
+            .collect::<Result<_>>()?;
+        Ok(v1::ListJobsResponse {
+            jobs,
+            next_page_token: next.map(|t| t.encode()).unwrap_or_default(),
+        })
+    }
+
+    async fn cancel(&self, req: v1::CancelJobRequest) -> Result<v1::Job> {
+        let id = parse_job_id("job_id", &req.job_id)?;
+        let reason = domain::reason_text(&req.reason, "cancelled by user");
+        let row = store::cancel_job(&self.state.pool, id, &reason).await?;
+        tracing::info!(job_id = %id, %reason, "job cancelled");
+        self.state.notifier.notify(id);
+        let latest = store::latest_metrics(&self.state.pool, id).await?;
+        job_to_proto(row, latest)
+    }
+
+    async fn metrics(&self, req: v1::GetMetricsRequest) -> Result<v1::GetMetricsResponse> {
+        let id = parse_job_id("job_id", &req.job_id)?;
+        if store::get_job(&self.state.pool, id).await?.is_none() {
+            return Err(Error::job_not_found(id));
+        }
+        let points = store::metric_series(&self.state.pool, id, &req.names).await?;
+        Ok(v1::GetMetricsResponse {
+            points: points.into_iter().map(Into::into).collect(),
+        })
+    }
+}
+
+/// A job with its latest metrics, or NOT_FOUND.
+pub(super) async fn load_job(state: &AppState, id: Uuid) -> Result<v1::Job> {
+    let row = store::get_job(&state.pool, id)
+        .await?
+        .ok_or_else(|| Error::job_not_found(id))?;
+    let latest = store::latest_metrics(&state.pool, id).await?;
+    job_to_proto(row, latest)
+}
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit_job(
+        &self,
+        request: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::SubmitJobResponse>, Status> {
+        Ok(Response::new(self.submit(request.into_inner().spec).await?))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        Ok(Response::new(self.get(&request.into_inner().job_id).await?))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        Ok(Response::new(self.list(request.into_inner()).await?))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        Ok(Response::new(self.cancel(request.into_inner()).await?))
+    }
+
+    type WatchJobStream = watch::JobEvents;
+
+    async fn watch_job(
+        &self,
+        request: Request<v1::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let id = parse_job_id("job_id", &request.into_inner().job_id)?;
+        Ok(Response::new(watch::start(self.state.clone(), id).await?))
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<v1::GetMetricsRequest>,
+    ) -> Result<Response<v1::GetMetricsResponse>, Status> {
+        Ok(Response::new(self.metrics(request.into_inner()).await?))
+    }
+}

@@ -1,0 +1,86 @@
+//! The gRPC services: `trainq.v1.JobService` (users) and `trainq.v1.WorkerService` (workers).
+//!
+//! Each handler parses its request into domain types at the edge (`TryFrom`, see
+//! [`crate::domain`]), calls the store, pokes the notifier after a write, and converts rows back
+//! into wire types. Errors become `tonic::Status` only through `From<Error>`.
+//!
+//! Must not write SQL or touch Redis directly (store and dispatch do), and must not fail a
+//! request because Redis is down.
+
+mod jobs;
+mod watch;
+mod workers;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use proto::v1;
+use sqlx::PgPool;
+
+pub use jobs::JobApi;
+pub use workers::WorkerApi;
+
+use crate::dispatch::Dispatcher;
+use crate::domain::MetricPoint;
+use crate::error::{Error, Result};
+use crate::events::Notifier;
+use crate::shutdown::Shutdown;
+use crate::store::JobRow;
+
+/// What every handler shares.
+pub struct AppState {
+    pub pool: PgPool,
+    pub dispatcher: Arc<Dispatcher>,
+    pub notifier: Notifier,
+    /// How long a claim or heartbeat leases a job.
+    pub lease_timeout: Duration,
+    /// Base of the exponential retry backoff.
+    pub retry_backoff: Duration,
+    /// Ends open WatchJob streams so a graceful shutdown does not wait for jobs to finish.
+    pub shutdown: Shutdown,
+}
+
+fn timestamp(t: DateTime<Utc>) -> proto::Timestamp {
+    proto::Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// The stored spec, read back from its proto3 JSON mapping.
+fn spec_of(row: &JobRow) -> Result<v1::JobSpec> {
+    serde_json::from_value(row.spec.clone()).map_err(|e| {
+        Error::Internal(anyhow::anyhow!(
+            "job {} has an unreadable spec: {e}",
+            row.id
+        ))
+    })
+}
+
+fn state_of(row: &JobRow) -> Result<v1::JobState> {
+    proto::state_from_name(&row.state).ok_or_else(|| {
+        Error::Internal(anyhow::anyhow!(
+            "job {} has unknown state {:?}",
+            row.id,
+            row.state
+        ))
+    })
+}
+
+/// A stored job as the wire `Job`, with its latest metric values.
+fn job_to_proto(row: JobRow, latest: Vec<MetricPoint>) -> Result<v1::Job> {
+    Ok(v1::Job {
+        id: row.id.to_string(),
+        spec: Some(spec_of(&row)?),
+        state: state_of(&row)? as i32,
+        attempt: row.attempt.max(0) as u32,
+        worker_id: row.worker_id.unwrap_or_default(),
+        created_at: Some(timestamp(row.created_at)),
+        started_at: row.started_at.map(timestamp),
+        finished_at: row.finished_at.map(timestamp),
+        error: row.error.unwrap_or_default(),
+        latest_metrics: latest.into_iter().map(Into::into).collect(),
+        updated_at: Some(timestamp(row.updated_at)),
+    })
+}

@@ -1,0 +1,145 @@
+//! WatchJob: a server stream of one job's state changes and new metric points.
+//!
+//! The stream sends the job as it is now, then, whenever the notifier pokes it or the fallback
+//! poll fires, the metric points stored since its cursor (`metric_points.seq`) and the job again
+//! if its state or attempt changed. It ends after the event that shows a terminal state, when
+//! the client goes away, or (with UNAVAILABLE) when the coordinator shuts down.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::v1::{self, job_event::Event};
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use uuid::Uuid;
+
+use super::{jobs::load_job, AppState};
+use crate::domain::is_terminal;
+use crate::error::Result;
+use crate::events::Subscription;
+use crate::store;
+
+/// The stream type WatchJob returns.
+pub type JobEvents = ReceiverStream<Result<v1::JobEvent, Status>>;
+
+/// How often a watcher re-reads Postgres without being poked: covers changes made by another
+/// coordinator, and any notification this one missed.
+const FALLBACK_POLL: Duration = Duration::from_millis(500);
+/// Most points in one MetricBatch event.
+const BATCH_POINTS: i64 = 1000;
+
+/// Where a watcher is: what it last told the client.
+struct Cursor {
+    /// Highest `metric_points.seq` already sent (or already in the past when watching began).
+    seq: i64,
+    /// (state, attempt) of the last Job event.
+    seen: (i32, u32),
+}
+
+/// Reads the job (NOT_FOUND before any stream exists), then streams from a task of its own.
+pub async fn start(state: Arc<AppState>, id: Uuid) -> Result<JobEvents> {
+    // Subscribe before the first read, so a change between the read and the loop is not lost.
+    let subscription = state.notifier.subscribe(id);
+    let seq = store::last_metric_seq(&state.pool, id).await?;
+    let job = load_job(&state, id).await?;
+    let (tx, rx) = mpsc::channel(16);
+    let cursor = Cursor {
+        seq,
+        seen: (job.state, job.attempt),
+    };
+    let ended = job_is_terminal(&job);
+    if tx.send(Ok(job_event(job))).await.is_ok() && !ended {
+        tokio::spawn(follow(state, id, subscription, cursor, tx));
+    }
+    Ok(ReceiverStream::new(rx))
+}
+
+fn job_event(job: v1::Job) -> v1::JobEvent {
+    v1::JobEvent {
+        event: Some(Event::Job(job)),
+    }
+}
+
+fn job_is_terminal(job: &v1::Job) -> bool {
+    v1::JobState::try_from(job.state).is_ok_and(|s| is_terminal(proto::state_name(s)))
+}
+
+type Sender = mpsc::Sender<Result<v1::JobEvent, Status>>;
+
+/// Sends events until the job ends, the client leaves, or the coordinator shuts down.
+async fn follow(
+    state: Arc<AppState>,
+    id: Uuid,
+    mut subscription: Subscription,
+    mut cursor: Cursor,
+    tx: Sender,
+) {
+    let mut shutdown = state.shutdown.clone();
+    let mut poll = tokio::time::interval(FALLBACK_POLL);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = shutdown.wait() => {
+                let _ = tx.send(Err(Status::unavailable("coordinator is shutting down, watch again"))).await;
+                return;
+            }
+            _ = subscription.changed() => {}
+            _ = poll.tick() => {}
+        }
+        match catch_up(&state, id, &mut cursor, &tx).await {
+            Ok(Step::Continue) => {}
+            Ok(Step::Done) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
+    }
+}
+
+enum Step {
+    Continue,
+    Done,
+}
+
+/// Sends what changed since the cursor. The job is read before the points: a job seen in a
+/// terminal state can get no more points (worker writes need a running lease), so the points
+/// read afterwards are complete and the terminal Job event can safely be the last.
+async fn catch_up(state: &AppState, id: Uuid, cursor: &mut Cursor, tx: &Sender) -> Result<Step> {
+    let job = load_job(state, id).await?;
+    loop {
+        let points = store::metrics_after(&state.pool, id, cursor.seq, BATCH_POINTS).await?;
+        let Some((last_seq, _)) = points.last() else {
+            break;
+        };
+        cursor.seq = *last_seq;
+        let full = points.len() as i64 == BATCH_POINTS;
+        let batch = v1::MetricBatch {
+            points: points.into_iter().map(|(_, p)| p.into()).collect(),
+        };
+        if tx
+            .send(Ok(v1::JobEvent {
+                event: Some(Event::Metrics(batch)),
+            }))
+            .await
+            .is_err()
+        {
+            return Ok(Step::Done);
+        }
+        if !full {
+            break;
+        }
+    }
+    if (job.state, job.attempt) == cursor.seen {
+        return Ok(Step::Continue);
+    }
+    cursor.seen = (job.state, job.attempt);
+    let ended = job_is_terminal(&job);
+    if tx.send(Ok(job_event(job))).await.is_err() || ended {
+        return Ok(Step::Done);
+    }
+    Ok(Step::Continue)
+}

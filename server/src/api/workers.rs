@@ -1,0 +1,138 @@
+//! `trainq.v1.WorkerService`: claim, heartbeat, report metrics, complete, fail.
+//!
+//! Every call but ClaimJob carries a lease; the store refuses writes from a lease that is no
+//! longer current. "Not claimed" and "stop running" are answers, not errors.
+
+use std::sync::Arc;
+
+use proto::v1::{self, worker_service_server::WorkerService};
+use tonic::{Request, Response, Status};
+
+use super::{spec_of, timestamp, AppState};
+use crate::domain::{self, parse_job_id, parse_worker_id, Lease, MetricsReport};
+use crate::error::Result;
+use crate::store;
+
+/// Implements `WorkerService` over the shared [`AppState`].
+#[derive(Clone)]
+pub struct WorkerApi {
+    state: Arc<AppState>,
+}
+
+impl WorkerApi {
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    async fn claim(&self, req: v1::ClaimJobRequest) -> Result<v1::ClaimJobResponse> {
+        let id = parse_job_id("job_id", &req.job_id)?;
+        let worker_id = parse_worker_id("worker_id", &req.worker_id)?;
+        let Some(row) =
+            store::claim_job(&self.state.pool, id, &worker_id, self.state.lease_timeout).await?
+        else {
+            // Someone else won, or the job was cancelled, or it is a duplicate message.
+            return Ok(v1::ClaimJobResponse::default());
+        };
+        tracing::info!(job_id = %id, attempt = row.attempt, worker = %worker_id, "job claimed");
+        self.state.notifier.notify(id);
+        Ok(v1::ClaimJobResponse {
+            claimed: true,
+            lease: Some(v1::JobLease {
+                job_id: id.to_string(),
+                attempt: row.attempt.max(0) as u32,
+                worker_id,
+            }),
+            spec: Some(spec_of(&row)?),
+            lease_expires_at: row.lease_expires_at.map(timestamp),
+        })
+    }
+
+    async fn heartbeat(&self, req: v1::HeartbeatRequest) -> Result<v1::HeartbeatResponse> {
+        let lease = Lease::try_from(req.lease)?;
+        let expires = store::heartbeat(&self.state.pool, &lease, self.state.lease_timeout).await?;
+        Ok(v1::HeartbeatResponse {
+            keep_running: expires.is_some(),
+            lease_expires_at: expires.map(timestamp),
+        })
+    }
+
+    async fn report(&self, req: v1::ReportMetricsRequest) -> Result<v1::ReportMetricsResponse> {
+        let report = MetricsReport::try_from(req)?;
+        let stored = store::record_metrics(&self.state.pool, &report.lease, &report.points).await?;
+        if stored > 0 {
+            self.state.notifier.notify(report.lease.job_id);
+        }
+        Ok(v1::ReportMetricsResponse {
+            stored: u32::try_from(stored).unwrap_or(u32::MAX),
+        })
+    }
+
+    async fn complete(&self, req: v1::CompleteJobRequest) -> Result<v1::CompleteJobResponse> {
+        let lease = Lease::try_from(req.lease)?;
+        store::complete_job(&self.state.pool, &lease).await?;
+        tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, "job succeeded");
+        self.state.notifier.notify(lease.job_id);
+        Ok(v1::CompleteJobResponse {})
+    }
+
+    async fn fail(&self, req: v1::FailJobRequest) -> Result<v1::FailJobResponse> {
+        let lease = Lease::try_from(req.lease)?;
+        let reason = domain::reason_text(&req.reason, "failed without a reason");
+        let retry_after =
+            domain::retry_backoff(self.state.retry_backoff, lease.attempt, &mut rand::rng());
+        let state = store::fail_job(
+            &self.state.pool,
+            &lease,
+            &reason,
+            req.permanent,
+            retry_after,
+        )
+        .await?;
+        tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, %state, %reason, "attempt failed");
+        self.state.notifier.notify(lease.job_id);
+        let state = proto::state_from_name(&state).unwrap_or(v1::JobState::Unspecified);
+        Ok(v1::FailJobResponse {
+            state: state as i32,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn claim_job(
+        &self,
+        request: Request<v1::ClaimJobRequest>,
+    ) -> Result<Response<v1::ClaimJobResponse>, Status> {
+        Ok(Response::new(self.claim(request.into_inner()).await?))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        Ok(Response::new(
+            WorkerApi::heartbeat(self, request.into_inner()).await?,
+        ))
+    }
+
+    async fn report_metrics(
+        &self,
+        request: Request<v1::ReportMetricsRequest>,
+    ) -> Result<Response<v1::ReportMetricsResponse>, Status> {
+        Ok(Response::new(self.report(request.into_inner()).await?))
+    }
+
+    async fn complete_job(
+        &self,
+        request: Request<v1::CompleteJobRequest>,
+    ) -> Result<Response<v1::CompleteJobResponse>, Status> {
+        Ok(Response::new(self.complete(request.into_inner()).await?))
+    }
+
+    async fn fail_job(
+        &self,
+        request: Request<v1::FailJobRequest>,
+    ) -> Result<Response<v1::FailJobResponse>, Status> {
+        Ok(Response::new(self.fail(request.into_inner()).await?))
+    }
+}

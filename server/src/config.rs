@@ -1,0 +1,105 @@
+//! The coordinator's configuration: one struct, every field a command-line flag with an
+//! environment variable and a default that works on a developer machine.
+//!
+//! Must not read the environment anywhere else, and must not open connections: it only
+//! describes what `run` should do.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// trainq coordinator: gRPC API, Postgres store, Redis dispatch, reconciler and lease reaper.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "trainq-server", version, about, args_override_self = true)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "TRAINQ_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Postgres, the source of truth. The database is created if missing and migrated at start.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/trainq"
+    )]
+    pub database_url: String,
+
+    /// Redis, which carries only job ids. The server starts and serves even when it is down.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key, so several deployments (or tests) can share one Redis.
+    #[arg(long, env = "TRAINQ_REDIS_PREFIX", default_value = proto::queue::DEFAULT_PREFIX)]
+    pub redis_prefix: String,
+
+    /// How long a claim or heartbeat keeps a job leased to its worker. A worker that is silent
+    /// for longer loses the job to the lease reaper.
+    #[arg(long, env = "TRAINQ_LEASE_TIMEOUT_MS", default_value_t = 30_000)]
+    pub lease_timeout_ms: u64,
+
+    /// How often the reconciler and the lease reaper scan Postgres.
+    #[arg(long, env = "TRAINQ_RECONCILE_INTERVAL_MS", default_value_t = 2_000)]
+    pub reconcile_interval_ms: u64,
+
+    /// A queued job whose id was pushed to Redis longer ago than this is pushed again (its
+    /// message may have been lost with Redis).
+    #[arg(long, env = "TRAINQ_REDISPATCH_AFTER_MS", default_value_t = 30_000)]
+    pub redispatch_after_ms: u64,
+
+    /// Base delay before a failed attempt is retried; doubles with every attempt, with jitter.
+    #[arg(long, env = "TRAINQ_RETRY_BACKOFF_MS", default_value_t = 2_000)]
+    pub retry_backoff_ms: u64,
+
+    /// Log line format. The level filter comes from RUST_LOG (default `info`).
+    #[arg(long, env = "TRAINQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    pub fn lease_timeout(&self) -> Duration {
+        Duration::from_millis(self.lease_timeout_ms)
+    }
+
+    pub fn reconcile_interval(&self) -> Duration {
+        Duration::from_millis(self.reconcile_interval_ms.max(1))
+    }
+
+    pub fn redispatch_after(&self) -> Duration {
+        Duration::from_millis(self.redispatch_after_ms)
+    }
+
+    pub fn retry_backoff(&self) -> Duration {
+        Duration::from_millis(self.retry_backoff_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_documented_defaults() {
+        let c = Config::try_parse_from([
+            "trainq-server",
+            "--lease-timeout-ms",
+            "5",
+            "--log-format",
+            "json",
+        ])
+        .expect("valid flags");
+        assert_eq!(c.lease_timeout(), Duration::from_millis(5));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(Config::try_parse_from(["trainq-server", "--log-format", "xml"]).is_err());
+    }
+}

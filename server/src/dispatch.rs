@@ -1,0 +1,237 @@
+//! Redis dispatch: the only module that talks to Redis.
+//!
+//! The coordinator pushes (`RPUSH`) the ids of jobs that became ready onto
+//! [`Keys::ready_queue`]; workers pop them and claim the job over gRPC. Redis is disposable: a
+//! failed push is logged and left to the reconciler, and the coordinator starts and serves while
+//! Redis is down. The connection is made lazily and then kept by a `ConnectionManager`, which
+//! reconnects by itself.
+//!
+//! Must not store anything but job ids, and must not be the reason a request fails: callers
+//! treat every error from here as "try again later".
+
+use std::time::Duration;
+
+use proto::queue::Keys;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::OnceCell;
+use uuid::Uuid;
+
+/// A Redis operation that did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// How long one connection attempt or one command may take before it counts as a failure:
+/// short, because a submit waits for its push.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Pushes job ids to the ready queue of one key prefix.
+pub struct Dispatcher {
+    client: redis::Client,
+    keys: Keys,
+    /// Set on the first successful connection; empty while Redis has never been reachable.
+    conn: OnceCell<ConnectionManager>,
+}
+
+impl Dispatcher {
+    /// Parses the URL only; nothing is connected until the first push.
+    pub fn new(redis_url: &str, prefix: &str) -> Result<Self, DispatchError> {
+        Ok(Self {
+            client: redis::Client::open(redis_url)?,
+            keys: Keys::new(prefix),
+            conn: OnceCell::new(),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The shared connection, connecting first if this is the first use (or every earlier try
+    /// failed).
+    async fn connection(&self) -> Result<ConnectionManager, DispatchError> {
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(REDIS_TIMEOUT)
+                    .set_response_timeout(REDIS_TIMEOUT)
+                    // No retry loop inside the client (its backoff sleeps for seconds): a failed
+                    // push is retried by the reconciler, and a submit must not wait for it.
+                    .set_number_of_retries(0)
+                    .set_max_delay(500);
+                let connect = ConnectionManager::new_with_config(self.client.clone(), config);
+                match tokio::time::timeout(REDIS_TIMEOUT * 2, connect).await {
+                    Ok(result) => result.map_err(DispatchError::from),
+                    Err(_) => Err(DispatchError::Timeout(REDIS_TIMEOUT * 2)),
+                }
+            })
+            .await?;
+        Ok(conn.clone())
+    }
+
+    /// Appends the ids to the ready queue, in order, with one command.
+    pub async fn push(&self, ids: &[Uuid]) -> Result<(), DispatchError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.connection().await?;
+        let mut cmd = redis::cmd("RPUSH");
+        cmd.arg(self.keys.ready_queue());
+        for id in ids {
+            cmd.arg(id.to_string());
+        }
+        let _len: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// The ids waiting in the ready queue, head first (for tests and operators).
+    pub async fn ready_ids(&self) -> Result<Vec<String>, DispatchError> {
+        let mut conn = self.connection().await?;
+        let cmd = redis::cmd("LRANGE")
+            .arg(self.keys.ready_queue())
+            .arg(0)
+            .arg(-1)
+            .to_owned();
+        self.bounded(cmd.query_async(&mut conn)).await
+    }
+
+    /// Deletes this prefix's queue (test clean-up; never touches other prefixes).
+    pub async fn delete_queue(&self) -> Result<(), DispatchError> {
+        let mut conn = self.connection().await?;
+        let cmd = redis::cmd("DEL").arg(self.keys.ready_queue()).to_owned();
+        let _deleted: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, DispatchError> {
+        match tokio::time::timeout(REDIS_TIMEOUT, fut).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(DispatchError::Timeout(REDIS_TIMEOUT)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the machine's Redis (REDIS_URL, default redis://127.0.0.1:6379), each test under
+    //! its own key prefix and deleting its keys at the end.
+    use super::*;
+
+    fn redis_url() -> String {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    }
+
+    fn unique_dispatcher() -> Dispatcher {
+        Dispatcher::new(&redis_url(), &format!("trainq-test:{}:", Uuid::new_v4()))
+            .expect("valid url")
+    }
+
+    #[tokio::test]
+    async fn pushed_ids_land_in_order_on_the_prefixed_ready_queue() {
+        let d = unique_dispatcher();
+        let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
+        d.push(&ids[..2]).await.expect("redis is reachable");
+        d.push(&ids[2..]).await.expect("redis is reachable");
+        let queued = d.ready_ids().await.expect("lrange");
+        d.delete_queue().await.expect("clean up");
+        assert_eq!(queued, ids.iter().map(Uuid::to_string).collect::<Vec<_>>());
+        assert!(d.keys().ready_queue().starts_with(d.keys().prefix()));
+    }
+
+    #[tokio::test]
+    async fn two_prefixes_do_not_see_each_others_ids() {
+        let (a, b) = (unique_dispatcher(), unique_dispatcher());
+        a.push(&[Uuid::now_v7()]).await.expect("push");
+        let seen_by_b = b.ready_ids().await.expect("lrange");
+        a.delete_queue().await.expect("clean up");
+        assert!(seen_by_b.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_push_to_an_unreachable_redis_fails_quickly_instead_of_hanging() {
+        let d = Dispatcher::new("redis://127.0.0.1:1", "trainq-test:").expect("valid url");
+        let started = std::time::Instant::now();
+        assert!(d.push(&[Uuid::now_v7()]).await.is_err());
+        assert!(
+            d.push(&[Uuid::now_v7()]).await.is_err(),
+            "a later push tries again and fails again"
+        );
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+
+    /// A private redis-server on a free port (this test stops it, so it must not be the shared one).
+    struct PrivateRedis {
+        port: u16,
+        child: std::process::Child,
+    }
+
+    impl PrivateRedis {
+        fn start(port: u16) -> Self {
+            let child = std::process::Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("this test needs redis-server on PATH");
+            Self { port, child }
+        }
+
+        fn stop(mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    async fn eventually_pushes(d: &Dispatcher) -> bool {
+        for _ in 0..100 {
+            if d.push(&[Uuid::now_v7()]).await.is_ok() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn the_dispatcher_reconnects_by_itself_after_redis_restarts() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let d = Dispatcher::new(&format!("redis://127.0.0.1:{port}"), "trainq-test:")
+            .expect("valid url");
+        assert!(d.push(&[Uuid::now_v7()]).await.is_err(), "not started yet");
+        let redis = PrivateRedis::start(port);
+        assert!(eventually_pushes(&d).await, "connects once redis is up");
+        let port = redis.port;
+        redis.stop();
+        assert!(d.push(&[Uuid::now_v7()]).await.is_err(), "redis is down");
+        let redis = PrivateRedis::start(port);
+        let reconnected = eventually_pushes(&d).await;
+        redis.stop();
+        assert!(
+            reconnected,
+            "the same dispatcher pushes again after the restart"
+        );
+    }
+}

@@ -1,0 +1,512 @@
+//! Store tests: each runs against a fresh, migrated database that `#[sqlx::test]` creates from
+//! DATABASE_URL (for example postgres://postgres@127.0.0.1:5432/postgres) and drops afterwards.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use proto::spec::JobSpec;
+use proto::v1;
+use server::domain::{JobQuery, Lease, MetricPoint};
+use server::error::Error;
+use server::{reconcile, store};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn spec(max_attempts: u32, labels: &[(&str, &str)]) -> JobSpec {
+    JobSpec::try_from(v1::JobSpec {
+        name: "mnist".into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        training: Some(v1::Training {
+            epochs: 1,
+            batch_size: 32,
+            learning_rate: 1e-3,
+            ..Default::default()
+        }),
+        max_attempts,
+        experiment: Some(v1::job_spec::Experiment::MnistClassifier(
+            v1::MnistClassifier {},
+        )),
+    })
+    .expect("valid spec")
+}
+
+async fn submit(pool: &PgPool, max_attempts: u32) -> Uuid {
+    let id = Uuid::now_v7();
+    store::insert_job(pool, id, &spec(max_attempts, &[]))
+        .await
+        .expect("insert");
+    id
+}
+
+async fn claim(pool: &PgPool, id: Uuid, worker: &str, lease_for: Duration) -> Lease {
+    let row = store::claim_job(pool, id, worker, lease_for)
+        .await
+        .expect("claim query")
+        .expect("claimed");
+    Lease {
+        job_id: id,
+        attempt: row.attempt,
+        worker_id: worker.into(),
+    }
+}
+
+async fn job(pool: &PgPool, id: Uuid) -> store::JobRow {
+    store::get_job(pool, id)
+        .await
+        .expect("get")
+        .expect("job exists")
+}
+
+fn pt(name: &str, step: i64, value: f64) -> MetricPoint {
+    MetricPoint {
+        name: name.into(),
+        step,
+        epoch: 1,
+        value,
+    }
+}
+
+fn assert_precondition<T: std::fmt::Debug>(result: Result<T, Error>) -> String {
+    match result {
+        Err(Error::FailedPrecondition(m)) => m,
+        other => panic!("expected FailedPrecondition, got {other:?}"),
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_is_won_by_exactly_one_of_two_concurrent_claimers(pool: PgPool) {
+    for _ in 0..20 {
+        let id = submit(&pool, 3).await;
+        let (a, b) = tokio::join!(
+            store::claim_job(&pool, id, "worker-a", LONG),
+            store::claim_job(&pool, id, "worker-b", LONG),
+        );
+        let winners: Vec<_> = [a.expect("a"), b.expect("b")]
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(winners.len(), 1, "exactly one claimer wins");
+        let row = job(&pool, id).await;
+        assert_eq!((row.state.as_str(), row.attempt), ("running", 1));
+        assert_eq!(row.worker_id, winners[0].worker_id);
+        assert!(row.started_at.is_some() && row.lease_expires_at.is_some());
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
+    let id = submit(&pool, 3).await;
+    let first = claim(&pool, id, "w1", LONG).await;
+    assert_eq!(
+        store::fail_job(&pool, &first, "oom", false, Duration::ZERO)
+            .await
+            .expect("fail"),
+        "queued"
+    );
+    let second = claim(&pool, id, "w2", LONG).await;
+    assert_eq!(second.attempt, 2);
+
+    let m = assert_precondition(
+        store::record_metrics(&pool, &first, &[pt("train/loss", 1, 1.0)]).await,
+    );
+    assert!(m.starts_with("stale attempt 1"), "{m}");
+    assert_precondition(store::complete_job(&pool, &first).await);
+    assert_precondition(store::fail_job(&pool, &first, "late", true, Duration::ZERO).await);
+    assert_eq!(
+        store::heartbeat(&pool, &first, LONG)
+            .await
+            .expect("heartbeat"),
+        None
+    );
+    // Same attempt number but another worker: also not the lease holder.
+    let impostor = Lease {
+        worker_id: "w1".into(),
+        ..second.clone()
+    };
+    assert_precondition(store::complete_job(&pool, &impostor).await);
+
+    assert!(store::heartbeat(&pool, &second, LONG)
+        .await
+        .expect("heartbeat")
+        .is_some());
+    assert_eq!(
+        store::record_metrics(&pool, &second, &[pt("train/loss", 1, 1.0)])
+            .await
+            .expect("report"),
+        1
+    );
+    store::complete_job(&pool, &second).await.expect("complete");
+    store::complete_job(&pool, &second)
+        .await
+        .expect("completing the same attempt twice is fine");
+    assert_eq!(job(&pool, id).await.state, "succeeded");
+    assert!(
+        store::metric_series(&pool, id, &[])
+            .await
+            .expect("series")
+            .len()
+            == 1,
+        "no point from attempt 1"
+    );
+
+    let unknown = Lease {
+        job_id: Uuid::now_v7(),
+        ..second
+    };
+    assert!(matches!(
+        store::complete_job(&pool, &unknown).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn metric_points_are_stored_once_per_name_and_step_and_latest_keeps_the_highest_step(
+    pool: PgPool,
+) {
+    let id = submit(&pool, 3).await;
+    let lease = claim(&pool, id, "w", LONG).await;
+    let first = [
+        pt("train/loss", 1, 2.0),
+        pt("train/loss", 2, 1.5),
+        pt("test/accuracy", 2, 0.9),
+    ];
+    assert_eq!(
+        store::record_metrics(&pool, &lease, &first)
+            .await
+            .expect("report"),
+        3
+    );
+    // A retried batch, with one changed value: nothing new is stored, the first value stays.
+    let again = [pt("train/loss", 2, 99.0), pt("train/loss", 1, 2.0)];
+    assert_eq!(
+        store::record_metrics(&pool, &lease, &again)
+            .await
+            .expect("report"),
+        0
+    );
+    // Duplicates inside one batch count once; an older step arriving late is stored but does not
+    // move `latest` backwards.
+    let later = [
+        pt("train/loss", 5, 0.5),
+        pt("train/loss", 5, 0.7),
+        pt("train/loss", 3, 1.0),
+    ];
+    assert_eq!(
+        store::record_metrics(&pool, &lease, &later)
+            .await
+            .expect("report"),
+        2
+    );
+    assert_eq!(
+        store::record_metrics(&pool, &lease, &[pt("train/loss", 4, 0.8)])
+            .await
+            .expect("report"),
+        1
+    );
+    assert_eq!(
+        store::record_metrics(&pool, &lease, &[pt("train/nan", 1, f64::NAN)])
+            .await
+            .expect("report"),
+        1
+    );
+
+    let series = store::metric_series(&pool, id, &["train/loss".into()])
+        .await
+        .expect("series");
+    let steps: Vec<(i64, f64)> = series.iter().map(|p| (p.step, p.value)).collect();
+    assert_eq!(steps, [(1, 2.0), (2, 1.5), (3, 1.0), (4, 0.8), (5, 0.5)]);
+
+    let latest: HashMap<String, MetricPoint> = store::latest_metrics(&pool, id)
+        .await
+        .expect("latest")
+        .into_iter()
+        .map(|p| (p.name.clone(), p))
+        .collect();
+    assert_eq!(
+        (latest["train/loss"].step, latest["train/loss"].value),
+        (5, 0.5)
+    );
+    assert_eq!(
+        (latest["test/accuracy"].step, latest["test/accuracy"].value),
+        (2, 0.9)
+    );
+    assert!(
+        latest["train/nan"].value.is_nan(),
+        "NaN is stored, not rejected"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cancelling_a_finished_job_is_refused_and_an_unknown_job_is_not_found(pool: PgPool) {
+    let id = submit(&pool, 3).await;
+    let row = store::cancel_job(&pool, id, "changed my mind")
+        .await
+        .expect("cancel queued");
+    assert_eq!(
+        (row.state.as_str(), row.error.as_deref()),
+        ("cancelled", Some("changed my mind"))
+    );
+    assert!(row.finished_at.is_some());
+    let m = assert_precondition(store::cancel_job(&pool, id, "again").await);
+    assert!(m.contains("already cancelled"), "{m}");
+    assert!(
+        store::claim_job(&pool, id, "w", LONG)
+            .await
+            .expect("claim")
+            .is_none(),
+        "cancelled jobs are not claimable"
+    );
+
+    let done = submit(&pool, 3).await;
+    let lease = claim(&pool, done, "w", LONG).await;
+    store::complete_job(&pool, &lease).await.expect("complete");
+    let m = assert_precondition(store::cancel_job(&pool, done, "too late").await);
+    assert!(m.contains("already succeeded"), "{m}");
+
+    assert!(matches!(
+        store::cancel_job(&pool, Uuid::now_v7(), "x").await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_max_attempts(
+    pool: PgPool,
+) {
+    let id = submit(&pool, 2).await;
+    let first = claim(&pool, id, "w", LONG).await;
+    let state = store::fail_job(
+        &pool,
+        &first,
+        "cuda error",
+        false,
+        Duration::from_millis(400),
+    )
+    .await
+    .expect("fail");
+    assert_eq!(state, "queued");
+    let row = job(&pool, id).await;
+    assert_eq!(
+        (row.error.as_deref(), row.dispatched_at),
+        (Some("cuda error"), None)
+    );
+    assert!(row.not_before.is_some() && row.lease_expires_at.is_none());
+    assert_eq!(
+        store::fail_job(&pool, &first, "cuda error", false, LONG)
+            .await
+            .expect("repeat"),
+        "queued"
+    );
+
+    assert!(
+        store::claim_job(&pool, id, "w", LONG)
+            .await
+            .expect("claim")
+            .is_none(),
+        "still in backoff"
+    );
+    assert!(
+        store::take_due_for_dispatch(&pool, LONG, 10)
+            .await
+            .expect("due")
+            .is_empty(),
+        "not dispatched in backoff"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        store::take_due_for_dispatch(&pool, LONG, 10)
+            .await
+            .expect("due"),
+        [id],
+        "dispatched after backoff"
+    );
+
+    let second = claim(&pool, id, "w", LONG).await;
+    assert_eq!(second.attempt, 2);
+    let state = store::fail_job(&pool, &second, "cuda error again", false, Duration::ZERO)
+        .await
+        .expect("fail");
+    assert_eq!(state, "failed", "no attempts left");
+    let row = job(&pool, id).await;
+    assert!(row.finished_at.is_some());
+    assert_eq!(row.error.as_deref(), Some("cuda error again"));
+
+    let permanent = submit(&pool, 5).await;
+    let lease = claim(&pool, permanent, "w", LONG).await;
+    let state = store::fail_job(&pool, &lease, "bad config", true, Duration::ZERO)
+        .await
+        .expect("fail");
+    assert_eq!(state, "failed", "a permanent failure is not retried");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_lease_reaper_requeues_expired_leases_and_fails_exhausted_ones(pool: PgPool) {
+    let retry = submit(&pool, 2).await;
+    let exhausted = submit(&pool, 1).await;
+    let healthy = submit(&pool, 1).await;
+    let retry_lease = claim(&pool, retry, "gone-1", Duration::ZERO).await;
+    claim(&pool, exhausted, "gone-2", Duration::ZERO).await;
+    claim(&pool, healthy, "alive", LONG).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let reaped = store::reap_expired_leases(&pool, 100).await.expect("reap");
+    let reaped: HashMap<Uuid, String> = reaped.into_iter().map(|r| (r.id, r.state)).collect();
+    assert_eq!(reaped.len(), 2, "{reaped:?}");
+    assert_eq!(reaped[&retry], "queued");
+    assert_eq!(reaped[&exhausted], "failed");
+
+    let row = job(&pool, retry).await;
+    assert_eq!(row.error.as_deref(), Some("lease expired on worker gone-1"));
+    assert_eq!(
+        row.dispatched_at, None,
+        "requeued jobs are dispatched again at once"
+    );
+    assert!(job(&pool, exhausted).await.finished_at.is_some());
+    assert_eq!(job(&pool, healthy).await.state, "running");
+    assert_eq!(
+        store::heartbeat(&pool, &retry_lease, LONG)
+            .await
+            .expect("heartbeat"),
+        None,
+        "the old worker must stop"
+    );
+    assert!(
+        store::reap_expired_leases(&pool, 100)
+            .await
+            .expect("reap")
+            .is_empty(),
+        "nothing left to reap"
+    );
+    assert_eq!(claim(&pool, retry, "w", LONG).await.attempt, 2);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_reconciler_picks_queued_jobs_that_are_undispatched_or_stale_and_nothing_else(
+    pool: PgPool,
+) {
+    let a = submit(&pool, 3).await;
+    let b = submit(&pool, 3).await;
+    let claimed = submit(&pool, 3).await;
+    claim(&pool, claimed, "w", LONG).await;
+    let pushed = submit(&pool, 3).await;
+    store::mark_dispatched(&pool, &[pushed])
+        .await
+        .expect("mark");
+
+    assert_eq!(
+        store::take_due_for_dispatch(&pool, LONG, 100)
+            .await
+            .expect("due"),
+        [a, b],
+        "oldest first"
+    );
+    assert!(
+        store::take_due_for_dispatch(&pool, LONG, 100)
+            .await
+            .expect("due")
+            .is_empty(),
+        "just dispatched"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let stale: HashSet<Uuid> = store::take_due_for_dispatch(&pool, Duration::from_millis(10), 100)
+        .await
+        .expect("due")
+        .into_iter()
+        .collect();
+    assert_eq!(
+        stale,
+        HashSet::from([a, b, pushed]),
+        "pushed long ago: pushed again; running: never"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_failed_push_leaves_jobs_undispatched_for_the_next_round(pool: PgPool) {
+    let id = submit(&pool, 3).await;
+    let unreachable =
+        server::dispatch::Dispatcher::new("redis://127.0.0.1:1", "trainq-test:").expect("url");
+    let pushed = reconcile::dispatch_due(&pool, &unreachable, LONG)
+        .await
+        .expect("round");
+    assert_eq!(pushed, 0);
+    assert_eq!(job(&pool, id).await.dispatched_at, None);
+    assert_eq!(
+        store::take_due_for_dispatch(&pool, LONG, 10)
+            .await
+            .expect("due"),
+        [id]
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool) {
+    let mut wanted = Vec::new();
+    for i in 0..9 {
+        let team = if i % 3 == 0 { "b" } else { "a" };
+        let id = Uuid::now_v7();
+        store::insert_job(
+            &pool,
+            id,
+            &spec(3, &[("team", team), ("i", &i.to_string())]),
+        )
+        .await
+        .expect("insert");
+        if team == "a" {
+            wanted.push(id);
+        }
+    }
+    // Jobs created in one transaction share created_at: the id breaks the tie.
+    let mut tx = pool.begin().await.expect("begin");
+    for _ in 0..8 {
+        let id = Uuid::now_v7();
+        store::insert_job(&mut *tx, id, &spec(3, &[("team", "a")]))
+            .await
+            .expect("insert");
+        wanted.push(id);
+    }
+    tx.commit().await.expect("commit");
+
+    let mut seen = Vec::new();
+    let mut query = JobQuery {
+        states: vec![],
+        labels: serde_json::json!({"team": "a"}),
+        page_size: 4,
+        after: None,
+    };
+    loop {
+        let (rows, next) = store::list_jobs(&pool, &query).await.expect("list");
+        assert!(rows.len() <= 4);
+        seen.extend(rows.iter().map(|r| (r.created_at, r.id)));
+        match next {
+            Some(token) => query.after = Some(token),
+            None => break,
+        }
+    }
+    let ids: Vec<Uuid> = seen.iter().map(|(_, id)| *id).collect();
+    assert_eq!(
+        ids.iter().collect::<HashSet<_>>().len(),
+        ids.len(),
+        "no job twice"
+    );
+    assert_eq!(
+        ids.iter().copied().collect::<HashSet<_>>(),
+        wanted.iter().copied().collect(),
+        "every team=a job"
+    );
+    assert!(seen.windows(2).all(|w| w[0] > w[1]), "newest first");
+
+    claim(&pool, wanted[0], "w", LONG).await;
+    let running = JobQuery {
+        states: vec!["running".into()],
+        labels: serde_json::json!({}),
+        page_size: 50,
+        after: None,
+    };
+    let (rows, next) = store::list_jobs(&pool, &running).await.expect("list");
+    assert_eq!((rows.len(), rows[0].id, next), (1, wanted[0], None));
+}
