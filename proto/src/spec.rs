@@ -22,6 +22,14 @@ pub const MAX_ATTEMPTS: u32 = 20;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_LOG_EVERY_STEPS: u32 = 50;
 pub const MAX_LOG_EVERY_STEPS: u32 = 100_000;
+pub const MAX_DEPENDENCIES: usize = 64;
+pub const DEFAULT_LATENT_DIM: u32 = 20;
+pub const MAX_LATENT_DIM: u32 = 512;
+pub const MAX_BETA: f64 = 100.0;
+/// conv1.weight of the seed's MNISTClassifier and of its CVAE_CIFAR100: the reason a naive copy
+/// (the seed's Code Example 2) cannot work.
+pub const CLASSIFIER_CONV1_SHAPE: [i64; 4] = [32, 1, 3, 3];
+pub const CVAE_CONV1_SHAPE: [i64; 4] = [32, 3, 3, 3];
 
 /// A spec field that breaks its documented limits.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,6 +80,8 @@ pub struct Training {
 pub enum Experiment {
     /// The seed's MNISTClassifier.
     MnistClassifier,
+    /// The seed's CVAE_CIFAR100.
+    CifarCvae(Cvae),
 }
 
 impl Experiment {
@@ -79,8 +89,79 @@ impl Experiment {
     pub fn kind(&self) -> &'static str {
         match self {
             Experiment::MnistClassifier => "mnist_classifier",
+            Experiment::CifarCvae(_) => "cifar_cvae",
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cvae {
+    pub latent_dim: u32,
+    /// Weight of the KL term.
+    pub beta: f64,
+    pub init: Init,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Init {
+    Random,
+    Transfer(Transfer),
+}
+
+/// Start a CVAE from a finished MNIST classifier's final checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transfer {
+    /// Lowercase hyphenated UUID of the source job.
+    pub source_job_id: String,
+    pub conv1: Conv1Adaptation,
+    pub copy_conv2: bool,
+    pub freeze: Freeze,
+}
+
+impl Transfer {
+    /// Parameter-name prefixes of the layers this transfer writes (`conv1`, `conv2`).
+    pub fn transferred_layers(&self) -> Vec<&'static str> {
+        let mut layers = Vec::new();
+        if self.conv1 != Conv1Adaptation::KeepRandom {
+            layers.push("conv1");
+        }
+        if self.copy_conv2 {
+            layers.push("conv2");
+        }
+        layers
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Conv1Adaptation {
+    /// Each of R, G, B gets the grey kernel / 3.
+    ReplicateThird,
+    /// R, G, B get the grey kernel times 0.299, 0.587, 0.114.
+    Luminance,
+    /// conv1 keeps its random initialisation.
+    KeepRandom,
+}
+
+impl Conv1Adaptation {
+    /// The per-channel factors applied to the grey kernel, or `None` for KeepRandom.
+    pub fn channel_weights(self) -> Option<[f64; 3]> {
+        match self {
+            Conv1Adaptation::ReplicateThird => Some([1.0 / 3.0; 3]),
+            Conv1Adaptation::Luminance => Some([0.299, 0.587, 0.114]),
+            Conv1Adaptation::KeepRandom => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Freeze {
+    /// Transferred layers train like the rest.
+    None,
+    WholeRun,
+    /// Frozen during epochs 1..=N.
+    FirstEpochs(u32),
+    /// Trained with learning_rate * multiplier.
+    LrMultiplier(f64),
 }
 
 /// A job spec whose every field is within its documented limits.
@@ -91,6 +172,8 @@ pub struct JobSpec {
     pub training: Training,
     pub max_attempts: u32,
     pub experiment: Experiment,
+    /// Jobs that must succeed first: `depends_on` plus a transfer's source, without repeats.
+    pub dependencies: Vec<String>,
     /// The wire form, kept so it can be stored and echoed back unchanged.
     raw: v1::JobSpec,
 }
@@ -195,6 +278,119 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
     })
 }
 
+/// Parses a UUID in its canonical text form and returns it lowercased.
+pub fn parse_uuid(field: &str, text: &str) -> Result<String, FieldViolation> {
+    let ok = text.len() == 36
+        && text.char_indices().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
+    if ok {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(FieldViolation::new(field, format!("must be a job id (UUID), got {text:?}")))
+    }
+}
+
+fn parse_cvae(c: &v1::CifarCvae, epochs: u32) -> Result<Cvae, FieldViolation> {
+    const F: &str = "spec.cifar_cvae";
+    if c.latent_dim > MAX_LATENT_DIM {
+        return Err(FieldViolation::new(
+            format!("{F}.latent_dim"),
+            format!("must be at most {MAX_LATENT_DIM}, got {}", c.latent_dim),
+        ));
+    }
+    let beta = c.beta.unwrap_or(1.0);
+    if !beta.is_finite() || !(0.0..=MAX_BETA).contains(&beta) {
+        return Err(FieldViolation::new(format!("{F}.beta"), format!("must be finite and in [0, {MAX_BETA}], got {beta}")));
+    }
+    let init = match c.init.as_ref().and_then(|i| i.kind.as_ref()) {
+        None | Some(v1::initialization::Kind::Random(_)) => Init::Random,
+        Some(v1::initialization::Kind::Transfer(t)) => Init::Transfer(parse_transfer(t, epochs)?),
+    };
+    let latent_dim = if c.latent_dim == 0 { DEFAULT_LATENT_DIM } else { c.latent_dim };
+    Ok(Cvae { latent_dim, beta, init })
+}
+
+fn parse_transfer(t: &v1::TransferInit, epochs: u32) -> Result<Transfer, FieldViolation> {
+    const F: &str = "spec.cifar_cvae.init.transfer";
+    let source_job_id = parse_uuid(&format!("{F}.source_job_id"), &t.source_job_id)?;
+    let conv1 = match v1::Conv1Adaptation::try_from(t.conv1) {
+        Ok(v1::Conv1Adaptation::ReplicateThird) => Conv1Adaptation::ReplicateThird,
+        Ok(v1::Conv1Adaptation::Luminance) => Conv1Adaptation::Luminance,
+        Ok(v1::Conv1Adaptation::KeepRandom) => Conv1Adaptation::KeepRandom,
+        Ok(v1::Conv1Adaptation::NaiveCopy) => {
+            return Err(FieldViolation::new(format!("{F}.conv1"), naive_copy_message()));
+        }
+        Ok(v1::Conv1Adaptation::Unspecified) | Err(_) => {
+            return Err(FieldViolation::new(
+                format!("{F}.conv1"),
+                "is required: CONV1_ADAPTATION_REPLICATE_THIRD, CONV1_ADAPTATION_LUMINANCE or CONV1_ADAPTATION_KEEP_RANDOM",
+            ));
+        }
+    };
+    let freeze = match t.freeze.as_ref().and_then(|f| f.policy.as_ref()) {
+        None | Some(v1::freeze_policy::Policy::WholeRun(false)) => Freeze::None,
+        Some(v1::freeze_policy::Policy::WholeRun(true)) => Freeze::WholeRun,
+        Some(v1::freeze_policy::Policy::FirstEpochs(n)) => {
+            if *n == 0 || *n > MAX_EPOCHS {
+                return Err(FieldViolation::new(
+                    format!("{F}.freeze.first_epochs"),
+                    format!("must be between 1 and {MAX_EPOCHS}, got {n}"),
+                ));
+            }
+            let _ = epochs; // freezing past the last epoch simply freezes the whole run
+            Freeze::FirstEpochs(*n)
+        }
+        Some(v1::freeze_policy::Policy::LrMultiplier(m)) => {
+            if !m.is_finite() || *m <= 0.0 || *m > 1.0 {
+                return Err(FieldViolation::new(
+                    format!("{F}.freeze.lr_multiplier"),
+                    format!("must be finite and in (0, 1], got {m}"),
+                ));
+            }
+            Freeze::LrMultiplier(*m)
+        }
+    };
+    let transfer = Transfer { source_job_id, conv1, copy_conv2: t.copy_conv2, freeze };
+    if transfer.transferred_layers().is_empty() {
+        return Err(FieldViolation::new(
+            F,
+            "transfers no layer: adapt conv1 (replicate_third or luminance) or set copy_conv2",
+        ));
+    }
+    Ok(transfer)
+}
+
+/// Why the seed's naive copy of conv1 is refused (at submit, and by the worker's guard).
+pub fn naive_copy_message() -> String {
+    format!(
+        "naive copy cannot work: the classifier's conv1.weight has shape {:?} but the CVAE's has shape {:?}; \
+         adapt it with CONV1_ADAPTATION_REPLICATE_THIRD or CONV1_ADAPTATION_LUMINANCE, or keep it random",
+        CLASSIFIER_CONV1_SHAPE, CVAE_CONV1_SHAPE
+    )
+}
+
+fn parse_dependencies(raw: &v1::JobSpec, experiment: &Experiment) -> Result<Vec<String>, FieldViolation> {
+    if raw.depends_on.len() > MAX_DEPENDENCIES {
+        return Err(FieldViolation::new(
+            "spec.depends_on",
+            format!("at most {MAX_DEPENDENCIES} dependencies, got {}", raw.depends_on.len()),
+        ));
+    }
+    let mut deps: Vec<String> = Vec::with_capacity(raw.depends_on.len() + 1);
+    for (i, id) in raw.depends_on.iter().enumerate() {
+        let id = parse_uuid(&format!("spec.depends_on[{i}]"), id)?;
+        if deps.contains(&id) {
+            return Err(FieldViolation::new(format!("spec.depends_on[{i}]"), format!("{id} is listed twice")));
+        }
+        deps.push(id);
+    }
+    if let Experiment::CifarCvae(Cvae { init: Init::Transfer(t), .. }) = experiment {
+        if !deps.contains(&t.source_job_id) {
+            deps.push(t.source_job_id.clone());
+        }
+    }
+    Ok(deps)
+}
+
 impl TryFrom<v1::JobSpec> for JobSpec {
     type Error = FieldViolation;
 
@@ -213,6 +409,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
         }
         let experiment = match &raw.experiment {
             Some(v1::job_spec::Experiment::MnistClassifier(_)) => Experiment::MnistClassifier,
+            Some(v1::job_spec::Experiment::CifarCvae(c)) => Experiment::CifarCvae(parse_cvae(c, training.epochs)?),
             None => {
                 return Err(FieldViolation::new(
                     "spec.experiment",
@@ -221,7 +418,9 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             }
         };
         let max_attempts = if raw.max_attempts == 0 { DEFAULT_MAX_ATTEMPTS } else { raw.max_attempts };
+        let dependencies = parse_dependencies(&raw, &experiment)?;
         Ok(Self {
+            dependencies,
             name: raw.name.clone(),
             labels: raw.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             training,
@@ -293,6 +492,65 @@ mod tests {
         let mut s = valid();
         s.max_attempts = MAX_ATTEMPTS + 1;
         assert_eq!(field_of(s), "spec.max_attempts");
+    }
+
+    fn cvae(init: Option<v1::initialization::Kind>) -> v1::JobSpec {
+        v1::JobSpec {
+            experiment: Some(v1::job_spec::Experiment::CifarCvae(v1::CifarCvae {
+                init: init.map(|kind| v1::Initialization { kind: Some(kind) }),
+                ..Default::default()
+            })),
+            ..valid()
+        }
+    }
+
+    const SOURCE: &str = "0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b";
+
+    fn transfer(conv1: v1::Conv1Adaptation, copy_conv2: bool) -> v1::TransferInit {
+        v1::TransferInit { source_job_id: SOURCE.into(), conv1: conv1 as i32, copy_conv2, freeze: None }
+    }
+
+    #[test]
+    fn a_cvae_defaults_to_the_seeds_latent_size_beta_one_and_random_init() {
+        let s = JobSpec::try_from(cvae(None)).expect("valid");
+        let Experiment::CifarCvae(c) = &s.experiment else { panic!("not a cvae") };
+        assert_eq!((c.latent_dim, c.beta, &c.init), (20, 1.0, &Init::Random));
+        assert!(s.dependencies.is_empty());
+    }
+
+    #[test]
+    fn the_seeds_naive_conv1_copy_is_rejected_naming_both_shapes() {
+        let t = transfer(v1::Conv1Adaptation::NaiveCopy, true);
+        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(t)))).expect_err("rejected");
+        assert_eq!(err.field, "spec.cifar_cvae.init.transfer.conv1");
+        assert!(err.description.contains("[32, 1, 3, 3]") && err.description.contains("[32, 3, 3, 3]"), "{err}");
+    }
+
+    #[test]
+    fn a_transfer_depends_on_its_source_and_checks_its_options() {
+        let t = transfer(v1::Conv1Adaptation::Luminance, true);
+        let s = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(t)))).expect("valid");
+        assert_eq!(s.dependencies, vec![SOURCE.to_string()]);
+        let Experiment::CifarCvae(Cvae { init: Init::Transfer(t), .. }) = &s.experiment else { panic!() };
+        assert_eq!(t.transferred_layers(), vec!["conv1", "conv2"]);
+
+        let nothing = transfer(v1::Conv1Adaptation::KeepRandom, false);
+        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(nothing)))).expect_err("no layer");
+        assert_eq!(err.field, "spec.cifar_cvae.init.transfer");
+
+        let mut bad_id = transfer(v1::Conv1Adaptation::ReplicateThird, false);
+        bad_id.source_job_id = "not-a-uuid".into();
+        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(bad_id)))).expect_err("bad id");
+        assert_eq!(err.field, "spec.cifar_cvae.init.transfer.source_job_id");
+
+        let mut lr = transfer(v1::Conv1Adaptation::ReplicateThird, true);
+        lr.freeze = Some(v1::FreezePolicy { policy: Some(v1::freeze_policy::Policy::LrMultiplier(2.0)) });
+        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(lr)))).expect_err("lr > 1");
+        assert_eq!(err.field, "spec.cifar_cvae.init.transfer.freeze.lr_multiplier");
+
+        let mut twice = valid();
+        twice.depends_on = vec![SOURCE.into(), SOURCE.to_uppercase()];
+        assert_eq!(field_of(twice), "spec.depends_on[1]");
     }
 
     #[test]

@@ -2,12 +2,16 @@
 //! environment variable and a default that works on a developer machine.
 //!
 //! Must not read the environment anywhere else, and must not open connections: it only
-//! describes what `run` should do.
+//! describes what `run` should do. (One exception, on purpose: an `s3://` artifact store also
+//! reads the standard `AWS_*` variables, through `object_store`'s `AmazonS3Builder::from_env`
+//! in the artifacts module, so every way AWS tools are configured works unchanged.)
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+
+use crate::artifacts::S3Settings;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -61,6 +65,18 @@ pub struct Config {
     #[arg(long, env = "TRAINQ_RETRY_BACKOFF_MS", default_value_t = 2_000)]
     pub retry_backoff_ms: u64,
 
+    /// Where artifacts (checkpoints, image grids) are stored: `file://DIR` (a relative DIR is
+    /// resolved against the current directory and created) or `s3://BUCKET[/PREFIX]`, configured
+    /// from the standard AWS variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP for a plain-HTTP endpoint).
+    #[arg(long, env = "TRAINQ_ARTIFACTS", default_value = "file://./artifacts")]
+    pub artifacts: String,
+
+    /// S3 settings that override the AWS variables: not a flag, for embedding and tests (which
+    /// must not change the process-wide environment).
+    #[arg(skip)]
+    pub s3: S3Settings,
+
     /// Log line format. The level filter comes from RUST_LOG (default `info`).
     #[arg(long, env = "TRAINQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -99,6 +115,7 @@ mod tests {
         ])
         .expect("valid flags");
         assert_eq!(c.lease_timeout(), Duration::from_millis(5));
+        assert_eq!(c.artifacts, "file://./artifacts");
         assert_eq!(c.log_format, LogFormat::Json);
         assert!(Config::try_parse_from(["trainq-server", "--log-format", "xml"]).is_err());
     }

@@ -2,7 +2,8 @@
 //!
 //! Every request field that the store relies on is checked here, so invalid input never travels
 //! inward; a violation is [`Error::InvalidArgument`] naming the field path. The job spec itself is
-//! validated by [`proto::spec::JobSpec`]. Also holds the retry-backoff policy.
+//! validated by [`proto::spec::JobSpec`]. Also holds the retry-backoff policy, where a
+//! dependency was named in a spec (for error paths), and the artifact limits.
 //!
 //! Must not do I/O: no SQL, no Redis, no clocks other than the caller's.
 
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use proto::spec::{Cvae, Experiment, Init, JobSpec};
 use proto::v1;
 use rand::Rng;
 use uuid::Uuid;
@@ -166,6 +168,218 @@ fn parse_point(i: usize, p: v1::MetricPoint) -> Result<MetricPoint> {
         epoch,
         value: p.value,
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dependencies
+// ---------------------------------------------------------------------------------------------
+
+/// Where a transfer initialisation names its source job.
+pub const TRANSFER_SOURCE_FIELD: &str = "spec.cifar_cvae.init.transfer.source_job_id";
+
+/// The request field that named dependency `id` (one of `spec.dependencies`): its place in
+/// `spec.depends_on`, or the transfer's source when it is not listed there.
+pub fn dependency_field(spec: &JobSpec, id: &str) -> String {
+    let listed = spec.to_proto().depends_on.len();
+    match spec.dependencies.iter().position(|d| d == id) {
+        Some(i) if i < listed => format!("spec.depends_on[{i}]"),
+        _ => TRANSFER_SOURCE_FIELD.to_owned(),
+    }
+}
+
+/// The transfer source of a spec, if it has one.
+pub fn transfer_source(spec: &JobSpec) -> Option<&str> {
+    match &spec.experiment {
+        Experiment::CifarCvae(Cvae {
+            init: Init::Transfer(t),
+            ..
+        }) => Some(t.source_job_id.as_str()),
+        _ => None,
+    }
+}
+
+/// The error recorded on a job that can never run because `dependency` ended in `state`
+/// (`failed` or `cancelled`).
+pub fn dependency_failed(dependency: Uuid, state: &str) -> String {
+    format!("dependency_failed: job {dependency} is {state}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Artifacts
+// ---------------------------------------------------------------------------------------------
+
+/// Largest artifact, in bytes (documented in the .proto: 2 GiB).
+pub const MAX_ARTIFACT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// Largest data chunk of an upload, in bytes (documented in the .proto: 4 MiB).
+pub const MAX_UPLOAD_CHUNK_BYTES: usize = 4 * 1024 * 1024;
+/// Longest artifact kind, in characters.
+pub const MAX_ARTIFACT_KIND_CHARS: usize = 32;
+/// Longest artifact file name, in characters.
+pub const MAX_ARTIFACT_NAME_CHARS: usize = 128;
+
+/// Checks an artifact kind: 1..=32 characters of `[a-z0-9_-]`.
+pub fn parse_artifact_kind(field: &str, text: &str) -> Result<String> {
+    let ok = (1..=MAX_ARTIFACT_KIND_CHARS).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "must be 1 to {MAX_ARTIFACT_KIND_CHARS} characters of [a-z0-9_-], got {text:?}"
+            ),
+        ))
+    }
+}
+
+/// Checks an artifact file name: 1..=128 characters of `[A-Za-z0-9._-]`, and not `.` or `..`
+/// (it becomes the last segment of the object key).
+pub fn parse_artifact_name(field: &str, text: &str) -> Result<String> {
+    let ok = (1..=MAX_ARTIFACT_NAME_CHARS).contains(&text.len())
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        && text != "."
+        && text != "..";
+    if ok {
+        Ok(text.to_owned())
+    } else {
+        Err(Error::invalid(
+            field,
+            format!(
+                "must be 1 to {MAX_ARTIFACT_NAME_CHARS} characters of [A-Za-z0-9._-] (not . or ..), got {text:?}"
+            ),
+        ))
+    }
+}
+
+/// What a worker says about the artifact it is about to upload (the first message).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactHeader {
+    pub lease: Lease,
+    pub kind: String,
+    pub name: String,
+    /// 1-based epoch; 0 when not tied to an epoch.
+    pub epoch: i32,
+    /// What the data must add up to; at most [`MAX_ARTIFACT_BYTES`].
+    pub size_bytes: u64,
+    /// Lowercase hex SHA-256 the data must hash to.
+    pub sha256: String,
+}
+
+impl TryFrom<v1::UploadArtifactHeader> for ArtifactHeader {
+    type Error = Error;
+
+    fn try_from(h: v1::UploadArtifactHeader) -> Result<Self> {
+        // Lease reports `lease.*`; inside the header it is `header.lease.*`.
+        let lease = Lease::try_from(h.lease).map_err(|e| match e {
+            Error::InvalidArgument { field, description } => Error::InvalidArgument {
+                field: format!("header.{field}"),
+                description,
+            },
+            other => other,
+        })?;
+        let kind = parse_artifact_kind("header.kind", &h.kind)?;
+        let name = parse_artifact_name("header.name", &h.name)?;
+        let epoch =
+            i32::try_from(h.epoch).map_err(|_| Error::invalid("header.epoch", "is too large"))?;
+        if h.size_bytes > MAX_ARTIFACT_BYTES {
+            return Err(Error::invalid(
+                "header.size_bytes",
+                format!(
+                    "must be at most {MAX_ARTIFACT_BYTES} (2 GiB), got {}",
+                    h.size_bytes
+                ),
+            ));
+        }
+        let hex_ok = h.sha256.len() == 64
+            && h.sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !hex_ok {
+            return Err(Error::invalid(
+                "header.sha256",
+                format!("must be 64 lowercase hex digits, got {:?}", h.sha256),
+            ));
+        }
+        Ok(ArtifactHeader {
+            lease,
+            kind,
+            name,
+            epoch,
+            size_bytes: h.size_bytes,
+            sha256: h.sha256,
+        })
+    }
+}
+
+/// Which artifact a DownloadArtifact request means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArtifactRef {
+    /// This one.
+    Id(Uuid),
+    /// The newest artifact of this kind the job stored.
+    Newest { job_id: Uuid, kind: String },
+}
+
+impl TryFrom<v1::DownloadArtifactRequest> for ArtifactRef {
+    type Error = Error;
+
+    fn try_from(req: v1::DownloadArtifactRequest) -> Result<Self> {
+        if !req.artifact_id.is_empty() {
+            if !req.job_id.is_empty() || !req.kind.is_empty() {
+                return Err(Error::invalid(
+                    "artifact_id",
+                    "give either artifact_id or job_id and kind, not both",
+                ));
+            }
+            return Ok(ArtifactRef::Id(parse_uuid_field(
+                "artifact_id",
+                &req.artifact_id,
+            )?));
+        }
+        if req.job_id.is_empty() {
+            return Err(Error::invalid(
+                "artifact_id",
+                "is required (or job_id and kind)",
+            ));
+        }
+        let job_id = parse_job_id("job_id", &req.job_id)?;
+        if req.kind.is_empty() {
+            return Err(Error::invalid("kind", "is required with job_id"));
+        }
+        let kind = parse_artifact_kind("kind", &req.kind)?;
+        Ok(ArtifactRef::Newest { job_id, kind })
+    }
+}
+
+/// Which artifacts ListArtifacts returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactQuery {
+    pub job_id: Uuid,
+    /// Only this kind; `None` for every kind.
+    pub kind: Option<String>,
+}
+
+impl TryFrom<v1::ListArtifactsRequest> for ArtifactQuery {
+    type Error = Error;
+
+    fn try_from(req: v1::ListArtifactsRequest) -> Result<Self> {
+        let job_id = parse_job_id("job_id", &req.job_id)?;
+        let kind = match req.kind.as_str() {
+            "" => None,
+            kind => Some(parse_artifact_kind("kind", kind)?),
+        };
+        Ok(ArtifactQuery { job_id, kind })
+    }
+}
+
+fn parse_uuid_field(field: &str, text: &str) -> Result<Uuid> {
+    Uuid::parse_str(text)
+        .map_err(|_| Error::invalid(field, format!("must be a UUID, got {text:?}")))
 }
 
 /// A worker's batch of metric points for its current attempt.
@@ -383,6 +597,96 @@ mod tests {
         let too_many = vec![p("a", 1.0); MAX_POINTS_PER_CALL + 1];
         assert!(
             matches!(parse_points(too_many), Err(Error::InvalidArgument { field, .. }) if field == "points")
+        );
+    }
+
+    fn invalid_field<T: std::fmt::Debug>(r: Result<T>) -> String {
+        match r {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("expected invalid argument, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_upload_header_is_checked_field_by_field_up_to_two_gib() {
+        let good = v1::UploadArtifactHeader {
+            lease: Some(v1::JobLease {
+                job_id: Uuid::nil().to_string(),
+                attempt: 1,
+                worker_id: "w".into(),
+            }),
+            kind: "checkpoint".into(),
+            name: "epoch-001.safetensors".into(),
+            epoch: 1,
+            size_bytes: MAX_ARTIFACT_BYTES,
+            sha256: "0".repeat(64),
+        };
+        assert!(ArtifactHeader::try_from(good.clone()).is_ok());
+        let with = |f: fn(&mut v1::UploadArtifactHeader)| {
+            let mut h = good.clone();
+            f(&mut h);
+            invalid_field(ArtifactHeader::try_from(h))
+        };
+        assert_eq!(with(|h| h.lease = None), "header.lease");
+        assert_eq!(
+            with(|h| h.lease.as_mut().expect("lease").attempt = 0),
+            "header.lease.attempt"
+        );
+        assert_eq!(with(|h| h.kind = "Checkpoint".into()), "header.kind");
+        assert_eq!(with(|h| h.kind = "k".repeat(33)), "header.kind");
+        assert_eq!(with(|h| h.name = "a/b".into()), "header.name");
+        assert_eq!(with(|h| h.name = ".".into()), "header.name");
+        assert_eq!(with(|h| h.name = String::new()), "header.name");
+        assert_eq!(
+            with(|h| h.size_bytes = MAX_ARTIFACT_BYTES + 1),
+            "header.size_bytes"
+        );
+        assert_eq!(with(|h| h.sha256 = "A".repeat(64)), "header.sha256");
+        assert_eq!(with(|h| h.sha256 = "0".repeat(63)), "header.sha256");
+    }
+
+    #[test]
+    fn a_download_names_an_artifact_or_a_job_and_kind_but_not_both() {
+        let id = Uuid::now_v7();
+        let req = |artifact_id: &str, job_id: &str, kind: &str| v1::DownloadArtifactRequest {
+            artifact_id: artifact_id.into(),
+            job_id: job_id.into(),
+            kind: kind.into(),
+        };
+        assert_eq!(
+            ArtifactRef::try_from(req(&id.to_string(), "", "")).expect("by id"),
+            ArtifactRef::Id(id)
+        );
+        assert_eq!(
+            ArtifactRef::try_from(req("", &id.to_string(), "samples")).expect("by kind"),
+            ArtifactRef::Newest {
+                job_id: id,
+                kind: "samples".into()
+            }
+        );
+        assert_eq!(
+            invalid_field(ArtifactRef::try_from(req("", "", ""))),
+            "artifact_id"
+        );
+        assert_eq!(
+            invalid_field(ArtifactRef::try_from(req("x", "", ""))),
+            "artifact_id"
+        );
+        assert_eq!(
+            invalid_field(ArtifactRef::try_from(req(
+                &id.to_string(),
+                &id.to_string(),
+                "k"
+            ))),
+            "artifact_id"
+        );
+        assert_eq!(
+            invalid_field(ArtifactRef::try_from(req("", &id.to_string(), ""))),
+            "kind"
+        );
+        assert_eq!(
+            invalid_field(ArtifactRef::try_from(req("", "nope", "k"))),
+            "job_id"
         );
     }
 }

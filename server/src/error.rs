@@ -30,6 +30,13 @@ pub enum Error {
     /// Any other database failure: a bug or a broken schema.
     #[error("database error: {0}")]
     Database(#[source] sqlx::Error),
+    /// The artifact store (local files or S3) failed; the client may retry.
+    #[error("artifact store: {0}")]
+    ArtifactStore(#[source] object_store::Error),
+    /// A client stream (an upload) broke off or carried a message that could not be decoded:
+    /// the status tonic reported, passed back unchanged.
+    #[error("request stream: {}", .0.message())]
+    RequestStream(Status),
     /// Anything else that is our fault.
     #[error("{0:#}")]
     Internal(anyhow::Error),
@@ -69,6 +76,12 @@ impl From<sqlx::Error> for Error {
     }
 }
 
+impl From<object_store::Error> for Error {
+    fn from(e: object_store::Error) -> Self {
+        Error::ArtifactStore(e)
+    }
+}
+
 impl From<anyhow::Error> for Error {
     fn from(e: anyhow::Error) -> Self {
         Error::Internal(e)
@@ -101,6 +114,11 @@ impl From<Error> for Status {
                 tracing::warn!(error = %source, "database unavailable");
                 Status::unavailable("database unavailable, retry later")
             }
+            Error::ArtifactStore(ref source) => {
+                tracing::error!(error = %source, "artifact store failed");
+                Status::unavailable("artifact store unavailable, retry later")
+            }
+            Error::RequestStream(status) => status,
             Error::Database(_) | Error::Internal(_) => {
                 tracing::error!(error = ?e, "internal error");
                 Status::internal("internal error")
@@ -140,6 +158,14 @@ mod tests {
             internal.message(),
             "internal error",
             "details stay in the log"
+        );
+        let store = Status::from(Error::from(object_store::Error::NotImplemented {
+            operation: "put".into(),
+            implementer: "test".into(),
+        }));
+        assert_eq!(
+            (store.code(), store.message()),
+            (Code::Unavailable, "artifact store unavailable, retry later")
         );
     }
 }

@@ -5,6 +5,7 @@
 //! - [`domain`]: request types parsed and validated at the edge; retry policy.
 //! - [`store`]: Postgres, the only module that writes SQL.
 //! - [`dispatch`]: Redis, the only module that talks to it.
+//! - [`artifacts`]: the artifact store (local files or S3), the only module that touches it.
 //! - [`api`]: the `JobService` and `WorkerService` implementations.
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
 //! - [`events`]: in-process job change notifications for WatchJob.
@@ -16,6 +17,7 @@
 //! libtorch or run training.
 
 pub mod api;
+pub mod artifacts;
 pub mod config;
 pub mod dispatch;
 pub mod domain;
@@ -41,6 +43,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use config::Config;
 
 use api::{AppState, JobApi, WorkerApi};
+use artifacts::ArtifactStore;
 use dispatch::Dispatcher;
 use events::Notifier;
 use shutdown::Shutdown;
@@ -81,6 +84,8 @@ async fn serve_until(
     listener: TcpListener,
     signal: Shutdown,
 ) -> anyhow::Result<()> {
+    let artifacts = ArtifactStore::open(&config.artifacts, &config.s3)
+        .with_context(|| format!("opening the artifact store {:?}", config.artifacts))?;
     let Some(pool) = connect_database(&config.database_url, signal.clone()).await? else {
         return Ok(()); // shut down before Postgres came up
     };
@@ -102,6 +107,7 @@ async fn serve_until(
         pool: pool.clone(),
         dispatcher,
         notifier,
+        artifacts,
         lease_timeout: config.lease_timeout(),
         retry_backoff: config.retry_backoff(),
         shutdown: signal.clone(),
@@ -142,7 +148,12 @@ async fn serve_grpc(
                 .context("building reflection v1alpha")?,
         )
         .add_service(JobServiceServer::new(JobApi::new(state.clone())))
-        .add_service(WorkerServiceServer::new(WorkerApi::new(state)))
+        .add_service(
+            // Upload chunks may be 4 MiB of data plus their framing; tonic's default limit is
+            // exactly 4 MiB.
+            WorkerServiceServer::new(WorkerApi::new(state))
+                .max_decoding_message_size(domain::MAX_UPLOAD_CHUNK_BYTES + 1024),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             signal.wait().await;
             health

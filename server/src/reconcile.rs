@@ -4,7 +4,7 @@
 //!   retry backoff). This is what makes Redis disposable: after a FLUSHALL or a failed push,
 //!   every queued job is dispatched again.
 //! - the lease reaper takes jobs away from workers whose lease expired (crashed or cut off):
-//!   back to queued while attempts remain, else failed.
+//!   back to queued while attempts remain, else failed (and then so are the jobs waiting for it).
 //!
 //! Both are safe to run in several coordinators at once (the store uses SKIP LOCKED and
 //! conditional updates). Must not hold job state between rounds, and must stop on shutdown.
@@ -51,7 +51,8 @@ pub async fn dispatch_due(
     }
 }
 
-/// Takes every job with an expired lease away from its worker and wakes its watchers.
+/// Takes every job with an expired lease away from its worker and wakes its watchers (and those
+/// of the dependents that failed with it).
 pub async fn reap_expired(pool: &PgPool, notifier: &Notifier) -> Result<Vec<ReapedJob>> {
     let mut all = Vec::new();
     loop {
@@ -59,6 +60,10 @@ pub async fn reap_expired(pool: &PgPool, notifier: &Notifier) -> Result<Vec<Reap
         for job in &reaped {
             tracing::info!(job_id = %job.id, state = %job.state, "lease expired");
             notifier.notify(job.id);
+            for dependent in &job.dependents_failed {
+                tracing::info!(job_id = %dependent, dependency = %job.id, "dependency failed");
+                notifier.notify(*dependent);
+            }
         }
         let done = (reaped.len() as i64) < BATCH;
         all.extend(reaped);

@@ -6,17 +6,28 @@
 //! transaction) when they run one statement, and `&PgPool` when they need a transaction of their
 //! own. Queries are checked at run time (`sqlx::query`), so building needs no database.
 //!
+//! Dependencies: a job that ends changes the jobs waiting for it in the same transaction (a
+//! success promotes those whose dependencies have all succeeded to `queued`; a failure or a
+//! cancellation fails them, transitively, with `dependency_failed`), and returns their ids so
+//! the caller can dispatch them and wake their watchers. Rows are locked in a fixed order
+//! (the finished job, then its dependents by id), so that two dependencies ending at once see
+//! each other's outcome.
+//!
 //! Must not touch Redis, must not know about gRPC types, and must not decide policy (how long a
 //! lease lasts, how long a retry waits): callers pass those in.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use proto::spec::JobSpec;
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{Acquire, PgConnection, PgExecutor, PgPool, Postgres};
 use uuid::Uuid;
 
-use crate::domain::{is_terminal, JobQuery, Lease, MetricPoint, PageToken};
+use crate::domain::{
+    self, is_terminal, ArtifactHeader, JobQuery, Lease, MetricPoint, PageToken,
+    TRANSFER_SOURCE_FIELD,
+};
 use crate::error::{Error, Result};
 
 /// One row of `jobs`, as stored.
@@ -52,13 +63,77 @@ fn millis(d: Duration) -> f64 {
 // Submitting and dispatching
 // ---------------------------------------------------------------------------------------------
 
-/// Stores a validated job as `queued`, not yet dispatched (`dispatched_at` NULL), so that if the
-/// push to Redis never happens the reconciler pushes it.
-pub async fn insert_job(ex: impl PgExecutor<'_>, id: Uuid, spec: &JobSpec) -> Result<JobRow> {
+/// Stores a validated job with its dependency edges, in one transaction (a savepoint when `db`
+/// is already a transaction):
+///
+/// - every dependency must exist, else INVALID_ARGUMENT naming the field that listed it
+///   (`spec.depends_on[i]`, or the transfer's `source_job_id`); a transfer's source must be an
+///   `mnist_classifier` job;
+/// - the job starts `queued` (undispatched, so if the push to Redis never happens the
+///   reconciler pushes it) when every dependency has succeeded, `failed` with
+///   `dependency_failed` (it never runs) when one failed or was cancelled, else `waiting`.
+///
+/// The dependencies are read `FOR SHARE`, so one that is finishing right now either finished
+/// before (and its state is seen here) or finishes after this commit (and then sees this job
+/// among its dependents).
+pub async fn insert_job<'c>(
+    db: impl Acquire<'c, Database = Postgres>,
+    id: Uuid,
+    spec: &JobSpec,
+) -> Result<JobRow> {
     let labels = serde_json::to_value(&spec.labels).map_err(|e| Error::Internal(e.into()))?;
+    let deps = spec
+        .dependencies
+        .iter()
+        .map(|d| Uuid::parse_str(d))
+        .collect::<Result<Vec<Uuid>, _>>()
+        .map_err(|e| Error::Internal(anyhow::anyhow!("validated dependency is not a uuid: {e}")))?;
+    let mut tx = db.begin().await?;
+    let found: Vec<(Uuid, String, String)> =
+        sqlx::query_as("SELECT id, kind, state FROM jobs WHERE id = ANY($1) ORDER BY id FOR SHARE")
+            .bind(&deps)
+            .fetch_all(&mut *tx)
+            .await?;
+    let found: HashMap<Uuid, (String, String)> = found
+        .into_iter()
+        .map(|(id, kind, state)| (id, (kind, state)))
+        .collect();
+    for (text, dep) in spec.dependencies.iter().zip(&deps) {
+        if !found.contains_key(dep) {
+            return Err(Error::invalid(
+                domain::dependency_field(spec, text),
+                format!("job {dep} does not exist"),
+            ));
+        }
+    }
+    if let Some(source) = domain::transfer_source(spec) {
+        let (kind, _) = Uuid::parse_str(source)
+            .ok()
+            .and_then(|s| found.get(&s))
+            .ok_or_else(|| {
+                Error::Internal(anyhow::anyhow!(
+                    "transfer source not among the dependencies"
+                ))
+            })?;
+        if kind != "mnist_classifier" {
+            return Err(Error::invalid(
+                TRANSFER_SOURCE_FIELD,
+                format!("job {source} is a {kind} job; a transfer's source must be an mnist_classifier job"),
+            ));
+        }
+    }
+    let states: Vec<(Uuid, &str)> = deps.iter().map(|d| (*d, found[d].1.as_str())).collect();
+    let broken = states
+        .iter()
+        .find(|(_, state)| matches!(*state, "failed" | "cancelled"));
+    let (state, error) = match broken {
+        Some((dep, dep_state)) => ("failed", Some(domain::dependency_failed(*dep, dep_state))),
+        None if states.iter().all(|(_, s)| *s == "succeeded") => ("queued", None),
+        None => ("waiting", None),
+    };
     let row = sqlx::query_as::<_, JobRow>(
-        "INSERT INTO jobs (id, name, kind, spec, labels, state, max_attempts)
-         VALUES ($1, $2, $3, $4, $5, 'queued', $6)
+        "INSERT INTO jobs (id, name, kind, spec, labels, state, max_attempts, error, finished_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $6 = 'failed' THEN now() END)
          RETURNING *",
     )
     .bind(id)
@@ -66,10 +141,142 @@ pub async fn insert_job(ex: impl PgExecutor<'_>, id: Uuid, spec: &JobSpec) -> Re
     .bind(spec.experiment.kind())
     .bind(spec.to_json())
     .bind(labels)
+    .bind(state)
     .bind(i32::try_from(spec.max_attempts).unwrap_or(i32::MAX))
-    .fetch_one(ex)
+    .bind(error)
+    .fetch_one(&mut *tx)
     .await?;
+    if !deps.is_empty() {
+        sqlx::query(
+            "INSERT INTO job_dependencies (job_id, depends_on) SELECT $1, unnest($2::uuid[])",
+        )
+        .bind(id)
+        .bind(&deps)
+        .execute(&mut *tx)
+        .await?;
+        // A cycle cannot arise: a new job can only depend on jobs that already exist, and edges
+        // are never added later. Checked anyway, so the invariant is enforced here rather than
+        // only argued: the new job must not be reachable from its own dependencies.
+        if depends_on_itself(&mut tx, id).await? {
+            return Err(Error::invalid(
+                "spec.depends_on",
+                format!("job {id} would depend on itself through its dependencies"),
+            ));
+        }
+    }
+    tx.commit().await?;
     Ok(row)
+}
+
+/// True when `id` can be reached by following `depends_on` edges from `id`'s own dependencies.
+async fn depends_on_itself(conn: &mut PgConnection, id: Uuid) -> Result<bool> {
+    Ok(sqlx::query_scalar(
+        "WITH RECURSIVE reachable(id) AS (
+             SELECT depends_on FROM job_dependencies WHERE job_id = $1
+             UNION
+             SELECT d.depends_on FROM job_dependencies d JOIN reachable r ON d.job_id = r.id
+         )
+         SELECT EXISTS (SELECT 1 FROM reachable WHERE id = $1)",
+    )
+    .bind(id)
+    .fetch_one(conn)
+    .await?)
+}
+
+/// The ids of the jobs that `id` depends on, in id order.
+pub async fn dependencies_of(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<Uuid>> {
+    Ok(sqlx::query_scalar(
+        "SELECT depends_on FROM job_dependencies WHERE job_id = $1 ORDER BY depends_on",
+    )
+    .bind(id)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// After `id` succeeded: every waiting dependent whose dependencies have now all succeeded
+/// becomes `queued` and undispatched. Returns their ids.
+async fn promote_dependents(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Uuid>> {
+    // Lock first, in id order: a second dependency finishing at the same time waits here until
+    // this transaction commits, and then sees this one as succeeded.
+    let waiting: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM jobs
+         WHERE state = 'waiting'
+           AND id IN (SELECT job_id FROM job_dependencies WHERE depends_on = $1)
+         ORDER BY id
+         FOR UPDATE",
+    )
+    .bind(id)
+    .fetch_all(&mut *conn)
+    .await?;
+    if waiting.is_empty() {
+        return Ok(waiting);
+    }
+    let mut queued: Vec<Uuid> = sqlx::query_scalar(
+        "UPDATE jobs j SET state = 'queued', dispatched_at = NULL, not_before = NULL, updated_at = now()
+         WHERE j.id = ANY($1) AND j.state = 'waiting'
+           AND NOT EXISTS (
+               SELECT 1 FROM job_dependencies d JOIN jobs p ON p.id = d.depends_on
+               WHERE d.job_id = j.id AND p.state <> 'succeeded')
+         RETURNING j.id",
+    )
+    .bind(&waiting)
+    .fetch_all(&mut *conn)
+    .await?;
+    queued.sort();
+    Ok(queued)
+}
+
+/// After `id` failed or was cancelled: every job waiting for it, and every job waiting for
+/// those, fails with `dependency_failed: job <dependency> is <state>` naming its own
+/// dependency that ended. Returns their ids.
+async fn fail_dependents(conn: &mut PgConnection, id: Uuid) -> Result<Vec<Uuid>> {
+    let mut failed = Vec::new();
+    let mut frontier = vec![id];
+    while !frontier.is_empty() {
+        let waiting: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM jobs
+             WHERE state = 'waiting'
+               AND id IN (SELECT job_id FROM job_dependencies WHERE depends_on = ANY($1))
+             ORDER BY id
+             FOR UPDATE",
+        )
+        .bind(&frontier)
+        .fetch_all(&mut *conn)
+        .await?;
+        if waiting.is_empty() {
+            break;
+        }
+        let causes: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (d.job_id) d.job_id, d.depends_on, p.state
+             FROM job_dependencies d JOIN jobs p ON p.id = d.depends_on
+             WHERE d.job_id = ANY($1) AND d.depends_on = ANY($2)
+             ORDER BY d.job_id, d.depends_on",
+        )
+        .bind(&waiting)
+        .bind(&frontier)
+        .fetch_all(&mut *conn)
+        .await?;
+        let ids: Vec<Uuid> = causes.iter().map(|(job, _, _)| *job).collect();
+        let errors: Vec<String> = causes
+            .iter()
+            .map(|(_, dep, state)| domain::dependency_failed(*dep, state))
+            .collect();
+        let mut level: Vec<Uuid> = sqlx::query_scalar(
+            "UPDATE jobs j SET state = 'failed', error = u.error, finished_at = now(),
+                               updated_at = now(), dispatched_at = NULL
+             FROM UNNEST($1::uuid[], $2::text[]) AS u(id, error)
+             WHERE j.id = u.id AND j.state = 'waiting'
+             RETURNING j.id",
+        )
+        .bind(&ids)
+        .bind(&errors)
+        .fetch_all(&mut *conn)
+        .await?;
+        level.sort();
+        failed.extend_from_slice(&level);
+        frontier = level;
+    }
+    Ok(failed)
 }
 
 /// Records that these jobs' ids were just pushed to Redis.
@@ -241,9 +448,12 @@ async fn insert_points(
     Ok(stored.max(0) as u64)
 }
 
-/// Marks the lease's attempt succeeded. Idempotent: completing an attempt that already
-/// succeeded is OK (the worker may retry after a lost response); anything else is refused.
-pub async fn complete_job(pool: &PgPool, lease: &Lease) -> Result<()> {
+/// Marks the lease's attempt succeeded and, in the same transaction, promotes the dependents
+/// that were waiting only for it; returns their ids (now `queued`, undispatched). Idempotent:
+/// completing an attempt that already succeeded is OK (the worker may retry after a lost
+/// response) and changes nothing more; anything else is refused.
+pub async fn complete_job(pool: &PgPool, lease: &Lease) -> Result<Vec<Uuid>> {
+    let mut tx = pool.begin().await?;
     let done = sqlx::query(
         "UPDATE jobs SET state = 'succeeded', finished_at = now(), updated_at = now(), lease_expires_at = NULL
          WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'",
@@ -251,13 +461,16 @@ pub async fn complete_job(pool: &PgPool, lease: &Lease) -> Result<()> {
     .bind(lease.job_id)
     .bind(lease.attempt)
     .bind(&lease.worker_id)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
     if done.rows_affected() == 1 {
-        return Ok(());
+        let queued = promote_dependents(&mut tx, lease.job_id).await?;
+        tx.commit().await?;
+        return Ok(queued);
     }
+    drop(tx);
     match job_holder(pool, lease.job_id).await? {
-        Some(h) if h.state == "succeeded" && h.is_lease(lease) => Ok(()),
+        Some(h) if h.state == "succeeded" && h.is_lease(lease) => Ok(Vec::new()),
         _ => Err(refuse_lease(pool, lease).await),
     }
 }
@@ -265,14 +478,17 @@ pub async fn complete_job(pool: &PgPool, lease: &Lease) -> Result<()> {
 /// Ends the lease's attempt with a failure. When `permanent` or no attempts are left the job
 /// becomes `failed`; otherwise it goes back to `queued` with `not_before = now() + retry_after`
 /// and no dispatch record, so the reconciler pushes it as soon as the backoff has passed.
-/// Returns the new state. Idempotent for a repeated call by the same attempt.
+/// A job that fails for good fails its waiting dependents in the same transaction.
+/// Returns the new state and the dependents that failed. Idempotent for a repeated call by the
+/// same attempt.
 pub async fn fail_job(
     pool: &PgPool,
     lease: &Lease,
     reason: &str,
     permanent: bool,
     retry_after: Duration,
-) -> Result<String> {
+) -> Result<(String, Vec<Uuid>)> {
+    let mut tx = pool.begin().await?;
     let state: Option<String> = sqlx::query_scalar(
         "UPDATE jobs SET
              state = CASE WHEN $4 OR attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
@@ -289,14 +505,21 @@ pub async fn fail_job(
     .bind(permanent)
     .bind(millis(retry_after))
     .bind(reason)
-    .fetch_optional(pool)
+    .fetch_optional(&mut *tx)
     .await?;
     if let Some(state) = state {
-        return Ok(state);
+        let failed = if state == "failed" {
+            fail_dependents(&mut tx, lease.job_id).await?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await?;
+        return Ok((state, failed));
     }
+    drop(tx);
     match job_holder(pool, lease.job_id).await? {
         Some(h) if matches!(h.state.as_str(), "queued" | "failed") && h.is_lease(lease) => {
-            Ok(h.state)
+            Ok((h.state, Vec::new()))
         }
         _ => Err(refuse_lease(pool, lease).await),
     }
@@ -348,8 +571,10 @@ async fn refuse_lease(ex: impl PgExecutor<'_>, lease: &Lease) -> Error {
 // ---------------------------------------------------------------------------------------------
 
 /// Cancels a waiting, queued or running job. A running job's worker finds out at its next
-/// heartbeat (keep_running = false) and its later writes are refused as stale.
-pub async fn cancel_job(pool: &PgPool, id: Uuid, reason: &str) -> Result<JobRow> {
+/// heartbeat (keep_running = false) and its later writes are refused as stale. The jobs waiting
+/// for it fail with `dependency_failed` in the same transaction; their ids come back with the
+/// cancelled row.
+pub async fn cancel_job(pool: &PgPool, id: Uuid, reason: &str) -> Result<(JobRow, Vec<Uuid>)> {
     let mut tx = pool.begin().await?;
     let state: Option<String> =
         sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
@@ -375,8 +600,9 @@ pub async fn cancel_job(pool: &PgPool, id: Uuid, reason: &str) -> Result<JobRow>
     .bind(reason)
     .fetch_one(&mut *tx)
     .await?;
+    let failed = fail_dependents(&mut tx, id).await?;
     tx.commit().await?;
-    Ok(row)
+    Ok((row, failed))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -517,18 +743,22 @@ pub async fn last_metric_seq(ex: impl PgExecutor<'_>, id: Uuid) -> Result<i64> {
 // ---------------------------------------------------------------------------------------------
 
 /// A job the lease reaper took away from a silent worker.
-#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReapedJob {
     pub id: Uuid,
     /// `queued` (attempts left, to be dispatched again) or `failed`.
     pub state: String,
+    /// Jobs that were waiting for it and failed with `dependency_failed` (when it failed).
+    pub dependents_failed: Vec<Uuid>,
 }
 
 /// Takes up to `limit` running jobs whose lease has expired away from their workers: back to
-/// `queued` (undispatched, so the reconciler pushes them) while attempts remain, else `failed`.
-/// The worker's later writes are refused as stale.
-pub async fn reap_expired_leases(ex: impl PgExecutor<'_>, limit: i64) -> Result<Vec<ReapedJob>> {
-    Ok(sqlx::query_as(
+/// `queued` (undispatched, so the reconciler pushes them) while attempts remain, else `failed`,
+/// failing their waiting dependents in the same transaction. The worker's later writes are
+/// refused as stale.
+pub async fn reap_expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<ReapedJob>> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
         "WITH expired AS (
              SELECT id FROM jobs
              WHERE state = 'running' AND lease_expires_at < now()
@@ -546,6 +776,158 @@ pub async fn reap_expired_leases(ex: impl PgExecutor<'_>, limit: i64) -> Result<
          RETURNING j.id, j.state",
     )
     .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut reaped = Vec::with_capacity(rows.len());
+    for (id, state) in rows {
+        let dependents_failed = if state == "failed" {
+            fail_dependents(&mut tx, id).await?
+        } else {
+            Vec::new()
+        };
+        reaped.push(ReapedJob {
+            id,
+            state,
+            dependents_failed,
+        });
+    }
+    tx.commit().await?;
+    Ok(reaped)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Artifacts
+// ---------------------------------------------------------------------------------------------
+
+/// One row of `artifacts`: a stored object and what it was checked against.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct ArtifactRow {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub kind: String,
+    pub name: String,
+    pub epoch: i32,
+    pub size_bytes: i64,
+    /// Lowercase hex SHA-256 of the content.
+    pub sha256: String,
+    /// Where the artifact store keeps it.
+    pub uri: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Ok when the lease is the job's current one; otherwise the same refusal as any other worker
+/// write (FAILED_PRECONDITION for a stale attempt, NOT_FOUND for an unknown job).
+pub async fn check_lease(pool: &PgPool, lease: &Lease) -> Result<()> {
+    let current: Option<i32> = sqlx::query_scalar(
+        "SELECT attempt FROM jobs WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'",
+    )
+    .bind(lease.job_id)
+    .bind(lease.attempt)
+    .bind(&lease.worker_id)
+    .fetch_optional(pool)
+    .await?;
+    match current {
+        Some(_) => Ok(()),
+        None => Err(refuse_lease(pool, lease).await),
+    }
+}
+
+/// Records an artifact whose bytes are already stored at `uri`, if (and only if) the header's
+/// lease is still current: one transaction that locks the job row first, like
+/// [`record_metrics`]. The same attempt storing the same kind and name again replaces the
+/// record (the object at that key was replaced too) and it counts as new.
+pub async fn record_artifact(
+    pool: &PgPool,
+    header: &ArtifactHeader,
+    uri: &str,
+) -> Result<ArtifactRow> {
+    let lease = &header.lease;
+    let mut tx = pool.begin().await?;
+    let current: Option<i32> = sqlx::query_scalar(
+        "SELECT attempt FROM jobs WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'
+         FOR NO KEY UPDATE",
+    )
+    .bind(lease.job_id)
+    .bind(lease.attempt)
+    .bind(&lease.worker_id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if current.is_none() {
+        drop(tx);
+        return Err(refuse_lease(pool, lease).await);
+    }
+    let size = i64::try_from(header.size_bytes)
+        .map_err(|_| Error::invalid("header.size_bytes", "is too large"))?;
+    let row = sqlx::query_as::<_, ArtifactRow>(
+        "INSERT INTO artifacts (id, job_id, attempt, kind, name, epoch, size_bytes, sha256, uri)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+         ON CONFLICT (job_id, attempt, kind, name) DO UPDATE
+             SET epoch = EXCLUDED.epoch, size_bytes = EXCLUDED.size_bytes,
+                 sha256 = EXCLUDED.sha256, uri = EXCLUDED.uri, created_at = now()
+         RETURNING *",
+    )
+    .bind(Uuid::now_v7())
+    .bind(lease.job_id)
+    .bind(lease.attempt)
+    .bind(&header.kind)
+    .bind(&header.name)
+    .bind(header.epoch)
+    .bind(size)
+    .bind(&header.sha256)
+    .bind(uri)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(row)
+}
+
+/// True when some artifact record points at `uri` (so its object must not be deleted).
+pub async fn artifact_uri_in_use(ex: impl PgExecutor<'_>, uri: &str) -> Result<bool> {
+    Ok(
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM artifacts WHERE uri = $1)")
+            .bind(uri)
+            .fetch_one(ex)
+            .await?,
+    )
+}
+
+/// A job's artifacts, oldest first, optionally of one kind only.
+pub async fn list_artifacts(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+    kind: Option<&str>,
+) -> Result<Vec<ArtifactRow>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM artifacts
+         WHERE job_id = $1 AND ($2::text IS NULL OR kind = $2)
+         ORDER BY created_at, id",
+    )
+    .bind(job_id)
+    .bind(kind)
     .fetch_all(ex)
+    .await?)
+}
+
+pub async fn get_artifact(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<ArtifactRow>> {
+    Ok(sqlx::query_as("SELECT * FROM artifacts WHERE id = $1")
+        .bind(id)
+        .fetch_optional(ex)
+        .await?)
+}
+
+/// The newest artifact of `kind` that the job stored, if any.
+pub async fn newest_artifact(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+    kind: &str,
+) -> Result<Option<ArtifactRow>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM artifacts WHERE job_id = $1 AND kind = $2
+         ORDER BY created_at DESC, id DESC LIMIT 1",
+    )
+    .bind(job_id)
+    .bind(kind)
+    .fetch_optional(ex)
     .await?)
 }

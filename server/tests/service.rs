@@ -41,6 +41,8 @@ struct TestServer {
     pool: PgPool,
     /// The server's own Redis queue, seen from outside.
     queue: Dispatcher,
+    /// The artifact directory of a `file://` store (empty for S3); removed at the end.
+    artifacts: tempfile::TempDir,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
     _cleanup: Cleanup,
@@ -86,6 +88,18 @@ impl TestServer {
 
     /// `server_redis` is the server's REDIS_URL; the test observes the queue on the real Redis.
     async fn start_with(server_redis: &str, flags: &[&str]) -> Self {
+        Self::start_configured(server_redis, flags, |_| {}).await
+    }
+
+    /// Like [`Self::start_with`], with a last say over the parsed configuration. Artifacts go
+    /// to a temporary directory unless `flags` or `tweak` say otherwise.
+    async fn start_configured(
+        server_redis: &str,
+        flags: &[&str],
+        tweak: impl FnOnce(&mut Config),
+    ) -> Self {
+        let artifacts = tempfile::tempdir().expect("artifact dir");
+        let artifacts_url = format!("file://{}", artifacts.path().display());
         let cleanup = Cleanup {
             db_name: format!("trainq_test_{}", Uuid::new_v4().simple()),
             redis_prefix: format!("trainq-test:{}:", Uuid::new_v4()),
@@ -108,9 +122,12 @@ impl TestServer {
             "100",
             "--retry-backoff-ms",
             "50",
+            "--artifacts",
+            &artifacts_url,
         ];
         args.extend_from_slice(flags);
-        let config = Config::try_parse_from(args).expect("valid flags");
+        let mut config = Config::try_parse_from(args).expect("valid flags");
+        tweak(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -131,6 +148,7 @@ impl TestServer {
             channel,
             pool,
             queue,
+            artifacts,
             stop,
             task,
             _cleanup: cleanup,
@@ -200,6 +218,7 @@ fn valid_spec() -> v1::JobSpec {
             ..Default::default()
         }),
         max_attempts: 0,
+        depends_on: vec![],
         experiment: Some(v1::job_spec::Experiment::MnistClassifier(
             v1::MnistClassifier {},
         )),
@@ -865,10 +884,14 @@ async fn shutdown_ends_open_watch_streams_and_run_returns_cleanly() {
 #[tokio::test]
 async fn a_server_waits_for_an_unreachable_postgres_instead_of_exiting_and_still_stops_on_request()
 {
+    let artifacts = tempfile::tempdir().expect("artifact dir");
+    let artifacts_url = format!("file://{}", artifacts.path().display());
     let config = Config::try_parse_from([
         "trainq-server",
         "--database-url",
         "postgres://postgres@127.0.0.1:1/trainq",
+        "--artifacts",
+        &artifacts_url,
     ])
     .expect("valid flags");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -889,4 +912,853 @@ async fn a_server_waits_for_an_unreachable_postgres_instead_of_exiting_and_still
         .expect("stops in time")
         .expect("no panic");
     result.expect("a shutdown while waiting is a clean exit");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dependencies
+// ---------------------------------------------------------------------------------------------
+
+/// Submits a spec that may start in any state; returns the id and that state.
+async fn submit_any(
+    jobs: &mut JobServiceClient<Channel>,
+    spec: v1::JobSpec,
+) -> (String, v1::JobState) {
+    let resp = jobs
+        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .expect("submit")
+        .into_inner();
+    let state = resp.state();
+    (resp.job_id, state)
+}
+
+/// A CVAE that starts from `source`'s classifier checkpoint.
+fn transfer_spec(source: &str) -> v1::JobSpec {
+    v1::JobSpec {
+        name: "cvae-transfer".into(),
+        experiment: Some(v1::job_spec::Experiment::CifarCvae(v1::CifarCvae {
+            init: Some(v1::Initialization {
+                kind: Some(v1::initialization::Kind::Transfer(v1::TransferInit {
+                    source_job_id: source.into(),
+                    conv1: v1::Conv1Adaptation::ReplicateThird as i32,
+                    copy_conv2: true,
+                    freeze: None,
+                })),
+            }),
+            ..Default::default()
+        })),
+        ..valid_spec()
+    }
+}
+
+async fn claim(workers: &mut WorkerServiceClient<Channel>, id: &str) -> v1::JobLease {
+    let claim = workers
+        .claim_job(v1::ClaimJobRequest {
+            job_id: id.into(),
+            worker_id: "w".into(),
+        })
+        .await
+        .expect("claim")
+        .into_inner();
+    assert!(claim.claimed, "job {id} was claimable");
+    claim.lease.expect("lease")
+}
+
+/// Claims a job that is in its retry backoff, as soon as the backoff has passed.
+async fn claim_after_backoff(workers: &mut WorkerServiceClient<Channel>, id: &str) -> v1::JobLease {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let claim = workers
+            .claim_job(v1::ClaimJobRequest {
+                job_id: id.into(),
+                worker_id: "w".into(),
+            })
+            .await
+            .expect("claim")
+            .into_inner();
+        if let Some(lease) = claim.lease {
+            return lease;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} never became claimable"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The states a watcher of `id` sees until its stream ends.
+async fn watched_states(
+    jobs: &mut JobServiceClient<Channel>,
+    id: &str,
+) -> JoinHandle<Vec<v1::JobState>> {
+    let mut events = jobs
+        .watch_job(v1::WatchJobRequest { job_id: id.into() })
+        .await
+        .expect("watch")
+        .into_inner();
+    tokio::spawn(async move {
+        let mut states = Vec::new();
+        let collect = async {
+            while let Some(event) = events.next().await {
+                if let Event::Job(job) = event.expect("event").event.expect("set") {
+                    states.push(job.state());
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, collect)
+            .await
+            .expect("the stream ends after the terminal state");
+        states
+    })
+}
+
+#[tokio::test]
+async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_its_own_dependent_fails_with_it(
+) {
+    // The reconciler stays out of the way: the push after CompleteJob is what is tested.
+    let server = TestServer::start_with(&redis_url(), &["--reconcile-interval-ms", "600000"]).await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let source = submit(&mut jobs, valid_spec()).await;
+    server
+        .queue
+        .delete_queue()
+        .await
+        .expect("the worker popped it");
+    let (transfer, state) = submit_any(&mut jobs, transfer_spec(&source)).await;
+    assert_eq!(state, v1::JobState::Waiting);
+    let mut downstream_spec = valid_spec();
+    downstream_spec.depends_on = vec![transfer.to_uppercase()];
+    let (downstream, state) = submit_any(&mut jobs, downstream_spec).await;
+    assert_eq!(state, v1::JobState::Waiting);
+    assert!(
+        server.queue.ready_ids().await.expect("redis").is_empty(),
+        "waiting jobs are not pushed"
+    );
+    let job = get(&mut jobs, &downstream).await;
+    assert_eq!(
+        job.spec.expect("spec").depends_on,
+        [transfer.to_uppercase()],
+        "the spec reads back as submitted"
+    );
+
+    let transfer_watch = watched_states(&mut jobs, &transfer).await;
+    let downstream_watch = watched_states(&mut jobs, &downstream).await;
+    let lease = claim(&mut workers, &source).await;
+    workers
+        .complete_job(v1::CompleteJobRequest { lease: Some(lease) })
+        .await
+        .expect("complete");
+    assert_eq!(
+        get(&mut jobs, &transfer).await.state(),
+        v1::JobState::Queued
+    );
+    assert_eq!(
+        server.queue.ready_ids().await.expect("redis"),
+        [transfer.as_str()],
+        "pushed right after the source succeeded"
+    );
+    assert_eq!(
+        get(&mut jobs, &downstream).await.state(),
+        v1::JobState::Waiting
+    );
+
+    let lease = claim(&mut workers, &transfer).await;
+    workers
+        .fail_job(v1::FailJobRequest {
+            lease: Some(lease),
+            reason: "diverged".into(),
+            permanent: true,
+        })
+        .await
+        .expect("fail");
+    let job = get(&mut jobs, &downstream).await;
+    assert_eq!(job.state(), v1::JobState::Failed);
+    assert_eq!(
+        job.error,
+        format!("dependency_failed: job {transfer} is failed")
+    );
+    assert_eq!(job.attempt, 0, "it never ran");
+
+    let states = transfer_watch.await.expect("watcher");
+    assert_eq!(
+        states,
+        [
+            v1::JobState::Waiting,
+            v1::JobState::Queued,
+            v1::JobState::Running,
+            v1::JobState::Failed
+        ]
+    );
+    let states = downstream_watch.await.expect("watcher");
+    assert_eq!(states.first(), Some(&v1::JobState::Waiting));
+    assert_eq!(
+        states.last(),
+        Some(&v1::JobState::Failed),
+        "woken when it failed"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_submit_naming_a_missing_job_or_a_non_classifier_source_is_rejected_naming_the_field() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let classifier = submit(&mut jobs, valid_spec()).await;
+    let (cvae, _) = submit_any(&mut jobs, transfer_spec(&classifier)).await;
+    let missing = Uuid::now_v7().to_string();
+
+    let mut spec = valid_spec();
+    spec.depends_on = vec![classifier.clone(), missing.clone()];
+    let err = jobs
+        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .expect_err("unknown dependency");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        format!("spec.depends_on[1]: job {missing} does not exist")
+    );
+
+    let err = jobs
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(transfer_spec(&missing)),
+        })
+        .await
+        .expect_err("unknown source");
+    assert_eq!(
+        err.message(),
+        format!("spec.cifar_cvae.init.transfer.source_job_id: job {missing} does not exist")
+    );
+    let err = jobs
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(transfer_spec(&cvae)),
+        })
+        .await
+        .expect_err("a cvae is no classifier");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message()
+            .starts_with("spec.cifar_cvae.init.transfer.source_job_id: "),
+        "{}",
+        err.message()
+    );
+    assert_eq!(server.job_rows().await, 2, "nothing stored");
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Artifacts
+// ---------------------------------------------------------------------------------------------
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Deterministic bytes that differ from artifact to artifact.
+fn content(len: usize, salt: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i * 131 + salt as usize * 7) % 251) as u8)
+        .collect()
+}
+
+fn upload_header(
+    lease: &v1::JobLease,
+    kind: &str,
+    name: &str,
+    epoch: u32,
+    data: &[u8],
+) -> v1::UploadArtifactHeader {
+    v1::UploadArtifactHeader {
+        lease: Some(lease.clone()),
+        kind: kind.into(),
+        name: name.into(),
+        epoch,
+        size_bytes: data.len() as u64,
+        sha256: sha256_hex(data),
+    }
+}
+
+/// The header, then `data` in chunks of `chunk` bytes.
+fn upload_messages(
+    header: v1::UploadArtifactHeader,
+    data: &[u8],
+    chunk: usize,
+) -> Vec<v1::UploadArtifactChunk> {
+    use v1::upload_artifact_chunk::Part;
+    std::iter::once(Part::Header(header))
+        .chain(data.chunks(chunk).map(|c| Part::Data(c.to_vec())))
+        .map(|part| v1::UploadArtifactChunk { part: Some(part) })
+        .collect()
+}
+
+async fn upload(
+    workers: &mut WorkerServiceClient<Channel>,
+    header: v1::UploadArtifactHeader,
+    data: &[u8],
+) -> Result<v1::Artifact, tonic::Status> {
+    let messages = upload_messages(header, data, 1024 * 1024);
+    workers
+        .upload_artifact(tokio_stream::iter(messages))
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// The record (from the first chunk), the bytes and the number of chunks of a download.
+async fn download(
+    jobs: &mut JobServiceClient<Channel>,
+    req: v1::DownloadArtifactRequest,
+) -> Result<(v1::Artifact, Vec<u8>, usize), tonic::Status> {
+    let mut stream = jobs.download_artifact(req).await?.into_inner();
+    let first = stream.next().await.expect("at least one chunk")?;
+    let artifact = first.artifact.expect("the first chunk carries the record");
+    let (mut data, mut chunks) = (first.data, 1);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        assert!(
+            chunk.artifact.is_none(),
+            "only the first chunk carries the record"
+        );
+        assert!(chunk.data.len() <= 1024 * 1024, "chunks are at most 1 MiB");
+        data.extend(chunk.data);
+        chunks += 1;
+    }
+    Ok((artifact, data, chunks))
+}
+
+async fn list_artifacts(
+    jobs: &mut JobServiceClient<Channel>,
+    job_id: &str,
+    kind: &str,
+) -> Vec<v1::Artifact> {
+    jobs.list_artifacts(v1::ListArtifactsRequest {
+        job_id: job_id.into(),
+        kind: kind.into(),
+    })
+    .await
+    .expect("list")
+    .into_inner()
+    .artifacts
+}
+
+/// Uploads two checkpoints and a sample grid to a running job, then checks that they list
+/// oldest first and download byte for byte, by id and as the newest of their kind, through
+/// both services.
+async fn round_trip_artifacts(server: &TestServer) -> Vec<v1::Artifact> {
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    let lease = claim(&mut workers, &id).await;
+    let first = content(2 * 1024 * 1024 + 4321, 1);
+    let second = content(12 * 1024 * 1024 + 17, 2); // more than one 10 MiB part
+    let grid = content(999, 3);
+
+    let a1 = upload(
+        &mut workers,
+        upload_header(&lease, "checkpoint", "epoch-001.safetensors", 1, &first),
+        &first,
+    )
+    .await
+    .expect("upload 1");
+    assert_eq!(
+        (
+            a1.job_id.as_str(),
+            a1.attempt,
+            a1.kind.as_str(),
+            a1.epoch,
+            a1.size_bytes
+        ),
+        (id.as_str(), 1, "checkpoint", 1, first.len() as u64)
+    );
+    assert_eq!(a1.sha256, sha256_hex(&first));
+    assert!(
+        a1.uri
+            .ends_with(&format!("jobs/{id}/1/checkpoint/epoch-001.safetensors")),
+        "{}",
+        a1.uri
+    );
+    let g = upload(
+        &mut workers,
+        upload_header(&lease, "samples", "grid.png", 1, &grid),
+        &grid,
+    )
+    .await
+    .expect("upload grid");
+    let a2 = upload(
+        &mut workers,
+        upload_header(&lease, "checkpoint", "epoch-002.safetensors", 2, &second),
+        &second,
+    )
+    .await
+    .expect("upload 2");
+
+    let listed = list_artifacts(&mut jobs, &id, "").await;
+    assert_eq!(listed, [a1.clone(), g.clone(), a2.clone()], "oldest first");
+    assert_eq!(
+        list_artifacts(&mut jobs, &id, "checkpoint").await,
+        [a1.clone(), a2.clone()]
+    );
+
+    let (record, data, chunks) = download(
+        &mut jobs,
+        v1::DownloadArtifactRequest {
+            artifact_id: a1.id.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("download by id");
+    assert_eq!(record, a1);
+    assert!(data == first, "identical bytes by id");
+    assert_eq!(chunks, 3, "2 MiB and a bit in 1 MiB chunks");
+
+    let by_kind = v1::DownloadArtifactRequest {
+        job_id: id.clone(),
+        kind: "checkpoint".into(),
+        ..Default::default()
+    };
+    let (record, data, _) = download(&mut jobs, by_kind.clone())
+        .await
+        .expect("download newest");
+    assert_eq!(record, a2, "the newest checkpoint");
+    assert!(data == second, "identical bytes by job and kind");
+
+    // Workers download through their own service, with the same answer.
+    let mut stream = workers
+        .download_artifact(by_kind)
+        .await
+        .expect("worker download")
+        .into_inner();
+    let mut worker_data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        worker_data.extend(chunk.expect("chunk").data);
+    }
+    assert!(worker_data == second);
+    vec![a1, g, a2]
+}
+
+#[tokio::test]
+async fn uploaded_artifacts_are_listed_and_download_identically_by_id_and_by_job_and_kind() {
+    let server = TestServer::start().await;
+    let stored = round_trip_artifacts(&server).await;
+    for artifact in &stored {
+        let path = artifact.uri.strip_prefix("file://").expect("a file uri");
+        let on_disk = std::fs::metadata(path).expect("the file is where its uri says");
+        assert_eq!(on_disk.len(), artifact.size_bytes);
+        assert!(path.starts_with(
+            &server
+                .artifacts
+                .path()
+                .canonicalize()
+                .expect("dir")
+                .display()
+                .to_string()
+        ));
+    }
+    server.stop().await;
+}
+
+/// Files under the artifact directory.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).expect("read dir") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                todo.push(path);
+            } else {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn an_upload_that_does_not_match_its_header_is_refused_and_leaves_nothing_behind() {
+    let server = TestServer::start().await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    let lease = claim(&mut workers, &id).await;
+    let data = content(3 * 1024 * 1024, 4);
+
+    let mut wrong_sha = upload_header(&lease, "checkpoint", "e.safetensors", 1, &data);
+    wrong_sha.sha256 = sha256_hex(b"something else");
+    let err = upload(&mut workers, wrong_sha, &data)
+        .await
+        .expect_err("wrong sha256");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("header.sha256: "),
+        "{}",
+        err.message()
+    );
+
+    let short = upload(
+        &mut workers,
+        upload_header(&lease, "checkpoint", "e.safetensors", 1, &data),
+        &data[..1000],
+    )
+    .await
+    .expect_err("fewer bytes than announced");
+    assert!(
+        short.message().starts_with("header.size_bytes: "),
+        "{}",
+        short.message()
+    );
+    let mut small = upload_header(&lease, "checkpoint", "e.safetensors", 1, &data);
+    small.size_bytes = 10;
+    let long = upload(&mut workers, small, &data)
+        .await
+        .expect_err("more bytes than announced");
+    assert!(
+        long.message().starts_with("header.size_bytes: "),
+        "{}",
+        long.message()
+    );
+
+    let mut bad_kind = upload_header(&lease, "Check/point", "e", 1, &data);
+    bad_kind.kind = "Check/point".into();
+    let err = upload(&mut workers, bad_kind, &data)
+        .await
+        .expect_err("bad kind");
+    assert!(
+        err.message().starts_with("header.kind: "),
+        "{}",
+        err.message()
+    );
+    let err = upload(
+        &mut workers,
+        upload_header(&lease, "checkpoint", "..", 1, &data),
+        &data,
+    )
+    .await
+    .expect_err("bad name");
+    assert!(
+        err.message().starts_with("header.name: "),
+        "{}",
+        err.message()
+    );
+
+    use v1::upload_artifact_chunk::Part;
+    let headless = vec![v1::UploadArtifactChunk {
+        part: Some(Part::Data(vec![1, 2, 3])),
+    }];
+    let err = workers
+        .upload_artifact(tokio_stream::iter(headless))
+        .await
+        .expect_err("data before the header");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("header: "), "{}", err.message());
+    let empty: Vec<v1::UploadArtifactChunk> = vec![];
+    let err = workers
+        .upload_artifact(tokio_stream::iter(empty))
+        .await
+        .expect_err("empty stream");
+    assert!(err.message().starts_with("header: "), "{}", err.message());
+
+    assert!(
+        list_artifacts(&mut jobs, &id, "").await.is_empty(),
+        "nothing recorded"
+    );
+    assert!(
+        files_under(server.artifacts.path()).is_empty(),
+        "nothing stored"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_from_a_stale_attempt_is_refused_even_when_the_lease_goes_stale_midway() {
+    let server = TestServer::start().await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    let old = claim(&mut workers, &id).await;
+    workers
+        .fail_job(v1::FailJobRequest {
+            lease: Some(old.clone()),
+            reason: "oom".into(),
+            permanent: false,
+        })
+        .await
+        .expect("fail");
+    let data = content(5000, 5);
+    let err = upload(
+        &mut workers,
+        upload_header(&old, "checkpoint", "e", 1, &data),
+        &data,
+    )
+    .await
+    .expect_err("stale attempt");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        err.message().starts_with("stale attempt 1"),
+        "{}",
+        err.message()
+    );
+
+    // Attempt 2 starts an upload, then is cancelled before its last chunk: the check in the
+    // recording transaction refuses it, and the object it had stored is deleted.
+    let current = claim_after_backoff(&mut workers, &id).await;
+    assert_eq!(current.attempt, 2);
+    let data = content(3 * 1024 * 1024, 6);
+    let mut messages = upload_messages(
+        upload_header(&current, "checkpoint", "e", 1, &data),
+        &data,
+        1024 * 1024,
+    );
+    let last = messages.pop().expect("a last chunk");
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    for m in messages {
+        tx.send(m).await.expect("queued");
+    }
+    let call = {
+        let mut workers = workers.clone();
+        tokio::spawn(async move {
+            workers
+                .upload_artifact(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    jobs.cancel_job(v1::CancelJobRequest {
+        job_id: id.clone(),
+        reason: "enough".into(),
+    })
+    .await
+    .expect("cancel");
+    tx.send(last).await.expect("last chunk");
+    drop(tx);
+    let err = call
+        .await
+        .expect("no panic")
+        .expect_err("stale by the time it is recorded");
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(
+        list_artifacts(&mut jobs, &id, "").await.is_empty(),
+        "nothing recorded"
+    );
+    assert!(
+        files_under(server.artifacts.path()).is_empty(),
+        "and no object left behind"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn artifacts_of_unknown_jobs_ids_and_kinds_are_not_found() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let id = submit(&mut jobs, valid_spec()).await;
+    let unknown = Uuid::now_v7().to_string();
+    let code = |r: Result<tonic::Response<v1::ListArtifactsResponse>, tonic::Status>| {
+        r.expect_err("must fail").code()
+    };
+    assert_eq!(
+        code(
+            jobs.list_artifacts(v1::ListArtifactsRequest {
+                job_id: unknown.clone(),
+                kind: String::new()
+            })
+            .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            jobs.list_artifacts(v1::ListArtifactsRequest {
+                job_id: id.clone(),
+                kind: "Bad Kind".into()
+            })
+            .await
+        ),
+        Code::InvalidArgument
+    );
+    for (req, want) in [
+        (
+            v1::DownloadArtifactRequest {
+                artifact_id: unknown.clone(),
+                ..Default::default()
+            },
+            Code::NotFound,
+        ),
+        (
+            v1::DownloadArtifactRequest {
+                job_id: id.clone(),
+                kind: "checkpoint".into(),
+                ..Default::default()
+            },
+            Code::NotFound,
+        ),
+        (
+            v1::DownloadArtifactRequest {
+                job_id: unknown.clone(),
+                kind: "checkpoint".into(),
+                ..Default::default()
+            },
+            Code::NotFound,
+        ),
+        (
+            v1::DownloadArtifactRequest {
+                job_id: id.clone(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+        ),
+        (
+            v1::DownloadArtifactRequest::default(),
+            Code::InvalidArgument,
+        ),
+        (
+            v1::DownloadArtifactRequest {
+                artifact_id: unknown.clone(),
+                job_id: id.clone(),
+                kind: "x".into(),
+            },
+            Code::InvalidArgument,
+        ),
+    ] {
+        let got = download(&mut jobs, req.clone())
+            .await
+            .expect_err("must fail");
+        assert_eq!(got.code(), want, "{req:?}: {got:?}");
+    }
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Artifacts on S3 (a real moto server)
+// ---------------------------------------------------------------------------------------------
+
+/// Where `moto_server` is: $TRAINQ_MOTO_SERVER, `.tools/moto_server` (scripts/setup.sh links it
+/// from the project's virtualenv), or on PATH.
+fn moto_server_binary() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("TRAINQ_MOTO_SERVER") {
+        return path.into();
+    }
+    let mut candidates =
+        vec![std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/moto_server")];
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("moto_server")));
+    }
+    candidates
+        .into_iter()
+        .find(|c| c.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "moto_server not found ($TRAINQ_MOTO_SERVER, .tools/moto_server, or on PATH): \
+             run scripts/setup.sh, which installs moto[server] into the project's virtualenv"
+            )
+        })
+}
+
+/// A moto S3 server on a free port of 127.0.0.1, killed on drop.
+struct Moto {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One plain HTTP/1.1 request to moto; returns the status line and headers.
+async fn http(port: u16, method: &str, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    conn.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    Ok(text.split("\r\n\r\n").next().unwrap_or_default().to_owned())
+}
+
+impl Moto {
+    async fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = std::process::Command::new(moto_server_binary())
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("moto_server starts");
+        let moto = Moto { port, child };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while http(port, "GET", "/").await.is_err() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "moto_server did not start listening"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        moto
+    }
+
+    async fn create_bucket(&self, bucket: &str) {
+        let head = http(self.port, "PUT", &format!("/{bucket}"))
+            .await
+            .expect("PUT bucket");
+        assert!(
+            head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+            "{head}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn artifacts_round_trip_through_a_real_s3_server() {
+    let moto = Moto::start().await;
+    moto.create_bucket("trainq-artifacts").await;
+    let settings = server::artifacts::S3Settings {
+        endpoint: Some(format!("http://127.0.0.1:{}", moto.port)),
+        region: Some("us-east-1".into()),
+        access_key_id: Some("testing".into()),
+        secret_access_key: Some("testing".into()),
+        allow_http: Some(true),
+    };
+    let server = TestServer::start_configured(
+        &redis_url(),
+        &["--artifacts", "s3://trainq-artifacts/runs/ci"],
+        |config| config.s3 = settings,
+    )
+    .await;
+    let stored = round_trip_artifacts(&server).await;
+    // Look in the bucket directly, with a client of our own.
+    use object_store::ObjectStoreExt as _;
+    let bucket = object_store::aws::AmazonS3Builder::new()
+        .with_endpoint(format!("http://127.0.0.1:{}", moto.port))
+        .with_region("us-east-1")
+        .with_bucket_name("trainq-artifacts")
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .with_allow_http(true)
+        .build()
+        .expect("s3 client");
+    for artifact in &stored {
+        let key = artifact
+            .uri
+            .strip_prefix("s3://trainq-artifacts/")
+            .expect("an s3 uri in the bucket");
+        assert!(key.starts_with("runs/ci/jobs/"), "{key}");
+        let meta = bucket
+            .head(&object_store::path::Path::from(key))
+            .await
+            .expect("the object is in the bucket");
+        assert_eq!(meta.size, artifact.size_bytes, "{key}");
+    }
+    assert!(
+        files_under(server.artifacts.path()).is_empty(),
+        "nothing went to local files"
+    );
+    server.stop().await;
 }

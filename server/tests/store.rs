@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use proto::spec::JobSpec;
 use proto::v1;
-use server::domain::{JobQuery, Lease, MetricPoint};
+use server::domain::{ArtifactHeader, JobQuery, Lease, MetricPoint};
 use server::error::Error;
 use server::{reconcile, store};
 use sqlx::PgPool;
@@ -28,6 +28,7 @@ fn spec(max_attempts: u32, labels: &[(&str, &str)]) -> JobSpec {
             ..Default::default()
         }),
         max_attempts,
+        depends_on: vec![],
         experiment: Some(v1::job_spec::Experiment::MnistClassifier(
             v1::MnistClassifier {},
         )),
@@ -105,7 +106,8 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
     assert_eq!(
         store::fail_job(&pool, &first, "oom", false, Duration::ZERO)
             .await
-            .expect("fail"),
+            .expect("fail")
+            .0,
         "queued"
     );
     let second = claim(&pool, id, "w2", LONG).await;
@@ -244,7 +246,7 @@ async fn metric_points_are_stored_once_per_name_and_step_and_latest_keeps_the_hi
 #[sqlx::test(migrations = "../migrations")]
 async fn cancelling_a_finished_job_is_refused_and_an_unknown_job_is_not_found(pool: PgPool) {
     let id = submit(&pool, 3).await;
-    let row = store::cancel_job(&pool, id, "changed my mind")
+    let (row, _) = store::cancel_job(&pool, id, "changed my mind")
         .await
         .expect("cancel queued");
     assert_eq!(
@@ -280,7 +282,7 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
 ) {
     let id = submit(&pool, 2).await;
     let first = claim(&pool, id, "w", LONG).await;
-    let state = store::fail_job(
+    let (state, _) = store::fail_job(
         &pool,
         &first,
         "cuda error",
@@ -299,7 +301,8 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
     assert_eq!(
         store::fail_job(&pool, &first, "cuda error", false, LONG)
             .await
-            .expect("repeat"),
+            .expect("repeat")
+            .0,
         "queued"
     );
 
@@ -328,7 +331,7 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
 
     let second = claim(&pool, id, "w", LONG).await;
     assert_eq!(second.attempt, 2);
-    let state = store::fail_job(&pool, &second, "cuda error again", false, Duration::ZERO)
+    let (state, _) = store::fail_job(&pool, &second, "cuda error again", false, Duration::ZERO)
         .await
         .expect("fail");
     assert_eq!(state, "failed", "no attempts left");
@@ -338,7 +341,7 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
 
     let permanent = submit(&pool, 5).await;
     let lease = claim(&pool, permanent, "w", LONG).await;
-    let state = store::fail_job(&pool, &lease, "bad config", true, Duration::ZERO)
+    let (state, _) = store::fail_job(&pool, &lease, "bad config", true, Duration::ZERO)
         .await
         .expect("fail");
     assert_eq!(state, "failed", "a permanent failure is not retried");
@@ -509,4 +512,422 @@ async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool)
     };
     let (rows, next) = store::list_jobs(&pool, &running).await.expect("list");
     assert_eq!((rows.len(), rows[0].id, next), (1, wanted[0], None));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dependencies
+// ---------------------------------------------------------------------------------------------
+
+/// A classifier job that waits for `deps`.
+fn dependent_spec(deps: &[Uuid]) -> JobSpec {
+    let mut raw = spec(1, &[]).to_proto();
+    raw.depends_on = deps.iter().map(Uuid::to_string).collect();
+    JobSpec::try_from(raw).expect("valid spec")
+}
+
+/// A CVAE job that starts from `source`'s checkpoint, also listing `deps`.
+fn transfer_spec(source: Uuid, deps: &[Uuid]) -> JobSpec {
+    let mut raw = dependent_spec(deps).to_proto();
+    raw.experiment = Some(v1::job_spec::Experiment::CifarCvae(v1::CifarCvae {
+        init: Some(v1::Initialization {
+            kind: Some(v1::initialization::Kind::Transfer(v1::TransferInit {
+                source_job_id: source.to_string(),
+                conv1: v1::Conv1Adaptation::Luminance as i32,
+                copy_conv2: true,
+                freeze: None,
+            })),
+        }),
+        ..Default::default()
+    }));
+    JobSpec::try_from(raw).expect("valid spec")
+}
+
+async fn submit_spec(pool: &PgPool, spec: &JobSpec) -> (Uuid, store::JobRow) {
+    let id = Uuid::now_v7();
+    let row = store::insert_job(pool, id, spec).await.expect("insert");
+    (id, row)
+}
+
+async fn state(pool: &PgPool, id: Uuid) -> String {
+    job(pool, id).await.state
+}
+
+async fn counts(pool: &PgPool) -> (i64, i64) {
+    sqlx::query_as("SELECT (SELECT count(*) FROM jobs), (SELECT count(*) FROM job_dependencies)")
+        .fetch_one(pool)
+        .await
+        .expect("count")
+}
+
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, Error>) -> (String, String) {
+    match result {
+        Err(Error::InvalidArgument { field, description }) => (field, description),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succeeds(pool: PgPool) {
+    let a = submit(&pool, 3).await;
+    let (b, b_row) = submit_spec(&pool, &dependent_spec(&[a])).await;
+    let (c, c_row) = submit_spec(&pool, &dependent_spec(&[b])).await;
+    assert_eq!(
+        (b_row.state.as_str(), c_row.state.as_str()),
+        ("waiting", "waiting")
+    );
+    assert_eq!(store::dependencies_of(&pool, c).await.expect("deps"), [b]);
+    assert!(
+        store::take_due_for_dispatch(&pool, LONG, 10)
+            .await
+            .expect("due")
+            == [a],
+        "waiting jobs are not dispatched"
+    );
+    assert!(
+        store::claim_job(&pool, b, "w", LONG)
+            .await
+            .expect("claim")
+            .is_none(),
+        "waiting jobs cannot be claimed"
+    );
+
+    let lease = claim(&pool, a, "w", LONG).await;
+    assert_eq!(
+        store::complete_job(&pool, &lease).await.expect("complete"),
+        [b]
+    );
+    let b_row = job(&pool, b).await;
+    assert_eq!(
+        (b_row.state.as_str(), b_row.dispatched_at),
+        ("queued", None)
+    );
+    assert_eq!(state(&pool, c).await, "waiting", "c still waits for b");
+    assert!(
+        store::complete_job(&pool, &lease)
+            .await
+            .expect("a repeated completion")
+            .is_empty(),
+        "promotes nothing twice"
+    );
+    assert_eq!(
+        store::take_due_for_dispatch(&pool, LONG, 10)
+            .await
+            .expect("due"),
+        [b],
+        "the reconciler dispatches the promoted job"
+    );
+
+    let lease = claim(&pool, b, "w", LONG).await;
+    assert_eq!(
+        store::complete_job(&pool, &lease).await.expect("complete"),
+        [c]
+    );
+    assert_eq!(state(&pool, c).await, "queued");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_with_two_dependencies_is_queued_only_after_both_succeed_even_when_they_finish_together(
+    pool: PgPool,
+) {
+    let a = submit(&pool, 3).await;
+    let x = submit(&pool, 3).await;
+    let (d, _) = submit_spec(&pool, &dependent_spec(&[a, x])).await;
+    let lease_a = claim(&pool, a, "w", LONG).await;
+    assert!(store::complete_job(&pool, &lease_a)
+        .await
+        .expect("complete")
+        .is_empty());
+    assert_eq!(state(&pool, d).await, "waiting", "x has not succeeded yet");
+    let lease_x = claim(&pool, x, "w", LONG).await;
+    assert_eq!(
+        store::complete_job(&pool, &lease_x)
+            .await
+            .expect("complete"),
+        [d]
+    );
+
+    // Two dependencies succeeding at the same instant: whichever commits second sees the first.
+    for _ in 0..10 {
+        let (a, b) = (submit(&pool, 3).await, submit(&pool, 3).await);
+        let (c, _) = submit_spec(&pool, &dependent_spec(&[a, b])).await;
+        let (la, lb) = (
+            claim(&pool, a, "w", LONG).await,
+            claim(&pool, b, "w", LONG).await,
+        );
+        let (ra, rb) = tokio::join!(
+            store::complete_job(&pool, &la),
+            store::complete_job(&pool, &lb)
+        );
+        let promoted: Vec<Uuid> = [ra.expect("a"), rb.expect("b")].concat();
+        assert_eq!(promoted, [c], "promoted exactly once");
+        assert_eq!(state(&pool, c).await, "queued");
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_failed_dependency_fails_the_whole_waiting_chain_with_dependency_failed(pool: PgPool) {
+    let a = submit(&pool, 3).await;
+    let (b, _) = submit_spec(&pool, &dependent_spec(&[a])).await;
+    let (c, _) = submit_spec(&pool, &dependent_spec(&[b])).await;
+    let unrelated_dep = submit(&pool, 3).await;
+    let (unrelated, _) = submit_spec(&pool, &dependent_spec(&[unrelated_dep])).await;
+
+    let lease = claim(&pool, a, "w", LONG).await;
+    let (a_state, failed) = store::fail_job(&pool, &lease, "diverged", true, Duration::ZERO)
+        .await
+        .expect("fail");
+    assert_eq!(a_state, "failed");
+    assert_eq!(failed, [b, c]);
+    let (b_row, c_row) = (job(&pool, b).await, job(&pool, c).await);
+    assert_eq!(
+        (b_row.state.as_str(), b_row.error.unwrap_or_default()),
+        ("failed", format!("dependency_failed: job {a} is failed"))
+    );
+    assert_eq!(
+        (c_row.state.as_str(), c_row.error.unwrap_or_default()),
+        ("failed", format!("dependency_failed: job {b} is failed")),
+        "each job names its own dependency"
+    );
+    assert!(b_row.finished_at.is_some() && c_row.finished_at.is_some());
+    assert_eq!(b_row.attempt, 0, "never ran");
+    assert!(store::claim_job(&pool, b, "w", LONG)
+        .await
+        .expect("claim")
+        .is_none());
+    assert_eq!(state(&pool, unrelated).await, "waiting");
+    assert!(
+        store::fail_job(&pool, &lease, "diverged", true, Duration::ZERO)
+            .await
+            .expect("repeat")
+            .1
+            .is_empty(),
+        "a repeated failure changes nothing more"
+    );
+
+    // A retryable failure is not the end: the dependents keep waiting.
+    let lease = claim(&pool, unrelated_dep, "w", LONG).await;
+    let (s, failed) = store::fail_job(&pool, &lease, "oom", false, Duration::ZERO)
+        .await
+        .expect("fail");
+    assert_eq!((s.as_str(), failed.len()), ("queued", 0));
+    assert_eq!(state(&pool, unrelated).await, "waiting");
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cancelling_a_dependency_or_losing_it_to_the_reaper_fails_its_dependents(pool: PgPool) {
+    let a = submit(&pool, 3).await;
+    let (b, _) = submit_spec(&pool, &dependent_spec(&[a])).await;
+    let (c, _) = submit_spec(&pool, &dependent_spec(&[b])).await;
+    let (row, failed) = store::cancel_job(&pool, b, "not needed")
+        .await
+        .expect("cancel waiting");
+    assert_eq!((row.state.as_str(), failed), ("cancelled", vec![c]));
+    assert_eq!(
+        job(&pool, c).await.error.unwrap_or_default(),
+        format!("dependency_failed: job {b} is cancelled")
+    );
+
+    let exhausted = submit(&pool, 1).await;
+    let (d, _) = submit_spec(&pool, &dependent_spec(&[exhausted])).await;
+    claim(&pool, exhausted, "gone", Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let reaped = store::reap_expired_leases(&pool, 100).await.expect("reap");
+    assert_eq!(reaped.len(), 1);
+    assert_eq!(
+        (
+            reaped[0].state.as_str(),
+            reaped[0].dependents_failed.clone()
+        ),
+        ("failed", vec![d])
+    );
+    assert_eq!(
+        job(&pool, d).await.error.unwrap_or_default(),
+        format!("dependency_failed: job {exhausted} is failed")
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_whose_dependencies_already_ended_starts_queued_or_already_failed(pool: PgPool) {
+    let ok = submit(&pool, 3).await;
+    let lease = claim(&pool, ok, "w", LONG).await;
+    store::complete_job(&pool, &lease).await.expect("complete");
+    let bad = submit(&pool, 3).await;
+    store::cancel_job(&pool, bad, "x").await.expect("cancel");
+
+    let (_, row) = submit_spec(&pool, &dependent_spec(&[ok])).await;
+    assert_eq!((row.state.as_str(), row.error), ("queued", None));
+    let (_, row) = submit_spec(&pool, &transfer_spec(ok, &[])).await;
+    assert_eq!(
+        row.state, "queued",
+        "a transfer from a finished classifier is ready"
+    );
+    let (id, row) = submit_spec(&pool, &dependent_spec(&[ok, bad])).await;
+    assert_eq!(
+        (row.state.as_str(), row.error.unwrap_or_default()),
+        (
+            "failed",
+            format!("dependency_failed: job {bad} is cancelled")
+        )
+    );
+    assert!(row.finished_at.is_some());
+    assert_eq!(
+        store::dependencies_of(&pool, id).await.expect("deps").len(),
+        2
+    );
+    assert!(
+        !store::take_due_for_dispatch(&pool, LONG, 10)
+            .await
+            .expect("due")
+            .contains(&id),
+        "never dispatched"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn submit_rejects_unknown_dependencies_and_non_classifier_sources_naming_the_field_and_stores_nothing(
+    pool: PgPool,
+) {
+    let classifier = submit(&pool, 3).await;
+    let (cvae, _) = submit_spec(&pool, &transfer_spec(classifier, &[])).await;
+    let before = counts(&pool).await;
+    let unknown = Uuid::now_v7();
+
+    let (field, message) = assert_invalid(
+        store::insert_job(
+            &pool,
+            Uuid::now_v7(),
+            &dependent_spec(&[classifier, unknown]),
+        )
+        .await,
+    );
+    assert_eq!(field, "spec.depends_on[1]");
+    assert_eq!(message, format!("job {unknown} does not exist"));
+
+    let (field, message) = assert_invalid(
+        store::insert_job(&pool, Uuid::now_v7(), &transfer_spec(unknown, &[])).await,
+    );
+    assert_eq!(field, "spec.cifar_cvae.init.transfer.source_job_id");
+    assert_eq!(message, format!("job {unknown} does not exist"));
+
+    let (field, _) = assert_invalid(
+        store::insert_job(
+            &pool,
+            Uuid::now_v7(),
+            &transfer_spec(unknown, &[classifier, unknown]),
+        )
+        .await,
+    );
+    assert_eq!(
+        field, "spec.depends_on[1]",
+        "a listed source is named where it is listed"
+    );
+
+    let (field, message) =
+        assert_invalid(store::insert_job(&pool, Uuid::now_v7(), &transfer_spec(cvae, &[])).await);
+    assert_eq!(field, "spec.cifar_cvae.init.transfer.source_job_id");
+    assert!(
+        message.contains("cifar_cvae") && message.contains("mnist_classifier"),
+        "{message}"
+    );
+
+    assert_eq!(
+        counts(&pool).await,
+        before,
+        "no job and no edge was written"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Artifacts
+// ---------------------------------------------------------------------------------------------
+
+fn header(lease: &Lease, kind: &str, name: &str, epoch: i32, sha: char) -> ArtifactHeader {
+    ArtifactHeader {
+        lease: lease.clone(),
+        kind: kind.into(),
+        name: name.into(),
+        epoch,
+        size_bytes: 10,
+        sha256: sha.to_string().repeat(64),
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn an_artifact_is_recorded_only_under_the_current_lease_and_a_repeat_replaces_it(
+    pool: PgPool,
+) {
+    let id = submit(&pool, 3).await;
+    let first = claim(&pool, id, "w", LONG).await;
+    let one = store::record_artifact(
+        &pool,
+        &header(&first, "checkpoint", "e1", 1, 'a'),
+        "file:///x/1",
+    )
+    .await
+    .expect("record");
+    let two = store::record_artifact(
+        &pool,
+        &header(&first, "samples", "s1", 1, 'b'),
+        "file:///x/2",
+    )
+    .await
+    .expect("record");
+    let again = store::record_artifact(
+        &pool,
+        &header(&first, "checkpoint", "e1", 1, 'c'),
+        "file:///x/1",
+    )
+    .await
+    .expect("record again");
+    assert_eq!(
+        again.id, one.id,
+        "same attempt, kind and name: the same record"
+    );
+    assert_eq!(again.sha256, "c".repeat(64));
+    assert!(again.created_at >= two.created_at, "and now the newest");
+    assert_eq!(
+        store::newest_artifact(&pool, id, "checkpoint")
+            .await
+            .expect("newest")
+            .map(|a| a.sha256),
+        Some("c".repeat(64))
+    );
+    let all = store::list_artifacts(&pool, id, None).await.expect("list");
+    assert_eq!(
+        all.iter().map(|a| a.name.as_str()).collect::<Vec<_>>(),
+        ["s1", "e1"]
+    );
+    let samples = store::list_artifacts(&pool, id, Some("samples"))
+        .await
+        .expect("list");
+    assert_eq!(samples, [two]);
+    assert!(store::artifact_uri_in_use(&pool, "file:///x/1")
+        .await
+        .expect("in use"));
+    assert!(!store::artifact_uri_in_use(&pool, "file:///x/3")
+        .await
+        .expect("in use"));
+
+    store::fail_job(&pool, &first, "oom", false, Duration::ZERO)
+        .await
+        .expect("fail");
+    let m = assert_precondition(
+        store::record_artifact(
+            &pool,
+            &header(&first, "checkpoint", "e2", 2, 'd'),
+            "file:///x/3",
+        )
+        .await,
+    );
+    assert!(m.starts_with("stale attempt 1"), "{m}");
+    assert_precondition(store::check_lease(&pool, &first).await);
+    let second = claim(&pool, id, "w", LONG).await;
+    store::check_lease(&pool, &second).await.expect("current");
+    assert_eq!(
+        store::list_artifacts(&pool, id, None)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
 }

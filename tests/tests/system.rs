@@ -153,8 +153,9 @@ async fn mnist_jobs_submitted_with_grpcurl_and_rust_train_to_ninety_percent_and_
         let count = |n: &str| per_name.iter().find(|(name, _)| name == n).map(|(_, c)| *c).unwrap_or(0);
         assert_eq!(count("test/accuracy"), 2, "one test/accuracy per epoch: {per_name:?}");
         assert_eq!(count("test/loss"), 2, "{per_name:?}");
-        // 2 epochs x floor(5000/64) = 156 steps, a train/loss point every 20 steps.
-        assert_eq!(count("train/loss"), 156 / 20, "{per_name:?}");
+        // 2 epochs x floor(5000/64) = 156 steps: a train/loss point every 20 steps, and one for
+        // the last, partial window at step 156.
+        assert_eq!(count("train/loss"), 156 / 20 + 1, "{per_name:?}");
         let last_step: i64 = sqlx::query_scalar("SELECT max(step) FROM metric_points WHERE job_id = $1 AND name = 'test/accuracy'")
             .bind(uuid)
             .fetch_one(&pool)
@@ -168,7 +169,8 @@ async fn mnist_jobs_submitted_with_grpcurl_and_rust_train_to_ninety_percent_and_
         .await
         .expect("get metrics")
         .into_inner();
-    assert_eq!(metrics.points.len(), 7);
+    assert_eq!(metrics.points.len(), 8);
+    assert_eq!(metrics.points.last().map(|p| p.step), Some(156));
     assert!(metrics.points.windows(2).all(|w| w[0].step < w[1].step));
 
     let listed = client

@@ -1,4 +1,5 @@
-//! `trainq.v1.JobService`: submit, inspect, list, cancel and watch jobs.
+//! `trainq.v1.JobService`: submit, inspect, list, cancel and watch jobs; list and download
+//! their artifacts.
 
 use std::sync::Arc;
 
@@ -7,7 +8,7 @@ use proto::v1::{self, job_service_server::JobService};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{job_to_proto, watch, AppState};
+use super::{artifacts, dispatch_now, job_to_proto, state_of, watch, AppState};
 use crate::domain::{self, parse_job_id, JobQuery};
 use crate::error::{Error, Result};
 use crate::store;
@@ -23,32 +24,24 @@ impl JobApi {
         Self { state }
     }
 
-    /// Stores a validated job, then tries to push its id. A failed push is only logged: the job
-    /// is safely stored as queued and undispatched, and the reconciler pushes it later.
+    /// Stores a validated job (with its dependencies), then, if it is ready to run, tries to
+    /// push its id. A failed push is only logged (see [`dispatch_now`]).
     async fn submit(&self, spec: Option<v1::JobSpec>) -> Result<v1::SubmitJobResponse> {
         let spec = JobSpec::try_from(spec.ok_or_else(|| Error::invalid("spec", "is required"))?)?;
         let id = Uuid::now_v7();
-        store::insert_job(&self.state.pool, id, &spec).await?;
-        tracing::info!(job_id = %id, name = %spec.name, kind = spec.experiment.kind(), "job submitted");
-        self.dispatch_new(id).await;
+        let row = store::insert_job(&self.state.pool, id, &spec).await?;
+        let state = state_of(&row)?;
+        tracing::info!(
+            job_id = %id, name = %spec.name, kind = spec.experiment.kind(), state = %row.state,
+            dependencies = spec.dependencies.len(), "job submitted"
+        );
+        if state == v1::JobState::Queued {
+            dispatch_now(&self.state, &[id]).await;
+        }
         Ok(v1::SubmitJobResponse {
             job_id: id.to_string(),
-            state: v1::JobState::Queued as i32,
+            state: state as i32,
         })
-    }
-
-    async fn dispatch_new(&self, id: Uuid) {
-        match self.state.dispatcher.push(&[id]).await {
-            Ok(()) => {
-                if let Err(e) = store::mark_dispatched(&self.state.pool, &[id]).await {
-                    // Harmless: the reconciler will push it once more.
-                    tracing::warn!(job_id = %id, error = %e, "could not record dispatch");
-                }
-            }
-            Err(e) => {
-                tracing::warn!(job_id = %id, error = %e, "dispatch failed; the reconciler will retry")
-            }
-        }
     }
 
     async fn get(&self, job_id: &str) -> Result<v1::Job> {
@@ -77,9 +70,13 @@ impl JobApi {
     async fn cancel(&self, req: v1::CancelJobRequest) -> Result<v1::Job> {
         let id = parse_job_id("job_id", &req.job_id)?;
         let reason = domain::reason_text(&req.reason, "cancelled by user");
-        let row = store::cancel_job(&self.state.pool, id, &reason).await?;
+        let (row, failed) = store::cancel_job(&self.state.pool, id, &reason).await?;
         tracing::info!(job_id = %id, %reason, "job cancelled");
         self.state.notifier.notify(id);
+        for dependent in failed {
+            tracing::info!(job_id = %dependent, dependency = %id, "dependency cancelled");
+            self.state.notifier.notify(dependent);
+        }
         let latest = store::latest_metrics(&self.state.pool, id).await?;
         job_to_proto(row, latest)
     }
@@ -150,5 +147,25 @@ impl JobService for JobApi {
         request: Request<v1::GetMetricsRequest>,
     ) -> Result<Response<v1::GetMetricsResponse>, Status> {
         Ok(Response::new(self.metrics(request.into_inner()).await?))
+    }
+
+    async fn list_artifacts(
+        &self,
+        request: Request<v1::ListArtifactsRequest>,
+    ) -> Result<Response<v1::ListArtifactsResponse>, Status> {
+        Ok(Response::new(
+            artifacts::list(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    type DownloadArtifactStream = artifacts::ArtifactChunks;
+
+    async fn download_artifact(
+        &self,
+        request: Request<v1::DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        Ok(Response::new(
+            artifacts::download(self.state.clone(), request.into_inner()).await?,
+        ))
     }
 }

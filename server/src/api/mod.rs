@@ -4,9 +4,10 @@
 //! [`crate::domain`]), calls the store, pokes the notifier after a write, and converts rows back
 //! into wire types. Errors become `tonic::Status` only through `From<Error>`.
 //!
-//! Must not write SQL or touch Redis directly (store and dispatch do), and must not fail a
-//! request because Redis is down.
+//! Must not write SQL, touch Redis or the blob store directly (store, dispatch and artifacts
+//! do), and must not fail a request because Redis is down.
 
+mod artifacts;
 mod jobs;
 mod watch;
 mod workers;
@@ -17,22 +18,27 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use proto::v1;
 use sqlx::PgPool;
+use uuid::Uuid;
 
+pub use artifacts::ArtifactChunks;
 pub use jobs::JobApi;
 pub use workers::WorkerApi;
 
+use crate::artifacts::ArtifactStore;
 use crate::dispatch::Dispatcher;
 use crate::domain::MetricPoint;
 use crate::error::{Error, Result};
 use crate::events::Notifier;
 use crate::shutdown::Shutdown;
-use crate::store::JobRow;
+use crate::store::{self, ArtifactRow, JobRow};
 
 /// What every handler shares.
 pub struct AppState {
     pub pool: PgPool,
     pub dispatcher: Arc<Dispatcher>,
     pub notifier: Notifier,
+    /// Where artifact bytes live.
+    pub artifacts: ArtifactStore,
     /// How long a claim or heartbeat leases a job.
     pub lease_timeout: Duration,
     /// Base of the exponential retry backoff.
@@ -83,4 +89,41 @@ fn job_to_proto(row: JobRow, latest: Vec<MetricPoint>) -> Result<v1::Job> {
         latest_metrics: latest.into_iter().map(Into::into).collect(),
         updated_at: Some(timestamp(row.updated_at)),
     })
+}
+
+/// An artifact record as the wire `Artifact`.
+fn artifact_to_proto(row: ArtifactRow) -> v1::Artifact {
+    // Both widths were checked on the way in, and the columns have CHECK (>= 0).
+    v1::Artifact {
+        id: row.id.to_string(),
+        job_id: row.job_id.to_string(),
+        attempt: row.attempt.max(0) as u32,
+        kind: row.kind,
+        name: row.name,
+        epoch: row.epoch.max(0) as u32,
+        size_bytes: row.size_bytes.max(0) as u64,
+        sha256: row.sha256,
+        uri: row.uri,
+        created_at: Some(timestamp(row.created_at)),
+    }
+}
+
+/// Pushes the ids of jobs that just became queued, then records the push. A failed push is
+/// only logged: the jobs are safely stored as queued and undispatched, and the reconciler
+/// pushes them later.
+async fn dispatch_now(state: &AppState, ids: &[Uuid]) {
+    if ids.is_empty() {
+        return;
+    }
+    match state.dispatcher.push(ids).await {
+        Ok(()) => {
+            if let Err(e) = store::mark_dispatched(&state.pool, ids).await {
+                // Harmless: the reconciler will push them once more.
+                tracing::warn!(jobs = ?ids, error = %e, "could not record dispatch");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(jobs = ?ids, error = %e, "dispatch failed; the reconciler will retry")
+        }
+    }
 }

@@ -1,4 +1,5 @@
-//! `trainq.v1.WorkerService`: claim, heartbeat, report metrics, complete, fail.
+//! `trainq.v1.WorkerService`: claim, heartbeat, report metrics, complete, fail; upload and
+//! download artifacts.
 //!
 //! Every call but ClaimJob carries a lease; the store refuses writes from a lease that is no
 //! longer current. "Not claimed" and "stop running" are answers, not errors.
@@ -6,9 +7,9 @@
 use std::sync::Arc;
 
 use proto::v1::{self, worker_service_server::WorkerService};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
-use super::{spec_of, timestamp, AppState};
+use super::{artifacts, dispatch_now, spec_of, timestamp, AppState};
 use crate::domain::{self, parse_job_id, parse_worker_id, Lease, MetricsReport};
 use crate::error::Result;
 use crate::store;
@@ -69,9 +70,14 @@ impl WorkerApi {
 
     async fn complete(&self, req: v1::CompleteJobRequest) -> Result<v1::CompleteJobResponse> {
         let lease = Lease::try_from(req.lease)?;
-        store::complete_job(&self.state.pool, &lease).await?;
+        let queued = store::complete_job(&self.state.pool, &lease).await?;
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, "job succeeded");
         self.state.notifier.notify(lease.job_id);
+        for dependent in &queued {
+            tracing::info!(job_id = %dependent, dependency = %lease.job_id, "dependencies succeeded; job queued");
+            self.state.notifier.notify(*dependent);
+        }
+        dispatch_now(&self.state, &queued).await;
         Ok(v1::CompleteJobResponse {})
     }
 
@@ -80,7 +86,7 @@ impl WorkerApi {
         let reason = domain::reason_text(&req.reason, "failed without a reason");
         let retry_after =
             domain::retry_backoff(self.state.retry_backoff, lease.attempt, &mut rand::rng());
-        let state = store::fail_job(
+        let (state, failed) = store::fail_job(
             &self.state.pool,
             &lease,
             &reason,
@@ -90,6 +96,10 @@ impl WorkerApi {
         .await?;
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, %state, %reason, "attempt failed");
         self.state.notifier.notify(lease.job_id);
+        for dependent in failed {
+            tracing::info!(job_id = %dependent, dependency = %lease.job_id, "dependency failed");
+            self.state.notifier.notify(dependent);
+        }
         let state = proto::state_from_name(&state).unwrap_or(v1::JobState::Unspecified);
         Ok(v1::FailJobResponse {
             state: state as i32,
@@ -134,5 +144,25 @@ impl WorkerService for WorkerApi {
         request: Request<v1::FailJobRequest>,
     ) -> Result<Response<v1::FailJobResponse>, Status> {
         Ok(Response::new(self.fail(request.into_inner()).await?))
+    }
+
+    async fn upload_artifact(
+        &self,
+        request: Request<Streaming<v1::UploadArtifactChunk>>,
+    ) -> Result<Response<v1::Artifact>, Status> {
+        Ok(Response::new(
+            artifacts::upload(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    type DownloadArtifactStream = artifacts::ArtifactChunks;
+
+    async fn download_artifact(
+        &self,
+        request: Request<v1::DownloadArtifactRequest>,
+    ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+        Ok(Response::new(
+            artifacts::download(self.state.clone(), request.into_inner()).await?,
+        ))
     }
 }
