@@ -8,7 +8,7 @@ RUN scripts/setup.sh && LIBTORCH="$(readlink -f .tools/libtorch)" cargo build --
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends python3 ca-certificates libgomp1 \
-    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 trainq
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 trainq && mkdir /data && chown trainq /data
 # The venv's site-packages holds libtorch and the CUDA libraries it loads.
 COPY --from=build /opt/torch /opt/torch
 COPY --from=build /src/target/release/trainq-worker /usr/local/bin/trainq-worker

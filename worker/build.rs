@@ -2,6 +2,7 @@
 //! - an rpath to libtorch's lib folder, so the worker runs without LD_LIBRARY_PATH;
 //! - `--no-as-needed -ltorch_cuda` when the libtorch has CUDA, since otherwise the linker drops
 //!   libtorch_cuda.so (nothing references it by symbol) and CUDA is never available.
+//!
 //! LIBTORCH comes from the environment or from .cargo/config.toml (set up by scripts/setup.sh).
 
 use std::path::PathBuf;

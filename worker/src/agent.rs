@@ -1,37 +1,48 @@
-//! The worker's async side: take job ids from Redis, claim them from the coordinator, hand them to
-//! the executor thread, and keep the coordinator informed (heartbeats, metric batches, the end).
+//! The worker's async side: take job ids from Redis, claim them from the coordinator, fetch what
+//! the job needs (a transfer's source checkpoint), hand it to the executor thread, and keep the
+//! coordinator informed (heartbeats, metric batches, artifacts, the end).
 //!
 //! Ownership of a job comes only from a successful ClaimJob (a conditional update in Postgres);
-//! every later write names the claimed attempt. When the coordinator says the lease is gone
-//! (cancelled, or expired and given to someone else) the agent stops training and abandons the
-//! job without writing anything more. Coordinator hiccups do not stop training: reports stay
-//! buffered and are retried. Must not train on the async runtime or touch Postgres.
+//! every later write (metrics, artifact uploads, completion) names the claimed attempt. When the
+//! coordinator says the lease is gone (cancelled, or expired and given to someone else) the agent
+//! stops training and abandons the job without writing anything more. Coordinator hiccups do not
+//! stop training: metrics and artifacts stay queued, in the order training produced them, and are
+//! retried; everything queued is delivered before the job's end is recorded. Must not train on the
+//! async runtime or touch Postgres.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::spec::JobSpec;
+use proto::spec::{Cvae, Experiment, Init, JobSpec};
+use proto::v1::upload_artifact_chunk::Part;
 use proto::v1::worker_service_client::WorkerServiceClient;
 use proto::v1::{
-    ClaimJobRequest, CompleteJobRequest, FailJobRequest, HeartbeatRequest, JobLease, MetricPoint,
-    ReportMetricsRequest,
+    ClaimJobRequest, CompleteJobRequest, DownloadArtifactRequest, FailJobRequest, HeartbeatRequest,
+    JobLease, MetricPoint, ReportMetricsRequest, UploadArtifactChunk, UploadArtifactHeader,
 };
+use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 use tracing::{info, info_span, warn, Instrument};
 
+use crate::checkpoint;
 use crate::config::ServeArgs;
 use crate::dispatch::Queue;
 use crate::executor::{Assignment, Executor};
-use crate::train::{Metric, Outcome, TrainError};
+use crate::train::{ArtifactFile, Event, JobInputs, Metric, Outcome, TrainError};
 
 /// Largest metric batch sent in one ReportMetrics call (the coordinator accepts 10,000).
 const MAX_POINTS_PER_REPORT: usize = 5_000;
 /// How long final reports are retried while the coordinator is unreachable.
 const FINAL_REPORT_PATIENCE: Duration = Duration::from_secs(300);
+/// Largest data chunk of an artifact upload (the coordinator accepts 4 MiB).
+pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+/// Tries at downloading a transfer's source checkpoint before the attempt fails (retryably).
+const SOURCE_DOWNLOAD_TRIES: u32 = 5;
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
@@ -151,14 +162,22 @@ impl Agent {
                 Some(Ok(spec)) => spec,
                 Some(Err(violation)) => {
                     let reason = format!("invalid spec: {violation}");
-                    self.finish(&lease, Err(TrainError::Permanent(reason)), Vec::new())
-                        .await;
+                    self.finish(
+                        &lease,
+                        Err(TrainError::Permanent(reason)),
+                        Outbox::default(),
+                    )
+                    .await;
                     return Flow::Continue;
                 }
                 None => {
                     let reason = "claim returned no spec".to_string();
-                    self.finish(&lease, Err(TrainError::Permanent(reason)), Vec::new())
-                        .await;
+                    self.finish(
+                        &lease,
+                        Err(TrainError::Permanent(reason)),
+                        Outbox::default(),
+                    )
+                    .await;
                     return Flow::Continue;
                 }
             };
@@ -176,20 +195,32 @@ impl Agent {
         spec: JobSpec,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> Flow {
+        let inputs = match self.fetch_inputs(&lease, &spec).await {
+            Ok(inputs) => inputs,
+            Err(Fetch::LeaseLost) => {
+                info!("lease lost while fetching the job's inputs; abandoning");
+                return Flow::Continue;
+            }
+            Err(Fetch::Failed(e)) => {
+                self.finish(&lease, Err(e), Outbox::default()).await;
+                return Flow::Continue;
+            }
+        };
         let stop = Arc::new(AtomicBool::new(false));
-        let (metrics_tx, mut metrics_rx) = mpsc::unbounded_channel();
+        let (events_tx, mut events_rx) = mpsc::unbounded_channel();
         let (done_tx, mut done_rx) = oneshot::channel();
         let assignment = Assignment {
             spec,
+            inputs,
             stop: stop.clone(),
-            metrics: metrics_tx,
+            events: events_tx,
             done: done_tx,
         };
         if let Err(e) = self.executor.submit(assignment) {
             self.finish(
                 &lease,
                 Err(TrainError::Retryable(e.to_string())),
-                Vec::new(),
+                Outbox::default(),
             )
             .await;
             return Flow::Shutdown;
@@ -199,7 +230,7 @@ impl Agent {
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(self.args.heartbeat_ms.max(50)));
         let mut report = tokio::time::interval(Duration::from_millis(self.args.report_ms.max(50)));
-        let mut pending: Vec<MetricPoint> = Vec::new();
+        let mut pending = Outbox::default();
         let mut lease_lost = false;
         let mut shutting_down = false;
         let result = loop {
@@ -207,9 +238,9 @@ impl Agent {
                 result = &mut done_rx => {
                     break result.unwrap_or_else(|_| Err(TrainError::Retryable("executor thread died".into())));
                 }
-                Some(batch) = metrics_rx.recv() => pending.extend(batch.into_iter().map(to_wire)),
+                Some(event) = events_rx.recv() => pending.push(event),
                 _ = report.tick(), if !pending.is_empty() && !lease_lost => {
-                    match send_metrics(&mut client, &lease, &mut pending).await {
+                    match pending.flush(&mut client, &lease).await {
                         Ok(()) => {}
                         Err(status) if is_stale(&status) => {
                             warn!(error = %status, "lease lost while reporting; stopping");
@@ -237,8 +268,8 @@ impl Agent {
                 }
             }
         };
-        while let Ok(batch) = metrics_rx.try_recv() {
-            pending.extend(batch.into_iter().map(to_wire));
+        while let Ok(event) = events_rx.try_recv() {
+            pending.push(event);
         }
         if lease_lost {
             info!("job abandoned");
@@ -258,21 +289,80 @@ impl Agent {
         }
     }
 
-    /// Sends what is still buffered, then CompleteJob or FailJob, retrying while the coordinator
+    /// What the job needs besides its spec: a transfer's source checkpoint, downloaded from the
+    /// coordinator (the source job's newest `checkpoint` artifact, its SHA-256 checked). A source
+    /// without a checkpoint fails the job for good; coordinator trouble is retried a few times
+    /// (heartbeating in between, so the lease stays ours) and then fails this attempt only.
+    async fn fetch_inputs(&self, lease: &JobLease, spec: &JobSpec) -> Result<JobInputs, Fetch> {
+        let Experiment::CifarCvae(Cvae {
+            init: Init::Transfer(transfer),
+            ..
+        }) = &spec.experiment
+        else {
+            return Ok(JobInputs::default());
+        };
+        let source = transfer.source_job_id.as_str();
+        let mut client = self.client.clone();
+        let mut backoff = Backoff::new();
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let error = match download_checkpoint(&mut client, source).await {
+                Ok(bytes) => {
+                    info!(source, size = bytes.len(), "source checkpoint downloaded");
+                    return Ok(JobInputs {
+                        source_checkpoint: Some(bytes),
+                    });
+                }
+                Err(Download::Status(status)) if status.code() == Code::NotFound => {
+                    return Err(Fetch::Failed(TrainError::Permanent(format!(
+                        "source job {source} has no checkpoint"
+                    ))));
+                }
+                Err(Download::Status(status)) if status.code() == Code::InvalidArgument => {
+                    return Err(Fetch::Failed(TrainError::Permanent(format!(
+                        "source job {source}: {}",
+                        status.message()
+                    ))));
+                }
+                Err(e) => e,
+            };
+            if tries >= SOURCE_DOWNLOAD_TRIES {
+                return Err(Fetch::Failed(TrainError::Retryable(format!(
+                    "could not download source job {source}'s checkpoint: {error}"
+                ))));
+            }
+            let wait = backoff.next();
+            warn!(source, %error, retry_in_ms = wait.as_millis() as u64, "source checkpoint download failed");
+            tokio::time::sleep(wait).await;
+            match client
+                .heartbeat(HeartbeatRequest {
+                    lease: Some(lease.clone()),
+                })
+                .await
+            {
+                Ok(r) if !r.get_ref().keep_running => return Err(Fetch::LeaseLost),
+                Ok(_) => {}
+                Err(status) => warn!(error = %status, "heartbeat failed"),
+            }
+        }
+    }
+
+    /// Sends what is still queued, then CompleteJob or FailJob, retrying while the coordinator
     /// is unreachable (bounded by FINAL_REPORT_PATIENCE; after that the lease expires and the
     /// coordinator re-queues the job).
     async fn finish(
         &self,
         lease: &JobLease,
         result: Result<Outcome, TrainError>,
-        mut pending: Vec<MetricPoint>,
+        mut pending: Outbox,
     ) {
         let mut client = self.client.clone();
         let deadline = tokio::time::Instant::now() + FINAL_REPORT_PATIENCE;
         let mut backoff = Backoff::new();
         loop {
             let outcome = async {
-                send_metrics(&mut client, lease, &mut pending).await?;
+                pending.flush(&mut client, lease).await?;
                 match &result {
                     Ok(_) => {
                         client
@@ -317,6 +407,160 @@ impl Agent {
             }
         }
     }
+}
+
+/// Why a job's inputs could not be fetched.
+enum Fetch {
+    /// The coordinator says the lease is gone: abandon the job, write nothing.
+    LeaseLost,
+    /// Record this as the attempt's failure.
+    Failed(TrainError),
+}
+
+/// What training produced and the coordinator has not stored yet, in the order it was produced.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    queue: VecDeque<Outgoing>,
+}
+
+#[derive(Debug)]
+enum Outgoing {
+    Metrics(Vec<MetricPoint>),
+    Artifact(ArtifactFile),
+}
+
+impl Outbox {
+    /// Queues an event; consecutive metric batches merge into one.
+    pub fn push(&mut self, event: Event) {
+        match event {
+            Event::Metrics(batch) => {
+                let points = batch.into_iter().map(to_wire);
+                match self.queue.back_mut() {
+                    Some(Outgoing::Metrics(queued)) => queued.extend(points),
+                    _ => self.queue.push_back(Outgoing::Metrics(points.collect())),
+                }
+            }
+            Event::Artifact(file) => self.queue.push_back(Outgoing::Artifact(file)),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Queued items: metric batches and artifacts.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Delivers the queue in order; an item leaves it only once the coordinator stored it. An
+    /// artifact the coordinator refuses as invalid is dropped (with a warning): sending it again
+    /// cannot succeed, and it must not hold back what follows.
+    pub async fn flush(
+        &mut self,
+        client: &mut WorkerServiceClient<Channel>,
+        lease: &JobLease,
+    ) -> Result<(), tonic::Status> {
+        while let Some(front) = self.queue.front_mut() {
+            match front {
+                Outgoing::Metrics(points) => send_metrics(client, lease, points).await?,
+                Outgoing::Artifact(file) => match upload_artifact(client, lease, file).await {
+                    Ok(stored) => {
+                        info!(kind = %stored.kind, name = %stored.name, size = stored.size_bytes, "artifact stored")
+                    }
+                    Err(status) if status.code() == Code::InvalidArgument => {
+                        warn!(kind = %file.kind, name = %file.name, error = %status, "artifact refused as invalid; dropping it")
+                    }
+                    Err(status) => return Err(status),
+                },
+            }
+            self.queue.pop_front();
+        }
+        Ok(())
+    }
+}
+
+/// Uploads one artifact: a header (lease, kind, name, epoch, size, lowercase hex SHA-256), then
+/// the bytes in chunks of at most [`UPLOAD_CHUNK_BYTES`].
+pub async fn upload_artifact(
+    client: &mut WorkerServiceClient<Channel>,
+    lease: &JobLease,
+    file: &ArtifactFile,
+) -> Result<proto::v1::Artifact, tonic::Status> {
+    let header = UploadArtifactHeader {
+        lease: Some(lease.clone()),
+        kind: file.kind.clone(),
+        name: file.name.clone(),
+        epoch: file.epoch,
+        size_bytes: file.bytes.len() as u64,
+        sha256: hex::encode(Sha256::digest(&file.bytes)),
+    };
+    let mut chunks = Vec::with_capacity(1 + file.bytes.len().div_ceil(UPLOAD_CHUNK_BYTES));
+    chunks.push(UploadArtifactChunk {
+        part: Some(Part::Header(header)),
+    });
+    chunks.extend(
+        file.bytes
+            .chunks(UPLOAD_CHUNK_BYTES)
+            .map(|data| UploadArtifactChunk {
+                part: Some(Part::Data(data.to_vec())),
+            }),
+    );
+    Ok(client
+        .upload_artifact(tokio_stream::iter(chunks))
+        .await?
+        .into_inner())
+}
+
+/// Why a checkpoint download failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Download {
+    #[error("{}", .0.message())]
+    Status(#[from] tonic::Status),
+    /// What arrived does not match its record (size, SHA-256) or has no record.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+/// The newest checkpoint of job `source` (the bytes, checked against the size and SHA-256 of the
+/// record the first chunk carries).
+pub async fn download_checkpoint(
+    client: &mut WorkerServiceClient<Channel>,
+    source: &str,
+) -> Result<Vec<u8>, Download> {
+    let request = DownloadArtifactRequest {
+        artifact_id: String::new(),
+        job_id: source.to_string(),
+        kind: checkpoint::KIND.to_string(),
+    };
+    let mut stream = client.download_artifact(request).await?.into_inner();
+    let mut record = None;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        if record.is_none() {
+            record = Some(chunk.artifact.ok_or_else(|| {
+                Download::Corrupt("the first chunk carries no artifact record".into())
+            })?);
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let record = record.ok_or_else(|| Download::Corrupt("the download was empty".into()))?;
+    if record.size_bytes != bytes.len() as u64 {
+        return Err(Download::Corrupt(format!(
+            "artifact {} should have {} bytes but {} arrived",
+            record.id,
+            record.size_bytes,
+            bytes.len()
+        )));
+    }
+    let digest = hex::encode(Sha256::digest(&bytes));
+    if !digest.eq_ignore_ascii_case(&record.sha256) {
+        return Err(Download::Corrupt(format!(
+            "artifact {} should hash to {} but the bytes hash to {digest}",
+            record.id, record.sha256
+        )));
+    }
+    Ok(bytes)
 }
 
 /// Sends buffered points in chunks; points leave the buffer only once stored.
@@ -372,5 +616,385 @@ impl Backoff {
         self.attempt += 1;
         let jitter = rand::random_range(0..=base / 2);
         Duration::from_millis(base / 2 + jitter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::v1::worker_service_server::{WorkerService, WorkerServiceServer};
+    use proto::v1::{self as v1, ArtifactChunk};
+    use std::sync::Mutex;
+    use tonic::{Request, Response, Status};
+
+    /// What the fake coordinator saw, and what it answers next.
+    #[derive(Default)]
+    struct State {
+        /// `report N`, `upload NAME`, `heartbeat`, `download JOB KIND`, in arrival order.
+        calls: Vec<String>,
+        /// Each upload's header, data chunk sizes and bytes.
+        uploads: Vec<(UploadArtifactHeader, Vec<usize>, Vec<u8>)>,
+        upload_failures: VecDeque<Status>,
+        downloads: VecDeque<Result<Vec<ArtifactChunk>, Status>>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake(Arc<Mutex<State>>);
+
+    impl Fake {
+        fn state(&self) -> std::sync::MutexGuard<'_, State> {
+            self.0.lock().expect("fake state")
+        }
+    }
+
+    #[tonic::async_trait]
+    impl WorkerService for Fake {
+        async fn claim_job(
+            &self,
+            _: Request<v1::ClaimJobRequest>,
+        ) -> Result<Response<v1::ClaimJobResponse>, Status> {
+            Err(Status::unimplemented("claim"))
+        }
+
+        async fn heartbeat(
+            &self,
+            _: Request<HeartbeatRequest>,
+        ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+            self.state().calls.push("heartbeat".into());
+            Ok(Response::new(v1::HeartbeatResponse {
+                keep_running: true,
+                lease_expires_at: None,
+            }))
+        }
+
+        async fn report_metrics(
+            &self,
+            r: Request<ReportMetricsRequest>,
+        ) -> Result<Response<v1::ReportMetricsResponse>, Status> {
+            let n = r.get_ref().points.len();
+            self.state().calls.push(format!("report {n}"));
+            Ok(Response::new(v1::ReportMetricsResponse {
+                stored: n as u32,
+            }))
+        }
+
+        async fn complete_job(
+            &self,
+            _: Request<CompleteJobRequest>,
+        ) -> Result<Response<v1::CompleteJobResponse>, Status> {
+            Err(Status::unimplemented("complete"))
+        }
+
+        async fn fail_job(
+            &self,
+            _: Request<FailJobRequest>,
+        ) -> Result<Response<v1::FailJobResponse>, Status> {
+            Err(Status::unimplemented("fail"))
+        }
+
+        async fn upload_artifact(
+            &self,
+            r: Request<tonic::Streaming<UploadArtifactChunk>>,
+        ) -> Result<Response<v1::Artifact>, Status> {
+            let mut stream = r.into_inner();
+            let mut header = None;
+            let (mut sizes, mut bytes) = (Vec::new(), Vec::new());
+            while let Some(chunk) = stream.message().await? {
+                match chunk.part {
+                    Some(Part::Header(h)) if header.is_none() => header = Some(h),
+                    Some(Part::Data(d)) if header.is_some() => {
+                        sizes.push(d.len());
+                        bytes.extend(d);
+                    }
+                    _ => return Err(Status::invalid_argument("header first, then data")),
+                }
+            }
+            let header = header.ok_or_else(|| Status::invalid_argument("no header"))?;
+            let mut state = self.state();
+            state.calls.push(format!("upload {}", header.name));
+            if let Some(status) = state.upload_failures.pop_front() {
+                return Err(status);
+            }
+            let artifact = v1::Artifact {
+                kind: header.kind.clone(),
+                name: header.name.clone(),
+                size_bytes: header.size_bytes,
+                sha256: header.sha256.clone(),
+                ..Default::default()
+            };
+            state.uploads.push((header, sizes, bytes));
+            Ok(Response::new(artifact))
+        }
+
+        type DownloadArtifactStream =
+            tokio_stream::Iter<std::vec::IntoIter<Result<ArtifactChunk, Status>>>;
+
+        async fn download_artifact(
+            &self,
+            r: Request<DownloadArtifactRequest>,
+        ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
+            let mut state = self.state();
+            let r = r.into_inner();
+            state
+                .calls
+                .push(format!("download {} {}", r.job_id, r.kind));
+            match state.downloads.pop_front() {
+                Some(Ok(chunks)) => Ok(Response::new(tokio_stream::iter(
+                    chunks.into_iter().map(Ok).collect::<Vec<_>>(),
+                ))),
+                Some(Err(status)) => Err(status),
+                None => Err(Status::not_found("no such artifact")),
+            }
+        }
+    }
+
+    /// Serves `fake` on a free port and returns a client of it.
+    async fn serve(fake: Fake) -> WorkerServiceClient<Channel> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(WorkerServiceServer::new(fake))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .expect("endpoint")
+            .connect_lazy();
+        WorkerServiceClient::new(channel)
+    }
+
+    fn lease() -> JobLease {
+        JobLease {
+            job_id: "0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b".into(),
+            attempt: 2,
+            worker_id: "w".into(),
+        }
+    }
+
+    fn file(name: &str, len: usize) -> ArtifactFile {
+        ArtifactFile {
+            kind: "checkpoint".into(),
+            name: name.into(),
+            epoch: 3,
+            bytes: (0..len).map(|i| (i % 251) as u8).collect(),
+        }
+    }
+
+    fn points(n: u64) -> Event {
+        Event::Metrics(
+            (1..=n)
+                .map(|step| Metric {
+                    name: "train/loss".into(),
+                    step,
+                    epoch: 1,
+                    value: 0.5,
+                })
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn an_artifact_uploads_as_a_header_then_chunks_of_at_most_one_mebibyte() {
+        let fake = Fake::default();
+        let mut client = serve(fake.clone()).await;
+        let f = file("epoch-003.safetensors", 2 * UPLOAD_CHUNK_BYTES + 1000);
+        let stored = upload_artifact(&mut client, &lease(), &f)
+            .await
+            .expect("uploaded");
+        assert_eq!(stored.name, "epoch-003.safetensors");
+        let state = fake.state();
+        let (header, sizes, bytes) = &state.uploads[0];
+        assert_eq!(header.lease, Some(lease()));
+        assert_eq!(
+            (header.kind.as_str(), header.name.as_str(), header.epoch),
+            ("checkpoint", "epoch-003.safetensors", 3)
+        );
+        assert_eq!(header.size_bytes, f.bytes.len() as u64);
+        assert_eq!(header.sha256, hex::encode(Sha256::digest(&f.bytes)));
+        assert_eq!(header.sha256, header.sha256.to_lowercase());
+        assert_eq!(sizes, &vec![UPLOAD_CHUNK_BYTES, UPLOAD_CHUNK_BYTES, 1000]);
+        assert_eq!(bytes, &f.bytes);
+    }
+
+    #[tokio::test]
+    async fn the_outbox_delivers_metrics_and_artifacts_in_order_and_keeps_what_failed() {
+        let fake = Fake::default();
+        fake.state()
+            .upload_failures
+            .push_back(Status::unavailable("store down"));
+        let mut client = serve(fake.clone()).await;
+        let mut outbox = Outbox::default();
+        outbox.push(points(2));
+        outbox.push(Event::Artifact(file("epoch-001.safetensors", 10)));
+        outbox.push(points(3));
+        outbox.push(points(1));
+        assert_eq!(outbox.len(), 3, "consecutive metric batches merge");
+
+        let err = outbox
+            .flush(&mut client, &lease())
+            .await
+            .expect_err("the upload fails once");
+        assert_eq!(err.code(), Code::Unavailable);
+        assert!(!is_stale(&err));
+        assert_eq!(outbox.len(), 2, "the artifact and what follows stay queued");
+        outbox
+            .flush(&mut client, &lease())
+            .await
+            .expect("delivered");
+        assert!(outbox.is_empty());
+        assert_eq!(
+            fake.state().calls,
+            vec![
+                "report 2",
+                "upload epoch-001.safetensors",
+                "upload epoch-001.safetensors",
+                "report 4"
+            ]
+        );
+
+        // A lost lease is reported as such; an invalid artifact is dropped, not retried forever.
+        fake.state().upload_failures.extend([
+            Status::failed_precondition("stale attempt"),
+            Status::invalid_argument("bad name"),
+        ]);
+        outbox.push(Event::Artifact(file("a.png", 1)));
+        let err = outbox
+            .flush(&mut client, &lease())
+            .await
+            .expect_err("stale");
+        assert!(is_stale(&err));
+        outbox.push(points(1));
+        outbox
+            .flush(&mut client, &lease())
+            .await
+            .expect("dropped, then the rest");
+        assert!(outbox.is_empty());
+        assert_eq!(
+            fake.state().calls.last().map(String::as_str),
+            Some("report 1")
+        );
+    }
+
+    fn chunks(bytes: &[u8], sha256: &str) -> Vec<ArtifactChunk> {
+        let record = v1::Artifact {
+            id: "a1".into(),
+            kind: "checkpoint".into(),
+            size_bytes: bytes.len() as u64,
+            sha256: sha256.into(),
+            ..Default::default()
+        };
+        let mut out: Vec<ArtifactChunk> = bytes
+            .chunks(4)
+            .map(|c| ArtifactChunk {
+                artifact: None,
+                data: c.to_vec(),
+            })
+            .collect();
+        out[0].artifact = Some(record);
+        out
+    }
+
+    #[tokio::test]
+    async fn a_downloaded_checkpoint_is_concatenated_and_checked_against_its_sha256() {
+        let fake = Fake::default();
+        let bytes = b"ten bytes!".to_vec();
+        let good = hex::encode(Sha256::digest(&bytes));
+        fake.state().downloads.extend([
+            Ok(chunks(&bytes, &good)),
+            Ok(chunks(&bytes, &"0".repeat(64))),
+            Err(Status::not_found("job has no checkpoint artifact")),
+        ]);
+        let mut client = serve(fake.clone()).await;
+        let source = "0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b";
+        let got = download_checkpoint(&mut client, source).await.expect("ok");
+        assert_eq!(got, bytes);
+        let err = download_checkpoint(&mut client, source)
+            .await
+            .expect_err("bad hash");
+        assert!(
+            matches!(err, Download::Corrupt(ref m) if m.contains("hash")),
+            "{err}"
+        );
+        let err = download_checkpoint(&mut client, source)
+            .await
+            .expect_err("none");
+        assert!(matches!(err, Download::Status(ref s) if s.code() == Code::NotFound));
+        assert_eq!(
+            fake.state().calls[0],
+            format!("download {source} checkpoint")
+        );
+    }
+
+    fn agent(client: WorkerServiceClient<Channel>) -> Agent {
+        use clap::Parser;
+        let cli = crate::config::Cli::parse_from(["trainq-worker", "--device", "cpu"]);
+        let config = cli.serve.trainer.trainer_config().expect("config");
+        Agent {
+            args: cli.serve,
+            worker_id: "w".into(),
+            client,
+            executor: Executor::spawn(config, 1).expect("executor"),
+        }
+    }
+
+    fn transfer_spec(source: &str) -> JobSpec {
+        JobSpec::from_json(&format!(
+            r#"{{"name":"t","training":{{"epochs":1,"batchSize":8,"learningRate":0.001}},
+                "cifarCvae":{{"init":{{"transfer":{{"sourceJobId":"{source}",
+                "conv1":"CONV1_ADAPTATION_LUMINANCE"}}}}}}}}"#
+        ))
+        .expect("spec")
+    }
+
+    #[tokio::test]
+    async fn a_transfer_fetches_its_source_retrying_transient_errors_and_fails_without_one() {
+        let fake = Fake::default();
+        let bytes = b"checkpoint".to_vec();
+        let sha = hex::encode(Sha256::digest(&bytes));
+        fake.state().downloads.extend([
+            Err(Status::unavailable("restarting")),
+            Ok(chunks(&bytes, &sha)),
+        ]);
+        let agent = agent(serve(fake.clone()).await);
+        let source = "0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b";
+        let inputs = match agent.fetch_inputs(&lease(), &transfer_spec(source)).await {
+            Ok(inputs) => inputs,
+            Err(_) => panic!("fetched after one retry"),
+        };
+        assert_eq!(inputs.source_checkpoint, Some(bytes));
+        assert_eq!(
+            fake.state().calls,
+            vec![
+                format!("download {source} checkpoint"),
+                "heartbeat".to_string(),
+                format!("download {source} checkpoint"),
+            ],
+            "the lease is renewed between tries"
+        );
+
+        // The fake answers NOT_FOUND once its downloads run out.
+        match agent.fetch_inputs(&lease(), &transfer_spec(source)).await {
+            Err(Fetch::Failed(e)) => {
+                assert!(e.is_permanent());
+                assert_eq!(
+                    e.to_string(),
+                    format!("source job {source} has no checkpoint")
+                );
+            }
+            _ => panic!("a source without a checkpoint fails the job"),
+        }
+
+        let random = JobSpec::from_json(
+            r#"{"name":"r","training":{"epochs":1,"batchSize":8,"learningRate":0.001},"cifarCvae":{}}"#,
+        )
+        .expect("spec");
+        let calls = fake.state().calls.len();
+        match agent.fetch_inputs(&lease(), &random).await {
+            Ok(inputs) => assert!(inputs.source_checkpoint.is_none()),
+            Err(_) => panic!("nothing to fetch"),
+        }
+        assert_eq!(fake.state().calls.len(), calls, "no call for a random init");
     }
 }

@@ -12,6 +12,7 @@ use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::TrainerArgs;
+use crate::cvae::{CvaeConfig, CvaeData, CvaeTask};
 use crate::data::MnistTensors;
 use crate::train::{seeded, sync_device, ClassifierTask, Task};
 
@@ -19,12 +20,16 @@ use crate::train::{seeded, sync_device, ClassifierTask, Task};
 pub enum BenchModel {
     /// The seed's MNISTClassifier on 1x28x28 images.
     Mnist,
+    /// The seed's CVAE_CIFAR100 (latent 20, beta 1, random init) on 3x32x32 images with one of
+    /// 100 labels.
+    Cvae,
 }
 
 impl BenchModel {
     pub fn name(self) -> &'static str {
         match self {
             BenchModel::Mnist => "mnist",
+            BenchModel::Cvae => "cvae",
         }
     }
 }
@@ -107,21 +112,38 @@ pub fn measure(
     warmup: u32,
 ) -> anyhow::Result<BenchResult> {
     let n = 8192.max(2 * bs);
-    let build = || -> Result<Box<dyn Task>, tch::TchError> {
-        match model {
-            BenchModel::Mnist => {
-                let data = MnistTensors {
-                    train_images: Tensor::f_rand([n, 1, 28, 28], (Kind::Float, device))?,
-                    train_labels: Tensor::f_randint(10, [n], (Kind::Int64, device))?,
-                    test_images: Tensor::f_rand([1, 1, 28, 28], (Kind::Float, device))?,
+    let adam = proto::spec::Optimizer::Adam;
+    let mut task: Box<dyn Task> = match model {
+        BenchModel::Mnist => seeded(0, || -> Result<Box<dyn Task>, tch::TchError> {
+            let data = MnistTensors {
+                train_images: Tensor::f_rand([n, 1, 28, 28], (Kind::Float, device))?,
+                train_labels: Tensor::f_randint(10, [n], (Kind::Int64, device))?,
+                test_images: Tensor::f_rand([1, 1, 28, 28], (Kind::Float, device))?,
+                test_labels: Tensor::f_zeros([1], (Kind::Int64, device))?,
+            };
+            Ok(Box::new(ClassifierTask::new(data, bs, adam, 1e-3)?))
+        })?,
+        BenchModel::Cvae => {
+            let data = seeded(0, || -> Result<CvaeData, tch::TchError> {
+                Ok(CvaeData {
+                    train_images: Tensor::f_rand([n, 3, 32, 32], (Kind::Float, device))?,
+                    train_labels: Tensor::f_randint(100, [n], (Kind::Int64, device))?,
+                    test_images: Tensor::f_rand([1, 3, 32, 32], (Kind::Float, device))?,
                     test_labels: Tensor::f_zeros([1], (Kind::Int64, device))?,
-                };
-                let adam = proto::spec::Optimizer::Adam;
-                Ok(Box::new(ClassifierTask::new(data, bs, adam, 1e-3)?))
-            }
+                })
+            })?;
+            let config = CvaeConfig {
+                latent_dim: i64::from(proto::spec::DEFAULT_LATENT_DIM),
+                beta: 1.0,
+                batch_size: bs,
+                optimizer: adam,
+                learning_rate: 1e-3,
+                seed: 0,
+            };
+            let init = proto::spec::Init::Random;
+            Box::new(CvaeTask::new(data, &config, &init, None).map_err(anyhow::Error::new)?)
         }
     };
-    let mut task = seeded(0, build)?;
     let order = Tensor::f_arange(n, (Kind::Int64, device))?;
     let run = |task: &mut dyn Task, k: u32| -> anyhow::Result<()> {
         for i in 0..i64::from(k) {
@@ -154,6 +176,14 @@ pub fn measure(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cvae_benchmark_runs_the_cvae_step() {
+        tch::set_num_threads(1);
+        let r = measure(BenchModel::Cvae, Device::Cpu, 8, 2, 1).expect("bench");
+        assert!(r.images_per_s > 0.0);
+        assert!(r.to_json_line().contains(r#""model": "cvae""#));
+    }
 
     #[test]
     fn a_short_benchmark_prints_the_reference_format() {

@@ -35,6 +35,9 @@ pub enum Command {
     /// Measure training throughput of the seed models on random data (prints JSON lines like
     /// ../shared/bench/torch_reference.py).
     Bench(crate::bench::BenchArgs),
+    /// Write a synthetic CIFAR-100 set in the official binary format, with learnable class
+    /// structure, to `<OUT>/cifar-100-binary/` (for tests and machines without the real set).
+    GenCifar(crate::data::synth::GenArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -85,6 +88,15 @@ pub struct TrainerArgs {
         default_value = "https://ossci-datasets.s3.amazonaws.com/mnist/,http://yann.lecun.com/exdb/mnist/"
     )]
     pub mnist_mirrors: Vec<String>,
+    /// Base URLs tried in order when CIFAR-100 is missing from the data dir (each must serve
+    /// `cifar-100-binary.tar.gz`).
+    #[arg(
+        long,
+        env = "TRAINQ_CIFAR_MIRRORS",
+        value_delimiter = ',',
+        default_values_t = crate::data::CIFAR100_MIRRORS.iter().map(|m| m.to_string()).collect::<Vec<String>>()
+    )]
+    pub cifar_mirrors: Vec<String>,
     /// libtorch intra-op threads (0: libtorch's default, every core).
     #[arg(long, env = "TRAINQ_TORCH_THREADS", default_value_t = 0)]
     pub torch_threads: i32,
@@ -96,6 +108,7 @@ impl TrainerArgs {
             device: crate::train::parse_device(&self.device)?,
             data_dir: self.data_dir.clone(),
             mnist_mirrors: self.mnist_mirrors.clone(),
+            cifar_mirrors: self.cifar_mirrors.clone(),
         })
     }
 

@@ -2,7 +2,8 @@
 //!
 //! The async agent hands it assignments over a channel; it runs each to the end with its
 //! [`Trainer`] (which keeps the data sets on the device between jobs) and answers on a oneshot.
-//! Metric batches travel back over an unbounded channel. Training never runs on the async runtime
+//! What the run reports (metric batches, artifacts) travels back as [`Event`]s over an unbounded
+//! channel, in order. Training never runs on the async runtime
 //! and no tensor leaves this thread (invariant 7). A panic inside training becomes a permanent
 //! job failure, never a dead worker.
 
@@ -13,14 +14,16 @@ use std::sync::Arc;
 use proto::spec::JobSpec;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::train::{Metric, Outcome, TrainError, Trainer, TrainerConfig};
+use crate::train::{Event, JobInputs, Outcome, TrainError, Trainer, TrainerConfig};
 
 /// One job handed to the executor.
 pub struct Assignment {
     pub spec: JobSpec,
+    /// What the agent fetched for the job (a transfer's source checkpoint).
+    pub inputs: JobInputs,
     /// Raised by the agent to stop training at the next step boundary.
     pub stop: Arc<AtomicBool>,
-    pub metrics: mpsc::UnboundedSender<Vec<Metric>>,
+    pub events: mpsc::UnboundedSender<Event>,
     pub done: oneshot::Sender<Result<Outcome, TrainError>>,
 }
 
@@ -40,7 +43,8 @@ impl Executor {
                 }
                 let mut trainer = Trainer::new(config);
                 for job in rx {
-                    let result = run_one(&mut trainer, &job.spec, &job.metrics, &job.stop);
+                    let result =
+                        run_one(&mut trainer, &job.spec, &job.inputs, &job.events, &job.stop);
                     let _ = job.done.send(result);
                 }
             })?;
@@ -57,13 +61,16 @@ impl Executor {
 fn run_one(
     trainer: &mut Trainer,
     spec: &JobSpec,
-    metrics: &mpsc::UnboundedSender<Vec<Metric>>,
+    inputs: &JobInputs,
+    events: &mpsc::UnboundedSender<Event>,
     stop: &AtomicBool,
 ) -> Result<Outcome, TrainError> {
-    let mut report = |batch: Vec<Metric>| {
-        let _ = metrics.send(batch);
+    let mut report = |event: Event| {
+        let _ = events.send(event);
     };
-    match catch_unwind(AssertUnwindSafe(|| trainer.run(spec, &mut report, stop))) {
+    match catch_unwind(AssertUnwindSafe(|| {
+        trainer.run(spec, inputs, &mut report, stop)
+    })) {
         Ok(result) => result,
         Err(panic) => {
             let msg = panic

@@ -1,21 +1,30 @@
 //! trainq worker library: the binary in main.rs is a thin shell over these modules.
 //!
 //! - [`agent`]: the async side: pops job ids from Redis, claims them over gRPC, heartbeats, and
-//!   forwards metrics; training itself runs on an executor thread.
+//!   forwards metrics and artifacts (and fetches a transfer's source checkpoint first); training
+//!   itself runs on an executor thread.
 //! - [`train`]: the training engine (tch), run on its own OS thread.
-//! - [`data`]: data sets (MNIST IDX, download and verification), kept on the training device.
+//! - [`data`]: data sets (MNIST, CIFAR-100, download and verification), kept on the training
+//!   device.
 //! - [`model`]: the seed's models with stable parameter names.
+//! - [`cvae`]: the CIFAR-100 CVAE as a training task; [`transfer`]: starting it from a trained
+//!   MNIST classifier's conv layers; [`checkpoint`]: models as safetensors bytes; [`images`]:
+//!   PNG image grids.
 //! - [`standalone`]: runs one spec with no coordinator; [`bench`]: throughput benchmark.
 //!
 //! Invariant: training never runs on the async runtime; a Tensor stays on the thread that made it.
 
 pub mod agent;
 pub mod bench;
+pub mod checkpoint;
 pub mod config;
+pub mod cvae;
 pub mod data;
 pub mod dispatch;
 pub mod executor;
+pub mod images;
 pub mod logging;
 pub mod model;
 pub mod standalone;
 pub mod train;
+pub mod transfer;

@@ -10,6 +10,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Some(Command::Run(args)) => worker::standalone::run(args),
         Some(Command::Bench(args)) => worker::bench::run(args),
+        Some(Command::GenCifar(args)) => worker::data::synth::run(args),
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
     }

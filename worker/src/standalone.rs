@@ -1,12 +1,14 @@
 //! `trainq-worker run spec.json`: trains one job spec on this machine with no coordinator, Redis
-//! or Postgres, printing each metric batch as it arrives and a summary at the end.
+//! or Postgres, printing each metric batch as it arrives and a summary at the end, and writing
+//! its artifacts (checkpoints, image grids) into `--out` (a transfer spec's source checkpoint
+//! comes from `--source-checkpoint`, a file where a worker would download it).
 //!
 //! For trying a spec, measuring a machine and debugging the engine. Trains on the calling thread
 //! (this command has no async runtime). Must not grow features of its own: what it runs is exactly
 //! what a worker would run for the same spec.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
@@ -14,7 +16,7 @@ use anyhow::Context;
 use proto::spec::JobSpec;
 
 use crate::config::TrainerArgs;
-use crate::train::{names, Metric, Outcome, TrainError, Trainer};
+use crate::train::{names, Event, JobInputs, Metric, Outcome, TrainError, Trainer};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -23,6 +25,13 @@ pub struct RunArgs {
     /// Print one JSON object per metric point, and a JSON summary, instead of table lines.
     #[arg(long)]
     pub json: bool,
+    /// Artifacts (checkpoints `epoch-NNN.safetensors`, `samples.png`, ...) are written here.
+    #[arg(long, default_value = "./trainq-run")]
+    pub out: PathBuf,
+    /// The source checkpoint (safetensors) of a transfer spec: an MNIST classifier's
+    /// `epoch-NNN.safetensors`.
+    #[arg(long)]
+    pub source_checkpoint: Option<PathBuf>,
     #[command(flatten)]
     pub trainer: TrainerArgs,
 }
@@ -37,11 +46,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let spec =
         JobSpec::from_json(&text).with_context(|| format!("spec {}", args.spec.display()))?;
+    let inputs = JobInputs {
+        source_checkpoint: match &args.source_checkpoint {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .with_context(|| format!("reading source checkpoint {}", path.display()))?,
+            ),
+            None => None,
+        },
+    };
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating output folder {}", args.out.display()))?;
     args.trainer.apply_threads();
     let config = args.trainer.trainer_config()?;
     let mut trainer = Trainer::new(config);
     let mut out = std::io::stdout().lock();
-    let (result, summary) = run_spec(&mut trainer, &spec, args.json, &mut out);
+    let (result, summary) = run_spec(&mut trainer, &spec, &inputs, &args.out, args.json, &mut out);
     writeln!(out, "{summary}")?;
     out.flush()?;
     match result {
@@ -57,37 +77,58 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Trains `spec`, writing each metric batch to `out` as it arrives; returns the result and the
-/// summary line.
+/// Trains `spec`, writing each metric batch to `out` as it arrives and each artifact into
+/// `artifacts_dir`; returns the result and the summary line.
 fn run_spec(
     trainer: &mut Trainer,
     spec: &JobSpec,
+    inputs: &JobInputs,
+    artifacts_dir: &Path,
     json: bool,
     out: &mut dyn Write,
 ) -> (Result<Outcome, TrainError>, String) {
     let started = Instant::now();
     let mut images_per_s = Vec::new();
     let mut last_accuracy = None;
-    let mut write_error = None;
+    let mut last_neg_elbo = None;
+    let mut artifacts: Vec<String> = Vec::new();
+    let mut write_error: Option<String> = None;
     let stop = AtomicBool::new(false);
     let result = trainer.run(
         spec,
-        &mut |batch: Vec<Metric>| {
-            for m in &batch {
-                match m.name.as_str() {
-                    names::TRAIN_IMAGES_PER_S => images_per_s.push(m.value),
-                    names::TEST_ACCURACY => last_accuracy = Some(m.value),
-                    _ => {}
+        inputs,
+        &mut |event: Event| match event {
+            Event::Metrics(batch) => {
+                for m in &batch {
+                    match m.name.as_str() {
+                        names::TRAIN_IMAGES_PER_S => images_per_s.push(m.value),
+                        names::TEST_ACCURACY => last_accuracy = Some(m.value),
+                        names::TEST_NEG_ELBO_NATS => last_neg_elbo = Some(m.value),
+                        _ => {}
+                    }
+                }
+                for line in format_batch(&batch, json) {
+                    if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
+                        write_error.get_or_insert(e.to_string());
+                    }
                 }
             }
-            for line in format_batch(&batch, json) {
-                if let Err(e) = writeln!(out, "{line}").and_then(|_| out.flush()) {
-                    write_error.get_or_insert(e);
+            Event::Artifact(file) => {
+                let path = artifacts_dir.join(&file.name);
+                match std::fs::write(&path, &file.bytes) {
+                    Ok(()) => artifacts.push(path.display().to_string()),
+                    Err(e) => {
+                        write_error.get_or_insert(format!("writing {}: {e}", path.display()));
+                    }
                 }
             }
         },
         &stop,
     );
+    let result = match (result, write_error) {
+        (Ok(_), Some(e)) => Err(TrainError::Retryable(format!("output: {e}"))),
+        (other, _) => other,
+    };
     let wall = started.elapsed().as_secs_f64();
     let mean = (!images_per_s.is_empty())
         .then(|| images_per_s.iter().sum::<f64>() / images_per_s.len() as f64);
@@ -103,6 +144,8 @@ fn run_spec(
             "wall_s": (wall * 1000.0).round() / 1000.0,
             "mean_images_per_s": mean.map(f64::round),
             "test_accuracy": last_accuracy,
+            "test_neg_elbo_nats": last_neg_elbo,
+            "artifacts": artifacts,
             "error": result.as_ref().err().map(|e| e.to_string()),
         })
         .to_string()
@@ -113,6 +156,12 @@ fn run_spec(
         }
         if let Some(a) = last_accuracy {
             s += &format!("  final test/accuracy {a:.4}");
+        }
+        if let Some(a) = last_neg_elbo {
+            s += &format!("  final test/neg_elbo_nats {a:.2}");
+        }
+        if let Some(last) = artifacts.last() {
+            s += &format!("  {} artifact(s), last {last}", artifacts.len());
         }
         if let Err(e) = &result {
             s += &format!("  error: {e}");
@@ -191,10 +240,22 @@ mod tests {
             device: tch::Device::Cpu,
             data_dir: test_data_dir(),
             mnist_mirrors: vec![],
+            cifar_mirrors: vec![],
         });
+        let dir = tempfile::tempdir().expect("tempdir");
         let mut out = Vec::new();
-        let (result, summary) = run_spec(&mut trainer, &spec, true, &mut out);
+        let (result, summary) = run_spec(
+            &mut trainer,
+            &spec,
+            &JobInputs::default(),
+            dir.path(),
+            true,
+            &mut out,
+        );
         assert_eq!(result.expect("trains"), Outcome::Succeeded);
+        let checkpoint = dir.path().join("epoch-001.safetensors");
+        let bytes = std::fs::read(&checkpoint).expect("the checkpoint is written to --out");
+        crate::checkpoint::read_safetensors(&bytes).expect("a safetensors file");
         let text = String::from_utf8(out).expect("utf8");
         assert!(text.lines().count() >= 5, "{text}");
         let s: serde_json::Value = serde_json::from_str(&summary).expect("json summary");
@@ -211,10 +272,13 @@ mod tests {
         let args = RunArgs {
             spec: path,
             json: false,
+            out: dir.path().join("out"),
+            source_checkpoint: None,
             trainer: TrainerArgs {
                 device: "cpu".into(),
                 data_dir: dir.path().to_path_buf(),
                 mnist_mirrors: vec![],
+                cifar_mirrors: vec![],
                 torch_threads: 1,
             },
         };

@@ -1,9 +1,15 @@
 //! The training engine: runs one validated job spec to the end on the calling OS thread.
 //!
-//! [`Trainer::run`] is one generic loop over a [`Task`] (one per experiment kind: today the seed's
-//! MNIST classifier; the CVAE slots in as another `Task`). A task owns the model's `VarStore`, its
-//! optimiser, fixed-shape batch buffers and device-side metric accumulators; its [`Task::step`]
-//! is the one function every caller (the trainer, the benchmark) runs per optimiser step.
+//! [`Trainer::run`] is one generic loop over a [`Task`], one per experiment kind: the seed's MNIST
+//! classifier ([`ClassifierTask`]) and its CIFAR-100 CVAE ([`crate::cvae::CvaeTask`], from random
+//! or transferred weights). A task owns the model's `VarStore`, its optimiser, fixed-shape batch
+//! buffers and device-side metric accumulators; its [`Task::step`] is the one function every
+//! caller (the trainer, the benchmark) runs per optimiser step.
+//!
+//! What a run produces leaves through one callback as [`Event`]s: metric batches, and artifacts
+//! (a safetensors checkpoint at the end of every epoch; a CVAE's sample and reconstruction grids
+//! at the end of the run). What a run needs from elsewhere (a transfer's source checkpoint) comes
+//! in through [`JobInputs`]: this module does no network I/O.
 //!
 //! Performance rules (GUIDE §8): data sets stay on the device ([`DataCache`]); each epoch's order
 //! is a device-side `randperm`; a step gathers its batch with `index_select` into fixed buffers and
@@ -19,7 +25,9 @@
 //! holds a process-wide lock while it seeds and draws: the model is built under `seed`, and each
 //! epoch's permutation is drawn under `mix(seed, epoch)`. The same seed thus gives the same
 //! initial weights and data order even with other jobs training in the same process, and a run
-//! resumed at an epoch boundary sees the same order as an uninterrupted one.
+//! resumed at an epoch boundary sees the same order as an uninterrupted one. (The CVAE's per-step
+//! noise draws from that generator without the lock, after the epoch's permutation: see
+//! [`crate::cvae`].)
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -27,20 +35,29 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use proto::spec::{Experiment, JobSpec, Optimizer, Training};
+use proto::spec::{Experiment, Init, JobSpec, Optimizer, Training};
 use tch::nn::{self, OptimizerConfig};
 use tch::{COptimizer, Device, Kind, Reduction, TchError, Tensor};
 
-use crate::data::{DataCache, DataError, MnistTensors};
+use crate::checkpoint;
+use crate::cvae::{CvaeConfig, CvaeData, CvaeTask};
+use crate::data::{CifarTensors, DataCache, DataError, MnistTensors};
 use crate::model::MnistClassifier;
+use crate::transfer::SourceLayers;
 
 /// Metric names of the shared contract (GUIDE §3).
 pub mod names {
     pub const TRAIN_LOSS: &str = "train/loss";
     pub const TRAIN_ACCURACY: &str = "train/accuracy";
     pub const TRAIN_IMAGES_PER_S: &str = "train/images_per_s";
+    pub const TRAIN_RECON: &str = "train/recon";
+    pub const TRAIN_KL: &str = "train/kl";
     pub const TEST_LOSS: &str = "test/loss";
     pub const TEST_ACCURACY: &str = "test/accuracy";
+    pub const TEST_NEG_ELBO_NATS: &str = "test/neg_elbo_nats";
+    pub const TEST_BITS_PER_DIM: &str = "test/bits_per_dim";
+    pub const TEST_RECON: &str = "test/recon";
+    pub const TEST_KL: &str = "test/kl";
 }
 
 /// Images per evaluation batch (the last one of a test set may be smaller).
@@ -55,6 +72,32 @@ pub struct Metric {
     /// 1-based epoch.
     pub epoch: u32,
     pub value: f64,
+}
+
+/// A file a run produced, to be stored with the job (checkpoints, image grids).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArtifactFile {
+    /// `checkpoint`, `samples` or `reconstructions`.
+    pub kind: String,
+    /// File name, for example `epoch-003.safetensors`.
+    pub name: String,
+    /// 1-based epoch it belongs to.
+    pub epoch: u32,
+    pub bytes: Vec<u8>,
+}
+
+/// What a run reports while it goes, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Metrics(Vec<Metric>),
+    Artifact(ArtifactFile),
+}
+
+/// What a job needs besides its spec, fetched by the caller before the run.
+#[derive(Debug, Clone, Default)]
+pub struct JobInputs {
+    /// A transfer's source: the MNIST classifier job's newest checkpoint (safetensors bytes).
+    pub source_checkpoint: Option<Vec<u8>>,
 }
 
 /// How a run that did not fail ended.
@@ -129,6 +172,8 @@ pub struct TrainerConfig {
     pub device: tch::Device,
     pub data_dir: PathBuf,
     pub mnist_mirrors: Vec<String>,
+    /// Base URLs tried in order when CIFAR-100 is missing from the data dir.
+    pub cifar_mirrors: Vec<String>,
 }
 
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`. `cuda` fails when libtorch sees no CUDA device.
@@ -171,13 +216,34 @@ pub fn build_optimizer(
     kind: Optimizer,
     lr: f64,
 ) -> Result<COptimizer, TchError> {
-    let mut opt = match kind {
-        Optimizer::Adam => nn::Adam::default().build_copt(lr)?,
-        Optimizer::AdamW => nn::AdamW::default().build_copt(lr)?,
-        Optimizer::Sgd => nn::Sgd::default().build_copt(lr)?,
-    };
+    let mut opt = new_optimizer(kind, lr)?;
     for t in vs.trainable_variables() {
         opt.add_parameters(&t, 0)?;
+    }
+    Ok(opt)
+}
+
+fn new_optimizer(kind: Optimizer, lr: f64) -> Result<COptimizer, TchError> {
+    match kind {
+        Optimizer::Adam => nn::Adam::default().build_copt(lr),
+        Optimizer::AdamW => nn::AdamW::default().build_copt(lr),
+        Optimizer::Sgd => nn::Sgd::default().build_copt(lr),
+    }
+}
+
+/// Like [`build_optimizer`] over named parameters, each put in the parameter group
+/// `group_of(name)` returns (all groups start at `lr`), or left out of the optimiser for `None`.
+pub fn build_optimizer_with(
+    params: &std::collections::BTreeMap<String, Tensor>,
+    kind: Optimizer,
+    lr: f64,
+    group_of: impl Fn(&str) -> Option<usize>,
+) -> Result<COptimizer, TchError> {
+    let mut opt = new_optimizer(kind, lr)?;
+    for (name, t) in params {
+        if let Some(group) = group_of(name) {
+            opt.add_parameters(t, group)?;
+        }
     }
     Ok(opt)
 }
@@ -198,6 +264,15 @@ pub trait Task {
     fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>, TchError>;
     /// The model's parameters (checkpoints save and load these).
     fn var_store(&self) -> &nn::VarStore;
+    /// Called before the first step of every epoch (1-based), for schedules such as freezing
+    /// layers during the first epochs.
+    fn begin_epoch(&mut self, _epoch: u32) -> Result<(), TchError> {
+        Ok(())
+    }
+    /// Files to store once the last epoch (`epoch`) has ended, besides its checkpoint.
+    fn final_artifacts(&mut self, _epoch: u32) -> Result<Vec<ArtifactFile>, TrainError> {
+        Ok(Vec::new())
+    }
 }
 
 /// The seed's MNIST classifier trained with cross-entropy.
@@ -391,7 +466,7 @@ pub fn train_loop(
     task: &mut dyn Task,
     training: &Training,
     device: Device,
-    report: &mut dyn FnMut(Vec<Metric>),
+    report: &mut dyn FnMut(Event),
     stop: &AtomicBool,
 ) -> Result<Outcome, TrainError> {
     let n = task.train_len();
@@ -406,6 +481,8 @@ pub fn train_loop(
             Tensor::f_randperm(n, (Kind::Int64, device))
         })
         .map_err(tch_err("shuffling"))?;
+        task.begin_epoch(epoch)
+            .map_err(tch_err("starting an epoch"))?;
         let started = Instant::now();
         for i in 0..steps_per_epoch {
             if stop.load(Ordering::Relaxed) {
@@ -443,9 +520,20 @@ pub fn train_loop(
                 )]);
             }
             if !points.is_empty() {
-                report(points);
+                report(Event::Metrics(points));
             }
         }
+        let bytes =
+            checkpoint::to_safetensors(task.var_store()).map_err(tch_err("saving a checkpoint"))?;
+        report(Event::Artifact(ArtifactFile {
+            kind: checkpoint::KIND.into(),
+            name: checkpoint::file_name(epoch),
+            epoch,
+            bytes,
+        }));
+    }
+    for file in task.final_artifacts(training.epochs)? {
+        report(Event::Artifact(file));
     }
     Ok(Outcome::Succeeded)
 }
@@ -475,21 +563,33 @@ impl Trainer {
 
     /// Trains `spec` to the end on the calling thread.
     ///
-    /// `report` receives metric points in batches: every `log_every_steps` global steps (and at
-    /// the last step of the run) `train/loss` and `train/accuracy`, the means over the steps
-    /// since the previous window; at each epoch's last step `test/loss`, `test/accuracy` and
-    /// `train/images_per_s` (in the same call as a window that ends there). `stop` is checked
-    /// before every step; when raised, the run returns `Ok(Outcome::Stopped)`.
+    /// `report` receives, in order:
+    /// - [`Event::Metrics`] batches: every `log_every_steps` global steps (and at the last step
+    ///   of the run) the window means since the previous window: `train/loss` and
+    ///   `train/accuracy` (classifier), `train/loss`, `train/recon`, `train/kl` (CVAE, per
+    ///   image); at each epoch's last step, in the same batch, the test metrics (`test/loss`,
+    ///   `test/accuracy`; CVAE: `test/loss`, `test/neg_elbo_nats`, `test/bits_per_dim`,
+    ///   `test/recon`, `test/kl`) and `train/images_per_s`.
+    /// - [`Event::Artifact`]: after each epoch's metrics, its checkpoint (`checkpoint`,
+    ///   `epoch-NNN.safetensors`); after the last one, a CVAE's `samples.png` and
+    ///   `reconstructions.png`.
+    ///
+    /// `stop` is checked before every step; when raised, the run returns `Ok(Outcome::Stopped)`.
+    /// A transfer job needs `inputs.source_checkpoint` (its absence, or a checkpoint of the wrong
+    /// shape, is a permanent error).
     ///
     /// Steps per epoch: `train_examples / batch_size`, the last partial batch dropped; a
     /// training set smaller than one batch is one batch of all of it.
     pub fn run(
         &mut self,
         spec: &JobSpec,
-        report: &mut dyn FnMut(Vec<Metric>),
+        inputs: &JobInputs,
+        report: &mut dyn FnMut(Event),
         stop: &AtomicBool,
     ) -> Result<Outcome, TrainError> {
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.run_inner(spec, report, stop))) {
+        match std::panic::catch_unwind(AssertUnwindSafe(|| {
+            self.run_inner(spec, inputs, report, stop)
+        })) {
             Ok(result) => result,
             Err(panic) => {
                 let msg = panic
@@ -509,7 +609,8 @@ impl Trainer {
     fn run_inner(
         &mut self,
         spec: &JobSpec,
-        report: &mut dyn FnMut(Vec<Metric>),
+        inputs: &JobInputs,
+        report: &mut dyn FnMut(Event),
         stop: &AtomicBool,
     ) -> Result<Outcome, TrainError> {
         let t = &spec.training;
@@ -528,16 +629,53 @@ impl Trainer {
                 .map_err(|e| TrainError::from_tch("building the model", &e))?;
                 Box::new(task)
             }
-            // The CVAE slots in here as another `Task` (CIFAR-100 in `data`, the model in `model`).
-            Experiment::CifarCvae(_) => {
-                return Err(TrainError::Permanent(format!(
-                    "experiment {} is not implemented by this worker yet",
-                    spec.experiment.kind()
-                )))
+            Experiment::CifarCvae(ref c) => {
+                // Check the source before loading (maybe downloading) any data.
+                let source = match &c.init {
+                    Init::Random => None,
+                    Init::Transfer(tr) => {
+                        let bytes = inputs.source_checkpoint.as_deref().ok_or_else(|| {
+                            TrainError::Permanent(format!(
+                                "transfer from job {} needs that job's checkpoint and none was given (standalone: pass --source-checkpoint FILE)",
+                                tr.source_job_id
+                            ))
+                        })?;
+                        Some(SourceLayers::from_checkpoint(bytes)?)
+                    }
+                };
+                let data = self.data.cifar100(
+                    device,
+                    &self.config.data_dir,
+                    &self.config.cifar_mirrors,
+                )?;
+                let data = limit_cifar(data, t.max_train_examples, t.max_test_examples)
+                    .map_err(|e| TrainError::from_tch("limiting the data set", &e))?;
+                let config = CvaeConfig::new(c, t);
+                Box::new(CvaeTask::new(data, &config, &c.init, source.as_ref())?)
             }
         };
         train_loop(task.as_mut(), t, device, report, stop)
     }
+}
+
+/// The first `n` (all for `None`) rows of `t` (a view, no copy).
+fn first(t: &Tensor, max: Option<u32>) -> Result<Tensor, TchError> {
+    let n = t.size()[0];
+    t.f_narrow(0, 0, max.map_or(n, |m| i64::from(m).min(n)))
+}
+
+/// The first `max_train` / `max_test` examples of CIFAR-100 with fine labels (views, no copy).
+fn limit_cifar(
+    data: &CifarTensors,
+    max_train: Option<u32>,
+    max_test: Option<u32>,
+) -> Result<CvaeData, TchError> {
+    Ok(CvaeData {
+        train_images: first(&data.train_images, max_train)?,
+        train_labels: first(&data.train_labels, max_train)?,
+        test_images: first(&data.test_images, max_test)?,
+        test_labels: first(&data.test_labels, max_test)?,
+    })
 }
 
 /// The first `max_train` / `max_test` examples of `data` (views, no copy); `None`: all.
@@ -546,16 +684,11 @@ fn limit(
     max_train: Option<u32>,
     max_test: Option<u32>,
 ) -> Result<MnistTensors, TchError> {
-    let cut = |t: &Tensor, max: Option<u32>| -> Result<Tensor, TchError> {
-        let n = t.size()[0];
-        let keep = max.map_or(n, |m| i64::from(m).min(n));
-        t.f_narrow(0, 0, keep)
-    };
     Ok(MnistTensors {
-        train_images: cut(&data.train_images, max_train)?,
-        train_labels: cut(&data.train_labels, max_train)?,
-        test_images: cut(&data.test_images, max_test)?,
-        test_labels: cut(&data.test_labels, max_test)?,
+        train_images: first(&data.train_images, max_train)?,
+        train_labels: first(&data.train_labels, max_train)?,
+        test_images: first(&data.test_images, max_test)?,
+        test_labels: first(&data.test_labels, max_test)?,
     })
 }
 
@@ -563,6 +696,7 @@ fn limit(
 mod tests {
     use super::*;
     use crate::data::test_data_dir;
+    use crate::model::MnistClassifier;
 
     fn spec(json_training: &str) -> JobSpec {
         JobSpec::from_json(&format!(
@@ -577,7 +711,17 @@ mod tests {
             device: Device::Cpu,
             data_dir: test_data_dir(),
             mnist_mirrors: vec![],
+            cifar_mirrors: vec![],
         })
+    }
+
+    /// Metric batches only, for callers that look at metrics.
+    fn metrics(f: &mut impl FnMut(Vec<Metric>)) -> impl FnMut(Event) + '_ {
+        move |e| {
+            if let Event::Metrics(b) = e {
+                f(b)
+            }
+        }
     }
 
     fn values<'a>(points: &'a [Metric], name: &'a str) -> impl Iterator<Item = &'a Metric> + 'a {
@@ -591,11 +735,62 @@ mod tests {
                 "maxTrainExamples":5000,"maxTestExamples":1000,"logEverySteps":20}"#,
         );
         let mut t = trainer();
-        let mut batches: Vec<Vec<Metric>> = Vec::new();
+        let mut events: Vec<Event> = Vec::new();
         let outcome = t
-            .run(&spec, &mut |b| batches.push(b), &AtomicBool::new(false))
+            .run(
+                &spec,
+                &JobInputs::default(),
+                &mut |e| events.push(e),
+                &AtomicBool::new(false),
+            )
             .expect("trains");
         assert_eq!(outcome, Outcome::Succeeded);
+        // Each epoch's checkpoint follows that epoch's metrics.
+        let order: Vec<String> = events
+            .iter()
+            .map(|e| match e {
+                Event::Metrics(b) if b.iter().any(|m| m.name == names::TEST_LOSS) => {
+                    format!("eval {}", b[0].epoch)
+                }
+                Event::Metrics(_) => "window".into(),
+                Event::Artifact(a) => format!("{} {} {}", a.kind, a.name, a.epoch),
+            })
+            .filter(|s| s != "window")
+            .collect();
+        assert_eq!(
+            order,
+            vec![
+                "eval 1",
+                "checkpoint epoch-001.safetensors 1",
+                "eval 2",
+                "checkpoint epoch-002.safetensors 2"
+            ]
+        );
+        let Some(Event::Artifact(last)) = events.last() else {
+            panic!("the run ends with its checkpoint")
+        };
+        let saved = checkpoint::read_safetensors(&last.bytes).expect("a safetensors checkpoint");
+        let names: Vec<&str> = saved.keys().map(String::as_str).collect();
+        assert_eq!(
+            names,
+            vec![
+                "conv1.bias",
+                "conv1.weight",
+                "conv2.bias",
+                "conv2.weight",
+                "fc1.bias",
+                "fc1.weight",
+                "fc2.bias",
+                "fc2.weight"
+            ]
+        );
+        let batches: Vec<Vec<Metric>> = events
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Metrics(b) => Some(b),
+                Event::Artifact(_) => None,
+            })
+            .collect();
         let points: Vec<Metric> = batches.iter().flatten().cloned().collect();
         let per_epoch = 5000 / 64;
         let n = 2 * per_epoch as u64;
@@ -674,8 +869,11 @@ mod tests {
         let outcome = t
             .run(
                 &spec,
-                &mut |b| {
-                    reported.extend(b);
+                &JobInputs::default(),
+                &mut |e| {
+                    if let Event::Metrics(b) = e {
+                        reported.extend(b);
+                    }
                     stop.store(true, Ordering::Relaxed);
                 },
                 &stop,
@@ -703,7 +901,8 @@ mod tests {
             let mut loss = None;
             t.run(
                 &spec,
-                &mut |b| {
+                &JobInputs::default(),
+                &mut metrics(&mut |b: Vec<Metric>| {
                     if loss.is_none() {
                         loss = b
                             .iter()
@@ -711,7 +910,7 @@ mod tests {
                             .map(|m| m.value);
                     }
                     stop.store(true, Ordering::Relaxed);
-                },
+                }),
                 &stop,
             )
             .expect("runs");
@@ -733,8 +932,13 @@ mod tests {
         );
         let mut t = trainer();
         let mut points = Vec::new();
-        t.run(&spec, &mut |b| points.extend(b), &AtomicBool::new(false))
-            .expect("runs");
+        t.run(
+            &spec,
+            &JobInputs::default(),
+            &mut metrics(&mut |b| points.extend(b)),
+            &AtomicBool::new(false),
+        )
+        .expect("runs");
         let steps: Vec<(u64, u32)> = values(&points, names::TEST_ACCURACY)
             .map(|m| (m.step, m.epoch))
             .collect();
@@ -751,7 +955,12 @@ mod tests {
         );
         let mut points = Vec::new();
         trainer()
-            .run(&spec, &mut |b| points.extend(b), &AtomicBool::new(false))
+            .run(
+                &spec,
+                &JobInputs::default(),
+                &mut metrics(&mut |b| points.extend(b)),
+                &AtomicBool::new(false),
+            )
             .expect("runs");
         assert_eq!(values(&points, names::TRAIN_LOSS).count(), 2);
     }
@@ -763,10 +972,16 @@ mod tests {
             device: Device::Cpu,
             data_dir: dir.path().to_path_buf(),
             mnist_mirrors: vec![],
+            cifar_mirrors: vec![],
         });
         let spec = spec(r#"{"epochs":1,"batchSize":8,"learningRate":0.001}"#);
         let err = t
-            .run(&spec, &mut |_| {}, &AtomicBool::new(false))
+            .run(
+                &spec,
+                &JobInputs::default(),
+                &mut |_| {},
+                &AtomicBool::new(false),
+            )
             .expect_err("no data");
         assert!(!err.is_permanent(), "{err}");
         let msg = err.to_string();
@@ -778,6 +993,178 @@ mod tests {
             msg.contains(&dir.path().join("mnist").display().to_string()),
             "{msg}"
         );
+    }
+
+    fn cvae_trainer(data_dir: &std::path::Path) -> Trainer {
+        tch::set_num_threads(1);
+        Trainer::new(TrainerConfig {
+            device: Device::Cpu,
+            data_dir: data_dir.to_path_buf(),
+            mnist_mirrors: vec![],
+            cifar_mirrors: vec![],
+        })
+    }
+
+    fn cvae_spec(training: &str, cvae: &str) -> JobSpec {
+        JobSpec::from_json(&format!(
+            r#"{{"name":"cvae","training":{training},"cifarCvae":{cvae}}}"#
+        ))
+        .expect("valid cvae spec")
+    }
+
+    fn collect(
+        t: &mut Trainer,
+        spec: &JobSpec,
+        inputs: &JobInputs,
+    ) -> (Result<Outcome, TrainError>, Vec<Metric>, Vec<ArtifactFile>) {
+        let (mut points, mut files) = (Vec::new(), Vec::new());
+        let result = t.run(
+            spec,
+            inputs,
+            &mut |e| match e {
+                Event::Metrics(b) => points.extend(b),
+                Event::Artifact(a) => files.push(a),
+            },
+            &AtomicBool::new(false),
+        );
+        (result, points, files)
+    }
+
+    /// The issue's acceptance criterion on generated CIFAR-100 (data::synth): Adam at 1e-3, batch
+    /// 64, seed 1, 2,000 training and 500 test images, ten epochs; the test negative ELBO after
+    /// the last epoch is at most 0.9 times the one after the first. (Measured alone: 2070 -> 1590
+    /// nats for seed 1, ratios 0.69-0.77 over seeds 1-3; the first five epochs improve slowly, so
+    /// with fewer epochs the margin gets thin: 0.82-0.84 after eight.)
+    #[test]
+    fn the_cvae_on_generated_cifar_cuts_its_test_neg_elbo_by_a_tenth() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::data::synth::write_cifar100(dir.path(), 2000, 500, 7).expect("generated data");
+        let mut t = cvae_trainer(dir.path());
+        let spec = cvae_spec(
+            r#"{"epochs":10,"batchSize":64,"learningRate":0.001,"optimizer":"OPTIMIZER_ADAM","seed":"1",
+                "logEverySteps":10}"#,
+            "{}",
+        );
+        let started = Instant::now();
+        let (result, points, files) = collect(&mut t, &spec, &JobInputs::default());
+        assert_eq!(result.expect("trains"), Outcome::Succeeded);
+        let per_epoch = 2000 / 64;
+        let epochs = 10u32;
+        let n = u64::from(epochs) * per_epoch as u64;
+        let nelbo: Vec<(u64, u32, f64)> = values(&points, names::TEST_NEG_ELBO_NATS)
+            .map(|m| (m.step, m.epoch, m.value))
+            .collect();
+        eprintln!(
+            "cvae on generated cifar: test/neg_elbo_nats per epoch {:?} in {:.1} s",
+            nelbo.iter().map(|v| v.2).collect::<Vec<_>>(),
+            started.elapsed().as_secs_f64()
+        );
+        let steps: Vec<(u64, u32)> = nelbo.iter().map(|v| (v.0, v.1)).collect();
+        let want: Vec<(u64, u32)> = (1..=epochs)
+            .map(|e| (u64::from(e) * per_epoch as u64, e))
+            .collect();
+        assert_eq!(steps, want, "epoch metrics at each epoch's last step");
+        let (first, last) = (nelbo[0].2, nelbo[nelbo.len() - 1].2);
+        assert!(last <= 0.9 * first, "test/neg_elbo_nats {first} -> {last}");
+        for name in [
+            names::TEST_LOSS,
+            names::TEST_BITS_PER_DIM,
+            names::TEST_RECON,
+            names::TEST_KL,
+            names::TRAIN_IMAGES_PER_S,
+        ] {
+            let at: Vec<(u64, u32)> = values(&points, name).map(|m| (m.step, m.epoch)).collect();
+            assert_eq!(at, want, "{name}");
+        }
+        let mut window_steps: Vec<u64> = (1..=n / 10).map(|k| k * 10).collect();
+        if !n.is_multiple_of(10) {
+            window_steps.push(n);
+        }
+        for name in [names::TRAIN_LOSS, names::TRAIN_RECON, names::TRAIN_KL] {
+            let at: Vec<u64> = values(&points, name).map(|m| m.step).collect();
+            assert_eq!(at, window_steps, "{name}");
+        }
+        let got: Vec<(&str, &str, u32)> = files
+            .iter()
+            .map(|f| (f.kind.as_str(), f.name.as_str(), f.epoch))
+            .collect();
+        let mut want_files: Vec<(String, String, u32)> = (1..=epochs)
+            .map(|e| ("checkpoint".into(), format!("epoch-{e:03}.safetensors"), e))
+            .collect();
+        want_files.push(("samples".into(), "samples.png".into(), epochs));
+        want_files.push((
+            "reconstructions".into(),
+            "reconstructions.png".into(),
+            epochs,
+        ));
+        let got: Vec<(String, String, u32)> = got
+            .into_iter()
+            .map(|(k, n, e)| (k.to_string(), n.to_string(), e))
+            .collect();
+        assert_eq!(got, want_files);
+        assert!(t.data().has_cifar100(Device::Cpu), "cifar stays cached");
+    }
+
+    #[test]
+    fn a_transfer_cvae_trains_from_a_classifier_checkpoint_and_needs_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::data::synth::write_cifar100(dir.path(), 64, 16, 3).expect("generated data");
+        let mut t = cvae_trainer(dir.path());
+        let source_vs = nn::VarStore::new(Device::Cpu);
+        seeded(21, || {
+            let _ = MnistClassifier::new(&source_vs.root());
+        });
+        let source = checkpoint::to_safetensors(&source_vs).expect("source checkpoint");
+        let training = r#"{"epochs":2,"batchSize":16,"learningRate":0.001,"logEverySteps":2}"#;
+        let spec = cvae_spec(
+            training,
+            r#"{"latentDim":8,"beta":0.5,"init":{"transfer":{"sourceJobId":"0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b",
+                "conv1":"CONV1_ADAPTATION_REPLICATE_THIRD","copyConv2":true,"freeze":{"wholeRun":true}}}}"#,
+        );
+        let inputs = JobInputs {
+            source_checkpoint: Some(source),
+        };
+        let (result, points, files) = collect(&mut t, &spec, &inputs);
+        assert_eq!(result.expect("trains"), Outcome::Succeeded);
+        assert_eq!(values(&points, names::TEST_NEG_ELBO_NATS).count(), 2);
+        let last = files
+            .iter()
+            .rfind(|f| f.kind == checkpoint::KIND)
+            .expect("a checkpoint");
+        let saved = checkpoint::read_safetensors(&last.bytes).expect("reads");
+        let src = source_vs.variables();
+        assert!(
+            saved["conv2.weight"].equal(&src["conv2.weight"]),
+            "frozen conv2 is the source's"
+        );
+        assert!(saved["conv1.weight"]
+            .narrow(1, 2, 1)
+            .equal(&(&src["conv1.weight"] / 3.0)));
+        assert_eq!(saved["fc_mu.weight"].size(), [8, 2048]);
+
+        let (result, _, _) = collect(&mut t, &spec, &JobInputs::default());
+        let err = result.expect_err("no source checkpoint");
+        assert!(
+            err.is_permanent() && err.to_string().contains("needs that job's checkpoint"),
+            "{err}"
+        );
+
+        let cvae_vs = nn::VarStore::new(Device::Cpu);
+        let _ = crate::model::Cvae::new(&cvae_vs.root(), 20);
+        let wrong = JobInputs {
+            source_checkpoint: Some(checkpoint::to_safetensors(&cvae_vs).expect("bytes")),
+        };
+        let (result, _, _) = collect(&mut t, &spec, &wrong);
+        let err = result.expect_err("a cvae is not a classifier");
+        assert!(
+            err.is_permanent() && err.to_string().contains("[32, 3, 3, 3]"),
+            "{err}"
+        );
+
+        let random = cvae_spec(training, r#"{"latentDim":8}"#);
+        let (result, points, _) = collect(&mut t, &random, &JobInputs::default());
+        assert_eq!(result.expect("random init trains"), Outcome::Succeeded);
+        assert_eq!(values(&points, names::TEST_BITS_PER_DIM).count(), 2);
     }
 
     #[test]

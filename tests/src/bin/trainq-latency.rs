@@ -13,14 +13,19 @@ use tokio_stream::StreamExt;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let jobs: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(5);
+    let jobs: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(5);
     let env = TestEnv::new();
     let coordinator = env.start_coordinator(&[]).await;
     let _worker = env.start_worker(&coordinator, "latency-worker", &["--heartbeat-ms", "500"]);
     let mut client = coordinator.client().await;
 
     let spec_json = |name: &str| {
-        let mut v: serde_json::Value = serde_json::from_str(&mnist_spec_json(name, 1, 256, 256)).expect("json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&mnist_spec_json(name, 1, 256, 256)).expect("json");
         v["training"]["logEverySteps"] = 1.into();
         v.to_string()
     };
@@ -29,10 +34,19 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..=jobs {
         let spec: v1::JobSpec = serde_json::from_str(&spec_json(&format!("latency-{i}")))?;
         let t0 = Instant::now();
-        let id = client.submit_job(v1::SubmitJobRequest { spec: Some(spec) }).await?.into_inner().job_id;
-        let mut stream = client.watch_job(v1::WatchJobRequest { job_id: id.clone() }).await?.into_inner();
+        let id = client
+            .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+            .await?
+            .into_inner()
+            .job_id;
+        let mut stream = client
+            .watch_job(v1::WatchJobRequest { job_id: id.clone() })
+            .await?
+            .into_inner();
         let (mut running, mut first_point) = (None, None);
-        while let Some(event) = tokio::time::timeout(Duration::from_secs(300), stream.next()).await? {
+        while let Some(event) =
+            tokio::time::timeout(Duration::from_secs(300), stream.next()).await?
+        {
             match event?.event {
                 Some(v1::job_event::Event::Job(job)) if job.state() == JobState::Running => {
                     running.get_or_insert(t0.elapsed());
@@ -44,9 +58,20 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         let job = wait_terminal(&mut client, &id, Duration::from_secs(300)).await?;
-        anyhow::ensure!(job.state() == JobState::Succeeded, "job failed: {}", job.error);
-        let ms = |d: Option<Duration>| d.map(|d| format!("{:.0}", d.as_secs_f64() * 1e3)).unwrap_or("-".into());
-        let label = if i == 0 { "warm-up (loads MNIST)".to_string() } else { i.to_string() };
+        anyhow::ensure!(
+            job.state() == JobState::Succeeded,
+            "job failed: {}",
+            job.error
+        );
+        let ms = |d: Option<Duration>| {
+            d.map(|d| format!("{:.0}", d.as_secs_f64() * 1e3))
+                .unwrap_or("-".into())
+        };
+        let label = if i == 0 {
+            "warm-up (loads MNIST)".to_string()
+        } else {
+            i.to_string()
+        };
         println!("| {label} | {} | {} |", ms(running), ms(first_point));
     }
     Ok(())

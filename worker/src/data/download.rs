@@ -90,9 +90,26 @@ pub fn fetch_missing(
 }
 
 /// A temporary file that is removed when dropped unless it was renamed into place.
-struct TempFile {
-    path: PathBuf,
-    keep: bool,
+pub(crate) struct TempFile {
+    pub(crate) path: PathBuf,
+    pub(crate) keep: bool,
+}
+
+impl TempFile {
+    /// A fresh hidden name for `name` in `dir` (`.<name>.<pid>.<nanos>.part`), unique per process
+    /// and call, so concurrent writers never share one. Nothing is created yet.
+    pub(crate) fn new_in(dir: &Path, name: &str) -> Self {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        TempFile {
+            path: dir.join(format!(".{name}.{}.{nanos}.{n}.part", std::process::id())),
+            keep: false,
+        }
+    }
 }
 
 impl Drop for TempFile {
@@ -110,18 +127,7 @@ fn fetch_one(
     file: &FileSpec<'_>,
 ) -> Result<(), DataError> {
     let dest = dir.join(file.name);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    let mut tmp = TempFile {
-        path: dir.join(format!(
-            ".{}.{}.{nanos}.part",
-            file.name,
-            std::process::id()
-        )),
-        keep: false,
-    };
+    let mut tmp = TempFile::new_in(dir, file.name);
     let net = |e: ureq::Error| DataError::Io {
         path: PathBuf::from(url),
         source: e.into_io(),
@@ -159,20 +165,18 @@ fn fetch_one(
     Ok(())
 }
 
+/// A tiny loopback HTTP server for download tests (MNIST's here, CIFAR-100's in `cifar`).
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::data::mnist::{self, read_decompressed, FILES, TEST_LABELS};
-    use crate::data::test_data_dir;
+pub(crate) mod test_server {
     use std::collections::HashMap;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
 
-    /// A tiny HTTP/1.1 file server on 127.0.0.1:0 serving `files` by path; 404 otherwise.
-    /// Runs until the test process ends. Returns its base URL.
-    fn serve(files: HashMap<String, Vec<u8>>) -> String {
+    /// A tiny HTTP/1.1 file server on 127.0.0.1:0 serving `files` under the URL path `prefix`
+    /// (e.g. `/mnist/`); 404 otherwise. Runs until the test process ends. Returns its base URL.
+    pub(crate) fn serve(prefix: &'static str, files: HashMap<String, Vec<u8>>) -> String {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let base = format!("http://{}/mnist/", listener.local_addr().expect("addr"));
+        let base = format!("http://{}{prefix}", listener.local_addr().expect("addr"));
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
@@ -194,7 +198,7 @@ mod tests {
                     .nth(1)
                     .unwrap_or("")
                     .to_string();
-                let name = path.trim_start_matches("/mnist/");
+                let name = path.strip_prefix(prefix).unwrap_or("");
                 let (status, body) = match files.get(name) {
                     Some(b) => ("200 OK", b.clone()),
                     None => ("404 Not Found", b"not found".to_vec()),
@@ -209,6 +213,19 @@ mod tests {
             }
         });
         base
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::mnist::{self, read_decompressed, FILES, TEST_LABELS};
+    use crate::data::test_data_dir;
+    use std::collections::HashMap;
+    use std::net::TcpListener;
+
+    fn serve(files: HashMap<String, Vec<u8>>) -> String {
+        test_server::serve("/mnist/", files)
     }
 
     /// A temp data dir holding every MNIST file but t10k-labels.

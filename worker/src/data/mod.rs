@@ -4,6 +4,11 @@
 //! - [`mnist`]: the MNIST IDX files (raw or gzip), checked against the decompressed sha256 of
 //!   `../shared/data/README.md`, turned into `f32 [N,1,28,28]` images in `[0,1]` and `i64 [N]`
 //!   labels.
+//! - [`cifar`]: CIFAR-100's official binary version (`cifar-100-binary/{train,test}.bin`), turned
+//!   into `f32 [N,3,32,32]` images in `[0,1]`, fine and coarse labels `i64 [N]`; a missing set is
+//!   unpacked from the official `cifar-100-binary.tar.gz` (MD5-checked before unpacking).
+//! - [`synth`]: writes CIFAR-100-format files with learnable class structure (`trainq-worker
+//!   gen-cifar`), for tests and machines without the real set.
 //! - [`download`]: fetches missing files from a list of mirrors (blocking, ureq), verifies them in
 //!   a temporary file and renames them into place only once they pass.
 //! - [`DataCache`]: each data set is loaded once per device and shared, as device tensors, by every
@@ -13,12 +18,15 @@
 //! bad input (a truncated or corrupt file is a [`DataError`] that names the file), and must never
 //! leave an unverified file where a loader would pick it up.
 
+pub mod cifar;
 pub mod download;
 pub mod mnist;
+pub mod synth;
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::path::{Path, PathBuf};
 
+pub use cifar::{CifarTensors, CIFAR100_MIRRORS};
 pub use mnist::MnistTensors;
 
 /// Why a data set could not be made ready. Every variant names the file or folder involved.
@@ -80,6 +88,7 @@ impl DataError {
 #[derive(Default)]
 pub struct DataCache {
     mnist: HashMap<tch::Device, MnistTensors>,
+    cifar100: HashMap<tch::Device, CifarTensors>,
 }
 
 impl DataCache {
@@ -109,6 +118,32 @@ impl DataCache {
     /// Whether MNIST is already loaded on `device`.
     pub fn has_mnist(&self, device: tch::Device) -> bool {
         self.mnist.contains_key(&device)
+    }
+
+    /// CIFAR-100 on `device`, loaded from `<data_dir>/cifar-100-binary/{train,test}.bin` the first
+    /// time it is asked for. When either file is missing, the official `cifar-100-binary.tar.gz`
+    /// (found in `data_dir`, or downloaded from `mirrors`, e.g. [`CIFAR100_MIRRORS`]) is checked
+    /// and unpacked first. Files already in place are parsed, not checksum-checked, so generated
+    /// sets ([`synth`]) load too.
+    pub fn cifar100(
+        &mut self,
+        device: tch::Device,
+        data_dir: &Path,
+        mirrors: &[String],
+    ) -> Result<&CifarTensors, DataError> {
+        match self.cifar100.entry(device) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(slot) => {
+                cifar::ensure(data_dir, mirrors)?;
+                let host = cifar::CifarHost::load_dir(&data_dir.join(cifar::DIR_NAME))?;
+                Ok(slot.insert(host.to_device(device)?))
+            }
+        }
+    }
+
+    /// Whether CIFAR-100 is already loaded on `device`.
+    pub fn has_cifar100(&self, device: tch::Device) -> bool {
+        self.cifar100.contains_key(&device)
     }
 }
 
