@@ -7,7 +7,6 @@
 //! and no tensor leaves this thread (invariant 7). A panic inside training becomes a permanent
 //! job failure, never a dead worker.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -68,19 +67,6 @@ fn run_one(
     let mut report = |event: Event| {
         let _ = events.send(event);
     };
-    match catch_unwind(AssertUnwindSafe(|| {
-        trainer.run(spec, inputs, &mut report, stop)
-    })) {
-        Ok(result) => result,
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| panic.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
-            Err(TrainError::Permanent(format!(
-                "internal error in training: {msg}"
-            )))
-        }
-    }
+    // Trainer::run turns a panic inside libtorch into a TrainError itself.
+    trainer.run(spec, inputs, &mut report, stop)
 }
