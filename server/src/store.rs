@@ -377,6 +377,22 @@ pub async fn heartbeat(
     Ok(expires)
 }
 
+/// Locks the job row (FOR NO KEY UPDATE) if and only if `lease` is its current lease: running,
+/// same attempt, same worker. Writes made under the lock cannot race a completion, a
+/// cancellation or the reaper.
+async fn lock_if_current(conn: &mut PgConnection, lease: &Lease) -> Result<bool> {
+    let current: Option<i32> = sqlx::query_scalar(
+        "SELECT attempt FROM jobs WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'
+         FOR NO KEY UPDATE",
+    )
+    .bind(lease.job_id)
+    .bind(lease.attempt)
+    .bind(&lease.worker_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(current.is_some())
+}
+
 /// Stores a batch of metric points for the lease's attempt and returns how many were new.
 ///
 /// One transaction: it locks the job row if (and only if) the lease is current, so the job
@@ -386,16 +402,7 @@ pub async fn heartbeat(
 /// summary moves only forward in step.
 pub async fn record_metrics(pool: &PgPool, lease: &Lease, points: &[MetricPoint]) -> Result<u64> {
     let mut tx = pool.begin().await?;
-    let current: Option<i32> = sqlx::query_scalar(
-        "SELECT attempt FROM jobs WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'
-         FOR NO KEY UPDATE",
-    )
-    .bind(lease.job_id)
-    .bind(lease.attempt)
-    .bind(&lease.worker_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if current.is_none() {
+    if !lock_if_current(&mut tx, lease).await? {
         drop(tx);
         return Err(refuse_lease(pool, lease).await);
     }
@@ -844,16 +851,7 @@ pub async fn record_artifact(
 ) -> Result<ArtifactRow> {
     let lease = &header.lease;
     let mut tx = pool.begin().await?;
-    let current: Option<i32> = sqlx::query_scalar(
-        "SELECT attempt FROM jobs WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'
-         FOR NO KEY UPDATE",
-    )
-    .bind(lease.job_id)
-    .bind(lease.attempt)
-    .bind(&lease.worker_id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if current.is_none() {
+    if !lock_if_current(&mut tx, lease).await? {
         drop(tx);
         return Err(refuse_lease(pool, lease).await);
     }
