@@ -203,7 +203,13 @@ impl TestEnv {
             .expect("connecting to the test database")
     }
 
-    /// Starts the coordinator on a free port with this env's database and prefix.
+    /// The coordinator's artifact store: a folder inside this env's temp dir.
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.dir.path().join("artifacts")
+    }
+
+    /// Starts the coordinator on a free port with this env's database, Redis prefix and
+    /// artifact folder (so no test writes into the checkout).
     pub async fn start_coordinator(&self, extra: &[&str]) -> Coordinator {
         let port = free_port();
         let mut cmd = Command::new(binary("trainq-server"));
@@ -211,6 +217,8 @@ impl TestEnv {
             .args(["--database-url", &self.database_url()])
             .args(["--redis-url", &redis_url()])
             .args(["--redis-prefix", &self.redis_prefix])
+            .arg("--artifacts")
+            .arg(format!("file://{}", self.artifacts_dir().display()))
             .args(extra)
             .env("RUST_LOG", "info");
         let proc =

@@ -146,10 +146,7 @@ async fn a_transfer_cvae_waits_for_its_classifier_and_both_cvaes_train_with_chec
     let _guard = training_lock();
     let env = TestEnv::new();
     let data = data_dir(&env);
-    let artifacts = env.dir.path().join("artifacts");
-    let coordinator = env
-        .start_coordinator(&["--artifacts", &format!("file://{}", artifacts.display())])
-        .await;
+    let coordinator = env.start_coordinator(&[]).await;
     let mut client = coordinator.client().await;
 
     let classifier: v1::JobSpec =

@@ -378,6 +378,8 @@ fn the_worker_runs_a_spec_file_standalone_and_rejects_a_bad_one_naming_the_field
             "--data-dir",
         ])
         .arg(shared_data_dir())
+        .arg("--out")
+        .arg(dir.path().join("out"))
         .output()
         .expect("run standalone");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -389,6 +391,10 @@ fn the_worker_runs_a_spec_file_standalone_and_rejects_a_bad_one_naming_the_field
     assert!(
         stdout.contains("test/accuracy"),
         "no test metrics printed:\n{stdout}"
+    );
+    assert!(
+        dir.path().join("out/epoch-001.safetensors").exists(),
+        "the standalone run wrote no checkpoint into --out"
     );
 
     let bad = dir.path().join("bad.json");
