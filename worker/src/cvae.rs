@@ -37,12 +37,7 @@ pub const SAMPLES_PER_CLASS: i64 = 8;
 
 /// CIFAR-100 as the task uses it: `f32 [N,3,32,32]` images in `[0,1]` and `i64 [N]` fine labels
 /// (0..100), on the training device.
-pub struct CvaeData {
-    pub train_images: Tensor,
-    pub train_labels: Tensor,
-    pub test_images: Tensor,
-    pub test_labels: Tensor,
-}
+pub type CvaeData = crate::data::ImageSplits;
 
 /// What the CVAE task needs from a job spec.
 #[derive(Debug, Clone)]

@@ -40,8 +40,8 @@ use tch::nn::{self, OptimizerConfig};
 use tch::{COptimizer, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::checkpoint;
-use crate::cvae::{CvaeConfig, CvaeData, CvaeTask};
-use crate::data::{CifarTensors, DataCache, DataError, MnistTensors};
+use crate::cvae::{CvaeConfig, CvaeTask};
+use crate::data::{DataCache, DataError, MnistTensors};
 use crate::model::MnistClassifier;
 use crate::transfer::SourceLayers;
 
@@ -620,7 +620,8 @@ impl Trainer {
                 let data =
                     self.data
                         .mnist(device, &self.config.data_dir, &self.config.mnist_mirrors)?;
-                let data = limit(data, t.max_train_examples, t.max_test_examples)
+                let data = data
+                    .limited(t.max_train_examples, t.max_test_examples)
                     .map_err(|e| TrainError::from_tch("limiting the data set", &e))?;
                 let (batch, lr) = (i64::from(t.batch_size), t.learning_rate);
                 let task = seeded(t.seed as i64, || {
@@ -648,7 +649,9 @@ impl Trainer {
                     &self.config.data_dir,
                     &self.config.cifar_mirrors,
                 )?;
-                let data = limit_cifar(data, t.max_train_examples, t.max_test_examples)
+                let data = data
+                    .fine()
+                    .limited(t.max_train_examples, t.max_test_examples)
                     .map_err(|e| TrainError::from_tch("limiting the data set", &e))?;
                 let config = CvaeConfig::new(c, t);
                 Box::new(CvaeTask::new(data, &config, &c.init, source.as_ref())?)
@@ -656,40 +659,6 @@ impl Trainer {
         };
         train_loop(task.as_mut(), t, device, report, stop)
     }
-}
-
-/// The first `n` (all for `None`) rows of `t` (a view, no copy).
-fn first(t: &Tensor, max: Option<u32>) -> Result<Tensor, TchError> {
-    let n = t.size()[0];
-    t.f_narrow(0, 0, max.map_or(n, |m| i64::from(m).min(n)))
-}
-
-/// The first `max_train` / `max_test` examples of CIFAR-100 with fine labels (views, no copy).
-fn limit_cifar(
-    data: &CifarTensors,
-    max_train: Option<u32>,
-    max_test: Option<u32>,
-) -> Result<CvaeData, TchError> {
-    Ok(CvaeData {
-        train_images: first(&data.train_images, max_train)?,
-        train_labels: first(&data.train_labels, max_train)?,
-        test_images: first(&data.test_images, max_test)?,
-        test_labels: first(&data.test_labels, max_test)?,
-    })
-}
-
-/// The first `max_train` / `max_test` examples of `data` (views, no copy); `None`: all.
-fn limit(
-    data: &MnistTensors,
-    max_train: Option<u32>,
-    max_test: Option<u32>,
-) -> Result<MnistTensors, TchError> {
-    Ok(MnistTensors {
-        train_images: first(&data.train_images, max_train)?,
-        train_labels: first(&data.train_labels, max_train)?,
-        test_images: first(&data.test_images, max_test)?,
-        test_labels: first(&data.test_labels, max_test)?,
-    })
 }
 
 #[cfg(test)]

@@ -495,6 +495,15 @@ impl CifarTensors {
     pub fn n_test(&self) -> i64 {
         self.test_labels.size()[0]
     }
+    /// Images with their fine labels (shallow clones, no copy), as classifiers and the CVAE use them.
+    pub fn fine(&self) -> super::ImageSplits {
+        super::ImageSplits {
+            train_images: self.train_images.shallow_clone(),
+            train_labels: self.train_labels.shallow_clone(),
+            test_images: self.test_images.shallow_clone(),
+            test_labels: self.test_labels.shallow_clone(),
+        }
+    }
 }
 
 #[cfg(test)]

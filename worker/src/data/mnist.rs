@@ -315,32 +315,7 @@ impl MnistHost {
 }
 
 /// MNIST on one device: images `f32 [N,1,28,28]` in `[0,1]`, labels `i64 [N]`.
-pub struct MnistTensors {
-    pub train_images: Tensor,
-    pub train_labels: Tensor,
-    pub test_images: Tensor,
-    pub test_labels: Tensor,
-}
-
-impl MnistTensors {
-    /// The same device memory under new handles (no copy), for one job.
-    pub fn shallow_clone(&self) -> Self {
-        Self {
-            train_images: self.train_images.shallow_clone(),
-            train_labels: self.train_labels.shallow_clone(),
-            test_images: self.test_images.shallow_clone(),
-            test_labels: self.test_labels.shallow_clone(),
-        }
-    }
-
-    pub fn n_train(&self) -> i64 {
-        self.train_labels.size()[0]
-    }
-
-    pub fn n_test(&self) -> i64 {
-        self.test_labels.size()[0]
-    }
-}
+pub type MnistTensors = super::ImageSplits;
 
 #[cfg(test)]
 mod tests {

@@ -29,6 +29,52 @@ use std::path::{Path, PathBuf};
 pub use cifar::{CifarTensors, CIFAR100_MIRRORS};
 pub use mnist::MnistTensors;
 
+use tch::{TchError, Tensor};
+
+/// A labelled image data set on one device: train and test images (`f32 [N,C,H,W]` in `[0,1]`)
+/// with `i64 [N]` class labels. MNIST is one ([`MnistTensors`]); CIFAR-100 with its fine labels
+/// is another ([`CifarTensors::fine`]).
+pub struct ImageSplits {
+    pub train_images: Tensor,
+    pub train_labels: Tensor,
+    pub test_images: Tensor,
+    pub test_labels: Tensor,
+}
+
+impl ImageSplits {
+    /// The same device memory under new handles (no copy), for one job.
+    pub fn shallow_clone(&self) -> Self {
+        Self {
+            train_images: self.train_images.shallow_clone(),
+            train_labels: self.train_labels.shallow_clone(),
+            test_images: self.test_images.shallow_clone(),
+            test_labels: self.test_labels.shallow_clone(),
+        }
+    }
+
+    pub fn n_train(&self) -> i64 {
+        self.train_labels.size()[0]
+    }
+
+    pub fn n_test(&self) -> i64 {
+        self.test_labels.size()[0]
+    }
+
+    /// The first `max_train` / `max_test` examples (views, no copy); `None`: all.
+    pub fn limited(&self, max_train: Option<u32>, max_test: Option<u32>) -> Result<Self, TchError> {
+        let first = |t: &Tensor, max: Option<u32>| {
+            let n = t.size()[0];
+            t.f_narrow(0, 0, max.map_or(n, |m| i64::from(m).min(n)))
+        };
+        Ok(Self {
+            train_images: first(&self.train_images, max_train)?,
+            train_labels: first(&self.train_labels, max_train)?,
+            test_images: first(&self.test_images, max_test)?,
+            test_labels: first(&self.test_labels, max_test)?,
+        })
+    }
+}
+
 /// Why a data set could not be made ready. Every variant names the file or folder involved.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
