@@ -29,6 +29,13 @@ impl Keys {
     pub fn ready_queue(&self) -> String {
         format!("{}queue:ready", self.prefix)
     }
+
+    /// A marker the coordinator sets (`SET NX`) and checks at every reconcile. When it is gone,
+    /// Redis lost its keys (FLUSHALL, a restart without persistence): every queued job is pushed
+    /// again at once instead of after the re-dispatch delay.
+    pub fn alive_marker(&self) -> String {
+        format!("{}queue:alive", self.prefix)
+    }
 }
 
 impl Default for Keys {
@@ -45,6 +52,8 @@ mod tests {
     fn every_key_lives_under_the_prefix() {
         let keys = Keys::new("t1:");
         assert!(keys.ready_queue().starts_with("t1:"));
+        assert!(keys.alive_marker().starts_with("t1:"));
+        assert_ne!(keys.ready_queue(), keys.alive_marker());
         assert_eq!(Keys::default().ready_queue(), "trainq:queue:ready");
     }
 }

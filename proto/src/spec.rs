@@ -22,6 +22,7 @@ pub const MAX_ATTEMPTS: u32 = 20;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_LOG_EVERY_STEPS: u32 = 50;
 pub const MAX_LOG_EVERY_STEPS: u32 = 100_000;
+pub const MAX_CHECKPOINT_EVERY_STEPS: u32 = 1_000_000;
 pub const MAX_DEPENDENCIES: usize = 64;
 pub const DEFAULT_LATENT_DIM: u32 = 20;
 pub const MAX_LATENT_DIM: u32 = 512;
@@ -77,6 +78,8 @@ pub struct Training {
     /// `None`: the whole test set.
     pub max_test_examples: Option<u32>,
     pub log_every_steps: u32,
+    /// Store a resumable training state every N steps as well as at every epoch's end.
+    pub checkpoint_every_steps: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -303,6 +306,15 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
             ),
         ));
     }
+    if t.checkpoint_every_steps > MAX_CHECKPOINT_EVERY_STEPS {
+        return Err(FieldViolation::new(
+            format!("{F}.checkpoint_every_steps"),
+            format!(
+                "must be at most {MAX_CHECKPOINT_EVERY_STEPS}, got {}",
+                t.checkpoint_every_steps
+            ),
+        ));
+    }
     let nonzero = |n: u32| (n > 0).then_some(n);
     Ok(Training {
         epochs: t.epochs,
@@ -313,6 +325,7 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
         max_train_examples: nonzero(t.max_train_examples),
         max_test_examples: nonzero(t.max_test_examples),
         log_every_steps: nonzero(t.log_every_steps).unwrap_or(DEFAULT_LOG_EVERY_STEPS),
+        checkpoint_every_steps: nonzero(t.checkpoint_every_steps),
     })
 }
 
