@@ -15,6 +15,8 @@ use anyhow::{bail, Context};
 use proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
 
+pub mod services;
+
 /// Postgres server used by the tests (a database per test is created on it).
 pub fn postgres_server_url() -> String {
     std::env::var("TRAINQ_TEST_POSTGRES")
@@ -141,6 +143,17 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// SIGKILL, then reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The exit status if the process has ended.
+    pub fn try_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         let _ = Command::new("kill")
@@ -180,20 +193,33 @@ pub struct TestEnv {
     pub db_name: String,
     pub redis_prefix: String,
     pub dir: tempfile::TempDir,
+    /// The Postgres server (URL without a database) that holds this env's database.
+    pub postgres_server: String,
+    /// The Redis server this env's coordinator and workers use.
+    pub redis: String,
 }
 
 impl TestEnv {
+    /// An env on the machine's Postgres and Redis ([`postgres_server_url`], [`redis_url`]).
     pub fn new() -> Self {
+        Self::on(postgres_server_url(), redis_url())
+    }
+
+    /// An env on the given Postgres server (URL without a database) and Redis server, for
+    /// example the private ones of [`services`].
+    pub fn on(postgres_server: String, redis: String) -> Self {
         let id = uuid::Uuid::new_v4().simple().to_string();
         Self {
             db_name: format!("trainq_test_{}", &id[..16]),
             redis_prefix: format!("trainq-test-{}:", &id[..16]),
             dir: tempfile::tempdir().expect("temp dir"),
+            postgres_server,
+            redis,
         }
     }
 
     pub fn database_url(&self) -> String {
-        format!("{}/{}", postgres_server_url(), self.db_name)
+        format!("{}/{}", self.postgres_server, self.db_name)
     }
 
     /// A pool on the test's database (which the coordinator creates and migrates).
@@ -211,18 +237,23 @@ impl TestEnv {
     /// Starts the coordinator on a free port with this env's database, Redis prefix and
     /// artifact folder (so no test writes into the checkout).
     pub async fn start_coordinator(&self, extra: &[&str]) -> Coordinator {
-        let port = free_port();
+        self.start_coordinator_at("coordinator", free_port(), extra)
+            .await
+    }
+
+    /// Starts the coordinator on a given port (to restart it at the same address, which the
+    /// workers keep), logging to `<name>.log` in the env's folder; waits until it serves.
+    pub async fn start_coordinator_at(&self, name: &str, port: u16, extra: &[&str]) -> Coordinator {
         let mut cmd = Command::new(binary("trainq-server"));
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--database-url", &self.database_url()])
-            .args(["--redis-url", &redis_url()])
+            .args(["--redis-url", &self.redis])
             .args(["--redis-prefix", &self.redis_prefix])
             .arg("--artifacts")
             .arg(format!("file://{}", self.artifacts_dir().display()))
             .args(extra)
             .env("RUST_LOG", "info");
-        let proc =
-            Proc::spawn("coordinator", cmd, self.dir.path()).expect("spawning trainq-server");
+        let proc = Proc::spawn(name, cmd, self.dir.path()).expect("spawning trainq-server");
         let addr = format!("127.0.0.1:{port}");
         let mut coordinator = Coordinator { proc, addr };
         coordinator.wait_ready(Duration::from_secs(60)).await;
@@ -244,7 +275,7 @@ impl TestEnv {
     ) -> Proc {
         let mut cmd = Command::new(binary("trainq-worker"));
         cmd.args(["--coordinator", &coordinator.url()])
-            .args(["--redis-url", &redis_url()])
+            .args(["--redis-url", &self.redis])
             .args(["--redis-prefix", &self.redis_prefix])
             .args(["--worker-id", name])
             .args(["--device", "cpu", "--torch-threads", "1"])
@@ -267,19 +298,21 @@ impl Drop for TestEnv {
         // Best effort: drop the database and this test's Redis keys so runs don't pile up.
         let db = self.db_name.clone();
         let prefix = self.redis_prefix.clone();
+        let postgres_server = self.postgres_server.clone();
+        let redis = self.redis.clone();
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
                 if let Ok(pool) =
-                    sqlx::PgPool::connect(&format!("{}/postgres", postgres_server_url())).await
+                    sqlx::PgPool::connect(&format!("{postgres_server}/postgres")).await
                 {
                     let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db}\" WITH (FORCE)"))
                         .execute(&pool)
                         .await;
                 }
-                if let Ok(client) = redis::Client::open(redis_url()) {
+                if let Ok(client) = redis::Client::open(redis) {
                     if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
                         let keys: Vec<String> = redis::cmd("KEYS")
                             .arg(format!("{prefix}*"))
