@@ -7,7 +7,12 @@
 //! coordinator says the lease is gone (cancelled, or expired and given to someone else) the agent
 //! stops training and abandons the job without writing anything more. Coordinator hiccups do not
 //! stop training: metrics and artifacts stay queued, in the order training produced them, and are
-//! retried; everything queued is delivered before the job's end is recorded. Must not train on the
+//! retried; everything queued is delivered before the job's end is recorded.
+//!
+//! A retried attempt resumes: the claim names the newest training state an earlier attempt stored
+//! (`resume_from`), which the agent downloads and hands to the executor. On shutdown (SIGTERM) the
+//! run stops at a step boundary and reports a training state; the agent delivers it and hands
+//! the job back with ReleaseJob, which does not count as a failed attempt. Must not train on the
 //! async runtime or touch Postgres.
 
 use std::collections::VecDeque;
@@ -20,8 +25,9 @@ use proto::spec::{Cvae, Experiment, Init, JobSpec};
 use proto::v1::upload_artifact_chunk::Part;
 use proto::v1::worker_service_client::WorkerServiceClient;
 use proto::v1::{
-    ClaimJobRequest, CompleteJobRequest, DownloadArtifactRequest, FailJobRequest, HeartbeatRequest,
-    JobLease, MetricPoint, ReportMetricsRequest, UploadArtifactChunk, UploadArtifactHeader,
+    Artifact, ClaimJobRequest, CompleteJobRequest, DownloadArtifactRequest, FailJobRequest,
+    HeartbeatRequest, JobLease, MetricPoint, ReleaseJobRequest, ReportMetricsRequest,
+    UploadArtifactChunk, UploadArtifactHeader,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
@@ -182,7 +188,7 @@ impl Agent {
                 }
             };
             info!(name = %spec.name, kind = spec.experiment.kind(), "job claimed");
-            self.run(lease, spec, shutdown).await
+            self.run(lease, spec, claimed.resume_from, shutdown).await
         }
         .instrument(span)
         .await
@@ -193,10 +199,16 @@ impl Agent {
         &self,
         lease: JobLease,
         spec: JobSpec,
+        resume_from: Option<Artifact>,
         shutdown: &mut (impl Future<Output = ()> + Unpin),
     ) -> Flow {
         let inputs = match self.fetch_inputs(&lease, &spec).await {
-            Ok(inputs) => inputs,
+            Ok(mut inputs) => {
+                if let Some(state) = resume_from {
+                    inputs.resume = self.fetch_training_state(&state).await;
+                }
+                inputs
+            }
             Err(Fetch::LeaseLost) => {
                 info!("lease lost while fetching the job's inputs; abandoning");
                 return Flow::Continue;
@@ -274,12 +286,6 @@ impl Agent {
         if lease_lost {
             info!("job abandoned");
         } else {
-            let result = match result {
-                Ok(Outcome::Stopped) if shutting_down => Err(TrainError::Retryable(
-                    "worker shut down before the job finished".into(),
-                )),
-                other => other,
-            };
             self.finish(&lease, result, pending).await;
         }
         if shutting_down {
@@ -312,6 +318,7 @@ impl Agent {
                     info!(source, size = bytes.len(), "source checkpoint downloaded");
                     return Ok(JobInputs {
                         source_checkpoint: Some(bytes),
+                        resume: None,
                     });
                 }
                 Err(Download::Status(status)) if status.code() == Code::NotFound => {
@@ -348,9 +355,49 @@ impl Agent {
         }
     }
 
-    /// Sends what is still queued, then CompleteJob or FailJob, retrying while the coordinator
-    /// is unreachable (bounded by FINAL_REPORT_PATIENCE; after that the lease expires and the
-    /// coordinator re-queues the job).
+    /// The training state a retried attempt resumes from, downloaded by its artifact id (its
+    /// size and SHA-256 checked). A state that is gone or corrupt, or that cannot be had after a
+    /// few tries, is logged and the attempt starts from scratch: slower, never wrong.
+    async fn fetch_training_state(&self, state: &Artifact) -> Option<Vec<u8>> {
+        let mut client = self.client.clone();
+        let mut backoff = Backoff::new();
+        let request = DownloadArtifactRequest {
+            artifact_id: state.id.clone(),
+            job_id: String::new(),
+            kind: String::new(),
+        };
+        for tries in 1..=SOURCE_DOWNLOAD_TRIES {
+            match download(&mut client, request.clone()).await {
+                Ok((_, bytes)) => {
+                    info!(step = state.step, artifact = %state.id, size = bytes.len(), "training state downloaded");
+                    return Some(bytes);
+                }
+                Err(Download::Status(status)) if status.code() == Code::NotFound => {
+                    warn!(artifact = %state.id, "training state is gone; starting from scratch");
+                    return None;
+                }
+                Err(e @ Download::Corrupt(_)) => {
+                    warn!(artifact = %state.id, error = %e, "training state is corrupt; starting from scratch");
+                    return None;
+                }
+                Err(e) if tries == SOURCE_DOWNLOAD_TRIES => {
+                    warn!(artifact = %state.id, error = %e, "could not download the training state; starting from scratch");
+                    return None;
+                }
+                Err(e) => {
+                    let wait = backoff.next();
+                    warn!(artifact = %state.id, error = %e, retry_in_ms = wait.as_millis() as u64, "training state download failed");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        None
+    }
+
+    /// Sends what is still queued, then records how the attempt ended: CompleteJob (with the
+    /// steps trained), ReleaseJob (stopped by a shutdown: hand the job back), or FailJob.
+    /// Retries while the coordinator is unreachable (bounded by FINAL_REPORT_PATIENCE; after that
+    /// the lease expires and the coordinator re-queues the job).
     async fn finish(
         &self,
         lease: &JobLease,
@@ -364,10 +411,19 @@ impl Agent {
             let outcome = async {
                 pending.flush(&mut client, lease).await?;
                 match &result {
-                    Ok(_) => {
+                    Ok(Outcome::Succeeded { final_step }) => {
                         client
                             .complete_job(CompleteJobRequest {
                                 lease: Some(lease.clone()),
+                                final_step: *final_step,
+                            })
+                            .await?;
+                    }
+                    Ok(Outcome::Stopped { step }) => {
+                        client
+                            .release_job(ReleaseJobRequest {
+                                lease: Some(lease.clone()),
+                                reason: format!("worker shut down after step {step}; handed back"),
                             })
                             .await?;
                     }
@@ -386,7 +442,10 @@ impl Agent {
             match outcome {
                 Ok(()) => {
                     match &result {
-                        Ok(_) => info!("job succeeded"),
+                        Ok(Outcome::Succeeded { final_step }) => {
+                            info!(final_step, "job succeeded")
+                        }
+                        Ok(Outcome::Stopped { step }) => info!(step, "job handed back"),
                         Err(e) => warn!(error = %e, permanent = e.is_permanent(), "job failed"),
                     }
                     return;
@@ -430,9 +489,16 @@ enum Outgoing {
 }
 
 impl Outbox {
-    /// Queues an event; consecutive metric batches merge into one.
+    /// Queues an event; consecutive metric batches merge into one, and a training state
+    /// replaces any older one still queued (only the newest is worth sending).
     pub fn push(&mut self, event: Event) {
         match event {
+            Event::Artifact(file) if file.kind == checkpoint::RESUME_KIND => {
+                self.queue.retain(
+                    |item| !matches!(item, Outgoing::Artifact(f) if f.kind == checkpoint::RESUME_KIND),
+                );
+                self.queue.push_back(Outgoing::Artifact(file));
+            }
             Event::Metrics(batch) => {
                 let points = batch.into_iter().map(to_wire);
                 match self.queue.back_mut() {
@@ -494,6 +560,7 @@ pub async fn upload_artifact(
         epoch: file.epoch,
         size_bytes: file.bytes.len() as u64,
         sha256: hex::encode(Sha256::digest(&file.bytes)),
+        step: file.step,
     };
     let mut chunks = Vec::with_capacity(1 + file.bytes.len().div_ceil(UPLOAD_CHUNK_BYTES));
     chunks.push(UploadArtifactChunk {
@@ -533,6 +600,14 @@ pub async fn download_checkpoint(
         job_id: source.to_string(),
         kind: checkpoint::KIND.to_string(),
     };
+    Ok(download(client, request).await?.1)
+}
+
+/// One artifact's record and bytes, the bytes checked against the record's size and SHA-256.
+pub async fn download(
+    client: &mut WorkerServiceClient<Channel>,
+    request: DownloadArtifactRequest,
+) -> Result<(Artifact, Vec<u8>), Download> {
     let mut stream = client.download_artifact(request).await?.into_inner();
     let mut record = None;
     let mut bytes = Vec::new();
@@ -560,7 +635,7 @@ pub async fn download_checkpoint(
             record.id, record.sha256
         )));
     }
-    Ok(bytes)
+    Ok((record, bytes))
 }
 
 /// Sends buffered points in chunks; points leave the buffer only once stored.
@@ -691,6 +766,12 @@ mod tests {
         ) -> Result<Response<v1::FailJobResponse>, Status> {
             Err(Status::unimplemented("fail"))
         }
+        async fn release_job(
+            &self,
+            _: Request<ReleaseJobRequest>,
+        ) -> Result<Response<v1::ReleaseJobResponse>, Status> {
+            Err(Status::unimplemented("release"))
+        }
 
         async fn upload_artifact(
             &self,
@@ -778,6 +859,7 @@ mod tests {
             kind: "checkpoint".into(),
             name: name.into(),
             epoch: 3,
+            step: 30,
             bytes: (0..len).map(|i| (i % 251) as u8).collect(),
         }
     }

@@ -1,4 +1,5 @@
-//! Checkpoints: a model's parameters as safetensors bytes, and safetensors bytes back as tensors.
+//! Checkpoints: a model's parameters as safetensors bytes, and safetensors bytes back as tensors;
+//! and training states, from which a retried attempt resumes.
 //!
 //! The bytes follow the shared contract (GUIDE §3): one entry per `VarStore` variable under its
 //! seed module name (`conv1.weight`, ..., `fc_sigma.bias`, ...), f32, contiguous, little-endian,
@@ -6,13 +7,19 @@
 //! classes in ../shared/bench/torch_reference.py. Written in memory (no temporary file), because a
 //! checkpoint travels as an artifact to the coordinator, not to a local path.
 //!
+//! A training state (artifact kind `resume`) is a safetensors file too: the model under `model.`,
+//! the optimiser's moments and step counts under `optimizer.`, and in the header's metadata the
+//! format and the global step it was taken after. Unlike a checkpoint it is not for PyTorch.
+//!
 //! Must not know about jobs, transfer rules or the network; must not panic on bytes that are not
 //! a valid safetensors file (they come from another job, through the coordinator).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use tch::{nn, Device, Kind, TchError, Tensor};
+
+use crate::optim::{Optimizer, STATE_PREFIX};
 
 /// Artifact kind of a model checkpoint.
 pub const KIND: &str = "checkpoint";
@@ -22,10 +29,130 @@ pub fn file_name(epoch: u32) -> String {
     format!("epoch-{epoch:03}.safetensors")
 }
 
+/// Artifact kind of a training state (model, optimiser, position).
+pub const RESUME_KIND: &str = "resume";
+
+/// The `format` metadata of a training state.
+pub const RESUME_FORMAT: &str = "trainq-training-state/1";
+
+/// Prefix of the model's tensors in a training state.
+const MODEL_PREFIX: &str = "model.";
+
+/// File name of the training state taken after global step `step`: `step-000000120.safetensors`.
+pub fn resume_file_name(step: u64) -> String {
+    format!("step-{step:09}.safetensors")
+}
+
 /// Every variable of `vs` as a safetensors file (sorted by name, f32, on the host).
 pub fn to_safetensors(vs: &nn::VarStore) -> Result<Vec<u8>, TchError> {
+    serialize(vs.variables(), None)
+}
+
+/// A training state: everything a resumed attempt needs to go on as if it had never stopped
+/// (except the CVAE's per-step noise, which is drawn afresh).
+pub struct TrainingState {
+    /// The global optimiser step it was taken after.
+    pub step: u64,
+    /// The model's variables, by their checkpoint names.
+    pub model: BTreeMap<String, Tensor>,
+    /// The optimiser's tensors, by their full names (`optimizer.<param>.exp_avg`, ...).
+    pub optimizer: BTreeMap<String, Tensor>,
+}
+
+/// Saves the model in `vs`, the optimiser's state and the step as a training state.
+pub fn training_state_to_safetensors(
+    vs: &nn::VarStore,
+    opt: &Optimizer,
+    step: u64,
+) -> Result<Vec<u8>, TchError> {
+    let mut tensors: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(name, t)| (format!("{MODEL_PREFIX}{name}"), t))
+        .collect();
+    tensors.extend(opt.state()?);
+    let metadata = HashMap::from([
+        ("format".to_string(), RESUME_FORMAT.to_string()),
+        ("step".to_string(), step.to_string()),
+    ]);
+    serialize(tensors, Some(metadata))
+}
+
+/// Reads a training state written by [`training_state_to_safetensors`].
+pub fn read_training_state(bytes: &[u8]) -> Result<TrainingState, ReadError> {
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| ReadError::Format(format!("{e:?}")))?;
+    let metadata = header.metadata().clone().unwrap_or_default();
+    match metadata.get("format") {
+        Some(f) if f == RESUME_FORMAT => {}
+        other => {
+            return Err(ReadError::Format(format!(
+                "not a training state: format {other:?}, expected {RESUME_FORMAT:?}"
+            )))
+        }
+    }
+    let step = metadata
+        .get("step")
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or_else(|| ReadError::Format("training state without a step".into()))?;
+    let mut model = BTreeMap::new();
+    let mut optimizer = BTreeMap::new();
+    for (name, t) in read_safetensors(bytes)? {
+        if let Some(var) = name.strip_prefix(MODEL_PREFIX) {
+            model.insert(var.to_string(), t);
+        } else if name.starts_with(STATE_PREFIX) {
+            optimizer.insert(name, t);
+        } else {
+            return Err(ReadError::Format(format!(
+                "training state holds an unexpected tensor {name}"
+            )));
+        }
+    }
+    Ok(TrainingState {
+        step,
+        model,
+        optimizer,
+    })
+}
+
+/// Copies the model's variables from `state`. Strict, and checked before anything is copied: the
+/// state must hold exactly the model's variables, with their shapes. (The optimiser's part goes
+/// to [`Optimizer::load_state`].)
+pub fn restore_model(state: &TrainingState, vs: &nn::VarStore) -> Result<(), TchError> {
+    let vars = vs.variables();
+    if let Some(extra) = state.model.keys().find(|k| !vars.contains_key(*k)) {
+        return Err(TchError::Convert(format!(
+            "training state has a variable {extra} the model does not"
+        )));
+    }
+    for (name, var) in &vars {
+        let saved = state.model.get(name).ok_or_else(|| {
+            TchError::Convert(format!("training state lacks the variable {name}"))
+        })?;
+        if saved.size() != var.size() {
+            return Err(TchError::Shape(format!(
+                "training state's {name} has shape {:?}, the model's {:?}",
+                saved.size(),
+                var.size()
+            )));
+        }
+    }
+    tch::no_grad(|| -> Result<(), TchError> {
+        for (name, var) in &vars {
+            let mut var = var.shallow_clone();
+            var.f_copy_(&state.model[name])?;
+        }
+        Ok(())
+    })
+}
+
+/// Named tensors as a safetensors file (sorted by name, f32, on the host), with `metadata`.
+fn serialize(
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<u8>, TchError> {
     let mut host: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
-    for (name, t) in vs.variables() {
+    for (name, t) in tensors {
         let t = t
             .f_detach()?
             .f_to_device(Device::Cpu)?
@@ -44,7 +171,7 @@ pub fn to_safetensors(vs: &nn::VarStore) -> Result<Vec<u8>, TchError> {
                 .map_err(|e| TchError::Convert(format!("checkpoint tensor {name}: {e:?}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    safetensors::tensor::serialize(views, &None)
+    safetensors::tensor::serialize(views, &metadata)
         .map_err(|e| TchError::Convert(format!("serialising a checkpoint: {e:?}")))
 }
 

@@ -17,10 +17,11 @@
 //! Must not do I/O or know about jobs and the network; must not panic on bad shapes (`f_*` ops).
 
 use proto::spec::{Cvae as CvaeSpec, Init, Optimizer};
-use tch::{nn, COptimizer, Device, Kind, Reduction, TchError, Tensor};
+use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 
 use crate::images;
 use crate::model::Cvae;
+use crate::optim;
 use crate::train::{build_optimizer_with, names, seeded, ArtifactFile, Task, TrainError};
 use crate::transfer::{self, FreezePlan, SourceLayers};
 
@@ -88,7 +89,7 @@ pub fn loss_terms(
 pub struct CvaeTask {
     vs: nn::VarStore,
     model: Cvae,
-    opt: COptimizer,
+    opt: optim::Optimizer,
     beta: f64,
     train_x: Tensor,
     train_y: Tensor,
@@ -155,14 +156,16 @@ impl CvaeTask {
             Some(p) if p.is_transferred(name) => (!p.excluded_from_optimizer()).then_some(1),
             _ => Some(0),
         };
-        let mut opt = build_optimizer_with(&vars, config.optimizer, config.learning_rate, group_of)
-            .map_err(err("building the optimiser"))?;
+        let transferred_lr =
+            config.learning_rate * plan.as_ref().map_or(1.0, |p| p.lr_multiplier());
+        let opt = build_optimizer_with(
+            &vars,
+            config.optimizer,
+            &[config.learning_rate, transferred_lr],
+            group_of,
+        );
         let plan = match plan {
             Some(p) => {
-                if !p.excluded_from_optimizer() {
-                    opt.set_learning_rate_group(1, config.learning_rate * p.lr_multiplier())
-                        .map_err(err("building the optimiser"))?;
-                }
                 let frozen: Vec<Tensor> = p
                     .params
                     .iter()
@@ -329,6 +332,14 @@ impl Task for CvaeTask {
         &self.vs
     }
 
+    fn optimizer(&self) -> &optim::Optimizer {
+        &self.opt
+    }
+
+    fn optimizer_mut(&mut self) -> &mut optim::Optimizer {
+        &mut self.opt
+    }
+
     /// `samples.png` (fine labels 0, 10, ..., 90, one row each, [`SAMPLES_PER_CLASS`] samples
     /// with latents drawn under [`SAMPLE_SEED`]) and `reconstructions.png` (the first test images
     /// above their reconstructions from the posterior means).
@@ -369,12 +380,14 @@ impl Task for CvaeTask {
                 kind: "samples".into(),
                 name: "samples.png".into(),
                 epoch,
+                step: 0, // set by the training loop
                 bytes: samples,
             },
             ArtifactFile {
                 kind: "reconstructions".into(),
                 name: "reconstructions.png".into(),
                 epoch,
+                step: 0, // set by the training loop
                 bytes: recon,
             },
         ])
@@ -462,6 +475,7 @@ mod tests {
             max_train_examples: None,
             max_test_examples: None,
             log_every_steps,
+            checkpoint_every_steps: None,
         }
     }
 
@@ -513,9 +527,10 @@ mod tests {
                 }
             },
             &AtomicBool::new(false),
+            None,
         )
         .expect("trains");
-        assert_eq!(outcome, Outcome::Succeeded);
+        assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
         assert_eq!(checkpoints.len(), 2);
         let (epoch1, epoch2) = (&checkpoints[0], &checkpoints[1]);
         assert!(

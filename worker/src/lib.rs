@@ -9,7 +9,7 @@
 //! - [`model`]: the seed's models with stable parameter names.
 //! - [`cvae`]: the CIFAR-100 CVAE as a training task; [`transfer`]: starting it from a trained
 //!   MNIST classifier's conv layers; [`checkpoint`]: models as safetensors bytes; [`images`]:
-//!   PNG image grids.
+//!   PNG image grids; [`optim`]: Adam, AdamW and SGD with a state that training states save.
 //! - [`standalone`]: runs one spec with no coordinator; [`bench`]: throughput benchmark.
 //!
 //! Invariant: training never runs on the async runtime; a Tensor stays on the thread that made it.
@@ -25,6 +25,7 @@ pub mod executor;
 pub mod images;
 pub mod logging;
 pub mod model;
+pub mod optim;
 pub mod standalone;
 pub mod train;
 pub mod transfer;

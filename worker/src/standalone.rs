@@ -32,6 +32,10 @@ pub struct RunArgs {
     /// `epoch-NNN.safetensors`.
     #[arg(long)]
     pub source_checkpoint: Option<PathBuf>,
+    /// Resume from a training state (`step-NNNNNNNNN.safetensors`, written into --out by an
+    /// earlier run of the same spec, or downloaded as a job's `resume` artifact).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
     #[command(flatten)]
     pub trainer: TrainerArgs,
 }
@@ -46,14 +50,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let spec =
         JobSpec::from_json(&text).with_context(|| format!("spec {}", args.spec.display()))?;
+    let read = |what: &str, path: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+        path.as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("reading {what} {}", p.display())))
+            .transpose()
+    };
     let inputs = JobInputs {
-        source_checkpoint: match &args.source_checkpoint {
-            Some(path) => Some(
-                std::fs::read(path)
-                    .with_context(|| format!("reading source checkpoint {}", path.display()))?,
-            ),
-            None => None,
-        },
+        source_checkpoint: read("source checkpoint", &args.source_checkpoint)?,
+        resume: read("training state", &args.resume)?,
     };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating output folder {}", args.out.display()))?;
@@ -133,8 +137,8 @@ fn run_spec(
     let mean = (!images_per_s.is_empty())
         .then(|| images_per_s.iter().sum::<f64>() / images_per_s.len() as f64);
     let outcome = match &result {
-        Ok(Outcome::Succeeded) => "succeeded",
-        Ok(Outcome::Stopped) => "stopped",
+        Ok(Outcome::Succeeded { .. }) => "succeeded",
+        Ok(Outcome::Stopped { .. }) => "stopped",
         Err(_) => "failed",
     };
     let summary = if json {
@@ -252,7 +256,8 @@ mod tests {
             true,
             &mut out,
         );
-        assert_eq!(result.expect("trains"), Outcome::Succeeded);
+        let outcome = result.expect("trains");
+        assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
         let checkpoint = dir.path().join("epoch-001.safetensors");
         let bytes = std::fs::read(&checkpoint).expect("the checkpoint is written to --out");
         crate::checkpoint::read_safetensors(&bytes).expect("a safetensors file");
@@ -274,6 +279,7 @@ mod tests {
             json: false,
             out: dir.path().join("out"),
             source_checkpoint: None,
+            resume: None,
             trainer: TrainerArgs {
                 device: "cpu".into(),
                 data_dir: dir.path().to_path_buf(),

@@ -7,9 +7,17 @@
 //! caller (the trainer, the benchmark) runs per optimiser step.
 //!
 //! What a run produces leaves through one callback as [`Event`]s: metric batches, and artifacts
-//! (a safetensors checkpoint at the end of every epoch; a CVAE's sample and reconstruction grids
-//! at the end of the run). What a run needs from elsewhere (a transfer's source checkpoint) comes
-//! in through [`JobInputs`]: this module does no network I/O.
+//! (a safetensors checkpoint at the end of every epoch; a training state to resume from at the
+//! end of every epoch, every `checkpoint_every_steps` steps and when stopped; a CVAE's sample and
+//! reconstruction grids at the end of the run). What a run needs from elsewhere (a transfer's
+//! source checkpoint, the training state a retried attempt resumes from) comes in through
+//! [`JobInputs`]: this module does no network I/O.
+//!
+//! Resuming: a run given a training state taken after global step `s` restores the model and the
+//! optimiser (moments, step counts) and goes on with step `s + 1`, in the same epoch and at the
+//! same place in that epoch's order, so a job trains exactly its configured number of steps however
+//! often it is interrupted. Metric points of steps after `s` that the interrupted attempt already
+//! reported are reported again under the same keys, which the coordinator stores once.
 //!
 //! Performance rules (GUIDE §8): data sets stay on the device ([`DataCache`]); each epoch's order
 //! is a device-side `randperm`; a step gathers its batch with `index_select` into fixed buffers and
@@ -24,8 +32,8 @@
 //! Randomness: libtorch's generator is process-wide, so every use goes through [`seeded`], which
 //! holds a process-wide lock while it seeds and draws: the model is built under `seed`, and each
 //! epoch's permutation is drawn under `mix(seed, epoch)`. The same seed thus gives the same
-//! initial weights and data order even with other jobs training in the same process, and a run
-//! resumed at an epoch boundary sees the same order as an uninterrupted one. (The CVAE's per-step
+//! initial weights and data order even with other jobs training in the same process, and a
+//! resumed run sees the same order as an uninterrupted one. (The CVAE's per-step
 //! noise draws from that generator without the lock, after the epoch's permutation: see
 //! [`crate::cvae`].)
 
@@ -36,13 +44,15 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use proto::spec::{Experiment, Init, JobSpec, Optimizer, Training};
-use tch::nn::{self, OptimizerConfig};
-use tch::{COptimizer, Device, Kind, Reduction, TchError, Tensor};
+use tch::nn;
+use tch::{Device, Kind, Reduction, TchError, Tensor};
+use tracing::{info, warn};
 
-use crate::checkpoint;
+use crate::checkpoint::{self, TrainingState};
 use crate::cvae::{CvaeConfig, CvaeTask};
 use crate::data::{DataCache, DataError, MnistTensors};
 use crate::model::MnistClassifier;
+use crate::optim;
 use crate::transfer::SourceLayers;
 
 /// Metric names of the shared contract (GUIDE §3).
@@ -83,6 +93,8 @@ pub struct ArtifactFile {
     pub name: String,
     /// 1-based epoch it belongs to.
     pub epoch: u32,
+    /// Global optimiser step it was taken after.
+    pub step: u64,
     pub bytes: Vec<u8>,
 }
 
@@ -98,15 +110,18 @@ pub enum Event {
 pub struct JobInputs {
     /// A transfer's source: the MNIST classifier job's newest checkpoint (safetensors bytes).
     pub source_checkpoint: Option<Vec<u8>>,
+    /// The training state to resume from (kind `resume`), stored by an earlier attempt.
+    pub resume: Option<Vec<u8>>,
 }
 
 /// How a run that did not fail ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// Trained every configured epoch.
-    Succeeded,
-    /// The stop flag was raised; stopped at a step boundary.
-    Stopped,
+    /// Trained every configured epoch; `final_step` is the number of optimiser steps in all.
+    Succeeded { final_step: u64 },
+    /// The stop flag was raised; stopped at a step boundary after global step `step`, and a
+    /// training state of that step was reported (unless one already was).
+    Stopped { step: u64 },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,43 +224,35 @@ pub fn sync_device(device: Device) {
     }
 }
 
-/// The optimiser named in the spec over every trainable variable of `vs`, with PyTorch's default
-/// hyper-parameters (Adam betas 0.9/0.999, eps 1e-8; AdamW weight decay 0.01; plain SGD).
-pub fn build_optimizer(
-    vs: &nn::VarStore,
-    kind: Optimizer,
-    lr: f64,
-) -> Result<COptimizer, TchError> {
-    let mut opt = new_optimizer(kind, lr)?;
-    for t in vs.trainable_variables() {
-        opt.add_parameters(&t, 0)?;
-    }
-    Ok(opt)
+/// The optimiser named in the spec over every trainable variable of `vs` (in name order), with
+/// PyTorch's default hyper-parameters (see [`optim`]).
+pub fn build_optimizer(vs: &nn::VarStore, kind: Optimizer, lr: f64) -> optim::Optimizer {
+    let params: std::collections::BTreeMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect();
+    build_optimizer_with(&params, kind, &[lr], |_| Some(0))
 }
 
-fn new_optimizer(kind: Optimizer, lr: f64) -> Result<COptimizer, TchError> {
-    match kind {
-        Optimizer::Adam => nn::Adam::default().build_copt(lr),
-        Optimizer::AdamW => nn::AdamW::default().build_copt(lr),
-        Optimizer::Sgd => nn::Sgd::default().build_copt(lr),
-    }
-}
-
-/// Like [`build_optimizer`] over named parameters, each put in the parameter group
-/// `group_of(name)` returns (all groups start at `lr`), or left out of the optimiser for `None`.
+/// Like [`build_optimizer`] over named parameters, each put in the group `group_of(name)`
+/// returns (group `i` trains at `lrs[i]`), or left out of the optimiser for `None` (or an index
+/// past `lrs`).
 pub fn build_optimizer_with(
     params: &std::collections::BTreeMap<String, Tensor>,
     kind: Optimizer,
-    lr: f64,
+    lrs: &[f64],
     group_of: impl Fn(&str) -> Option<usize>,
-) -> Result<COptimizer, TchError> {
-    let mut opt = new_optimizer(kind, lr)?;
-    for (name, t) in params {
-        if let Some(group) = group_of(name) {
-            opt.add_parameters(t, group)?;
-        }
+) -> optim::Optimizer {
+    let mut opt = optim::Optimizer::new(kind);
+    for (i, &lr) in lrs.iter().enumerate() {
+        let members = params
+            .iter()
+            .filter(|(name, _)| group_of(name) == Some(i))
+            .map(|(name, t)| (name.clone(), t.shallow_clone()));
+        opt.add_group(lr, members);
     }
-    Ok(opt)
+    opt
 }
 
 /// What the training loop needs from one experiment kind. Implementations keep everything on the
@@ -264,6 +271,9 @@ pub trait Task {
     fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>, TchError>;
     /// The model's parameters (checkpoints save and load these).
     fn var_store(&self) -> &nn::VarStore;
+    /// The optimiser (training states save and load its state).
+    fn optimizer(&self) -> &optim::Optimizer;
+    fn optimizer_mut(&mut self) -> &mut optim::Optimizer;
     /// Called before the first step of every epoch (1-based), for schedules such as freezing
     /// layers during the first epochs.
     fn begin_epoch(&mut self, _epoch: u32) -> Result<(), TchError> {
@@ -279,7 +289,7 @@ pub trait Task {
 pub struct ClassifierTask {
     vs: nn::VarStore,
     model: MnistClassifier,
-    opt: COptimizer,
+    opt: optim::Optimizer,
     train_x: Tensor,
     train_y: Tensor,
     test_x: Tensor,
@@ -316,7 +326,7 @@ impl ClassifierTask {
         let batch = batch_size.clamp(1, n);
         let vs = nn::VarStore::new(device);
         let model = MnistClassifier::new(&vs.root());
-        let opt = build_optimizer(&vs, optimizer, lr)?;
+        let opt = build_optimizer(&vs, optimizer, lr);
         let dims = data.train_images.size();
         let mut xdims = dims.clone();
         xdims[0] = batch;
@@ -428,6 +438,14 @@ impl Task for ClassifierTask {
     fn var_store(&self) -> &nn::VarStore {
         &self.vs
     }
+
+    fn optimizer(&self) -> &optim::Optimizer {
+        &self.opt
+    }
+
+    fn optimizer_mut(&mut self) -> &mut optim::Optimizer {
+        &mut self.opt
+    }
 }
 
 /// Serialises every seed-then-draw section on libtorch's process-wide generator.
@@ -461,22 +479,66 @@ fn check_finite(values: &[(&'static str, f64)], step: u64) -> Result<(), TrainEr
     }
 }
 
-/// Runs `training.epochs` epochs of `task`. See [`Trainer::run`] for what is reported when.
+/// Where a run starts: after global step `step` of `total` (0: from the beginning).
+fn resume_point(task: &mut dyn Task, state: Option<&TrainingState>, total_steps: u64) -> u64 {
+    let Some(state) = state else { return 0 };
+    if state.step > total_steps {
+        warn!(
+            step = state.step,
+            total_steps, "training state is past the run's last step; starting from scratch"
+        );
+        return 0;
+    }
+    // Every shape is checked before anything is copied, so a refused state leaves the freshly
+    // built model as it was.
+    if let Err(e) = checkpoint::restore_model(state, task.var_store()) {
+        warn!(error = %e, "training state does not fit the model; starting from scratch");
+        return 0;
+    }
+    if let Err(e) = task.optimizer_mut().load_state(&state.optimizer) {
+        // The model is already restored; fresh optimiser moments are the lesser evil.
+        warn!(error = %e, "optimiser state could not be restored; resuming with fresh moments");
+    }
+    info!(step = state.step, "resumed from a training state");
+    state.step
+}
+
+/// Runs `training.epochs` epochs of `task`, or what remains of them after `resume`. See
+/// [`Trainer::run`] for what is reported when.
 pub fn train_loop(
     task: &mut dyn Task,
     training: &Training,
     device: Device,
     report: &mut dyn FnMut(Event),
     stop: &AtomicBool,
+    resume: Option<&TrainingState>,
 ) -> Result<Outcome, TrainError> {
     let n = task.train_len();
     let b = task.batch_size();
     let steps_per_epoch = (n / b).max(1);
-    let total_steps = steps_per_epoch as u64 * u64::from(training.epochs);
+    let per_epoch = steps_per_epoch as u64;
+    let total_steps = per_epoch * u64::from(training.epochs);
     let log_every = u64::from(training.log_every_steps.max(1));
+    let state_every = training.checkpoint_every_steps.map(u64::from);
     let tch_err = |what: &'static str| move |e: TchError| TrainError::from_tch(what, &e);
-    let mut global: u64 = 0;
-    for epoch in 1..=training.epochs {
+    let mut global = resume_point(task, resume, total_steps);
+    // The newest step a training state was reported for (the one resumed from counts).
+    let mut saved = global;
+    let save_state = |task: &dyn Task, step: u64, epoch: u32, report: &mut dyn FnMut(Event)| {
+        let bytes =
+            checkpoint::training_state_to_safetensors(task.var_store(), task.optimizer(), step)
+                .map_err(tch_err("saving a training state"))?;
+        report(Event::Artifact(ArtifactFile {
+            kind: checkpoint::RESUME_KIND.into(),
+            name: checkpoint::resume_file_name(step),
+            epoch,
+            step,
+            bytes,
+        }));
+        Ok::<(), TrainError>(())
+    };
+    let first_epoch = (global / per_epoch) as u32 + 1;
+    for epoch in first_epoch..=training.epochs {
         let perm = seeded(epoch_seed(training.seed, epoch), || {
             Tensor::f_randperm(n, (Kind::Int64, device))
         })
@@ -484,9 +546,13 @@ pub fn train_loop(
         task.begin_epoch(epoch)
             .map_err(tch_err("starting an epoch"))?;
         let started = Instant::now();
-        for i in 0..steps_per_epoch {
+        let first = (global - u64::from(epoch - 1) * per_epoch) as i64;
+        for i in first..steps_per_epoch {
             if stop.load(Ordering::Relaxed) {
-                return Ok(Outcome::Stopped);
+                if global > saved {
+                    save_state(task, global, epoch, report)?;
+                }
+                return Ok(Outcome::Stopped { step: global });
             }
             let idx = perm
                 .f_narrow(0, i * b, b)
@@ -507,13 +573,14 @@ pub fn train_loop(
                 check_finite(&window, global)?;
                 push(window);
             }
-            if i == steps_per_epoch - 1 {
+            let last_of_epoch = i == steps_per_epoch - 1;
+            if last_of_epoch {
                 sync_device(device);
                 let seconds = started.elapsed().as_secs_f64();
                 let eval = task.evaluate().map_err(tch_err("evaluating"))?;
                 check_finite(&eval, global)?;
                 push(eval);
-                let images = (steps_per_epoch * b) as f64;
+                let images = ((steps_per_epoch - first) * b) as f64;
                 push(vec![(
                     names::TRAIN_IMAGES_PER_S,
                     images / seconds.max(1e-9),
@@ -522,6 +589,10 @@ pub fn train_loop(
             if !points.is_empty() {
                 report(Event::Metrics(points));
             }
+            if !last_of_epoch && state_every.is_some_and(|k| global.is_multiple_of(k)) {
+                save_state(task, global, epoch, report)?;
+                saved = global;
+            }
         }
         let bytes =
             checkpoint::to_safetensors(task.var_store()).map_err(tch_err("saving a checkpoint"))?;
@@ -529,13 +600,17 @@ pub fn train_loop(
             kind: checkpoint::KIND.into(),
             name: checkpoint::file_name(epoch),
             epoch,
+            step: global,
             bytes,
         }));
+        save_state(task, global, epoch, report)?;
+        saved = global;
     }
-    for file in task.final_artifacts(training.epochs)? {
+    for mut file in task.final_artifacts(training.epochs)? {
+        file.step = global;
         report(Event::Artifact(file));
     }
-    Ok(Outcome::Succeeded)
+    Ok(Outcome::Succeeded { final_step: global })
 }
 
 /// Owns the data sets loaded on its device, shared by every job it runs.
@@ -571,10 +646,14 @@ impl Trainer {
     ///   `test/accuracy`; CVAE: `test/loss`, `test/neg_elbo_nats`, `test/bits_per_dim`,
     ///   `test/recon`, `test/kl`) and `train/images_per_s`.
     /// - [`Event::Artifact`]: after each epoch's metrics, its checkpoint (`checkpoint`,
-    ///   `epoch-NNN.safetensors`); after the last one, a CVAE's `samples.png` and
-    ///   `reconstructions.png`.
+    ///   `epoch-NNN.safetensors`) and a training state (`resume`, `step-NNNNNNNNN.safetensors`);
+    ///   a training state also after every `checkpoint_every_steps` global steps; after the last
+    ///   epoch, a CVAE's `samples.png` and `reconstructions.png`.
     ///
-    /// `stop` is checked before every step; when raised, the run returns `Ok(Outcome::Stopped)`.
+    /// `stop` is checked before every step; when raised, the run reports a training state of the
+    /// step it reached (unless it just did) and returns `Ok(Outcome::Stopped)`. With
+    /// `inputs.resume`, the run goes on after the state's step (a state that cannot be read or
+    /// does not fit the model is logged and the run starts from scratch).
     /// A transfer job needs `inputs.source_checkpoint` (its absence, or a checkpoint of the wrong
     /// shape, is a permanent error).
     ///
@@ -657,7 +736,14 @@ impl Trainer {
                 Box::new(CvaeTask::new(data, &config, &c.init, source.as_ref())?)
             }
         };
-        train_loop(task.as_mut(), t, device, report, stop)
+        let resume = inputs.resume.as_deref().and_then(|bytes| {
+            checkpoint::read_training_state(bytes)
+                .inspect_err(
+                    |e| warn!(error = %e, "unreadable training state; starting from scratch"),
+                )
+                .ok()
+        });
+        train_loop(task.as_mut(), t, device, report, stop, resume.as_ref())
     }
 }
 
@@ -713,7 +799,7 @@ mod tests {
                 &AtomicBool::new(false),
             )
             .expect("trains");
-        assert_eq!(outcome, Outcome::Succeeded);
+        assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
         // Each epoch's checkpoint follows that epoch's metrics.
         let order: Vec<String> = events
             .iter()
@@ -726,17 +812,23 @@ mod tests {
             })
             .filter(|s| s != "window")
             .collect();
+        let last = format!("resume {} 2", checkpoint::resume_file_name(2 * 78));
         assert_eq!(
             order,
             vec![
                 "eval 1",
                 "checkpoint epoch-001.safetensors 1",
+                "resume step-000000078.safetensors 1",
                 "eval 2",
-                "checkpoint epoch-002.safetensors 2"
+                "checkpoint epoch-002.safetensors 2",
+                last.as_str(),
             ]
         );
-        let Some(Event::Artifact(last)) = events.last() else {
-            panic!("the run ends with its checkpoint")
+        let Some(last) = events.iter().rev().find_map(|e| match e {
+            Event::Artifact(a) if a.kind == checkpoint::KIND => Some(a),
+            _ => None,
+        }) else {
+            panic!("the run stores checkpoints")
         };
         let saved = checkpoint::read_safetensors(&last.bytes).expect("a safetensors checkpoint");
         let names: Vec<&str> = saved.keys().map(String::as_str).collect();
@@ -848,7 +940,7 @@ mod tests {
                 &stop,
             )
             .expect("runs");
-        assert_eq!(outcome, Outcome::Stopped);
+        assert_eq!(outcome, Outcome::Stopped { step: 5 });
         assert!(
             reported.iter().all(|m| m.step == 5),
             "no step after the stop: {reported:?}"
@@ -856,6 +948,144 @@ mod tests {
         assert!(
             started.elapsed().as_secs() < 60,
             "stopped promptly (data loading included)"
+        );
+    }
+
+    /// Runs `spec` from `resume` (if any), stopping once a metric of step >= `stop_at` arrived;
+    /// returns the outcome, every metric point and every artifact.
+    fn run_until(
+        t: &mut Trainer,
+        spec: &JobSpec,
+        resume: Option<Vec<u8>>,
+        stop_at: u64,
+    ) -> (Outcome, Vec<Metric>, Vec<ArtifactFile>) {
+        let stop = AtomicBool::new(false);
+        let (mut points, mut files) = (Vec::new(), Vec::new());
+        let inputs = JobInputs {
+            source_checkpoint: None,
+            resume,
+        };
+        let outcome = t
+            .run(
+                spec,
+                &inputs,
+                &mut |e| match e {
+                    Event::Metrics(b) => {
+                        if b.iter().any(|m| m.step >= stop_at) {
+                            stop.store(true, Ordering::Relaxed);
+                        }
+                        points.extend(b);
+                    }
+                    Event::Artifact(a) => files.push(a),
+                },
+                &stop,
+            )
+            .expect("runs");
+        (outcome, points, files)
+    }
+
+    fn final_checkpoint(files: &[ArtifactFile]) -> std::collections::BTreeMap<String, Tensor> {
+        let last = files
+            .iter()
+            .rev()
+            .find(|f| f.kind == checkpoint::KIND)
+            .expect("a checkpoint");
+        checkpoint::read_safetensors(&last.bytes).expect("reads")
+    }
+
+    /// 640 images, batch 32: 20 steps an epoch, 3 epochs; a training state every 7 steps.
+    const RESUMABLE: &str = r#"{"epochs":3,"batchSize":32,"learningRate":0.002,"optimizer":"OPTIMIZER_ADAM","seed":"5",
+        "maxTrainExamples":640,"maxTestExamples":200,"logEverySteps":4,"checkpointEverySteps":7}"#;
+
+    #[test]
+    fn a_run_stopped_and_resumed_from_its_training_state_ends_where_an_uninterrupted_run_ends() {
+        let spec = spec(RESUMABLE);
+        let mut t = trainer();
+        let (straight, straight_points, straight_files) = run_until(&mut t, &spec, None, u64::MAX);
+        assert_eq!(straight, Outcome::Succeeded { final_step: 60 });
+        // Training states every 7 steps inside an epoch and at every epoch's end, in step order.
+        let states: Vec<(u64, u32)> = straight_files
+            .iter()
+            .filter(|f| f.kind == checkpoint::RESUME_KIND)
+            .map(|f| (f.step, f.epoch))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                (7, 1),
+                (14, 1),
+                (20, 1),
+                (21, 2),
+                (28, 2),
+                (35, 2),
+                (40, 2),
+                (42, 3),
+                (49, 3),
+                (56, 3),
+                (60, 3)
+            ]
+        );
+
+        // Stop in the middle of epoch 2 (the stop is seen before step 33), resume from the state
+        // the stop wrote.
+        let (stopped, first_points, first_files) = run_until(&mut t, &spec, None, 32);
+        assert_eq!(stopped, Outcome::Stopped { step: 32 });
+        let state = first_files
+            .iter()
+            .rev()
+            .find(|f| f.kind == checkpoint::RESUME_KIND)
+            .expect("a training state at the stop");
+        assert_eq!(
+            (state.step, state.epoch, state.name.as_str()),
+            (32, 2, "step-000000032.safetensors")
+        );
+        let (resumed, points, files) =
+            run_until(&mut t, &spec, Some(state.bytes.clone()), u64::MAX);
+        assert_eq!(resumed, Outcome::Succeeded { final_step: 60 });
+        let first_step = points.iter().map(|m| m.step).min().expect("points");
+        assert_eq!(
+            first_step, 36,
+            "the first window after step 32 ends at step 36"
+        );
+        // Together the two attempts report exactly the uninterrupted run's train/loss steps.
+        let steps = |pts: &[Metric]| -> Vec<u64> {
+            pts.iter()
+                .filter(|m| m.name == names::TRAIN_LOSS)
+                .map(|m| m.step)
+                .collect()
+        };
+        let mut joined = steps(&first_points);
+        joined.extend(steps(&points));
+        assert_eq!(joined, steps(&straight_points));
+        // Same data order and optimiser state: the same final weights (one CPU thread).
+        let (a, b) = (final_checkpoint(&straight_files), final_checkpoint(&files));
+        for (name, t) in &a {
+            let diff = f64::try_from((t - &b[name]).abs().max()).expect("scalar");
+            assert!(diff < 1e-5, "{name} differs by {diff} after resuming");
+        }
+    }
+
+    #[test]
+    fn a_training_state_of_the_last_step_finishes_without_training_and_a_bad_one_starts_over() {
+        let spec = spec(RESUMABLE);
+        let mut t = trainer();
+        let (_, _, files) = run_until(&mut t, &spec, None, u64::MAX);
+        let last = files
+            .iter()
+            .rev()
+            .find(|f| f.kind == checkpoint::RESUME_KIND)
+            .expect("final training state");
+        assert_eq!(last.step, 60);
+        let (outcome, points, _) = run_until(&mut t, &spec, Some(last.bytes.clone()), u64::MAX);
+        assert_eq!(outcome, Outcome::Succeeded { final_step: 60 });
+        assert!(points.is_empty(), "nothing left to train: {points:?}");
+
+        let (outcome, points, _) = run_until(&mut t, &spec, Some(b"garbage".to_vec()), u64::MAX);
+        assert_eq!(outcome, Outcome::Succeeded { final_step: 60 });
+        assert_eq!(
+            points.iter().map(|m| m.step).min(),
+            Some(4),
+            "started from scratch"
         );
     }
 
@@ -1016,7 +1246,8 @@ mod tests {
         );
         let started = Instant::now();
         let (result, points, files) = collect(&mut t, &spec, &JobInputs::default());
-        assert_eq!(result.expect("trains"), Outcome::Succeeded);
+        let outcome = result.expect("trains");
+        assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
         let per_epoch = 2000 / 64;
         let epochs = 10u32;
         let n = u64::from(epochs) * per_epoch as u64;
@@ -1092,9 +1323,11 @@ mod tests {
         );
         let inputs = JobInputs {
             source_checkpoint: Some(source),
+            resume: None,
         };
         let (result, points, files) = collect(&mut t, &spec, &inputs);
-        assert_eq!(result.expect("trains"), Outcome::Succeeded);
+        let outcome = result.expect("trains");
+        assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
         assert_eq!(values(&points, names::TEST_NEG_ELBO_NATS).count(), 2);
         let last = files
             .iter()
@@ -1122,6 +1355,7 @@ mod tests {
         let _ = crate::model::Cvae::new(&cvae_vs.root(), 20);
         let wrong = JobInputs {
             source_checkpoint: Some(checkpoint::to_safetensors(&cvae_vs).expect("bytes")),
+            resume: None,
         };
         let (result, _, _) = collect(&mut t, &spec, &wrong);
         let err = result.expect_err("a cvae is not a classifier");
@@ -1132,7 +1366,8 @@ mod tests {
 
         let random = cvae_spec(training, r#"{"latentDim":8}"#);
         let (result, points, _) = collect(&mut t, &random, &JobInputs::default());
-        assert_eq!(result.expect("random init trains"), Outcome::Succeeded);
+        let outcome = result.expect("random init trains");
+        assert!(matches!(outcome, Outcome::Succeeded { .. }), "{outcome:?}");
         assert_eq!(values(&points, names::TEST_BITS_PER_DIM).count(), 2);
     }
 
