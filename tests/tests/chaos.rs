@@ -159,6 +159,24 @@ struct Row {
     notes: String,
 }
 
+/// What a scenario expects beyond the checks every scenario makes.
+#[derive(Default)]
+struct Expect<'a> {
+    /// When the fault was injected (unix seconds); None: no fault.
+    fault_at: Option<f64>,
+    /// The jobs the fault hit, whose recovery is timed.
+    affected: &'a [String],
+    /// The affected jobs were queued (not running) at the fault: their recovery is counted from
+    /// when the worker that claimed them became free, not from the fault.
+    affected_were_queued: bool,
+    /// Jobs that must show an attempt resumed past step zero right after one that ended so.
+    resumed: &'a [(String, AttemptOutcome)],
+    /// Exactly one attempt per job (no fault happened).
+    single_attempt: bool,
+    /// At least this many distinct workers ran attempts.
+    min_workers: usize,
+}
+
 /// The private services every scenario runs on.
 struct Services {
     pg: PrivatePostgres,
@@ -497,13 +515,15 @@ impl World {
     /// The checks every scenario ends with. `fault_at` (unix seconds) and `affected` give the
     /// mean time to recover; `resumed` are jobs that must show a later attempt resumed past
     /// step zero; `single_attempt` requires exactly one attempt per job.
-    async fn finish(
-        mut self,
-        fault_at: Option<f64>,
-        affected: &[String],
-        resumed: &[(String, AttemptOutcome)],
-        single_attempt: bool,
-    ) -> (Row, Vec<String>) {
+    async fn finish(mut self, expect: Expect<'_>) -> (Row, Vec<String>) {
+        let Expect {
+            fault_at,
+            affected,
+            affected_were_queued,
+            resumed,
+            single_attempt,
+            min_workers,
+        } = expect;
         self.wait_all_terminal().await;
 
         // Every job the database holds, and every acknowledged one.
@@ -546,7 +566,7 @@ impl World {
         });
 
         let mut completed = 0;
-        let mut recoveries = Vec::new();
+        let mut finished: BTreeMap<String, v1::Job> = BTreeMap::new();
         for id in db_ids.iter().chain(acknowledged.difference(&db_ids)) {
             let total = total_steps(epochs_of.get(id).copied().unwrap_or(EPOCHS));
             let job = match self.get_job(id).await {
@@ -583,15 +603,45 @@ impl World {
                 duplicated += succeeded_attempts - 1;
             }
             self.check_job(id, &job, total, single_attempt).await;
+            finished.insert(id.clone(), job);
+        }
 
-            // Recovery: the first claim or stored metric point after the fault.
-            if let (Some(t0), true) = (fault_at, affected.contains(id)) {
-                let claim = job
+        // Both workers must have taken part where that is the point of the scenario.
+        let workers: BTreeSet<&str> = finished
+            .values()
+            .flat_map(|j| j.attempts.iter().map(|a| a.worker_id.as_str()))
+            .collect();
+        self.check(workers.len() >= min_workers, || {
+            format!("only workers {workers:?} ran jobs; expected at least {min_workers}")
+        });
+
+        // Recovery of each affected job: its first claim or stored metric point after the
+        // fault (for a job that was queued, counted from when its worker became free).
+        let mut recoveries = Vec::new();
+        if let Some(t0) = fault_at {
+            for id in affected {
+                let Some(job) = finished.get(id) else {
+                    continue;
+                };
+                let first_claim = job
                     .attempts
                     .iter()
-                    .filter_map(|a| ts_s(&a.claimed_at))
-                    .filter(|t| *t > t0)
-                    .fold(f64::INFINITY, f64::min);
+                    .filter_map(|a| ts_s(&a.claimed_at).map(|t| (t, a.worker_id.clone())))
+                    .filter(|(t, _)| *t > t0)
+                    .min_by(|a, b| a.0.total_cmp(&b.0));
+                let claim = first_claim.as_ref().map_or(f64::INFINITY, |c| c.0);
+                let mut from = t0;
+                if let (true, Some((claimed, worker))) = (affected_were_queued, &first_claim) {
+                    // The end of that worker's previous attempt (of any job), if after the fault.
+                    let free_since = finished
+                        .values()
+                        .flat_map(|j| j.attempts.iter())
+                        .filter(|a| &a.worker_id == worker)
+                        .filter_map(|a| ts_s(&a.ended_at))
+                        .filter(|e| *e <= *claimed)
+                        .fold(t0, f64::max);
+                    from = free_since;
+                }
                 let point: Option<f64> = sqlx::query_scalar(
                     "SELECT extract(epoch FROM min(recorded_at))::float8 FROM metric_points
                      WHERE job_id = $1::uuid AND recorded_at > to_timestamp($2)",
@@ -604,7 +654,7 @@ impl World {
                 .flatten();
                 let first = claim.min(point.unwrap_or(f64::INFINITY));
                 if first.is_finite() {
-                    recoveries.push(first - t0);
+                    recoveries.push((first - from).max(0.0));
                 } else {
                     self.check(false, || {
                         format!("job {id} made no progress after the fault (no claim, no metric)")
@@ -615,9 +665,8 @@ impl World {
 
         // Jobs that must have resumed from a stored state after a crash or a hand-back.
         for (id, outcome) in resumed {
-            let job = match self.get_job(id).await {
-                Ok(j) => j,
-                Err(_) => continue,
+            let Some(job) = finished.get(id) else {
+                continue;
             };
             let after = job
                 .attempts
@@ -851,12 +900,12 @@ async fn worker_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
     } else {
         affected
     };
-    w.finish(
-        Some(t0),
-        &affected,
-        &[(victim, AttemptOutcome::LeaseExpired)],
-        false,
-    )
+    w.finish(Expect {
+        fault_at: Some(t0),
+        affected: &affected,
+        resumed: &[(victim, AttemptOutcome::LeaseExpired)],
+        ..Expect::default()
+    })
     .await
 }
 
@@ -882,7 +931,14 @@ async fn redis_flushall(svc: &mut Services) -> (Row, Vec<String>) {
     w.check(!queued.is_empty(), || {
         "no job was queued when Redis was flushed: the scenario did not test lost ids".into()
     });
-    w.finish(Some(t0), &queued, &[], false).await
+    w.finish(Expect {
+        fault_at: Some(t0),
+        affected: &queued,
+        affected_were_queued: true,
+        min_workers: 2,
+        ..Expect::default()
+    })
+    .await
 }
 
 /// (c) SIGKILL of the coordinator while workers train; started again on the same port.
@@ -902,7 +958,13 @@ async fn coordinator_restart(svc: &mut Services) -> (Row, Vec<String>) {
     w.client = w.coordinator().client().await;
     w.notes
         .push(format!("down {:.1} s until serving again", now_s() - t0));
-    w.finish(Some(t0), &running, &[], false).await
+    w.finish(Expect {
+        fault_at: Some(t0),
+        affected: &running,
+        min_workers: 2,
+        ..Expect::default()
+    })
+    .await
 }
 
 /// (d) Postgres stopped (fast) for 2 s and started again while workers train and a client keeps
@@ -967,7 +1029,13 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
         format!("submissions during the Postgres outage were refused with codes other than UNAVAILABLE: {other:?}")
     });
     w.jobs.extend(acked);
-    w.finish(Some(t0), &running, &[], false).await
+    w.finish(Expect {
+        fault_at: Some(t0),
+        affected: &running,
+        min_workers: 2,
+        ..Expect::default()
+    })
+    .await
 }
 
 /// (e) Two workers race for the same jobs: every id is pushed three more times, and both
@@ -991,9 +1059,13 @@ async fn worker_race(svc: &mut Services) -> (Row, Vec<String>) {
     w.start_worker("w1");
     w.start_worker("w2");
     w.notes.push("every id pushed 4 times".into());
-    let (row, mut failures) = w.finish(None, &[], &[], true).await;
     // Both workers must have taken part, or there was no race.
-    (row, std::mem::take(&mut failures))
+    w.finish(Expect {
+        single_attempt: true,
+        min_workers: 2,
+        ..Expect::default()
+    })
+    .await
 }
 
 /// (f) SIGTERM of a worker mid-training: it stops at a step boundary and hands its job back,
@@ -1020,12 +1092,12 @@ async fn worker_sigterm(svc: &mut Services) -> (Row, Vec<String>) {
     }
     w.workers.insert("w1-terminated".into(), p);
     w.start_worker("w3");
-    w.finish(
-        Some(t0),
-        std::slice::from_ref(&victim),
-        &[(victim.clone(), AttemptOutcome::HandedBack)],
-        false,
-    )
+    w.finish(Expect {
+        fault_at: Some(t0),
+        affected: std::slice::from_ref(&victim),
+        resumed: &[(victim.clone(), AttemptOutcome::HandedBack)],
+        ..Expect::default()
+    })
     .await
 }
 
@@ -1060,8 +1132,10 @@ fn table(rows: &[Row]) -> String {
 /// coordinator or Postgres went down), the time from the fault's injection to the job's first
 /// sign of progress after it: a claim (Attempt.claimed_at) or a stored metric point
 /// (metric_points.recorded_at), whichever comes first; averaged over those jobs. It includes
-/// the time the service is down and the lease timeout (3 s) where a lease must expire, and for
-/// queued jobs the wait for a free worker.
+/// the time the service is down, and the lease timeout (3 s) where a lease must expire. For the
+/// jobs that were queued at the fault it is counted from when the worker that claimed them
+/// became free (the end of that worker's previous attempt, if after the fault), so it measures
+/// how long a free worker waited for a lost id, not the queue's length.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 // The lock is held for the whole test on purpose: it keeps other training tests of this binary
 // from running during the suite; nothing else in the test takes it.
