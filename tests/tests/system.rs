@@ -275,7 +275,8 @@ async fn cancelling_a_running_job_stops_the_worker_which_then_takes_the_next_job
     let env = TestEnv::new();
     let coordinator = env.start_coordinator(&[]).await;
     let mut client = coordinator.client().await;
-    let _worker = env.start_worker(&coordinator, "worker-c", &["--heartbeat-ms", "200"]);
+    // The default heartbeat (1 s), through which the worker learns of the cancellation.
+    let _worker = env.start_worker(&coordinator, "worker-c", &[]);
 
     // Long enough that it cannot finish on its own during the test.
     let long = parse_spec(&mnist_spec_json("long", 50, 0, 1000));

@@ -47,6 +47,8 @@ const MAX_POINTS_PER_REPORT: usize = 5_000;
 const FINAL_REPORT_PATIENCE: Duration = Duration::from_secs(300);
 /// Largest data chunk of an artifact upload (the coordinator accepts 4 MiB).
 pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
+/// How long a popped job id is retried at ClaimJob while the coordinator is unreachable.
+const CLAIM_PATIENCE: Duration = Duration::from_secs(30);
 /// Tries at downloading a transfer's source checkpoint before the attempt fails (retryably).
 const SOURCE_DOWNLOAD_TRIES: u32 = 5;
 
@@ -151,12 +153,28 @@ impl Agent {
             job_id: job_id.to_string(),
             worker_id: self.worker_id.clone(),
         };
-        let claimed = match client.claim_job(request).await {
-            Ok(r) => r.into_inner(),
-            Err(status) => {
-                // The job stays queued in Postgres; the coordinator's reconciler re-dispatches it.
-                warn!(job_id, error = %status, "claim failed");
-                return Flow::Continue;
+        // The popped id is gone from Redis: while the coordinator is unreachable (restarting),
+        // keep trying for a while rather than leave the job to the reconciler's re-dispatch delay.
+        let deadline = tokio::time::Instant::now() + CLAIM_PATIENCE;
+        let mut backoff = Backoff::new();
+        let claimed = loop {
+            match client.claim_job(request.clone()).await {
+                Ok(r) => break r.into_inner(),
+                Err(status)
+                    if is_transient(&status) && tokio::time::Instant::now() < deadline =>
+                {
+                    let wait = backoff.next();
+                    warn!(job_id, error = %status, retry_in_ms = wait.as_millis() as u64, "claim failed; retrying");
+                    tokio::select! {
+                        _ = &mut *shutdown => return Flow::Shutdown,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+                Err(status) => {
+                    // The job stays queued in Postgres; the coordinator's reconciler re-dispatches it.
+                    warn!(job_id, error = %status, "claim failed");
+                    return Flow::Continue;
+                }
             }
         };
         let (Some(lease), true) = (claimed.lease, claimed.claimed) else {
@@ -656,6 +674,14 @@ async fn send_metrics(
         pending.drain(..n);
     }
     Ok(())
+}
+
+/// The coordinator (or its database) is unreachable for now: worth retrying.
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+    )
 }
 
 /// The coordinator refuses writes from an attempt that no longer holds the job.

@@ -1289,7 +1289,16 @@ mod tests {
             .map(|f| (f.kind.as_str(), f.name.as_str(), f.epoch))
             .collect();
         let mut want_files: Vec<(String, String, u32)> = (1..=epochs)
-            .map(|e| ("checkpoint".into(), format!("epoch-{e:03}.safetensors"), e))
+            .flat_map(|e| {
+                [
+                    ("checkpoint".into(), format!("epoch-{e:03}.safetensors"), e),
+                    (
+                        "resume".into(),
+                        checkpoint::resume_file_name(u64::from(e) * per_epoch as u64),
+                        e,
+                    ),
+                ]
+            })
             .collect();
         want_files.push(("samples".into(), "samples.png".into(), epochs));
         want_files.push((

@@ -3,7 +3,11 @@
 //! at a time and prints a table of submit -> running and submit -> first metric point, as seen
 //! by a WatchJob client.
 //!
-//! Run: `cargo build --workspace --bins && cargo run -p tests --bin trainq-latency -- [jobs]`
+//! Then cancellation: a long job trains, is cancelled, and a small job is submitted at once; the
+//! worker (default 1 s heartbeat) can claim the small job only once it has stopped the cancelled
+//! one, so cancel -> small job running bounds how long a cancelled job kept training.
+//!
+//! Run: `cargo build --workspace --bins && cargo run -p tests --bin trainq-latency -- [jobs] [cancels]`
 
 use std::time::{Duration, Instant};
 
@@ -18,9 +22,15 @@ async fn main() -> anyhow::Result<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(5);
+    let cancels: usize = std::env::args()
+        .nth(2)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(3);
     let env = TestEnv::new();
     let coordinator = env.start_coordinator(&[]).await;
-    let _worker = env.start_worker(&coordinator, "latency-worker", &["--heartbeat-ms", "500"]);
+    // Default heartbeat (1 s): cancellation is learnt from a heartbeat.
+    let _worker = env.start_worker(&coordinator, "latency-worker", &[]);
     let mut client = coordinator.client().await;
 
     let spec_json = |name: &str| {
@@ -74,5 +84,61 @@ async fn main() -> anyhow::Result<()> {
         };
         println!("| {label} | {} | {} |", ms(running), ms(first_point));
     }
+
+    println!();
+    println!("| cancel | cancel -> worker free (small job running) (ms) |");
+    println!("| --- | --- |");
+    for i in 1..=cancels {
+        let long: v1::JobSpec =
+            serde_json::from_str(&mnist_spec_json(&format!("long-{i}"), 50, 0, 1000))?;
+        let long_id = client
+            .submit_job(v1::SubmitJobRequest { spec: Some(long) })
+            .await?
+            .into_inner()
+            .job_id;
+        wait_state(&mut client, &long_id, JobState::Running, true).await?;
+        // Let it train for a moment past its first report.
+        tokio::time::sleep(Duration::from_millis(300 * i as u64)).await;
+        let t0 = Instant::now();
+        client
+            .cancel_job(v1::CancelJobRequest {
+                job_id: long_id,
+                reason: "latency benchmark".into(),
+            })
+            .await?;
+        let small: v1::JobSpec = serde_json::from_str(&spec_json(&format!("after-cancel-{i}")))?;
+        let small_id = client
+            .submit_job(v1::SubmitJobRequest { spec: Some(small) })
+            .await?
+            .into_inner()
+            .job_id;
+        wait_state(&mut client, &small_id, JobState::Running, false).await?;
+        println!("| {i} | {:.0} |", t0.elapsed().as_secs_f64() * 1e3);
+        wait_terminal(&mut client, &small_id, Duration::from_secs(300)).await?;
+    }
     Ok(())
+}
+
+/// Polls (every 10 ms) until the job is in `state` (or past it) and, with `with_metrics`, has
+/// reported a metric.
+async fn wait_state(
+    client: &mut v1::job_service_client::JobServiceClient<tonic::transport::Channel>,
+    id: &str,
+    state: JobState,
+    with_metrics: bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let job = client
+            .get_job(v1::GetJobRequest { job_id: id.into() })
+            .await?
+            .into_inner();
+        if (job.state() == state && (!with_metrics || !job.latest_metrics.is_empty()))
+            || is_terminal(job.state())
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(Instant::now() < deadline, "job {id} never reached {state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
