@@ -160,9 +160,7 @@ impl Agent {
         let claimed = loop {
             match client.claim_job(request.clone()).await {
                 Ok(r) => break r.into_inner(),
-                Err(status)
-                    if is_transient(&status) && tokio::time::Instant::now() < deadline =>
-                {
+                Err(status) if is_transient(&status) && tokio::time::Instant::now() < deadline => {
                     let wait = backoff.next();
                     warn!(job_id, error = %status, retry_in_ms = wait.as_millis() as u64, "claim failed; retrying");
                     tokio::select! {
@@ -924,6 +922,36 @@ mod tests {
         assert_eq!(header.sha256, header.sha256.to_lowercase());
         assert_eq!(sizes, &vec![UPLOAD_CHUNK_BYTES, UPLOAD_CHUNK_BYTES, 1000]);
         assert_eq!(bytes, &f.bytes);
+    }
+
+    #[test]
+    fn a_queued_training_state_is_replaced_by_a_newer_one_and_nothing_else_is() {
+        let state = |step: u64| {
+            Event::Artifact(ArtifactFile {
+                kind: checkpoint::RESUME_KIND.into(),
+                name: checkpoint::resume_file_name(step),
+                epoch: 1,
+                step,
+                bytes: vec![1, 2, 3],
+            })
+        };
+        let mut outbox = Outbox::default();
+        outbox.push(state(4));
+        outbox.push(Event::Artifact(file("epoch-001.safetensors", 8)));
+        outbox.push(state(8));
+        outbox.push(state(12));
+        let queued: Vec<String> = outbox
+            .queue
+            .iter()
+            .map(|item| match item {
+                Outgoing::Artifact(f) => f.name.clone(),
+                Outgoing::Metrics(_) => "metrics".into(),
+            })
+            .collect();
+        assert_eq!(
+            queued,
+            ["epoch-001.safetensors", "step-000000012.safetensors"]
+        );
     }
 
     #[tokio::test]
