@@ -39,6 +39,16 @@ pub struct Config {
     )]
     pub database_url: String,
 
+    /// How long a request waits for a database connection before it answers UNAVAILABLE, so
+    /// that calls fail fast while Postgres is down or restarting instead of hanging.
+    #[arg(long, env = "TRAINQ_DB_ACQUIRE_TIMEOUT_MS", default_value_t = 3_000)]
+    pub db_acquire_timeout_ms: u64,
+
+    /// How long start-up waits for Postgres to be reachable (retrying with backoff, one log line
+    /// per failure) before the coordinator gives up and exits with an error.
+    #[arg(long, env = "TRAINQ_DB_WAIT_MS", default_value_t = 60_000)]
+    pub db_wait_ms: u64,
+
     /// Redis, which carries only job ids. The server starts and serves even when it is down.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
@@ -48,7 +58,9 @@ pub struct Config {
     pub redis_prefix: String,
 
     /// How long a claim or heartbeat keeps a job leased to its worker. A worker that is silent
-    /// for longer loses the job to the lease reaper.
+    /// for longer loses the job to the lease reaper. The reaper also holds back for this long
+    /// after start-up and after the database failed, so workers can renew leases that nobody
+    /// could renew meanwhile.
     #[arg(long, env = "TRAINQ_LEASE_TIMEOUT_MS", default_value_t = 30_000)]
     pub lease_timeout_ms: u64,
 
@@ -98,6 +110,14 @@ impl Config {
     pub fn retry_backoff(&self) -> Duration {
         Duration::from_millis(self.retry_backoff_ms)
     }
+
+    pub fn db_acquire_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_acquire_timeout_ms.max(1))
+    }
+
+    pub fn db_wait(&self) -> Duration {
+        Duration::from_millis(self.db_wait_ms)
+    }
 }
 
 #[cfg(test)]
@@ -117,6 +137,8 @@ mod tests {
         assert_eq!(c.lease_timeout(), Duration::from_millis(5));
         assert_eq!(c.artifacts, "file://./artifacts");
         assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.db_acquire_timeout(), Duration::from_secs(3));
+        assert_eq!(c.db_wait(), Duration::from_secs(60));
         assert!(Config::try_parse_from(["trainq-server", "--log-format", "xml"]).is_err());
     }
 }

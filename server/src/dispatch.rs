@@ -4,7 +4,12 @@
 //! [`Keys::ready_queue`]; workers pop them and claim the job over gRPC. Redis is disposable: a
 //! failed push is logged and left to the reconciler, and the coordinator starts and serves while
 //! Redis is down. The connection is made lazily and then kept by a `ConnectionManager`, which
-//! reconnects by itself.
+//! reconnects by itself: after a failure the next command reconnects, and the reconciler's
+//! interval paces those tries.
+//!
+//! Redis losing its keys (FLUSHALL, a restart without persistence) is detected with a marker key
+//! ([`Keys::alive_marker`]) that the reconciler sets with `SET NX` at every round: when that
+//! succeeds the marker was missing, and every queued job is pushed again at once.
 //!
 //! Must not store anything but job ids, and must not be the reason a request fails: callers
 //! treat every error from here as "try again later".
@@ -35,6 +40,8 @@ pub struct Dispatcher {
     keys: Keys,
     /// Set on the first successful connection; empty while Redis has never been reachable.
     conn: OnceCell<ConnectionManager>,
+    /// The alive marker's value: which coordinator set it (for operators).
+    token: String,
 }
 
 impl Dispatcher {
@@ -44,6 +51,7 @@ impl Dispatcher {
             client: redis::Client::open(redis_url)?,
             keys: Keys::new(prefix),
             conn: OnceCell::new(),
+            token: format!("coordinator {}", Uuid::new_v4()),
         })
     }
 
@@ -86,6 +94,28 @@ impl Dispatcher {
             cmd.arg(id.to_string());
         }
         let _len: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Sets the alive marker unless it is there (`SET NX`). True when it was missing: Redis is
+    /// new to this prefix or lost its keys, so ids pushed before may be gone.
+    pub async fn mark_alive(&self) -> Result<bool, DispatchError> {
+        let mut conn = self.connection().await?;
+        let cmd = redis::cmd("SET")
+            .arg(self.keys.alive_marker())
+            .arg(&self.token)
+            .arg("NX")
+            .to_owned();
+        let set: Option<String> = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(set.is_some())
+    }
+
+    /// Deletes the alive marker, so the next [`Self::mark_alive`] reports it missing (when the
+    /// re-push it announced could not be prepared; and test clean-up).
+    pub async fn forget_alive(&self) -> Result<(), DispatchError> {
+        let mut conn = self.connection().await?;
+        let cmd = redis::cmd("DEL").arg(self.keys.alive_marker()).to_owned();
+        let _deleted: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
         Ok(())
     }
 
@@ -144,6 +174,17 @@ mod tests {
         d.delete_queue().await.expect("clean up");
         assert_eq!(queued, ids.iter().map(Uuid::to_string).collect::<Vec<_>>());
         assert!(d.keys().ready_queue().starts_with(d.keys().prefix()));
+    }
+
+    #[tokio::test]
+    async fn the_alive_marker_is_reported_missing_only_until_it_is_set() {
+        let d = unique_dispatcher();
+        let first = d.mark_alive().await.expect("redis is reachable");
+        let second = d.mark_alive().await.expect("redis is reachable");
+        d.forget_alive().await.expect("del");
+        let after_loss = d.mark_alive().await.expect("redis is reachable");
+        d.forget_alive().await.expect("clean up");
+        assert_eq!((first, second, after_loss), (true, false, true));
     }
 
     #[tokio::test]

@@ -28,6 +28,11 @@ pub const MAX_WORKER_ID_CHARS: usize = 256;
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest ListJobs page.
 pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Most metric names one GetMetrics call may ask for (documented in the .proto).
+pub const MAX_METRIC_NAMES: usize = 64;
+/// Largest request message either service decodes (documented in the .proto: 8 MiB); a larger
+/// one is refused with RESOURCE_EXHAUSTED before it is decoded.
+pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Longest delay before a retry, whatever the attempt number.
 pub const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(3600);
 
@@ -216,6 +221,12 @@ pub const MAX_UPLOAD_CHUNK_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_ARTIFACT_KIND_CHARS: usize = 32;
 /// Longest artifact file name, in characters.
 pub const MAX_ARTIFACT_NAME_CHARS: usize = 128;
+/// The artifact kind of a resumable training state: it names its step, a claim hands the newest
+/// one to the next attempt, and only the newest [`KEPT_RESUME_STATES`] of a job are kept.
+pub const RESUME_KIND: &str = "resume";
+/// How many `resume` artifacts of a job are kept (the newest by step); older ones are deleted.
+/// Two, so that a state that turns out unreadable still leaves one to fall back on.
+pub const KEPT_RESUME_STATES: i64 = 2;
 
 /// Checks an artifact kind: 1..=32 characters of `[a-z0-9_-]`.
 pub fn parse_artifact_kind(field: &str, text: &str) -> Result<String> {
@@ -268,6 +279,8 @@ pub struct ArtifactHeader {
     pub size_bytes: u64,
     /// Lowercase hex SHA-256 the data must hash to.
     pub sha256: String,
+    /// Global optimiser step; 0 when not tied to a step, at least 1 for [`RESUME_KIND`].
+    pub step: i64,
 }
 
 impl TryFrom<v1::UploadArtifactHeader> for ArtifactHeader {
@@ -286,6 +299,14 @@ impl TryFrom<v1::UploadArtifactHeader> for ArtifactHeader {
         let name = parse_artifact_name("header.name", &h.name)?;
         let epoch =
             i32::try_from(h.epoch).map_err(|_| Error::invalid("header.epoch", "is too large"))?;
+        let step =
+            i64::try_from(h.step).map_err(|_| Error::invalid("header.step", "is too large"))?;
+        if kind == RESUME_KIND && step < 1 {
+            return Err(Error::invalid(
+                "header.step",
+                format!("a {RESUME_KIND} artifact must name its step (>= 1), got {step}"),
+            ));
+        }
         if h.size_bytes > MAX_ARTIFACT_BYTES {
             return Err(Error::invalid(
                 "header.size_bytes",
@@ -312,6 +333,7 @@ impl TryFrom<v1::UploadArtifactHeader> for ArtifactHeader {
             epoch,
             size_bytes: h.size_bytes,
             sha256: h.sha256,
+            step,
         })
     }
 }
@@ -380,6 +402,61 @@ impl TryFrom<v1::ListArtifactsRequest> for ArtifactQuery {
 fn parse_uuid_field(field: &str, text: &str) -> Result<Uuid> {
     Uuid::parse_str(text)
         .map_err(|_| Error::invalid(field, format!("must be a UUID, got {text:?}")))
+}
+
+/// Which metric series GetMetrics returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsQuery {
+    pub job_id: Uuid,
+    /// Only these names; empty for every metric.
+    pub names: Vec<String>,
+}
+
+impl TryFrom<v1::GetMetricsRequest> for MetricsQuery {
+    type Error = Error;
+
+    fn try_from(req: v1::GetMetricsRequest) -> Result<Self> {
+        let job_id = parse_job_id("job_id", &req.job_id)?;
+        if req.names.len() > MAX_METRIC_NAMES {
+            return Err(Error::invalid(
+                "names",
+                format!("at most {MAX_METRIC_NAMES} names, got {}", req.names.len()),
+            ));
+        }
+        for (i, name) in req.names.iter().enumerate() {
+            let n = name.chars().count();
+            if n == 0 || n > MAX_METRIC_NAME_CHARS {
+                return Err(Error::invalid(
+                    format!("names[{i}]"),
+                    format!("must be 1 to {MAX_METRIC_NAME_CHARS} characters, got {n}"),
+                ));
+            }
+        }
+        Ok(MetricsQuery {
+            job_id,
+            names: req.names,
+        })
+    }
+}
+
+/// A worker's report that its attempt succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub lease: Lease,
+    /// Optimiser steps the job trained in all.
+    pub final_step: i64,
+}
+
+impl TryFrom<v1::CompleteJobRequest> for Completion {
+    type Error = Error;
+
+    fn try_from(req: v1::CompleteJobRequest) -> Result<Self> {
+        Ok(Completion {
+            lease: Lease::try_from(req.lease)?,
+            final_step: i64::try_from(req.final_step)
+                .map_err(|_| Error::invalid("final_step", "is too large"))?,
+        })
+    }
 }
 
 /// A worker's batch of metric points for its current attempt.
@@ -497,11 +574,12 @@ impl PageToken {
     }
 }
 
-/// How long a job waits before its next attempt, after `attempt` failed: `base * 2^(attempt-1)`,
-/// capped at [`MAX_RETRY_BACKOFF`], then drawn uniformly from its upper half so that jobs that
-/// failed together do not come back together.
-pub fn retry_backoff(base: Duration, attempt: i32, rng: &mut impl Rng) -> Duration {
-    let doublings = attempt.saturating_sub(1).clamp(0, 30) as u32;
+/// How long a job waits before its next attempt, once `failed_attempts` attempts have failed
+/// (counting the one that just did): `base * 2^(failed_attempts-1)`, capped at
+/// [`MAX_RETRY_BACKOFF`], then drawn uniformly from its upper half so that jobs that failed
+/// together do not come back together. Hand-backs do not count, so they do not lengthen it.
+pub fn retry_backoff(base: Duration, failed_attempts: i32, rng: &mut impl Rng) -> Duration {
+    let doublings = failed_attempts.saturating_sub(1).clamp(0, 30) as u32;
     let full = base
         .saturating_mul(1u32 << doublings)
         .min(MAX_RETRY_BACKOFF);
@@ -529,21 +607,33 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_per_attempt_within_its_jitter_band_and_is_capped() {
+    fn backoff_doubles_per_failed_attempt_within_its_jitter_band_and_is_capped() {
         let mut rng = rand::rng();
         let base = Duration::from_millis(100);
-        for attempt in 1..=5 {
-            let full = base * (1 << (attempt - 1));
-            for _ in 0..50 {
-                let d = retry_backoff(base, attempt, &mut rng);
+        for failed in 1..=5 {
+            let full = base * (1 << (failed - 1));
+            let draws: Vec<Duration> = (0..50)
+                .map(|_| retry_backoff(base, failed, &mut rng))
+                .collect();
+            for d in &draws {
                 assert!(
-                    d >= full / 2 && d <= full,
-                    "attempt {attempt}: {d:?} outside [{:?}, {full:?}]",
+                    *d >= full / 2 && *d <= full,
+                    "{failed} failed: {d:?} outside [{:?}, {full:?}]",
                     full / 2
                 );
             }
+            assert!(
+                draws.iter().any(|d| *d != draws[0]),
+                "jittered, not one fixed delay"
+            );
         }
-        assert!(retry_backoff(base, 1000, &mut rng) <= MAX_RETRY_BACKOFF);
+        for failed in [40, 1000, i32::MAX] {
+            let d = retry_backoff(base, failed, &mut rng);
+            assert!(
+                d >= MAX_RETRY_BACKOFF / 2 && d <= MAX_RETRY_BACKOFF,
+                "capped: {d:?}"
+            );
+        }
     }
 
     #[test]
@@ -620,6 +710,7 @@ mod tests {
             epoch: 1,
             size_bytes: MAX_ARTIFACT_BYTES,
             sha256: "0".repeat(64),
+            step: 0,
         };
         assert!(ArtifactHeader::try_from(good.clone()).is_ok());
         let with = |f: fn(&mut v1::UploadArtifactHeader)| {
@@ -643,6 +734,99 @@ mod tests {
         );
         assert_eq!(with(|h| h.sha256 = "A".repeat(64)), "header.sha256");
         assert_eq!(with(|h| h.sha256 = "0".repeat(63)), "header.sha256");
+        assert_eq!(with(|h| h.step = u64::MAX), "header.step");
+    }
+
+    #[test]
+    fn a_resume_artifact_must_name_its_step_and_others_need_not() {
+        let header = |kind: &str, step: u64| v1::UploadArtifactHeader {
+            lease: Some(v1::JobLease {
+                job_id: Uuid::nil().to_string(),
+                attempt: 1,
+                worker_id: "w".into(),
+            }),
+            kind: kind.into(),
+            name: "state.safetensors".into(),
+            epoch: 0,
+            size_bytes: 1,
+            sha256: "0".repeat(64),
+            step,
+        };
+        assert_eq!(
+            invalid_field(ArtifactHeader::try_from(header(RESUME_KIND, 0))),
+            "header.step"
+        );
+        assert_eq!(
+            ArtifactHeader::try_from(header(RESUME_KIND, 1))
+                .expect("step 1")
+                .step,
+            1
+        );
+        assert_eq!(
+            ArtifactHeader::try_from(header("checkpoint", 0))
+                .expect("no step needed")
+                .step,
+            0
+        );
+    }
+
+    #[test]
+    fn get_metrics_takes_at_most_64_names_of_1_to_128_characters() {
+        let req = |names: Vec<String>| v1::GetMetricsRequest {
+            job_id: Uuid::nil().to_string(),
+            names,
+        };
+        let ok = vec!["x".repeat(MAX_METRIC_NAME_CHARS); MAX_METRIC_NAMES];
+        assert_eq!(
+            MetricsQuery::try_from(req(ok.clone()))
+                .expect("at the limits")
+                .names,
+            ok
+        );
+        assert_eq!(
+            invalid_field(MetricsQuery::try_from(req(vec![
+                "a".into();
+                MAX_METRIC_NAMES + 1
+            ]))),
+            "names"
+        );
+        assert_eq!(
+            invalid_field(MetricsQuery::try_from(req(vec!["a".into(), String::new()]))),
+            "names[1]"
+        );
+        assert_eq!(
+            invalid_field(MetricsQuery::try_from(req(vec!["é".repeat(129)]))),
+            "names[0]"
+        );
+        assert_eq!(
+            invalid_field(MetricsQuery::try_from(v1::GetMetricsRequest {
+                job_id: "nope".into(),
+                names: vec![],
+            })),
+            "job_id"
+        );
+    }
+
+    #[test]
+    fn a_completion_carries_its_final_step_within_the_stores_range() {
+        let lease = Some(v1::JobLease {
+            job_id: Uuid::nil().to_string(),
+            attempt: 1,
+            worker_id: "w".into(),
+        });
+        let done = Completion::try_from(v1::CompleteJobRequest {
+            lease: lease.clone(),
+            final_step: 1234,
+        })
+        .expect("valid");
+        assert_eq!(done.final_step, 1234);
+        assert_eq!(
+            invalid_field(Completion::try_from(v1::CompleteJobRequest {
+                lease,
+                final_step: u64::MAX,
+            })),
+            "final_step"
+        );
     }
 
     #[test]

@@ -2,13 +2,21 @@
 //!
 //! Store, domain and api functions return [`Error`]; the gRPC layer converts with `?` through
 //! `From<Error> for Status`. (Redis failures have their own `dispatch::DispatchError` because they
-//! never reach a client: a failed push is logged and left to the reconciler.) Internal errors are logged here in full and reach the client only as
-//! a short message. Messages are lowercase with no trailing period.
+//! never reach a client: a failed push is logged and left to the reconciler.) Internal errors
+//! are logged here in full and reach the client only as a short message. Messages are lowercase
+//! with no trailing period. A database that is down or restarting is UNAVAILABLE, never
+//! INTERNAL ([`is_unavailable`]). [`OversizedIsResourceExhausted`] corrects the one status tonic
+//! produces on its own that the contract words differently.
 //!
 //! Must not build a `tonic::Status` anywhere else, and must not leak SQL or driver messages to
 //! clients.
 
+use std::task::{Context, Poll};
+
+use futures::TryFutureExt as _;
 use proto::spec::FieldViolation;
+use tonic::codegen::http;
+use tonic::server::NamedService;
 use tonic::Status;
 
 /// Everything that can go wrong while serving a request.
@@ -89,19 +97,75 @@ impl From<anyhow::Error> for Error {
 }
 
 /// True when the error says "the database is not there right now" rather than "the query is
-/// wrong": connection failures, pool timeouts, and the server shutting down or starting up.
+/// wrong": connection failures (refused, reset, closed mid-message: `Io`, and `Protocol` for a
+/// connection that ended in the middle of the wire protocol), pool timeouts and a closed pool,
+/// a crashed connection worker, and the server refusing or dropping connections because it is
+/// shutting down, crashed, starting up or full.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
         | sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // Class 08: connection exception; 57P01..57P03: admin shutdown, crash, cannot connect now.
-            code.starts_with("08") || matches!(code.as_ref(), "57P01" | "57P02" | "57P03")
-        }),
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_unavailable_sqlstate(&code)),
         _ => false,
     }
+}
+
+/// Class 08: connection exception; 57P01..57P03: admin shutdown, crash shutdown, cannot connect
+/// now (starting up or in recovery); 53300: too many connections.
+fn is_unavailable_sqlstate(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300")
+}
+
+/// Wraps a gRPC service so that a request larger than its decoding limit is refused with
+/// RESOURCE_EXHAUSTED, as the gRPC specification and the .proto say, instead of the
+/// OUT_OF_RANGE that tonic answers. The status travels in the response headers (a
+/// trailers-only response), which is what is rewritten; nothing else is touched.
+#[derive(Debug, Clone)]
+pub struct OversizedIsResourceExhausted<S>(pub S);
+
+impl<S: NamedService> NamedService for OversizedIsResourceExhausted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type HttpResponse = http::Response<tonic::body::Body>;
+
+impl<S, B> tonic::codegen::Service<http::Request<B>> for OversizedIsResourceExhausted<S>
+where
+    S: tonic::codegen::Service<http::Request<B>, Response = HttpResponse>,
+{
+    type Response = HttpResponse;
+    type Error = S::Error;
+    type Future = futures::future::MapOk<S::Future, fn(HttpResponse) -> HttpResponse>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        self.0
+            .call(request)
+            .map_ok(oversized_is_resource_exhausted as fn(HttpResponse) -> HttpResponse)
+    }
+}
+
+fn oversized_is_resource_exhausted(mut response: HttpResponse) -> HttpResponse {
+    let headers = response.headers_mut();
+    let out_of_range = headers
+        .get("grpc-status")
+        .is_some_and(|v| v.as_bytes() == b"11");
+    // grpc-message is percent-encoded.
+    let oversized = headers
+        .get("grpc-message")
+        .and_then(|m| m.to_str().ok())
+        .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    if out_of_range && oversized {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    response
 }
 
 impl From<Error> for Status {
@@ -159,6 +223,10 @@ mod tests {
             "internal error",
             "details stay in the log"
         );
+        let closed = Status::from(Error::from(sqlx::Error::Protocol(
+            "connection closed unexpectedly".into(),
+        )));
+        assert_eq!(closed.code(), Code::Unavailable);
         let store = Status::from(Error::from(object_store::Error::NotImplemented {
             operation: "put".into(),
             implementer: "test".into(),
@@ -167,5 +235,105 @@ mod tests {
             (store.code(), store.message()),
             (Code::Unavailable, "artifact store unavailable, retry later")
         );
+    }
+}
+
+#[cfg(test)]
+mod unavailable_tests {
+    use std::borrow::Cow;
+    use std::io;
+
+    use super::*;
+
+    /// A database error with only a SQLSTATE, as Postgres would send it.
+    #[derive(Debug)]
+    struct Sqlstate(&'static str);
+
+    impl std::fmt::Display for Sqlstate {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "sqlstate {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Sqlstate {}
+
+    impl sqlx::error::DatabaseError for Sqlstate {
+        fn message(&self) -> &str {
+            "test"
+        }
+        fn code(&self) -> Option<Cow<'_, str>> {
+            Some(Cow::Borrowed(self.0))
+        }
+        fn as_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn as_error_mut(&mut self) -> &mut (dyn std::error::Error + Send + Sync + 'static) {
+            self
+        }
+        fn into_error(self: Box<Self>) -> Box<dyn std::error::Error + Send + Sync + 'static> {
+            self
+        }
+        fn kind(&self) -> sqlx::error::ErrorKind {
+            sqlx::error::ErrorKind::Other
+        }
+    }
+
+    fn code_of(e: sqlx::Error) -> tonic::Code {
+        Status::from(Error::from(e)).code()
+    }
+
+    #[test]
+    fn a_database_that_is_down_or_restarting_is_unavailable_and_a_bad_query_is_internal() {
+        let unavailable = [
+            sqlx::Error::PoolTimedOut,
+            sqlx::Error::PoolClosed,
+            sqlx::Error::WorkerCrashed,
+            sqlx::Error::Io(io::Error::from(io::ErrorKind::ConnectionRefused)),
+            sqlx::Error::Io(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            sqlx::Error::Protocol("connection closed".into()),
+            sqlx::Error::Database(Box::new(Sqlstate("08006"))),
+            sqlx::Error::Database(Box::new(Sqlstate("08001"))),
+            sqlx::Error::Database(Box::new(Sqlstate("57P01"))),
+            sqlx::Error::Database(Box::new(Sqlstate("57P02"))),
+            sqlx::Error::Database(Box::new(Sqlstate("57P03"))),
+            sqlx::Error::Database(Box::new(Sqlstate("53300"))),
+        ];
+        for e in unavailable {
+            let shown = format!("{e:?}");
+            assert_eq!(code_of(e), tonic::Code::Unavailable, "{shown}");
+        }
+        let internal = [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::ColumnNotFound("x".into()),
+            sqlx::Error::Database(Box::new(Sqlstate("42P01"))), // undefined table
+            sqlx::Error::Database(Box::new(Sqlstate("23505"))), // unique violation
+            sqlx::Error::Database(Box::new(Sqlstate("57014"))), // query cancelled
+        ];
+        for e in internal {
+            let shown = format!("{e:?}");
+            assert_eq!(code_of(e), tonic::Code::Internal, "{shown}");
+        }
+    }
+
+    #[test]
+    fn only_an_oversized_request_becomes_resource_exhausted() {
+        let response = |status: &'static str, message: &'static str| {
+            let mut r = HttpResponse::new(tonic::body::Body::empty());
+            r.headers_mut()
+                .insert("grpc-status", http::HeaderValue::from_static(status));
+            r.headers_mut()
+                .insert("grpc-message", http::HeaderValue::from_static(message));
+            r
+        };
+        let status_of = |r: HttpResponse| r.headers()["grpc-status"].clone();
+        let oversized = response(
+            "11",
+            "Error,%20decoded%20message%20length%20too%20large:%20found%209000000%20bytes",
+        );
+        assert_eq!(status_of(oversized_is_resource_exhausted(oversized)), "8");
+        let other = response("11", "step%20out%20of%20range");
+        assert_eq!(status_of(oversized_is_resource_exhausted(other)), "11");
+        let not_found = response("5", "message%20length%20too%20large");
+        assert_eq!(status_of(oversized_is_resource_exhausted(not_found)), "5");
     }
 }

@@ -45,6 +45,7 @@ pub use config::Config;
 use api::{AppState, JobApi, WorkerApi};
 use artifacts::ArtifactStore;
 use dispatch::Dispatcher;
+use error::OversizedIsResourceExhausted;
 use events::Notifier;
 use shutdown::Shutdown;
 
@@ -53,11 +54,13 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Longest pause between attempts to reach Postgres at start-up.
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(10);
+/// Longest start-up waits for Redis to say whether it lost its keys.
+const REDIS_CHECK_AT_START: Duration = Duration::from_secs(1);
 
 /// Prepares the database (creating and migrating it), starts the background loops and serves
-/// gRPC on `listener` until `shutdown` resolves; then stops accepting, lets in-flight calls
-/// finish, and stops the loops. Waits (with backoff) for Postgres if it is not up yet; serves
-/// whether or not Redis is up.
+/// gRPC on `listener` until `shutdown` resolves; then reports NOT_SERVING, stops accepting,
+/// lets in-flight calls finish, and stops the loops. Waits (with backoff, up to `--db-wait-ms`)
+/// for Postgres if it is not up yet; serves whether or not Redis is up.
 pub async fn run(
     config: Config,
     listener: TcpListener,
@@ -86,12 +89,27 @@ async fn serve_until(
 ) -> anyhow::Result<()> {
     let artifacts = ArtifactStore::open(&config.artifacts, &config.s3)
         .with_context(|| format!("opening the artifact store {:?}", config.artifacts))?;
-    let Some(pool) = connect_database(&config.database_url, signal.clone()).await? else {
+    let Some(pool) = connect_database(&config, signal.clone()).await? else {
         return Ok(()); // shut down before Postgres came up
     };
     let dispatcher = Arc::new(
         Dispatcher::new(&config.redis_url, &config.redis_prefix).context("invalid REDIS_URL")?,
     );
+    // Before serving, so that a first start (or a Redis that lost its keys while we were down)
+    // re-pushes what is queued without racing the first submits. Bounded: Redis may be down,
+    // and then the reconciler does it later.
+    match tokio::time::timeout(
+        REDIS_CHECK_AT_START,
+        reconcile::ensure_redis_marked(&pool, &dispatcher),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "could not check redis at start; the reconciler will")
+        }
+        Err(_) => tracing::warn!("redis did not answer at start; the reconciler will check it"),
+    }
     let notifier = Notifier::new();
     let background = reconcile::spawn(
         reconcile::Background {
@@ -100,6 +118,7 @@ async fn serve_until(
             notifier: notifier.clone(),
             interval: config.reconcile_interval(),
             redispatch_after: config.redispatch_after(),
+            grace: Arc::new(reconcile::LeaseGrace::new(config.lease_timeout())),
         },
         signal.clone(),
     );
@@ -123,7 +142,10 @@ async fn serve_until(
 }
 
 /// Serves the two trainq services, gRPC health and reflection (v1 and v1alpha, so older grpcurl
-/// works) until the signal fires, then drains in-flight calls.
+/// works) until the signal fires; then reports NOT_SERVING for every service, stops accepting
+/// and drains in-flight calls (tonic's graceful shutdown waits for them; open WatchJob and
+/// download streams end on the same signal). Requests larger than
+/// [`domain::MAX_MESSAGE_BYTES`] are refused with RESOURCE_EXHAUSTED before decoding.
 async fn serve_grpc(
     state: Arc<AppState>,
     listener: TcpListener,
@@ -147,38 +169,53 @@ async fn serve_grpc(
                 .build_v1alpha()
                 .context("building reflection v1alpha")?,
         )
-        .add_service(JobServiceServer::new(JobApi::new(state.clone())))
-        .add_service(
-            // Upload chunks may be 4 MiB of data plus their framing; tonic's default limit is
-            // exactly 4 MiB.
+        .add_service(OversizedIsResourceExhausted(
+            JobServiceServer::new(JobApi::new(state.clone()))
+                .max_decoding_message_size(domain::MAX_MESSAGE_BYTES),
+        ))
+        .add_service(OversizedIsResourceExhausted(
+            // Upload chunks (4 MiB of data plus their framing) fit well within the limit.
             WorkerServiceServer::new(WorkerApi::new(state))
-                .max_decoding_message_size(domain::MAX_UPLOAD_CHUNK_BYTES + 1024),
-        )
+                .max_decoding_message_size(domain::MAX_MESSAGE_BYTES),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             signal.wait().await;
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
+                .await;
+            health.set_not_serving::<JobServiceServer<JobApi>>().await;
+            health
+                .set_not_serving::<WorkerServiceServer<WorkerApi>>()
                 .await;
         })
         .await
         .context("gRPC server failed")
 }
 
-/// Creates the database if missing, connects and migrates, retrying with backoff while Postgres
-/// cannot be reached. `None` if the shutdown signal fired first.
-async fn connect_database(url: &str, mut signal: Shutdown) -> anyhow::Result<Option<PgPool>> {
+/// Creates the database if missing, connects and migrates, retrying with backoff (a log line
+/// per failure) while Postgres cannot be reached, for at most `--db-wait-ms`. `None` if the
+/// shutdown signal fired first.
+async fn connect_database(config: &Config, mut signal: Shutdown) -> anyhow::Result<Option<PgPool>> {
+    let deadline = tokio::time::Instant::now() + config.db_wait();
     let mut delay = Duration::from_millis(250);
     loop {
-        match prepare_database(url).await {
+        let e = match prepare_database(&config.database_url, config.db_acquire_timeout()).await {
             Ok(pool) => return Ok(Some(pool)),
             Err(Prepare::Fatal(e)) => return Err(e),
-            Err(Prepare::Unreachable(e)) => {
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "postgres is not reachable yet");
-            }
+            Err(Prepare::Unreachable(e)) => e,
+        };
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Err(e.context(format!(
+                "postgres was not reachable within --db-wait-ms ({} ms)",
+                config.db_wait_ms
+            )));
         }
+        let pause = delay.min(left);
+        tracing::warn!(error = %format!("{e:#}"), retry_in = ?pause, "postgres is not reachable yet");
         tokio::select! {
             _ = signal.wait() => return Ok(None),
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
         delay = (delay * 2).min(MAX_CONNECT_BACKOFF);
     }
@@ -200,7 +237,7 @@ fn classify(e: sqlx::Error, what: &'static str) -> Prepare {
     }
 }
 
-async fn prepare_database(url: &str) -> Result<PgPool, Prepare> {
+async fn prepare_database(url: &str, acquire_timeout: Duration) -> Result<PgPool, Prepare> {
     if !Postgres::database_exists(url)
         .await
         .map_err(|e| classify(e, "checking the database"))?
@@ -213,9 +250,13 @@ async fn prepare_database(url: &str) -> Result<PgPool, Prepare> {
             }
         }
     }
+    // A short acquire timeout: while Postgres is down a call answers UNAVAILABLE quickly. Every
+    // connection is pinged before it is handed out, so connections that died with a Postgres
+    // restart are replaced instead of failing the call: the pool recovers by itself.
     let pool = PgPoolOptions::new()
         .max_connections(16)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(true)
         .connect(url)
         .await
         .map_err(|e| classify(e, "connecting to postgres"))?;

@@ -1,30 +1,75 @@
 //! Background loops that keep Postgres and Redis consistent, one task each:
 //!
 //! - the reconciler pushes queued jobs that are due (never pushed, pushed long ago, or past their
-//!   retry backoff). This is what makes Redis disposable: after a FLUSHALL or a failed push,
-//!   every queued job is dispatched again.
+//!   retry backoff). This is what makes Redis disposable: after a failed push the job is pushed
+//!   at the next round, and when Redis lost its keys (its alive marker is gone: FLUSHALL, a
+//!   restart without persistence, or simply a first start) every queued job is pushed at once.
 //! - the lease reaper takes jobs away from workers whose lease expired (crashed or cut off):
-//!   back to queued while attempts remain, else failed (and then so are the jobs waiting for it).
+//!   back to queued while failures are left, else failed (and then so are the jobs waiting for
+//!   it). It holds back while the coordinator's database connection has worked for less than a
+//!   lease timeout ([`LeaseGrace`]): after a coordinator or Postgres outage, leases look expired
+//!   only because nobody could renew them, and the workers that kept training get a chance to
+//!   heartbeat first.
 //!
 //! Both are safe to run in several coordinators at once (the store uses SKIP LOCKED and
 //! conditional updates). Must not hold job state between rounds, and must stop on shutdown.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::dispatch::Dispatcher;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::events::Notifier;
 use crate::shutdown::Shutdown;
 use crate::store::{self, ReapedJob};
 
 /// Most rows one statement of a round handles; a round repeats until nothing is left.
 const BATCH: i64 = 500;
+
+/// One reconciler round: if Redis lost its keys (see [`ensure_redis_marked`]) every queued job
+/// becomes due at once; then pushes every queued job that is due. Returns how many were pushed.
+pub async fn reconcile_queue(
+    pool: &PgPool,
+    dispatcher: &Dispatcher,
+    redispatch_after: Duration,
+) -> Result<usize> {
+    ensure_redis_marked(pool, dispatcher).await?;
+    dispatch_due(pool, dispatcher, redispatch_after).await
+}
+
+/// Sets Redis's alive marker if it is missing, and then makes every queued job due for a push
+/// (whatever was pushed before may be gone with the marker). An unreachable Redis is only
+/// logged: the push that follows fails as well and is retried. If the database cannot be told,
+/// the marker is removed again so that the next round retries the whole step.
+pub async fn ensure_redis_marked(pool: &PgPool, dispatcher: &Dispatcher) -> Result<()> {
+    match dispatcher.mark_alive().await {
+        Ok(true) => match store::forget_all_dispatches(pool).await {
+            Ok(n) => {
+                tracing::info!(
+                    jobs = n,
+                    "redis has no alive marker (first start, or it lost its keys): every queued job is pushed again"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(e) = dispatcher.forget_alive().await {
+                    tracing::warn!(error = %e, "could not remove the redis alive marker");
+                }
+                Err(e)
+            }
+        },
+        Ok(false) => Ok(()),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot check the redis alive marker");
+            Ok(())
+        }
+    }
+}
 
 /// Pushes every queued job that is due for dispatch; returns how many were pushed. On a failed
 /// push the batch is marked undispatched again, so the next round retries it.
@@ -73,6 +118,61 @@ pub async fn reap_expired(pool: &PgPool, notifier: &Notifier) -> Result<Vec<Reap
     }
 }
 
+/// Whether the lease reaper may take jobs away: only once the database has worked, without an
+/// error seen by the background loops, for at least one lease timeout. Right after start-up and
+/// right after an error, a lease may look expired only because its worker could not reach the
+/// coordinator or the coordinator could not reach Postgres; a worker that kept training renews
+/// it within one lease timeout of the database working again.
+#[derive(Debug)]
+pub struct LeaseGrace {
+    lease_timeout: Duration,
+    /// Since when the database has worked; `None` after an error, until the next success.
+    working_since: Mutex<Option<Instant>>,
+}
+
+impl LeaseGrace {
+    /// Starts counting now: the coordinator has just connected.
+    pub fn new(lease_timeout: Duration) -> Self {
+        Self {
+            lease_timeout,
+            working_since: Mutex::new(Some(Instant::now())),
+        }
+    }
+
+    /// A round reached the database: the clock starts now unless it is already running.
+    pub fn database_worked(&self) {
+        self.working_since().get_or_insert_with(Instant::now);
+    }
+
+    /// A round failed on the database: the clock stops until the next success.
+    pub fn database_failed(&self) {
+        *self.working_since() = None;
+    }
+
+    /// Records what a round that used the database says about it, and passes the result on.
+    pub fn observe<T>(&self, result: Result<T>) -> Result<T> {
+        match &result {
+            Ok(_) => self.database_worked(),
+            Err(Error::Unavailable(_) | Error::Database(_)) => self.database_failed(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// True once the database has worked for at least a lease timeout.
+    pub fn allows_reaping(&self) -> bool {
+        self.working_since()
+            .is_some_and(|since| since.elapsed() >= self.lease_timeout)
+    }
+
+    fn working_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
+        // The guarded value is a plain Option: a panic elsewhere cannot leave it half-written.
+        self.working_since
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// What the loops need.
 #[derive(Clone)]
 pub struct Background {
@@ -81,6 +181,8 @@ pub struct Background {
     pub notifier: Notifier,
     pub interval: Duration,
     pub redispatch_after: Duration,
+    /// Shared by both loops: both report database errors, the reaper obeys it.
+    pub grace: Arc<LeaseGrace>,
 }
 
 /// Starts the reconciler and the lease reaper; they end when `shutdown` fires.
@@ -90,7 +192,8 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
         every("reconciler", bg.interval, shutdown.clone(), move || {
             let bg = bg.clone();
             async move {
-                let n = dispatch_due(&bg.pool, &bg.dispatcher, bg.redispatch_after).await?;
+                let n = reconcile_queue(&bg.pool, &bg.dispatcher, bg.redispatch_after).await;
+                let n = bg.grace.observe(n)?;
                 if n > 0 {
                     tracing::info!(jobs = n, "reconciler dispatched queued jobs");
                 }
@@ -100,7 +203,16 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
     };
     let reaper = every("lease reaper", bg.interval, shutdown, move || {
         let bg = bg.clone();
-        async move { reap_expired(&bg.pool, &bg.notifier).await.map(drop) }
+        async move {
+            if !bg.grace.allows_reaping() {
+                tracing::debug!(
+                    "lease reaper holds back: the database has not worked for a lease timeout yet"
+                );
+                return Ok(());
+            }
+            let reaped = reap_expired(&bg.pool, &bg.notifier).await;
+            bg.grace.observe(reaped).map(drop)
+        }
     });
     vec![reconciler, reaper]
 }
@@ -133,4 +245,45 @@ where
         }
         tracing::debug!(task = name, "stopped");
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: Duration = Duration::from_secs(30);
+
+    #[tokio::test(start_paused = true)]
+    async fn the_reaper_waits_one_lease_timeout_after_start_up() {
+        let grace = LeaseGrace::new(LEASE);
+        assert!(!grace.allows_reaping(), "just started");
+        tokio::time::advance(LEASE - Duration::from_millis(1)).await;
+        grace.database_worked();
+        assert!(
+            !grace.allows_reaping(),
+            "a success does not restart a running clock, and it has not run long enough"
+        );
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(grace.allows_reaping(), "one lease timeout after start-up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_database_error_the_reaper_waits_one_lease_timeout_of_working_database() {
+        let grace = LeaseGrace::new(LEASE);
+        tokio::time::advance(LEASE * 2).await;
+        assert!(grace.allows_reaping());
+        grace.database_failed();
+        assert!(!grace.allows_reaping(), "the database just failed");
+        tokio::time::advance(LEASE * 3).await;
+        assert!(
+            !grace.allows_reaping(),
+            "no success since the error: an outage of any length keeps it waiting"
+        );
+        grace.database_worked();
+        tokio::time::advance(LEASE / 2).await;
+        grace.database_worked();
+        assert!(!grace.allows_reaping(), "back for half a lease timeout");
+        tokio::time::advance(LEASE / 2).await;
+        assert!(grace.allows_reaping(), "back for a whole lease timeout");
+    }
 }

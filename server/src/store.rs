@@ -13,6 +13,13 @@
 //! (the finished job, then its dependents by id), so that two dependencies ending at once see
 //! each other's outcome.
 //!
+//! Attempts: every claim inserts a `job_attempts` row (`running`, with the step of the training
+//! state it resumes from) and every way an attempt ends (completion, failure, lease expiry,
+//! hand-back, cancellation) closes it in the transaction that changes the job. Only failures and
+//! lease expiries count in `failed_attempts`, which is what `max_attempts` limits. After a
+//! `resume` artifact is recorded only the newest few of the job are kept; the deleted records
+//! come back to the caller, whose blob store deletes their objects.
+//!
 //! Must not touch Redis, must not know about gRPC types, and must not decide policy (how long a
 //! lease lasts, how long a retry waits): callers pass those in.
 
@@ -52,6 +59,36 @@ pub struct JobRow {
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     pub error: Option<String>,
+    /// Attempts that failed or whose lease expired (what `max_attempts` limits); hand-backs do
+    /// not count.
+    pub failed_attempts: i32,
+    /// Optimiser steps the job trained in all; set when it succeeded.
+    pub final_step: Option<i64>,
+}
+
+/// One row of `job_attempts`: one claim of a job and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct AttemptRow {
+    pub job_id: Uuid,
+    pub attempt: i32,
+    pub worker_id: String,
+    pub claimed_at: DateTime<Utc>,
+    /// `None` while the attempt runs.
+    pub ended_at: Option<DateTime<Utc>>,
+    /// `running`, `succeeded`, `failed`, `lease_expired`, `handed_back` or `cancelled`.
+    pub outcome: String,
+    /// The step of the training state the claim handed out (0: from scratch).
+    pub resumed_from_step: i64,
+    pub reason: Option<String>,
+}
+
+/// What a successful claim hands the worker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// The job as it is now: running under the new attempt.
+    pub job: JobRow,
+    /// The newest training state (kind `resume`, highest step) an earlier attempt stored.
+    pub resume_from: Option<ArtifactRow>,
 }
 
 /// A duration as the float milliseconds that SQL multiplies with `interval '1 millisecond'`.
@@ -297,6 +334,18 @@ pub async fn clear_dispatched(ex: impl PgExecutor<'_>, ids: &[Uuid]) -> Result<(
     Ok(())
 }
 
+/// Forgets every queued job's dispatch record, so the next [`take_due_for_dispatch`] pushes them
+/// all: for when Redis lost its keys (a FLUSHALL, a restart without persistence). Returns how
+/// many jobs that concerned.
+pub async fn forget_all_dispatches(ex: impl PgExecutor<'_>) -> Result<u64> {
+    let done = sqlx::query(
+        "UPDATE jobs SET dispatched_at = NULL WHERE state = 'queued' AND dispatched_at IS NOT NULL",
+    )
+    .execute(ex)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Picks up to `limit` queued jobs that are due for a push (never dispatched, or dispatched more
 /// than `redispatch_after` ago, and past their retry backoff), marks them dispatched now and
 /// returns their ids, oldest first. `SKIP LOCKED` keeps two coordinators from taking the same
@@ -333,14 +382,17 @@ pub async fn take_due_for_dispatch(
 
 /// Claims a queued job for `worker_id`: one conditional update, so of several claimers exactly
 /// one gets the row and the others get `None` (as does a claim of a job that is not queued, or
-/// is still in its retry backoff).
+/// is still in its retry backoff). In the same transaction it records the attempt (`running`)
+/// and picks the training state to resume from: the job's `resume` artifact with the highest
+/// step, stored by any earlier attempt.
 pub async fn claim_job(
-    ex: impl PgExecutor<'_>,
+    pool: &PgPool,
     id: Uuid,
     worker_id: &str,
     lease_for: Duration,
-) -> Result<Option<JobRow>> {
-    let row = sqlx::query_as::<_, JobRow>(
+) -> Result<Option<Claim>> {
+    let mut tx = pool.begin().await?;
+    let Some(job) = sqlx::query_as::<_, JobRow>(
         "UPDATE jobs
          SET state = 'running', attempt = attempt + 1, worker_id = $2,
              lease_expires_at = now() + $3 * interval '1 millisecond',
@@ -351,15 +403,66 @@ pub async fn claim_job(
     .bind(id)
     .bind(worker_id)
     .bind(millis(lease_for))
-    .fetch_optional(ex)
+    .fetch_optional(&mut *tx)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let resume_from = newest_resume_state(&mut *tx, id).await?;
+    sqlx::query(
+        "INSERT INTO job_attempts (job_id, attempt, worker_id, resumed_from_step)
+         VALUES ($1, $2, $3, $4)",
+    )
+    .bind(id)
+    .bind(job.attempt)
+    .bind(worker_id)
+    .bind(resume_from.as_ref().map_or(0, |a| a.step))
+    .execute(&mut *tx)
     .await?;
-    Ok(row)
+    tx.commit().await?;
+    Ok(Some(Claim { job, resume_from }))
+}
+
+/// The job's `resume` artifact with the highest step (the newest of equal steps), if any.
+pub async fn newest_resume_state(
+    ex: impl PgExecutor<'_>,
+    job_id: Uuid,
+) -> Result<Option<ArtifactRow>> {
+    Ok(sqlx::query_as(
+        "SELECT * FROM artifacts WHERE job_id = $1 AND kind = $2
+         ORDER BY step DESC, created_at DESC, id DESC LIMIT 1",
+    )
+    .bind(job_id)
+    .bind(domain::RESUME_KIND)
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// Ends the attempt's record with `outcome` (unless it already ended).
+async fn end_attempt(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    attempt: i32,
+    outcome: &str,
+    reason: Option<&str>,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE job_attempts SET outcome = $3, ended_at = now(), reason = $4
+         WHERE job_id = $1 AND attempt = $2 AND outcome = 'running'",
+    )
+    .bind(job_id)
+    .bind(attempt)
+    .bind(outcome)
+    .bind(reason)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Extends a current lease; `None` when the lease is no longer current (cancelled, reaped,
-/// finished), which tells the worker to stop.
+/// finished, handed back), which tells the worker to stop. NOT_FOUND for an unknown job.
 pub async fn heartbeat(
-    ex: impl PgExecutor<'_>,
+    pool: &PgPool,
     lease: &Lease,
     lease_for: Duration,
 ) -> Result<Option<DateTime<Utc>>> {
@@ -372,8 +475,11 @@ pub async fn heartbeat(
     .bind(lease.attempt)
     .bind(&lease.worker_id)
     .bind(millis(lease_for))
-    .fetch_optional(ex)
+    .fetch_optional(pool)
     .await?;
+    if expires.is_none() && job_holder(pool, lease.job_id).await?.is_none() {
+        return Err(Error::job_not_found(lease.job_id));
+    }
     Ok(expires)
 }
 
@@ -455,22 +561,25 @@ async fn insert_points(
     Ok(stored.max(0) as u64)
 }
 
-/// Marks the lease's attempt succeeded and, in the same transaction, promotes the dependents
-/// that were waiting only for it; returns their ids (now `queued`, undispatched). Idempotent:
-/// completing an attempt that already succeeded is OK (the worker may retry after a lost
-/// response) and changes nothing more; anything else is refused.
-pub async fn complete_job(pool: &PgPool, lease: &Lease) -> Result<Vec<Uuid>> {
+/// Marks the lease's attempt succeeded, with the steps it trained in all, and, in the same
+/// transaction, promotes the dependents that were waiting only for it; returns their ids (now
+/// `queued`, undispatched). Idempotent: completing an attempt that already succeeded is OK (the
+/// worker may retry after a lost response) and changes nothing more; anything else is refused.
+pub async fn complete_job(pool: &PgPool, lease: &Lease, final_step: i64) -> Result<Vec<Uuid>> {
     let mut tx = pool.begin().await?;
     let done = sqlx::query(
-        "UPDATE jobs SET state = 'succeeded', finished_at = now(), updated_at = now(), lease_expires_at = NULL
+        "UPDATE jobs SET state = 'succeeded', finished_at = now(), updated_at = now(),
+                         lease_expires_at = NULL, final_step = $4
          WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'",
     )
     .bind(lease.job_id)
     .bind(lease.attempt)
     .bind(&lease.worker_id)
+    .bind(final_step)
     .execute(&mut *tx)
     .await?;
     if done.rows_affected() == 1 {
+        end_attempt(&mut tx, lease.job_id, lease.attempt, "succeeded", None).await?;
         let queued = promote_dependents(&mut tx, lease.job_id).await?;
         tx.commit().await?;
         return Ok(queued);
@@ -482,39 +591,58 @@ pub async fn complete_job(pool: &PgPool, lease: &Lease) -> Result<Vec<Uuid>> {
     }
 }
 
-/// Ends the lease's attempt with a failure. When `permanent` or no attempts are left the job
-/// becomes `failed`; otherwise it goes back to `queued` with `not_before = now() + retry_after`
-/// and no dispatch record, so the reconciler pushes it as soon as the backoff has passed.
-/// A job that fails for good fails its waiting dependents in the same transaction.
-/// Returns the new state and the dependents that failed. Idempotent for a repeated call by the
-/// same attempt.
+/// Ends the lease's attempt with a failure, which counts against `max_attempts`. When
+/// `permanent` or no failures are left the job becomes `failed`; otherwise it goes back to
+/// `queued` with `not_before = now() + retry_after(failed_attempts)` (the caller's policy, given
+/// the failures so far including this one) and no dispatch record, so the reconciler pushes it as
+/// soon as the backoff has passed. A job that fails for good fails its waiting dependents in the
+/// same transaction. Returns the new state and the dependents that failed. Idempotent for a
+/// repeated call by the same attempt.
 pub async fn fail_job(
     pool: &PgPool,
     lease: &Lease,
     reason: &str,
     permanent: bool,
-    retry_after: Duration,
+    retry_after: impl FnOnce(i32) -> Duration,
 ) -> Result<(String, Vec<Uuid>)> {
     let mut tx = pool.begin().await?;
-    let state: Option<String> = sqlx::query_scalar(
-        "UPDATE jobs SET
-             state = CASE WHEN $4 OR attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
-             finished_at = CASE WHEN $4 OR attempt >= max_attempts THEN now() END,
-             not_before = CASE WHEN $4 OR attempt >= max_attempts THEN NULL
-                               ELSE now() + $5 * interval '1 millisecond' END,
-             error = $6, lease_expires_at = NULL, dispatched_at = NULL, updated_at = now()
+    let counts: Option<(i32, i32)> = sqlx::query_as(
+        "SELECT failed_attempts, max_attempts FROM jobs
          WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'
-         RETURNING state",
+         FOR NO KEY UPDATE",
     )
     .bind(lease.job_id)
     .bind(lease.attempt)
     .bind(&lease.worker_id)
-    .bind(permanent)
-    .bind(millis(retry_after))
-    .bind(reason)
     .fetch_optional(&mut *tx)
     .await?;
-    if let Some(state) = state {
+    if let Some((failed_before, max_attempts)) = counts {
+        let failed_attempts = failed_before.saturating_add(1);
+        let for_good = permanent || failed_attempts >= max_attempts;
+        let backoff = if for_good {
+            Duration::ZERO
+        } else {
+            retry_after(failed_attempts)
+        };
+        let state: String = sqlx::query_scalar(
+            "UPDATE jobs SET
+                 state = CASE WHEN $2 THEN 'failed' ELSE 'queued' END,
+                 finished_at = CASE WHEN $2 THEN now() END,
+                 not_before = CASE WHEN $2 THEN NULL
+                                   ELSE now() + $3 * interval '1 millisecond' END,
+                 failed_attempts = $4, error = $5,
+                 lease_expires_at = NULL, dispatched_at = NULL, updated_at = now()
+             WHERE id = $1
+             RETURNING state",
+        )
+        .bind(lease.job_id)
+        .bind(for_good)
+        .bind(millis(backoff))
+        .bind(failed_attempts)
+        .bind(reason)
+        .fetch_one(&mut *tx)
+        .await?;
+        end_attempt(&mut tx, lease.job_id, lease.attempt, "failed", Some(reason)).await?;
         let failed = if state == "failed" {
             fail_dependents(&mut tx, lease.job_id).await?
         } else {
@@ -528,6 +656,42 @@ pub async fn fail_job(
         Some(h) if matches!(h.state.as_str(), "queued" | "failed") && h.is_lease(lease) => {
             Ok((h.state, Vec::new()))
         }
+        _ => Err(refuse_lease(pool, lease).await),
+    }
+}
+
+/// Hands the lease's job back (its worker is shutting down): `queued` again at once (no backoff,
+/// undispatched so the caller or the reconciler pushes it), the lease cleared, `failed_attempts`
+/// unchanged, and the attempt recorded as `handed_back` with `reason`. Idempotent for a repeated
+/// call by the same attempt while the job is still queued at that attempt; any other stale lease
+/// is refused like every worker write.
+pub async fn release_job(pool: &PgPool, lease: &Lease, reason: &str) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    let released = sqlx::query(
+        "UPDATE jobs SET state = 'queued', not_before = NULL, dispatched_at = NULL,
+                         lease_expires_at = NULL, updated_at = now()
+         WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running'",
+    )
+    .bind(lease.job_id)
+    .bind(lease.attempt)
+    .bind(&lease.worker_id)
+    .execute(&mut *tx)
+    .await?;
+    if released.rows_affected() == 1 {
+        end_attempt(
+            &mut tx,
+            lease.job_id,
+            lease.attempt,
+            "handed_back",
+            Some(reason),
+        )
+        .await?;
+        tx.commit().await?;
+        return Ok(());
+    }
+    drop(tx);
+    match job_holder(pool, lease.job_id).await? {
+        Some(h) if h.state == "queued" && h.is_lease(lease) => Ok(()),
         _ => Err(refuse_lease(pool, lease).await),
     }
 }
@@ -607,6 +771,7 @@ pub async fn cancel_job(pool: &PgPool, id: Uuid, reason: &str) -> Result<(JobRow
     .bind(reason)
     .fetch_one(&mut *tx)
     .await?;
+    end_attempt(&mut tx, id, row.attempt, "cancelled", Some(reason)).await?;
     let failed = fail_dependents(&mut tx, id).await?;
     tx.commit().await?;
     Ok((row, failed))
@@ -638,16 +803,44 @@ pub async fn latest_metrics(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<Met
 pub async fn latest_metrics_of(
     ex: impl PgExecutor<'_>,
     ids: &[Uuid],
-) -> Result<std::collections::HashMap<Uuid, Vec<MetricPoint>>> {
+) -> Result<HashMap<Uuid, Vec<MetricPoint>>> {
     let rows: Vec<(Uuid, String, i64, i32, f64)> = sqlx::query_as(
         "SELECT job_id, name, step, epoch, value FROM job_metric_latest WHERE job_id = ANY($1) ORDER BY job_id, name",
     )
     .bind(ids)
     .fetch_all(ex)
     .await?;
-    let mut by_job = std::collections::HashMap::<Uuid, Vec<MetricPoint>>::new();
+    let mut by_job = HashMap::<Uuid, Vec<MetricPoint>>::new();
     for (id, n, s, e, v) in rows {
         by_job.entry(id).or_default().push(point((n, s, e, v)));
+    }
+    Ok(by_job)
+}
+
+/// Every attempt of the job, oldest first.
+pub async fn attempts_of(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<AttemptRow>> {
+    Ok(
+        sqlx::query_as("SELECT * FROM job_attempts WHERE job_id = $1 ORDER BY attempt")
+            .bind(id)
+            .fetch_all(ex)
+            .await?,
+    )
+}
+
+/// [`attempts_of`] for a page of jobs, in one query.
+pub async fn attempts_of_jobs(
+    ex: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<AttemptRow>>> {
+    let rows: Vec<AttemptRow> = sqlx::query_as(
+        "SELECT * FROM job_attempts WHERE job_id = ANY($1) ORDER BY job_id, attempt",
+    )
+    .bind(ids)
+    .fetch_all(ex)
+    .await?;
+    let mut by_job = HashMap::<Uuid, Vec<AttemptRow>>::new();
+    for row in rows {
+        by_job.entry(row.job_id).or_default().push(row);
     }
     Ok(by_job)
 }
@@ -753,19 +946,22 @@ pub async fn last_metric_seq(ex: impl PgExecutor<'_>, id: Uuid) -> Result<i64> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReapedJob {
     pub id: Uuid,
-    /// `queued` (attempts left, to be dispatched again) or `failed`.
+    /// The attempt whose lease expired.
+    pub attempt: i32,
+    /// `queued` (failures left, to be dispatched again) or `failed`.
     pub state: String,
     /// Jobs that were waiting for it and failed with `dependency_failed` (when it failed).
     pub dependents_failed: Vec<Uuid>,
 }
 
-/// Takes up to `limit` running jobs whose lease has expired away from their workers: back to
-/// `queued` (undispatched, so the reconciler pushes them) while attempts remain, else `failed`,
-/// failing their waiting dependents in the same transaction. The worker's later writes are
-/// refused as stale.
+/// Takes up to `limit` running jobs whose lease has expired away from their workers. An expired
+/// lease counts as a failed attempt: the job goes back to `queued` (undispatched, so the
+/// reconciler pushes it) while failures are left, else it is `failed`, failing its waiting
+/// dependents in the same transaction. The attempt is recorded as `lease_expired`. The worker's
+/// later writes are refused as stale.
 pub async fn reap_expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<ReapedJob>> {
     let mut tx = pool.begin().await?;
-    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+    let rows: Vec<(Uuid, i32, String, String)> = sqlx::query_as(
         "WITH expired AS (
              SELECT id FROM jobs
              WHERE state = 'running' AND lease_expires_at < now()
@@ -774,19 +970,21 @@ pub async fn reap_expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<Reaped
              FOR UPDATE SKIP LOCKED
          )
          UPDATE jobs j SET
-             state = CASE WHEN j.attempt < j.max_attempts THEN 'queued' ELSE 'failed' END,
-             finished_at = CASE WHEN j.attempt < j.max_attempts THEN NULL ELSE now() END,
+             failed_attempts = j.failed_attempts + 1,
+             state = CASE WHEN j.failed_attempts + 1 < j.max_attempts THEN 'queued' ELSE 'failed' END,
+             finished_at = CASE WHEN j.failed_attempts + 1 < j.max_attempts THEN NULL ELSE now() END,
              error = 'lease expired on worker ' || j.worker_id,
              lease_expires_at = NULL, dispatched_at = NULL, updated_at = now()
          FROM expired
          WHERE j.id = expired.id
-         RETURNING j.id, j.state",
+         RETURNING j.id, j.attempt, j.state, j.error",
     )
     .bind(limit)
     .fetch_all(&mut *tx)
     .await?;
     let mut reaped = Vec::with_capacity(rows.len());
-    for (id, state) in rows {
+    for (id, attempt, state, reason) in rows {
+        end_attempt(&mut tx, id, attempt, "lease_expired", Some(&reason)).await?;
         let dependents_failed = if state == "failed" {
             fail_dependents(&mut tx, id).await?
         } else {
@@ -794,6 +992,7 @@ pub async fn reap_expired_leases(pool: &PgPool, limit: i64) -> Result<Vec<Reaped
         };
         reaped.push(ReapedJob {
             id,
+            attempt,
             state,
             dependents_failed,
         });
@@ -821,6 +1020,18 @@ pub struct ArtifactRow {
     /// Where the artifact store keeps it.
     pub uri: String,
     pub created_at: DateTime<Utc>,
+    /// Global optimiser step it belongs to (0: not tied to a step).
+    pub step: i64,
+}
+
+/// What recording an artifact did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// The new (or replaced) record.
+    pub artifact: ArtifactRow,
+    /// Older `resume` records deleted to keep only the newest few; their objects are now
+    /// unreferenced and the caller deletes them.
+    pub pruned: Vec<ArtifactRow>,
 }
 
 /// Ok when the lease is the job's current one; otherwise the same refusal as any other worker
@@ -843,12 +1054,14 @@ pub async fn check_lease(pool: &PgPool, lease: &Lease) -> Result<()> {
 /// Records an artifact whose bytes are already stored at `uri`, if (and only if) the header's
 /// lease is still current: one transaction that locks the job row first, like
 /// [`record_metrics`]. The same attempt storing the same kind and name again replaces the
-/// record (the object at that key was replaced too) and it counts as new.
+/// record (the object at that key was replaced too) and it counts as new. After a `resume`
+/// artifact, only the job's newest [`domain::KEPT_RESUME_STATES`] of that kind (by step) are
+/// kept: the older records are deleted in the same transaction and returned.
 pub async fn record_artifact(
     pool: &PgPool,
     header: &ArtifactHeader,
     uri: &str,
-) -> Result<ArtifactRow> {
+) -> Result<Recorded> {
     let lease = &header.lease;
     let mut tx = pool.begin().await?;
     if !lock_if_current(&mut tx, lease).await? {
@@ -857,12 +1070,13 @@ pub async fn record_artifact(
     }
     let size = i64::try_from(header.size_bytes)
         .map_err(|_| Error::invalid("header.size_bytes", "is too large"))?;
-    let row = sqlx::query_as::<_, ArtifactRow>(
-        "INSERT INTO artifacts (id, job_id, attempt, kind, name, epoch, size_bytes, sha256, uri)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    let artifact = sqlx::query_as::<_, ArtifactRow>(
+        "INSERT INTO artifacts (id, job_id, attempt, kind, name, epoch, size_bytes, sha256, uri, step)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
          ON CONFLICT (job_id, attempt, kind, name) DO UPDATE
              SET epoch = EXCLUDED.epoch, size_bytes = EXCLUDED.size_bytes,
-                 sha256 = EXCLUDED.sha256, uri = EXCLUDED.uri, created_at = now()
+                 sha256 = EXCLUDED.sha256, uri = EXCLUDED.uri, step = EXCLUDED.step,
+                 created_at = now()
          RETURNING *",
     )
     .bind(Uuid::now_v7())
@@ -874,10 +1088,27 @@ pub async fn record_artifact(
     .bind(size)
     .bind(&header.sha256)
     .bind(uri)
+    .bind(header.step)
     .fetch_one(&mut *tx)
     .await?;
+    let pruned = if header.kind == domain::RESUME_KIND {
+        sqlx::query_as::<_, ArtifactRow>(
+            "DELETE FROM artifacts WHERE id IN (
+                 SELECT id FROM artifacts WHERE job_id = $1 AND kind = $2
+                 ORDER BY step DESC, created_at DESC, id DESC
+                 OFFSET $3)
+             RETURNING *",
+        )
+        .bind(lease.job_id)
+        .bind(domain::RESUME_KIND)
+        .bind(domain::KEPT_RESUME_STATES)
+        .fetch_all(&mut *tx)
+        .await?
+    } else {
+        Vec::new()
+    };
     tx.commit().await?;
-    Ok(row)
+    Ok(Recorded { artifact, pruned })
 }
 
 /// True when some artifact record points at `uri` (so its object must not be deleted).

@@ -67,7 +67,9 @@ impl Drop for Cleanup {
                 sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
                     .execute(&mut admin)
                     .await?;
-                let _ = Dispatcher::new(&redis_url(), &prefix)?.delete_queue().await;
+                let queue = Dispatcher::new(&redis_url(), &prefix)?;
+                let _ = queue.delete_queue().await;
+                let _ = queue.forget_alive().await;
                 anyhow::Ok(())
             })
         })
@@ -560,6 +562,7 @@ async fn a_worker_runs_a_job_to_success_while_a_watcher_sees_every_state_and_poi
     workers
         .complete_job(v1::CompleteJobRequest {
             lease: Some(lease.clone()),
+            final_step: 0,
         })
         .await
         .expect("complete");
@@ -665,7 +668,12 @@ async fn a_cancelled_running_job_tells_its_worker_to_stop_and_refuses_its_writes
         "{}",
         write.message()
     );
-    let done = workers.complete_job(v1::CompleteJobRequest { lease }).await;
+    let done = workers
+        .complete_job(v1::CompleteJobRequest {
+            lease,
+            final_step: 0,
+        })
+        .await;
     assert_eq!(done.expect_err("stale").code(), Code::FailedPrecondition);
     server.stop().await;
 }
@@ -1046,7 +1054,10 @@ async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_
     let downstream_watch = watched_states(&mut jobs, &downstream).await;
     let lease = claim(&mut workers, &source).await;
     workers
-        .complete_job(v1::CompleteJobRequest { lease: Some(lease) })
+        .complete_job(v1::CompleteJobRequest {
+            lease: Some(lease),
+            final_step: 0,
+        })
         .await
         .expect("complete");
     assert_eq!(
@@ -1177,6 +1188,7 @@ fn upload_header(
         epoch,
         size_bytes: data.len() as u64,
         sha256: sha256_hex(data),
+        step: 0,
     }
 }
 
@@ -1761,4 +1773,606 @@ async fn artifacts_round_trip_through_a_real_s3_server() {
         "nothing went to local files"
     );
     server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hand-backs, resumable state and attempts
+// ---------------------------------------------------------------------------------------------
+
+async fn claim_as(
+    workers: &mut WorkerServiceClient<Channel>,
+    id: &str,
+    worker: &str,
+) -> v1::ClaimJobResponse {
+    workers
+        .claim_job(v1::ClaimJobRequest {
+            job_id: id.into(),
+            worker_id: worker.into(),
+        })
+        .await
+        .expect("claim")
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_handed_back_job_is_pushed_at_once_and_its_next_attempt_resumes_from_the_stored_state() {
+    // No reconciler rounds: the push after the hand-back is the release's own.
+    let server = TestServer::start_with(&redis_url(), &["--reconcile-interval-ms", "600000"]).await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    server
+        .queue
+        .delete_queue()
+        .await
+        .expect("a worker popped it");
+    let first = claim_as(&mut workers, &id, "w1").await;
+    assert!(first.claimed);
+    assert_eq!(
+        first.resume_from, None,
+        "a first attempt starts from scratch"
+    );
+    let lease = first.lease.expect("lease");
+
+    let state = content(5000, 9);
+    let mut header = upload_header(&lease, "resume", "state.safetensors", 0, &state);
+    let err = upload(&mut workers, header.clone(), &state)
+        .await
+        .expect_err("a training state must name its step");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().starts_with("header.step: "),
+        "{}",
+        err.message()
+    );
+    header.step = 50;
+    let stored = upload(&mut workers, header, &state).await.expect("upload");
+    assert_eq!(stored.step, 50);
+
+    let released = workers
+        .release_job(v1::ReleaseJobRequest {
+            lease: Some(lease.clone()),
+            reason: "worker shutting down (SIGTERM)".into(),
+        })
+        .await
+        .expect("release")
+        .into_inner();
+    assert_eq!(released.state(), v1::JobState::Queued);
+    assert_eq!(
+        server.queue.ready_ids().await.expect("redis"),
+        [id.as_str()],
+        "pushed again at once"
+    );
+
+    let second = claim_as(&mut workers, &id, "w2").await;
+    assert!(
+        second.claimed,
+        "claimable at once: no backoff after a hand-back"
+    );
+    assert_eq!(second.lease.as_ref().map(|l| l.attempt), Some(2));
+    assert_eq!(second.resume_from, Some(stored));
+    let stale = workers
+        .release_job(v1::ReleaseJobRequest {
+            lease: Some(lease),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("stale");
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    workers
+        .complete_job(v1::CompleteJobRequest {
+            lease: second.lease,
+            final_step: 120,
+        })
+        .await
+        .expect("complete");
+
+    let job = get(&mut jobs, &id).await;
+    assert_eq!(
+        (
+            job.state(),
+            job.attempt,
+            job.failed_attempts,
+            job.final_step
+        ),
+        (v1::JobState::Succeeded, 2, 0, 120)
+    );
+    let attempts: Vec<_> = job
+        .attempts
+        .iter()
+        .map(|a| {
+            assert!(a.claimed_at.is_some() && a.ended_at.is_some(), "{a:?}");
+            (
+                a.attempt,
+                a.worker_id.as_str(),
+                a.outcome(),
+                a.resumed_from_step,
+                a.reason.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        attempts,
+        [
+            (
+                1,
+                "w1",
+                v1::AttemptOutcome::HandedBack,
+                0,
+                "worker shutting down (SIGTERM)"
+            ),
+            (2, "w2", v1::AttemptOutcome::Succeeded, 50, ""),
+        ]
+    );
+    let listed = jobs
+        .list_jobs(v1::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        listed[0].attempts, job.attempts,
+        "ListJobs fills attempts too"
+    );
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input
+// ---------------------------------------------------------------------------------------------
+
+fn code_of<T>(result: Result<T, tonic::Status>) -> Code {
+    match result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    }
+}
+
+#[tokio::test]
+async fn every_rpc_that_names_an_unknown_job_or_artifact_answers_not_found_and_never_internal() {
+    let server = TestServer::start().await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    submit(&mut jobs, valid_spec()).await; // a database that is not empty
+    let unknown = Uuid::new_v4().to_string();
+    let lease = v1::JobLease {
+        job_id: unknown.clone(),
+        attempt: 1,
+        worker_id: "w".into(),
+    };
+    let by_id = v1::DownloadArtifactRequest {
+        artifact_id: Uuid::new_v4().to_string(),
+        ..Default::default()
+    };
+    let by_job = v1::DownloadArtifactRequest {
+        job_id: unknown.clone(),
+        kind: "checkpoint".into(),
+        ..Default::default()
+    };
+    let answers = [
+        (
+            "GetJob",
+            code_of(
+                jobs.get_job(v1::GetJobRequest {
+                    job_id: unknown.clone(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "CancelJob",
+            code_of(
+                jobs.cancel_job(v1::CancelJobRequest {
+                    job_id: unknown.clone(),
+                    reason: String::new(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "WatchJob",
+            code_of(
+                jobs.watch_job(v1::WatchJobRequest {
+                    job_id: unknown.clone(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "GetMetrics",
+            code_of(
+                jobs.get_metrics(v1::GetMetricsRequest {
+                    job_id: unknown.clone(),
+                    names: vec!["train/loss".into()],
+                })
+                .await,
+            ),
+        ),
+        (
+            "ListArtifacts",
+            code_of(
+                jobs.list_artifacts(v1::ListArtifactsRequest {
+                    job_id: unknown.clone(),
+                    kind: "checkpoint".into(),
+                })
+                .await,
+            ),
+        ),
+        (
+            "JobService.DownloadArtifact by id",
+            code_of(jobs.download_artifact(by_id.clone()).await),
+        ),
+        (
+            "JobService.DownloadArtifact by job and kind",
+            code_of(jobs.download_artifact(by_job.clone()).await),
+        ),
+        (
+            "Heartbeat",
+            code_of(
+                workers
+                    .heartbeat(v1::HeartbeatRequest {
+                        lease: Some(lease.clone()),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "ReportMetrics",
+            code_of(
+                workers
+                    .report_metrics(v1::ReportMetricsRequest {
+                        lease: Some(lease.clone()),
+                        points: vec![point("train/loss", 1, 1.0)],
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "CompleteJob",
+            code_of(
+                workers
+                    .complete_job(v1::CompleteJobRequest {
+                        lease: Some(lease.clone()),
+                        final_step: 1,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "FailJob",
+            code_of(
+                workers
+                    .fail_job(v1::FailJobRequest {
+                        lease: Some(lease.clone()),
+                        reason: "x".into(),
+                        permanent: false,
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "ReleaseJob",
+            code_of(
+                workers
+                    .release_job(v1::ReleaseJobRequest {
+                        lease: Some(lease.clone()),
+                        reason: String::new(),
+                    })
+                    .await,
+            ),
+        ),
+        (
+            "UploadArtifact",
+            code_of(
+                upload(
+                    &mut workers,
+                    upload_header(&lease, "checkpoint", "e.safetensors", 1, b"abc"),
+                    b"abc",
+                )
+                .await,
+            ),
+        ),
+        (
+            "WorkerService.DownloadArtifact by id",
+            code_of(workers.download_artifact(by_id).await),
+        ),
+        (
+            "WorkerService.DownloadArtifact by job and kind",
+            code_of(workers.download_artifact(by_job).await),
+        ),
+    ];
+    let wrong: Vec<_> = answers
+        .iter()
+        .filter(|(_, code)| *code != Code::NotFound)
+        .collect();
+    assert!(wrong.is_empty(), "not NOT_FOUND: {wrong:?}");
+    let claim = claim_as(&mut workers, &unknown, "w").await;
+    assert!(
+        !claim.claimed && claim.lease.is_none(),
+        "a claim of an unknown job is an answer (not claimed), not an error"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_requests_are_refused_naming_the_limit_and_the_server_keeps_serving(
+) {
+    let server = TestServer::start().await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    let metrics = |names: Vec<String>| v1::GetMetricsRequest {
+        job_id: id.clone(),
+        names,
+    };
+    let field_of = |r: Result<tonic::Response<v1::GetMetricsResponse>, tonic::Status>| {
+        let e = r.expect_err("refused");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        e.message().split(':').next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(
+        field_of(jobs.get_metrics(metrics(vec!["a".into(); 65])).await),
+        "names"
+    );
+    assert_eq!(
+        field_of(
+            jobs.get_metrics(metrics(vec!["ok".into(), "x".repeat(129)]))
+                .await
+        ),
+        "names[1]"
+    );
+    jobs.get_metrics(metrics(vec!["train/loss".into(); 64]))
+        .await
+        .expect("64 names are fine");
+    let kind = jobs
+        .list_artifacts(v1::ListArtifactsRequest {
+            job_id: id.clone(),
+            kind: "../etc".into(),
+        })
+        .await
+        .expect_err("bad kind");
+    assert_eq!(kind.code(), Code::InvalidArgument);
+    assert!(kind.message().starts_with("kind: "), "{}", kind.message());
+
+    // More than 8 MiB in one message is refused before it is decoded, by either service.
+    let huge = metrics(vec!["n".repeat(128); 70_000]);
+    let err = jobs.get_metrics(huge).await.expect_err("oversized");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    let lease = claim(&mut workers, &id).await;
+    let big = content(9 * 1024 * 1024, 6);
+    let messages = upload_messages(
+        upload_header(&lease, "checkpoint", "huge.safetensors", 1, &big),
+        &big,
+        big.len(),
+    );
+    let err = workers
+        .upload_artifact(tokio_stream::iter(messages))
+        .await
+        .expect_err("oversized chunk");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
+    // A whole 4 MiB chunk, the documented limit, fits.
+    let data = content(4 * 1024 * 1024, 5);
+    let messages = upload_messages(
+        upload_header(&lease, "checkpoint", "big.safetensors", 1, &data),
+        &data,
+        data.len(),
+    );
+    workers
+        .upload_artifact(tokio_stream::iter(messages))
+        .await
+        .expect("one 4 MiB chunk");
+    assert_eq!(get(&mut jobs, &id).await.state(), v1::JobState::Running);
+    server.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Postgres outages and shutdown
+// ---------------------------------------------------------------------------------------------
+
+/// A TCP proxy in front of the test's Postgres that can be cut (every connection dropped, new
+/// ones closed at once) and restored, to play a Postgres outage without touching the shared
+/// server.
+struct PgProxy {
+    addr: std::net::SocketAddr,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl PgProxy {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let up = Arc::new(AtomicBool::new(true));
+        let conns: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let (up, conns) = (up.clone(), conns.clone());
+            tokio::spawn(async move {
+                while let Ok((mut client, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue; // dropped: the connection closes at once
+                    }
+                    let conn = tokio::spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                    conns.lock().expect("lock").push(conn);
+                }
+            })
+        };
+        Self {
+            addr,
+            up,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for conn in self.conns.lock().expect("lock").drain(..) {
+            conn.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn calls_answer_unavailable_quickly_while_postgres_is_down_and_work_again_when_it_is_back() {
+    let admin = admin_url();
+    let (_, rest) = admin.split_once('@').expect("DATABASE_URL has user@host");
+    let (host_port, _) = rest.split_once('/').expect("DATABASE_URL names a database");
+    let target = tokio::net::lookup_host(host_port)
+        .await
+        .expect("postgres host resolves")
+        .next()
+        .expect("an address");
+    let proxy = PgProxy::start(target).await;
+    let proxied = format!("@{}/", proxy.addr);
+    let server = TestServer::start_configured(
+        &redis_url(),
+        &["--db-acquire-timeout-ms", "500"],
+        |config| {
+            config.database_url =
+                config
+                    .database_url
+                    .replacen(&format!("@{host_port}/"), &proxied, 1);
+        },
+    )
+    .await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    let lease = claim(&mut workers, &id).await;
+
+    proxy.cut();
+    let started = tokio::time::Instant::now();
+    let read = jobs
+        .get_job(v1::GetJobRequest { job_id: id.clone() })
+        .await
+        .expect_err("postgres is down");
+    let write = jobs
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(valid_spec()),
+        })
+        .await
+        .expect_err("postgres is down");
+    let beat = workers
+        .heartbeat(v1::HeartbeatRequest {
+            lease: Some(lease.clone()),
+        })
+        .await
+        .expect_err("postgres is down");
+    let took = started.elapsed();
+    assert_eq!(
+        (read.code(), write.code(), beat.code()),
+        (Code::Unavailable, Code::Unavailable, Code::Unavailable),
+        "{read:?} {write:?} {beat:?}"
+    );
+    assert!(took < Duration::from_secs(5), "failed fast: {took:?}");
+
+    proxy.restore();
+    eventually("calls work again once postgres is back", || {
+        let (mut jobs, id) = (jobs.clone(), id.clone());
+        async move { jobs.get_job(v1::GetJobRequest { job_id: id }).await.is_ok() }
+    })
+    .await;
+    let beat = workers
+        .heartbeat(v1::HeartbeatRequest { lease: Some(lease) })
+        .await
+        .expect("heartbeat")
+        .into_inner();
+    assert!(beat.keep_running, "the lease survived the outage");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_gives_up_on_an_unreachable_postgres_after_db_wait_ms_with_a_clear_error() {
+    let artifacts = tempfile::tempdir().expect("artifact dir");
+    let artifacts_url = format!("file://{}", artifacts.path().display());
+    let config = Config::try_parse_from([
+        "trainq-server",
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/trainq",
+        "--db-wait-ms",
+        "600",
+        "--artifacts",
+        &artifacts_url,
+    ])
+    .expect("valid flags");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let result = tokio::time::timeout(
+        WAIT,
+        server::run(config, listener, std::future::pending::<()>()),
+    )
+    .await
+    .expect("gives up in time");
+    let message = format!("{:#}", result.expect_err("an error, not a clean exit"));
+    assert!(
+        message.contains("postgres was not reachable within --db-wait-ms (600 ms)"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn a_call_in_flight_when_shutdown_begins_still_completes() {
+    let server = TestServer::start().await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    let lease = claim(&mut workers, &id).await;
+    let data = content(3 * 1024 * 1024, 7);
+    let mut messages = upload_messages(
+        upload_header(&lease, "checkpoint", "e.safetensors", 1, &data),
+        &data,
+        1024 * 1024,
+    )
+    .into_iter();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let call = tokio::spawn(async move {
+        workers
+            .upload_artifact(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    for message in messages.by_ref().take(2) {
+        tx.send(message).await.expect("send");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await; // the upload is under way
+
+    let TestServer {
+        stop, task, pool, ..
+    } = server;
+    let _ = stop.send(());
+    tokio::time::sleep(Duration::from_millis(200)).await; // the server is draining
+    assert!(!task.is_finished(), "still draining the upload");
+    for message in messages {
+        tx.send(message).await.expect("send the rest");
+    }
+    drop(tx);
+    let artifact = call
+        .await
+        .expect("no panic")
+        .expect("the upload completed")
+        .into_inner();
+    assert_eq!(artifact.size_bytes, data.len() as u64);
+    tokio::time::timeout(WAIT, task)
+        .await
+        .expect("stops once drained")
+        .expect("no panic")
+        .expect("clean shutdown");
+    pool.close().await;
 }

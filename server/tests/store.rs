@@ -48,7 +48,8 @@ async fn claim(pool: &PgPool, id: Uuid, worker: &str, lease_for: Duration) -> Le
     let row = store::claim_job(pool, id, worker, lease_for)
         .await
         .expect("claim query")
-        .expect("claimed");
+        .expect("claimed")
+        .job;
     Lease {
         job_id: id,
         attempt: row.attempt,
@@ -94,7 +95,7 @@ async fn a_job_is_won_by_exactly_one_of_two_concurrent_claimers(pool: PgPool) {
         assert_eq!(winners.len(), 1, "exactly one claimer wins");
         let row = job(&pool, id).await;
         assert_eq!((row.state.as_str(), row.attempt), ("running", 1));
-        assert_eq!(row.worker_id, winners[0].worker_id);
+        assert_eq!(row.worker_id, winners[0].job.worker_id);
         assert!(row.started_at.is_some() && row.lease_expires_at.is_some());
     }
 }
@@ -104,7 +105,7 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
     let id = submit(&pool, 3).await;
     let first = claim(&pool, id, "w1", LONG).await;
     assert_eq!(
-        store::fail_job(&pool, &first, "oom", false, Duration::ZERO)
+        store::fail_job(&pool, &first, "oom", false, |_| Duration::ZERO)
             .await
             .expect("fail")
             .0,
@@ -117,8 +118,8 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
         store::record_metrics(&pool, &first, &[pt("train/loss", 1, 1.0)]).await,
     );
     assert!(m.starts_with("stale attempt 1"), "{m}");
-    assert_precondition(store::complete_job(&pool, &first).await);
-    assert_precondition(store::fail_job(&pool, &first, "late", true, Duration::ZERO).await);
+    assert_precondition(store::complete_job(&pool, &first, 0).await);
+    assert_precondition(store::fail_job(&pool, &first, "late", true, |_| Duration::ZERO).await);
     assert_eq!(
         store::heartbeat(&pool, &first, LONG)
             .await
@@ -130,7 +131,7 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
         worker_id: "w1".into(),
         ..second.clone()
     };
-    assert_precondition(store::complete_job(&pool, &impostor).await);
+    assert_precondition(store::complete_job(&pool, &impostor, 0).await);
 
     assert!(store::heartbeat(&pool, &second, LONG)
         .await
@@ -142,8 +143,10 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
             .expect("report"),
         1
     );
-    store::complete_job(&pool, &second).await.expect("complete");
-    store::complete_job(&pool, &second)
+    store::complete_job(&pool, &second, 0)
+        .await
+        .expect("complete");
+    store::complete_job(&pool, &second, 0)
         .await
         .expect("completing the same attempt twice is fine");
     assert_eq!(job(&pool, id).await.state, "succeeded");
@@ -161,7 +164,7 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
         ..second
     };
     assert!(matches!(
-        store::complete_job(&pool, &unknown).await,
+        store::complete_job(&pool, &unknown, 0).await,
         Err(Error::NotFound(_))
     ));
 }
@@ -266,7 +269,9 @@ async fn cancelling_a_finished_job_is_refused_and_an_unknown_job_is_not_found(po
 
     let done = submit(&pool, 3).await;
     let lease = claim(&pool, done, "w", LONG).await;
-    store::complete_job(&pool, &lease).await.expect("complete");
+    store::complete_job(&pool, &lease, 0)
+        .await
+        .expect("complete");
     let m = assert_precondition(store::cancel_job(&pool, done, "too late").await);
     assert!(m.contains("already succeeded"), "{m}");
 
@@ -282,13 +287,9 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
 ) {
     let id = submit(&pool, 2).await;
     let first = claim(&pool, id, "w", LONG).await;
-    let (state, _) = store::fail_job(
-        &pool,
-        &first,
-        "cuda error",
-        false,
-        Duration::from_millis(400),
-    )
+    let (state, _) = store::fail_job(&pool, &first, "cuda error", false, |_| {
+        Duration::from_millis(400)
+    })
     .await
     .expect("fail");
     assert_eq!(state, "queued");
@@ -299,7 +300,7 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
     );
     assert!(row.not_before.is_some() && row.lease_expires_at.is_none());
     assert_eq!(
-        store::fail_job(&pool, &first, "cuda error", false, LONG)
+        store::fail_job(&pool, &first, "cuda error", false, |_| LONG)
             .await
             .expect("repeat")
             .0,
@@ -331,9 +332,11 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
 
     let second = claim(&pool, id, "w", LONG).await;
     assert_eq!(second.attempt, 2);
-    let (state, _) = store::fail_job(&pool, &second, "cuda error again", false, Duration::ZERO)
-        .await
-        .expect("fail");
+    let (state, _) = store::fail_job(&pool, &second, "cuda error again", false, |_| {
+        Duration::ZERO
+    })
+    .await
+    .expect("fail");
     assert_eq!(state, "failed", "no attempts left");
     let row = job(&pool, id).await;
     assert!(row.finished_at.is_some());
@@ -341,7 +344,7 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
 
     let permanent = submit(&pool, 5).await;
     let lease = claim(&pool, permanent, "w", LONG).await;
-    let (state, _) = store::fail_job(&pool, &lease, "bad config", true, Duration::ZERO)
+    let (state, _) = store::fail_job(&pool, &lease, "bad config", true, |_| Duration::ZERO)
         .await
         .expect("fail");
     assert_eq!(state, "failed", "a permanent failure is not retried");
@@ -593,7 +596,9 @@ async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succ
 
     let lease = claim(&pool, a, "w", LONG).await;
     assert_eq!(
-        store::complete_job(&pool, &lease).await.expect("complete"),
+        store::complete_job(&pool, &lease, 0)
+            .await
+            .expect("complete"),
         [b]
     );
     let b_row = job(&pool, b).await;
@@ -603,7 +608,7 @@ async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succ
     );
     assert_eq!(state(&pool, c).await, "waiting", "c still waits for b");
     assert!(
-        store::complete_job(&pool, &lease)
+        store::complete_job(&pool, &lease, 0)
             .await
             .expect("a repeated completion")
             .is_empty(),
@@ -619,7 +624,9 @@ async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succ
 
     let lease = claim(&pool, b, "w", LONG).await;
     assert_eq!(
-        store::complete_job(&pool, &lease).await.expect("complete"),
+        store::complete_job(&pool, &lease, 0)
+            .await
+            .expect("complete"),
         [c]
     );
     assert_eq!(state(&pool, c).await, "queued");
@@ -633,14 +640,14 @@ async fn a_job_with_two_dependencies_is_queued_only_after_both_succeed_even_when
     let x = submit(&pool, 3).await;
     let (d, _) = submit_spec(&pool, &dependent_spec(&[a, x])).await;
     let lease_a = claim(&pool, a, "w", LONG).await;
-    assert!(store::complete_job(&pool, &lease_a)
+    assert!(store::complete_job(&pool, &lease_a, 0)
         .await
         .expect("complete")
         .is_empty());
     assert_eq!(state(&pool, d).await, "waiting", "x has not succeeded yet");
     let lease_x = claim(&pool, x, "w", LONG).await;
     assert_eq!(
-        store::complete_job(&pool, &lease_x)
+        store::complete_job(&pool, &lease_x, 0)
             .await
             .expect("complete"),
         [d]
@@ -655,8 +662,8 @@ async fn a_job_with_two_dependencies_is_queued_only_after_both_succeed_even_when
             claim(&pool, b, "w", LONG).await,
         );
         let (ra, rb) = tokio::join!(
-            store::complete_job(&pool, &la),
-            store::complete_job(&pool, &lb)
+            store::complete_job(&pool, &la, 0),
+            store::complete_job(&pool, &lb, 0)
         );
         let promoted: Vec<Uuid> = [ra.expect("a"), rb.expect("b")].concat();
         assert_eq!(promoted, [c], "promoted exactly once");
@@ -673,7 +680,7 @@ async fn a_failed_dependency_fails_the_whole_waiting_chain_with_dependency_faile
     let (unrelated, _) = submit_spec(&pool, &dependent_spec(&[unrelated_dep])).await;
 
     let lease = claim(&pool, a, "w", LONG).await;
-    let (a_state, failed) = store::fail_job(&pool, &lease, "diverged", true, Duration::ZERO)
+    let (a_state, failed) = store::fail_job(&pool, &lease, "diverged", true, |_| Duration::ZERO)
         .await
         .expect("fail");
     assert_eq!(a_state, "failed");
@@ -696,7 +703,7 @@ async fn a_failed_dependency_fails_the_whole_waiting_chain_with_dependency_faile
         .is_none());
     assert_eq!(state(&pool, unrelated).await, "waiting");
     assert!(
-        store::fail_job(&pool, &lease, "diverged", true, Duration::ZERO)
+        store::fail_job(&pool, &lease, "diverged", true, |_| Duration::ZERO)
             .await
             .expect("repeat")
             .1
@@ -706,7 +713,7 @@ async fn a_failed_dependency_fails_the_whole_waiting_chain_with_dependency_faile
 
     // A retryable failure is not the end: the dependents keep waiting.
     let lease = claim(&pool, unrelated_dep, "w", LONG).await;
-    let (s, failed) = store::fail_job(&pool, &lease, "oom", false, Duration::ZERO)
+    let (s, failed) = store::fail_job(&pool, &lease, "oom", false, |_| Duration::ZERO)
         .await
         .expect("fail");
     assert_eq!((s.as_str(), failed.len()), ("queued", 0));
@@ -750,7 +757,9 @@ async fn cancelling_a_dependency_or_losing_it_to_the_reaper_fails_its_dependents
 async fn a_job_whose_dependencies_already_ended_starts_queued_or_already_failed(pool: PgPool) {
     let ok = submit(&pool, 3).await;
     let lease = claim(&pool, ok, "w", LONG).await;
-    store::complete_job(&pool, &lease).await.expect("complete");
+    store::complete_job(&pool, &lease, 0)
+        .await
+        .expect("complete");
     let bad = submit(&pool, 3).await;
     store::cancel_job(&pool, bad, "x").await.expect("cancel");
 
@@ -849,6 +858,7 @@ fn header(lease: &Lease, kind: &str, name: &str, epoch: i32, sha: char) -> Artif
         epoch,
         size_bytes: 10,
         sha256: sha.to_string().repeat(64),
+        step: 0,
     }
 }
 
@@ -864,21 +874,24 @@ async fn an_artifact_is_recorded_only_under_the_current_lease_and_a_repeat_repla
         "file:///x/1",
     )
     .await
-    .expect("record");
+    .expect("record")
+    .artifact;
     let two = store::record_artifact(
         &pool,
         &header(&first, "samples", "s1", 1, 'b'),
         "file:///x/2",
     )
     .await
-    .expect("record");
+    .expect("record")
+    .artifact;
     let again = store::record_artifact(
         &pool,
         &header(&first, "checkpoint", "e1", 1, 'c'),
         "file:///x/1",
     )
     .await
-    .expect("record again");
+    .expect("record again")
+    .artifact;
     assert_eq!(
         again.id, one.id,
         "same attempt, kind and name: the same record"
@@ -908,7 +921,7 @@ async fn an_artifact_is_recorded_only_under_the_current_lease_and_a_repeat_repla
         .await
         .expect("in use"));
 
-    store::fail_job(&pool, &first, "oom", false, Duration::ZERO)
+    store::fail_job(&pool, &first, "oom", false, |_| Duration::ZERO)
         .await
         .expect("fail");
     let m = assert_precondition(
@@ -930,4 +943,308 @@ async fn an_artifact_is_recorded_only_under_the_current_lease_and_a_repeat_repla
             .len(),
         2
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attempts, hand-backs and resumable training state
+// ---------------------------------------------------------------------------------------------
+
+fn resume_header(lease: &Lease, step: i64) -> ArtifactHeader {
+    ArtifactHeader {
+        step,
+        ..header(
+            lease,
+            "resume",
+            &format!("state-{step}.safetensors"),
+            0,
+            'e',
+        )
+    }
+}
+
+async fn attempts(pool: &PgPool, id: Uuid) -> Vec<(i32, String, i64, Option<String>)> {
+    store::attempts_of(pool, id)
+        .await
+        .expect("attempts")
+        .into_iter()
+        .map(|a| {
+            assert_eq!(
+                a.ended_at.is_none(),
+                a.outcome == "running",
+                "only a running attempt has no end: {a:?}"
+            );
+            (a.attempt, a.outcome, a.resumed_from_step, a.reason)
+        })
+        .collect()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_claim_records_its_attempt_and_hands_out_the_highest_step_an_earlier_attempt_stored(
+    pool: PgPool,
+) {
+    let id = submit(&pool, 5).await;
+    let first = store::claim_job(&pool, id, "w1", LONG)
+        .await
+        .expect("claim")
+        .expect("claimed");
+    assert_eq!(first.resume_from, None, "nothing to resume from yet");
+    assert_eq!(attempts(&pool, id).await, [(1, "running".into(), 0, None)]);
+    let lease = Lease {
+        job_id: id,
+        attempt: 1,
+        worker_id: "w1".into(),
+    };
+    for step in [100, 300, 200] {
+        store::record_artifact(&pool, &resume_header(&lease, step), "file:///r")
+            .await
+            .expect("record");
+    }
+    store::fail_job(&pool, &lease, "oom", false, |_| Duration::ZERO)
+        .await
+        .expect("fail");
+
+    let second = store::claim_job(&pool, id, "w2", LONG)
+        .await
+        .expect("claim")
+        .expect("claimed");
+    let resume = second.resume_from.expect("a state to resume from");
+    assert_eq!(
+        (resume.step, resume.attempt, resume.kind.as_str()),
+        (300, 1, "resume"),
+        "the highest step, not the newest upload"
+    );
+    assert_eq!(
+        attempts(&pool, id).await,
+        [
+            (1, "failed".into(), 0, Some("oom".into())),
+            (2, "running".into(), 300, None),
+        ]
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn only_the_two_newest_resume_states_of_a_job_are_kept_and_other_kinds_and_jobs_are_untouched(
+    pool: PgPool,
+) {
+    let id = submit(&pool, 3).await;
+    let other = submit(&pool, 3).await;
+    let lease = claim(&pool, id, "w", LONG).await;
+    let other_lease = claim(&pool, other, "w", LONG).await;
+    store::record_artifact(&pool, &resume_header(&other_lease, 1), "file:///o1")
+        .await
+        .expect("record");
+    store::record_artifact(
+        &pool,
+        &header(&lease, "checkpoint", "e1", 1, 'a'),
+        "file:///c",
+    )
+    .await
+    .expect("record");
+    let mut pruned_steps = Vec::new();
+    for step in [10, 20, 30, 40] {
+        let recorded = store::record_artifact(
+            &pool,
+            &resume_header(&lease, step),
+            &format!("file:///{step}"),
+        )
+        .await
+        .expect("record");
+        assert_eq!(recorded.artifact.step, step);
+        pruned_steps.extend(recorded.pruned.iter().map(|a| (a.step, a.uri.clone())));
+    }
+    assert_eq!(
+        pruned_steps,
+        [
+            (10, "file:///10".to_string()),
+            (20, "file:///20".to_string())
+        ],
+        "each upload returns what it pruned, with its uri"
+    );
+    let kept: Vec<i64> = store::list_artifacts(&pool, id, Some("resume"))
+        .await
+        .expect("list")
+        .iter()
+        .map(|a| a.step)
+        .collect();
+    assert_eq!(kept, [30, 40]);
+    assert_eq!(
+        store::list_artifacts(&pool, id, Some("checkpoint"))
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert_eq!(
+        store::list_artifacts(&pool, other, None)
+            .await
+            .expect("list")
+            .len(),
+        1,
+        "another job's state stays"
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn failures_and_expired_leases_count_against_max_attempts_but_hand_backs_do_not(
+    pool: PgPool,
+) {
+    let id = submit(&pool, 2).await;
+    let first = claim(&pool, id, "w1", LONG).await;
+    store::release_job(&pool, &first, "worker shutting down")
+        .await
+        .expect("release");
+    store::release_job(&pool, &first, "worker shutting down")
+        .await
+        .expect("a repeated hand-back by the same attempt is fine");
+    let row = job(&pool, id).await;
+    assert_eq!((row.state.as_str(), row.failed_attempts), ("queued", 0));
+    assert_eq!(
+        (row.not_before, row.dispatched_at, row.lease_expires_at),
+        (None, None, None),
+        "claimable and due for a push at once"
+    );
+    assert_eq!(
+        store::take_due_for_dispatch(&pool, LONG, 10)
+            .await
+            .expect("due"),
+        [id]
+    );
+    assert_precondition(store::record_metrics(&pool, &first, &[pt("a", 1, 1.0)]).await);
+
+    let second = claim(&pool, id, "w2", LONG).await;
+    assert_eq!(second.attempt, 2);
+    assert_precondition(store::release_job(&pool, &first, "late").await);
+    let mut backoff_saw = None;
+    let (state, _) = store::fail_job(&pool, &second, "nan loss", false, |failed| {
+        backoff_saw = Some(failed);
+        Duration::ZERO
+    })
+    .await
+    .expect("fail");
+    assert_eq!(state, "queued", "one failure of two allowed");
+    assert_eq!(
+        backoff_saw,
+        Some(1),
+        "the backoff follows failures (1), not claims (2)"
+    );
+    assert_eq!(job(&pool, id).await.failed_attempts, 1);
+
+    claim(&pool, id, "w3", Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let reaped = store::reap_expired_leases(&pool, 10).await.expect("reap");
+    assert_eq!(
+        reaped
+            .iter()
+            .map(|r| (r.id, r.attempt, r.state.as_str()))
+            .collect::<Vec<_>>(),
+        [(id, 3, "failed")],
+        "the second failure ends it"
+    );
+    let row = job(&pool, id).await;
+    assert_eq!((row.attempt, row.failed_attempts), (3, 2));
+    assert_eq!(
+        attempts(&pool, id).await,
+        [
+            (
+                1,
+                "handed_back".into(),
+                0,
+                Some("worker shutting down".into())
+            ),
+            (2, "failed".into(), 0, Some("nan loss".into())),
+            (
+                3,
+                "lease_expired".into(),
+                0,
+                Some("lease expired on worker w3".into())
+            ),
+        ]
+    );
+
+    let unknown = Lease {
+        job_id: Uuid::now_v7(),
+        ..second
+    };
+    assert!(matches!(
+        store::release_job(&pool, &unknown, "x").await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn completion_stores_the_final_step_and_a_cancellation_ends_the_running_attempt(
+    pool: PgPool,
+) {
+    let done = submit(&pool, 3).await;
+    let lease = claim(&pool, done, "w", LONG).await;
+    store::complete_job(&pool, &lease, 1234)
+        .await
+        .expect("complete");
+    store::complete_job(&pool, &lease, 1234)
+        .await
+        .expect("a repeat is fine");
+    assert_eq!(job(&pool, done).await.final_step, Some(1234));
+    assert_eq!(
+        attempts(&pool, done).await,
+        [(1, "succeeded".into(), 0, None)]
+    );
+
+    let cancelled = submit(&pool, 3).await;
+    claim(&pool, cancelled, "w", LONG).await;
+    store::cancel_job(&pool, cancelled, "wrong learning rate")
+        .await
+        .expect("cancel");
+    assert_eq!(
+        attempts(&pool, cancelled).await,
+        [(1, "cancelled".into(), 0, Some("wrong learning rate".into()))]
+    );
+    assert_eq!(job(&pool, cancelled).await.final_step, None);
+    let page = store::attempts_of_jobs(&pool, &[done, cancelled, Uuid::now_v7()])
+        .await
+        .expect("page");
+    assert_eq!(
+        (page[&done].len(), page[&cancelled].len(), page.len()),
+        (1, 1, 2)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis losing its keys
+// ---------------------------------------------------------------------------------------------
+
+#[sqlx::test(migrations = "../migrations")]
+async fn when_redis_loses_its_keys_every_queued_job_is_pushed_again_at_once(pool: PgPool) {
+    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let d = server::dispatch::Dispatcher::new(&redis, &format!("trainq-test:{}:", Uuid::new_v4()))
+        .expect("url");
+    let (a, b) = (submit(&pool, 3).await, submit(&pool, 3).await);
+    let running = submit(&pool, 3).await;
+    claim(&pool, running, "w", LONG).await;
+    let ids = |v: &[Uuid]| v.iter().map(Uuid::to_string).collect::<Vec<_>>();
+
+    let first = reconcile::reconcile_queue(&pool, &d, LONG)
+        .await
+        .expect("round");
+    assert_eq!(first, 2);
+    assert_eq!(d.ready_ids().await.expect("redis"), ids(&[a, b]));
+
+    d.delete_queue().await.expect("a worker pops both");
+    reconcile::reconcile_queue(&pool, &d, LONG)
+        .await
+        .expect("round");
+    let with_marker = d.ready_ids().await.expect("redis");
+
+    d.forget_alive().await.expect("redis loses the marker too");
+    reconcile::reconcile_queue(&pool, &d, LONG)
+        .await
+        .expect("round");
+    let after_loss = d.ready_ids().await.expect("redis");
+    d.delete_queue().await.expect("clean up");
+    d.forget_alive().await.expect("clean up");
+
+    assert!(
+        with_marker.is_empty(),
+        "while the marker is there, pushed jobs wait for --redispatch-after-ms"
+    );
+    assert_eq!(after_loss, ids(&[a, b]), "every queued job, at once");
 }

@@ -58,11 +58,15 @@ pub(super) async fn upload(
     let uri = state.artifacts.uri(&key);
     state.artifacts.store(&key, spool).await?;
     match store::record_artifact(&state.pool, &header, &uri).await {
-        Ok(row) => {
+        Ok(store::Recorded {
+            artifact: row,
+            pruned,
+        }) => {
             tracing::info!(
                 job_id = %lease.job_id, attempt = lease.attempt, kind = %row.kind,
-                name = %row.name, size = row.size_bytes, %uri, "artifact stored"
+                name = %row.name, step = row.step, size = row.size_bytes, %uri, "artifact stored"
             );
+            delete_pruned(state, &pruned).await;
             Ok(artifact_to_proto(row))
         }
         Err(refused) => {
@@ -80,6 +84,32 @@ pub(super) async fn upload(
                 }
             }
             Err(refused)
+        }
+    }
+}
+
+/// Deletes the objects of records that pruning removed, best effort: a failure is logged and
+/// leaves an unreferenced object behind, never a record without its object. An object that a
+/// record points at again (an upload of the same key meanwhile) stays.
+async fn delete_pruned(state: &AppState, pruned: &[ArtifactRow]) {
+    for row in pruned {
+        let key = ArtifactStore::key(row.job_id, row.attempt, &row.kind, &row.name);
+        match store::artifact_uri_in_use(&state.pool, &row.uri).await {
+            Ok(false) => match state.artifacts.delete(&key).await {
+                Ok(()) => tracing::info!(
+                    job_id = %row.job_id, attempt = row.attempt, kind = %row.kind,
+                    step = row.step, uri = %row.uri, "older training state deleted"
+                ),
+                Err(e) => tracing::warn!(
+                    job_id = %row.job_id, uri = %row.uri, error = %e,
+                    "could not delete an older training state; its object stays behind"
+                ),
+            },
+            Ok(true) => {}
+            Err(e) => tracing::warn!(
+                job_id = %row.job_id, uri = %row.uri, error = %e,
+                "could not check a pruned artifact; its object stays behind"
+            ),
         }
     }
 }

@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::{artifacts, dispatch_now, job_to_proto, state_of, watch, AppState};
-use crate::domain::{self, parse_job_id, JobQuery};
+use crate::domain::{self, parse_job_id, JobQuery, MetricsQuery};
 use crate::error::{Error, Result};
 use crate::store;
 
@@ -54,11 +54,13 @@ impl JobApi {
         let (rows, next) = store::list_jobs(&self.state.pool, &query).await?;
         let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
         let mut latest = store::latest_metrics_of(&self.state.pool, &ids).await?;
+        let mut attempts = store::attempts_of_jobs(&self.state.pool, &ids).await?;
         let jobs = rows
             .into_iter()
             .map(|row| {
                 let metrics = latest.remove(&row.id).unwrap_or_default();
-                job_to_proto(row, metrics)
+                let attempts = attempts.remove(&row.id).unwrap_or_default();
+                job_to_proto(row, metrics, attempts)
             })
             .collect::<Result<_>>()?;
         Ok(v1::ListJobsResponse {
@@ -78,15 +80,17 @@ impl JobApi {
             self.state.notifier.notify(dependent);
         }
         let latest = store::latest_metrics(&self.state.pool, id).await?;
-        job_to_proto(row, latest)
+        let attempts = store::attempts_of(&self.state.pool, id).await?;
+        job_to_proto(row, latest, attempts)
     }
 
     async fn metrics(&self, req: v1::GetMetricsRequest) -> Result<v1::GetMetricsResponse> {
-        let id = parse_job_id("job_id", &req.job_id)?;
+        let query = MetricsQuery::try_from(req)?;
+        let id = query.job_id;
         if store::get_job(&self.state.pool, id).await?.is_none() {
             return Err(Error::job_not_found(id));
         }
-        let points = store::metric_series(&self.state.pool, id, &req.names).await?;
+        let points = store::metric_series(&self.state.pool, id, &query.names).await?;
         Ok(v1::GetMetricsResponse {
             points: points.into_iter().map(Into::into).collect(),
         })
@@ -99,7 +103,8 @@ pub(super) async fn load_job(state: &AppState, id: Uuid) -> Result<v1::Job> {
         .await?
         .ok_or_else(|| Error::job_not_found(id))?;
     let latest = store::latest_metrics(&state.pool, id).await?;
-    job_to_proto(row, latest)
+    let attempts = store::attempts_of(&state.pool, id).await?;
+    job_to_proto(row, latest, attempts)
 }
 
 #[tonic::async_trait]

@@ -30,7 +30,7 @@ use crate::domain::MetricPoint;
 use crate::error::{Error, Result};
 use crate::events::Notifier;
 use crate::shutdown::Shutdown;
-use crate::store::{self, ArtifactRow, JobRow};
+use crate::store::{self, ArtifactRow, AttemptRow, JobRow};
 
 /// What every handler shares.
 pub struct AppState {
@@ -74,8 +74,17 @@ fn state_of(row: &JobRow) -> Result<v1::JobState> {
     })
 }
 
-/// A stored job as the wire `Job`, with its latest metric values.
-fn job_to_proto(row: JobRow, latest: Vec<MetricPoint>) -> Result<v1::Job> {
+/// A stored job as the wire `Job`, with its latest metric values and its attempts (oldest
+/// first).
+fn job_to_proto(
+    row: JobRow,
+    latest: Vec<MetricPoint>,
+    attempts: Vec<AttemptRow>,
+) -> Result<v1::Job> {
+    let attempts = attempts
+        .into_iter()
+        .map(attempt_to_proto)
+        .collect::<Result<_>>()?;
     Ok(v1::Job {
         id: row.id.to_string(),
         spec: Some(spec_of(&row)?),
@@ -88,6 +97,38 @@ fn job_to_proto(row: JobRow, latest: Vec<MetricPoint>) -> Result<v1::Job> {
         error: row.error.unwrap_or_default(),
         latest_metrics: latest.into_iter().map(Into::into).collect(),
         updated_at: Some(timestamp(row.updated_at)),
+        attempts,
+        failed_attempts: row.failed_attempts.max(0) as u32,
+        final_step: row.final_step.unwrap_or(0).max(0) as u64,
+    })
+}
+
+/// An attempt record as the wire `Attempt`.
+fn attempt_to_proto(row: AttemptRow) -> Result<v1::Attempt> {
+    use v1::AttemptOutcome as O;
+    let outcome = match row.outcome.as_str() {
+        "running" => O::Running,
+        "succeeded" => O::Succeeded,
+        "failed" => O::Failed,
+        "lease_expired" => O::LeaseExpired,
+        "handed_back" => O::HandedBack,
+        "cancelled" => O::Cancelled,
+        other => {
+            return Err(Error::Internal(anyhow::anyhow!(
+                "attempt {} of job {} has unknown outcome {other:?}",
+                row.attempt,
+                row.job_id
+            )))
+        }
+    };
+    Ok(v1::Attempt {
+        attempt: row.attempt.max(0) as u32,
+        worker_id: row.worker_id,
+        claimed_at: Some(timestamp(row.claimed_at)),
+        ended_at: row.ended_at.map(timestamp),
+        outcome: outcome as i32,
+        resumed_from_step: row.resumed_from_step.max(0) as u64,
+        reason: row.reason.unwrap_or_default(),
     })
 }
 
@@ -105,6 +146,7 @@ fn artifact_to_proto(row: ArtifactRow) -> v1::Artifact {
         sha256: row.sha256,
         uri: row.uri,
         created_at: Some(timestamp(row.created_at)),
+        step: row.step.max(0) as u64,
     }
 }
 

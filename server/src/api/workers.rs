@@ -1,5 +1,5 @@
-//! `trainq.v1.WorkerService`: claim, heartbeat, report metrics, complete, fail; upload and
-//! download artifacts.
+//! `trainq.v1.WorkerService`: claim, heartbeat, report metrics, complete, fail, hand back;
+//! upload and download artifacts.
 //!
 //! Every call but ClaimJob carries a lease; the store refuses writes from a lease that is no
 //! longer current. "Not claimed" and "stop running" are answers, not errors.
@@ -9,8 +9,8 @@ use std::sync::Arc;
 use proto::v1::{self, worker_service_server::WorkerService};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{artifacts, dispatch_now, spec_of, timestamp, AppState};
-use crate::domain::{self, parse_job_id, parse_worker_id, Lease, MetricsReport};
+use super::{artifact_to_proto, artifacts, dispatch_now, spec_of, timestamp, AppState};
+use crate::domain::{self, parse_job_id, parse_worker_id, Completion, Lease, MetricsReport};
 use crate::error::Result;
 use crate::store;
 
@@ -28,13 +28,18 @@ impl WorkerApi {
     async fn claim(&self, req: v1::ClaimJobRequest) -> Result<v1::ClaimJobResponse> {
         let id = parse_job_id("job_id", &req.job_id)?;
         let worker_id = parse_worker_id("worker_id", &req.worker_id)?;
-        let Some(row) =
-            store::claim_job(&self.state.pool, id, &worker_id, self.state.lease_timeout).await?
+        let Some(store::Claim {
+            job: row,
+            resume_from,
+        }) = store::claim_job(&self.state.pool, id, &worker_id, self.state.lease_timeout).await?
         else {
             // Someone else won, or the job was cancelled, or it is a duplicate message.
             return Ok(v1::ClaimJobResponse::default());
         };
-        tracing::info!(job_id = %id, attempt = row.attempt, worker = %worker_id, "job claimed");
+        tracing::info!(
+            job_id = %id, attempt = row.attempt, worker = %worker_id,
+            resume_from_step = resume_from.as_ref().map_or(0, |a| a.step), "job claimed"
+        );
         self.state.notifier.notify(id);
         Ok(v1::ClaimJobResponse {
             claimed: true,
@@ -45,6 +50,7 @@ impl WorkerApi {
             }),
             spec: Some(spec_of(&row)?),
             lease_expires_at: row.lease_expires_at.map(timestamp),
+            resume_from: resume_from.map(artifact_to_proto),
         })
     }
 
@@ -69,9 +75,9 @@ impl WorkerApi {
     }
 
     async fn complete(&self, req: v1::CompleteJobRequest) -> Result<v1::CompleteJobResponse> {
-        let lease = Lease::try_from(req.lease)?;
-        let queued = store::complete_job(&self.state.pool, &lease).await?;
-        tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, "job succeeded");
+        let Completion { lease, final_step } = Completion::try_from(req)?;
+        let queued = store::complete_job(&self.state.pool, &lease, final_step).await?;
+        tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, final_step, "job succeeded");
         self.state.notifier.notify(lease.job_id);
         for dependent in &queued {
             tracing::info!(job_id = %dependent, dependency = %lease.job_id, "dependencies succeeded; job queued");
@@ -84,14 +90,13 @@ impl WorkerApi {
     async fn fail(&self, req: v1::FailJobRequest) -> Result<v1::FailJobResponse> {
         let lease = Lease::try_from(req.lease)?;
         let reason = domain::reason_text(&req.reason, "failed without a reason");
-        let retry_after =
-            domain::retry_backoff(self.state.retry_backoff, lease.attempt, &mut rand::rng());
+        let base = self.state.retry_backoff;
         let (state, failed) = store::fail_job(
             &self.state.pool,
             &lease,
             &reason,
             req.permanent,
-            retry_after,
+            |failed_attempts| domain::retry_backoff(base, failed_attempts, &mut rand::rng()),
         )
         .await?;
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, %state, %reason, "attempt failed");
@@ -103,6 +108,23 @@ impl WorkerApi {
         let state = proto::state_from_name(&state).unwrap_or(v1::JobState::Unspecified);
         Ok(v1::FailJobResponse {
             state: state as i32,
+        })
+    }
+
+    /// Queues the job again at once (its worker is shutting down) and pushes it, so another
+    /// worker can resume it without waiting for the lease to expire.
+    async fn release(&self, req: v1::ReleaseJobRequest) -> Result<v1::ReleaseJobResponse> {
+        let lease = Lease::try_from(req.lease)?;
+        let reason = domain::reason_text(&req.reason, "handed back by its worker");
+        store::release_job(&self.state.pool, &lease, &reason).await?;
+        tracing::info!(
+            job_id = %lease.job_id, attempt = lease.attempt, worker = %lease.worker_id, %reason,
+            "job handed back"
+        );
+        self.state.notifier.notify(lease.job_id);
+        dispatch_now(&self.state, &[lease.job_id]).await;
+        Ok(v1::ReleaseJobResponse {
+            state: v1::JobState::Queued as i32,
         })
     }
 }
@@ -144,6 +166,13 @@ impl WorkerService for WorkerApi {
         request: Request<v1::FailJobRequest>,
     ) -> Result<Response<v1::FailJobResponse>, Status> {
         Ok(Response::new(self.fail(request.into_inner()).await?))
+    }
+
+    async fn release_job(
+        &self,
+        request: Request<v1::ReleaseJobRequest>,
+    ) -> Result<Response<v1::ReleaseJobResponse>, Status> {
+        Ok(Response::new(self.release(request.into_inner()).await?))
     }
 
     async fn upload_artifact(
