@@ -41,10 +41,10 @@ const TRAIN_EXAMPLES: u64 = 512;
 const TEST_EXAMPLES: u64 = 200;
 const BATCH: u64 = 32;
 const STEPS_PER_EPOCH: u64 = TRAIN_EXAMPLES / BATCH;
-const EPOCHS: u64 = 5;
+const EPOCHS: u64 = 3;
 const LOG_EVERY: u64 = 4;
 /// Not a divisor of the epoch length, so resumption happens mid-epoch too.
-const CHECKPOINT_EVERY: u64 = 10;
+const CHECKPOINT_EVERY: u64 = 12;
 const MAX_ATTEMPTS: u64 = 5;
 /// Jobs submitted up front in every scenario.
 const JOBS: usize = 8;
@@ -166,11 +166,12 @@ struct Expect<'a> {
     fault_at: Option<f64>,
     /// The jobs the fault hit, whose recovery is timed.
     affected: &'a [String],
-    /// The affected jobs were queued (not running) at the fault: their recovery is counted from
-    /// when the worker that claimed them became free, not from the fault.
-    affected_were_queued: bool,
-    /// Jobs that must show an attempt resumed past step zero right after one that ended so.
-    resumed: &'a [(String, AttemptOutcome)],
+    /// Only a new claim shows that an affected job recovered (its attempt was interrupted; metric
+    /// points its dead worker sent just before the fault may still be stored after it).
+    recover_by_claim: bool,
+    /// Jobs that must show an attempt resumed past step zero right after one that ended so,
+    /// from a state at least as new as the given step (the newest stored at the fault).
+    resumed: &'a [(String, AttemptOutcome, u64)],
     /// Exactly one attempt per job (no fault happened).
     single_attempt: bool,
     /// At least this many distinct workers ran attempts.
@@ -192,6 +193,8 @@ struct World {
     coordinator: Option<Coordinator>,
     coordinator_runs: u32,
     workers: BTreeMap<String, Proc>,
+    /// When each worker was started and, if it was, stopped (unix seconds).
+    lifetimes: BTreeMap<String, (f64, Option<f64>)>,
     client: JobServiceClient<Channel>,
     pool: sqlx::PgPool,
     /// Acknowledged submissions: id and epochs.
@@ -222,6 +225,7 @@ impl World {
             coordinator: Some(coordinator),
             coordinator_runs: 1,
             workers: BTreeMap::new(),
+            lifetimes: BTreeMap::new(),
             client,
             pool,
             jobs: Vec::new(),
@@ -253,6 +257,7 @@ impl World {
             WORKER_FLAGS,
         );
         self.workers.insert(name.to_string(), worker);
+        self.lifetimes.insert(name.to_string(), (now_s(), None));
     }
 
     async fn submit_jobs(&mut self, n: usize, epochs: u64) {
@@ -269,6 +274,40 @@ impl World {
             .unwrap_or_else(|e| panic!("[{}] submitting: {e:#}", self.name));
             self.jobs.push((id, epochs));
         }
+    }
+
+    /// Records that a worker stopped at `at` (unix seconds).
+    fn died(&mut self, worker: &str, at: f64) {
+        if let Some(life) = self.lifetimes.get_mut(worker) {
+            life.1 = Some(at);
+        }
+    }
+
+    /// The step of the newest `resume` state attempts up to `attempt` of the job stored (0: none).
+    async fn newest_state(&mut self, id: &str, attempt: u32) -> u64 {
+        match self.resume_artifacts(id).await {
+            Ok(states) => states
+                .iter()
+                .filter(|a| a.attempt <= attempt)
+                .map(|a| a.step)
+                .max()
+                .unwrap_or(0),
+            Err(e) => {
+                let msg = format!("job {id}: listing resume artifacts: {e:#}");
+                self.check(false, || msg);
+                0
+            }
+        }
+    }
+
+    /// The job's current attempt (SQL).
+    async fn attempt_of(&self, id: &str) -> u32 {
+        let attempt: i32 = sqlx::query_scalar("SELECT attempt FROM jobs WHERE id = $1::uuid")
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .expect("reading the victim's attempt");
+        u32::try_from(attempt).expect("attempt >= 0")
     }
 
     /// SIGKILLs the coordinator.
@@ -519,7 +558,7 @@ impl World {
         let Expect {
             fault_at,
             affected,
-            affected_were_queued,
+            recover_by_claim,
             resumed,
             single_attempt,
             min_workers,
@@ -615,33 +654,40 @@ impl World {
             format!("only workers {workers:?} ran jobs; expected at least {min_workers}")
         });
 
-        // Recovery of each affected job: its first claim or stored metric point after the
-        // fault (for a job that was queued, counted from when its worker became free).
+        // Recovery of each affected job (see the suite's doc comment for the definition).
+        let busy: Vec<(String, f64, f64)> = finished
+            .values()
+            .flat_map(|j| j.attempts.iter())
+            .filter_map(|a| {
+                let from = ts_s(&a.claimed_at)?;
+                let to = ts_s(&a.ended_at).unwrap_or(f64::INFINITY);
+                Some((a.worker_id.clone(), from, to))
+            })
+            .collect();
+        // True when no live worker was free to take a job at `t`.
+        let all_busy = |t: f64| {
+            !self.lifetimes.iter().any(|(w, (born, died))| {
+                *born <= t
+                    && died.is_none_or(|d| t < d)
+                    && !busy
+                        .iter()
+                        .any(|(bw, from, to)| bw == w && *from <= t && t < *to)
+            })
+        };
         let mut recoveries = Vec::new();
+        let mut no_progress = Vec::new();
         if let Some(t0) = fault_at {
             for id in affected {
                 let Some(job) = finished.get(id) else {
                     continue;
                 };
-                let first_claim = job
+                let claim_index = job
                     .attempts
                     .iter()
-                    .filter_map(|a| ts_s(&a.claimed_at).map(|t| (t, a.worker_id.clone())))
-                    .filter(|(t, _)| *t > t0)
-                    .min_by(|a, b| a.0.total_cmp(&b.0));
-                let claim = first_claim.as_ref().map_or(f64::INFINITY, |c| c.0);
-                let mut from = t0;
-                if let (true, Some((claimed, worker))) = (affected_were_queued, &first_claim) {
-                    // The end of that worker's previous attempt (of any job), if after the fault.
-                    let free_since = finished
-                        .values()
-                        .flat_map(|j| j.attempts.iter())
-                        .filter(|a| &a.worker_id == worker)
-                        .filter_map(|a| ts_s(&a.ended_at))
-                        .filter(|e| *e <= *claimed)
-                        .fold(t0, f64::max);
-                    from = free_since;
-                }
+                    .position(|a| ts_s(&a.claimed_at).is_some_and(|t| t > t0));
+                let claim = claim_index
+                    .and_then(|i| ts_s(&job.attempts[i].claimed_at))
+                    .unwrap_or(f64::INFINITY);
                 let point: Option<f64> = sqlx::query_scalar(
                     "SELECT extract(epoch FROM min(recorded_at))::float8 FROM metric_points
                      WHERE job_id = $1::uuid AND recorded_at > to_timestamp($2)",
@@ -652,19 +698,45 @@ impl World {
                 .await
                 .ok()
                 .flatten();
-                let first = claim.min(point.unwrap_or(f64::INFINITY));
-                if first.is_finite() {
-                    recoveries.push((first - from).max(0.0));
+                let point = match point {
+                    Some(p) if !recover_by_claim => p,
+                    _ => f64::INFINITY,
+                };
+                if claim.is_finite() && claim <= point {
+                    // Back in the queue when the interrupted attempt ended (or at the fault, if
+                    // it was queued then); from there on, time when every live worker was busy
+                    // with other jobs is queueing, not recovery.
+                    let requeued = claim_index
+                        .filter(|i| *i > 0)
+                        .and_then(|i| ts_s(&job.attempts[i - 1].ended_at))
+                        .map_or(t0, |e| e.max(t0));
+                    let tick = 0.01;
+                    let mut waited = 0.0;
+                    let mut t = requeued;
+                    while t < claim {
+                        if all_busy(t) {
+                            waited += tick;
+                        }
+                        t += tick;
+                    }
+                    recoveries.push((claim - t0 - waited).max(0.0));
+                } else if point.is_finite() {
+                    recoveries.push(point - t0);
                 } else {
-                    self.check(false, || {
-                        format!("job {id} made no progress after the fault (no claim, no metric)")
-                    });
+                    no_progress.push(id.clone());
                 }
             }
         }
+        for id in no_progress {
+            self.check(false, || {
+                format!("job {id} made no progress after the fault (no claim, no metric)")
+            });
+        }
 
-        // Jobs that must have resumed from a stored state after a crash or a hand-back.
-        for (id, outcome) in resumed {
+        // Jobs that must have resumed from a stored state after a crash or a hand-back: the
+        // attempt after the interrupted one resumed from the newest state stored when the fault
+        // was injected (read then: the coordinator keeps only the newest few).
+        for (id, outcome, newest_at_fault) in resumed {
             let Some(job) = finished.get(id) else {
                 continue;
             };
@@ -680,6 +752,15 @@ impl World {
                     job.attempts
                 )
             });
+            if let Some(a) = after {
+                self.check(a.resumed_from_step >= *newest_at_fault, || {
+                    format!(
+                        "job {id}: attempt {} resumed from step {}, older than the state at step \
+                         {newest_at_fault} stored before the fault",
+                        a.attempt, a.resumed_from_step
+                    )
+                });
+            }
         }
 
         let mttr_s = if recoveries.is_empty() {
@@ -820,7 +901,10 @@ impl World {
         }
 
         // Resumption: a later attempt resumes from the newest state an earlier attempt stored,
-        // and then stores only states past it (it did not start over from step zero).
+        // and then stores only states past it (it did not start over from step zero). The
+        // coordinator keeps only the newest few states, so "the newest stored before it" can be
+        // checked here only while one of the earlier attempts' states is still listed (the
+        // newest survive pruning); the scenarios that kill a worker read it at the fault.
         if n > 1 {
             let resume = match self.resume_artifacts(id).await {
                 Ok(r) => r,
@@ -836,10 +920,10 @@ impl World {
                     .iter()
                     .filter(|r| r.attempt < a.attempt)
                     .map(|r| r.step)
-                    .max()
-                    .unwrap_or(0);
-                self.check(a.resumed_from_step == newest_before, || {
-                    format!(
+                    .max();
+                if let Some(newest_before) = newest_before {
+                    self.check(a.resumed_from_step == newest_before, || {
+                        format!(
                         "job {id}: attempt {} resumed from step {} but the newest state stored \
                          before it is at step {newest_before}; resume artifacts {:?}",
                         a.attempt,
@@ -849,7 +933,8 @@ impl World {
                             .map(|r| (r.attempt, r.step))
                             .collect::<Vec<_>>()
                     )
-                });
+                    });
+                }
                 let own: Vec<u64> = resume
                     .iter()
                     .filter(|r| r.attempt == a.attempt)
@@ -881,11 +966,16 @@ async fn two_workers_with_jobs(svc: &Services, name: &'static str) -> World {
 async fn worker_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = two_workers_with_jobs(svc, "worker-sigkill").await;
     let victim = w.arm_on_resumable_job("w1").await;
+    let attempt = w.attempt_of(&victim).await;
     let t0 = now_s();
     if let Some(mut p) = w.workers.remove("w1") {
         p.kill();
         w.workers.insert("w1-killed".into(), p);
     }
+    w.died("w1", t0);
+    // An upload the worker finished just before it died may still be being recorded.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let newest = w.newest_state(&victim, attempt).await;
     let affected: Vec<String> = w
         .jobs_in_state("running")
         .await
@@ -894,7 +984,9 @@ async fn worker_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
         .map(|(id, _)| id)
         .collect();
     w.start_worker("w3");
-    w.notes.push(format!("killed w1 holding {victim}"));
+    w.notes.push(format!(
+        "killed w1 holding {victim} (newest state: step {newest})"
+    ));
     let affected = if affected.is_empty() {
         vec![victim.clone()]
     } else {
@@ -903,7 +995,8 @@ async fn worker_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
     w.finish(Expect {
         fault_at: Some(t0),
         affected: &affected,
-        resumed: &[(victim, AttemptOutcome::LeaseExpired)],
+        recover_by_claim: true,
+        resumed: &[(victim, AttemptOutcome::LeaseExpired, newest)],
         ..Expect::default()
     })
     .await
@@ -934,7 +1027,7 @@ async fn redis_flushall(svc: &mut Services) -> (Row, Vec<String>) {
     w.finish(Expect {
         fault_at: Some(t0),
         affected: &queued,
-        affected_were_queued: true,
+        recover_by_claim: true,
         min_workers: 2,
         ..Expect::default()
     })
@@ -973,27 +1066,30 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = two_workers_with_jobs(svc, "postgres-restart").await;
     w.wait_running(2, 8).await;
 
-    // A client that keeps submitting (short jobs, 2 epochs) through the outage.
+    // A client that keeps submitting (short jobs, 1 epoch) through the outage.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let mut client = w.client.clone();
     let submitter = tokio::spawn(async move {
         let mut acked = Vec::new();
         let mut refusals = Vec::new();
         let mut errors = Vec::new();
+        let mut slowest = Duration::ZERO;
         let mut i = 100;
         while !*stop_rx.borrow() {
             i += 1;
-            let spec = chaos_spec("postgres-restart", i, 2);
+            let spec = chaos_spec("postgres-restart", i, 1);
+            let sent = Instant::now();
             match submit_retrying(&mut client, spec, Duration::from_secs(60), &mut refusals).await {
-                Ok(id) => acked.push((id, 2u64)),
+                Ok(id) => acked.push((id, 1u64)),
                 Err(e) => errors.push(format!("{e:#}")),
             }
+            slowest = slowest.max(sent.elapsed());
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(700)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = stop_rx.changed() => {}
             }
         }
-        (acked, refusals, errors)
+        (acked, refusals, errors, slowest)
     });
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
@@ -1009,7 +1105,7 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
     let down = now_s() - t0;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _ = stop_tx.send(true);
-    let (acked, refusals, errors) = submitter.await.expect("submitter task");
+    let (acked, refusals, errors, slowest) = submitter.await.expect("submitter task");
     let unavailable = refusals
         .iter()
         .filter(|c| **c == tonic::Code::Unavailable)
@@ -1019,8 +1115,10 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
         .filter(|c| **c != tonic::Code::Unavailable)
         .collect();
     w.notes.push(format!(
-        "Postgres down {down:.1} s; {} submitted during the run, {unavailable} UNAVAILABLE refusals retried",
-        acked.len()
+        "Postgres down {down:.1} s; {} submitted by a client meanwhile, {unavailable} UNAVAILABLE \
+         refusals retried, slowest acknowledgement {:.1} s",
+        acked.len(),
+        slowest.as_secs_f64()
     ));
     w.check(errors.is_empty(), || {
         format!("submissions never acknowledged: {errors:?}")
@@ -1043,9 +1141,9 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
 async fn worker_race(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = World::new(svc, "worker-race").await;
     w.submit_jobs(JOBS, EPOCHS).await;
+    let key = proto::queue::Keys::new(w.env.redis_prefix.clone()).ready_queue();
     {
         let mut conn = svc.redis.connection().expect("redis connection");
-        let key = proto::queue::Keys::new(w.env.redis_prefix.clone()).ready_queue();
         for (id, _) in &w.jobs {
             for _ in 0..3 {
                 let _: i64 = redis::cmd("RPUSH")
@@ -1058,14 +1156,35 @@ async fn worker_race(svc: &mut Services) -> (Row, Vec<String>) {
     }
     w.start_worker("w1");
     w.start_worker("w2");
-    w.notes.push("every id pushed 4 times".into());
+    w.notes
+        .push(format!("every id pushed 4 times ({} ids)", 4 * JOBS));
     // Both workers must have taken part, or there was no race.
-    w.finish(Expect {
-        single_attempt: true,
-        min_workers: 2,
-        ..Expect::default()
-    })
-    .await
+    let (mut row, mut failures) = w
+        .finish(Expect {
+            single_attempt: true,
+            min_workers: 2,
+            ..Expect::default()
+        })
+        .await;
+    // Every duplicate is popped by an idle worker and its claim refused: the list drains.
+    let mut conn = svc.redis.connection().expect("redis connection");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let left = loop {
+        let left: i64 = redis::cmd("LLEN").arg(&key).query(&mut conn).expect("LLEN");
+        if left == 0 || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if left == 0 {
+        row.notes
+            .push_str("; every duplicate popped and its claim refused");
+    } else {
+        failures.push(format!(
+            "{left} duplicate ids still queued in Redis 10 s after every job ended"
+        ));
+    }
+    (row, failures)
 }
 
 /// (f) SIGTERM of a worker mid-training: it stops at a step boundary and hands its job back,
@@ -1073,10 +1192,13 @@ async fn worker_race(svc: &mut Services) -> (Row, Vec<String>) {
 async fn worker_sigterm(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = two_workers_with_jobs(svc, "worker-sigterm").await;
     let victim = w.arm_on_resumable_job("w1").await;
+    let attempt = w.attempt_of(&victim).await;
     let t0 = now_s();
     let mut p = w.workers.remove("w1").expect("w1 runs");
     let exit = tokio::task::block_in_place(|| p.terminate(Duration::from_secs(30)));
     let exited_after = now_s() - t0;
+    w.died("w1", t0 + exited_after);
+    let newest = w.newest_state(&victim, attempt).await;
     match &exit {
         Ok(status) => {
             w.notes.push(format!(
@@ -1095,7 +1217,8 @@ async fn worker_sigterm(svc: &mut Services) -> (Row, Vec<String>) {
     w.finish(Expect {
         fault_at: Some(t0),
         affected: std::slice::from_ref(&victim),
-        resumed: &[(victim.clone(), AttemptOutcome::HandedBack)],
+        recover_by_claim: true,
+        resumed: &[(victim.clone(), AttemptOutcome::HandedBack, newest)],
         ..Expect::default()
     })
     .await
@@ -1127,15 +1250,18 @@ fn table(rows: &[Row]) -> String {
     s
 }
 
-/// The suite. Mean time to recover: for each job the fault affected (the jobs the killed or
-/// terminated worker held; the jobs queued when Redis was flushed; the jobs running when the
-/// coordinator or Postgres went down), the time from the fault's injection to the job's first
-/// sign of progress after it: a claim (Attempt.claimed_at) or a stored metric point
-/// (metric_points.recorded_at), whichever comes first; averaged over those jobs. It includes
-/// the time the service is down, and the lease timeout (3 s) where a lease must expire. For the
-/// jobs that were queued at the fault it is counted from when the worker that claimed them
-/// became free (the end of that worker's previous attempt, if after the fault), so it measures
-/// how long a free worker waited for a lost id, not the queue's length.
+/// The suite. Mean time to recover (MTTR), per scenario: the mean, over the jobs the fault hit,
+/// of each job's time to recover. The jobs the fault hit: the job the killed or terminated
+/// worker held; the jobs queued when Redis was flushed (their ids were lost); the jobs running
+/// when the coordinator or Postgres went down. A job's time to recover runs from the fault's
+/// injection to its first sign of progress after it: a claim (`Attempt.claimed_at`) or, for
+/// the jobs whose worker lived on (coordinator and Postgres restarts), a stored metric point
+/// (`metric_points.recorded_at`), whichever comes first. When that is a claim,
+/// the time after the job was back in the queue (its interrupted attempt ended, or the fault, for
+/// a job that was queued) during which every live worker was busy with other jobs is left out:
+/// that is queueing, which a fault-free run has too, not recovery. So it counts the service's
+/// downtime, the lease timeout (3 s) where a lease must expire, and the re-dispatch of lost ids
+/// (a free worker's wait for them).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 // The lock is held for the whole test on purpose: it keeps other training tests of this binary
 // from running during the suite; nothing else in the test takes it.
