@@ -553,6 +553,10 @@ mod tests {
         }
     }
 
+    fn training_of(spec: &mut v1::JobSpec) -> &mut v1::Training {
+        spec.training.as_mut().expect("valid() sets training")
+    }
+
     fn field_of(spec: v1::JobSpec) -> String {
         JobSpec::try_from(spec)
             .expect_err("spec should be rejected")
@@ -575,17 +579,17 @@ mod tests {
         s.experiment = None;
         assert_eq!(field_of(s), "spec.experiment");
         let mut s = valid();
-        s.training.as_mut().unwrap().epochs = 0;
+        training_of(&mut s).epochs = 0;
         assert_eq!(field_of(s), "spec.training.epochs");
         let mut s = valid();
-        s.training.as_mut().unwrap().batch_size = 0;
+        training_of(&mut s).batch_size = 0;
         assert_eq!(field_of(s), "spec.training.batch_size");
         let mut s = valid();
-        s.training.as_mut().unwrap().batch_size = MAX_BATCH_SIZE + 1;
+        training_of(&mut s).batch_size = MAX_BATCH_SIZE + 1;
         assert_eq!(field_of(s), "spec.training.batch_size");
         for lr in [0.0, -1.0, f64::NAN, f64::INFINITY] {
             let mut s = valid();
-            s.training.as_mut().unwrap().learning_rate = lr;
+            training_of(&mut s).learning_rate = lr;
             assert_eq!(field_of(s), "spec.training.learning_rate");
         }
         let mut s = valid();
@@ -709,5 +713,27 @@ mod tests {
         assert!(err.contains("trainig"), "{err}");
         let roundtrip = JobSpec::from_json(&s.to_json().to_string()).expect("roundtrip");
         assert_eq!(roundtrip, s);
+    }
+
+    #[test]
+    fn every_float_reads_back_from_json_to_the_same_bits() {
+        // Found by tests/hostile_input.rs: without serde_json's float_roundtrip, the learning
+        // rate below read back one ULP off, so a stored spec was no longer the submitted one.
+        for lr in [
+            5.1691815400175924,
+            f64::MIN_POSITIVE,
+            f64::from_bits(1),
+            0.1 + 0.2,
+        ] {
+            let mut spec = valid();
+            training_of(&mut spec).learning_rate = lr;
+            let s = JobSpec::try_from(spec).expect("valid");
+            let back = JobSpec::from_json(&s.to_json().to_string()).expect("roundtrip");
+            assert_eq!(
+                back.training.learning_rate.to_bits(),
+                lr.to_bits(),
+                "{lr:e}"
+            );
+        }
     }
 }
