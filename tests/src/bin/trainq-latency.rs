@@ -138,7 +138,10 @@ async fn wait_state(
         {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "job {id} never reached {state:?}");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "job {id} never reached {state:?}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
