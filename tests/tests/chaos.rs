@@ -169,6 +169,9 @@ struct Expect<'a> {
     fault_at: Option<f64>,
     /// The jobs the fault hit, whose recovery is timed.
     affected: &'a [String],
+    /// Metric points count as progress only when stored after this instant (default: the
+    /// fault), for a fault that takes a while to take effect.
+    progress_after: Option<f64>,
     /// Only a new claim shows that an affected job recovered (its attempt was interrupted; metric
     /// points its dead worker sent just before the fault may still be stored after it).
     recover_by_claim: bool,
@@ -562,6 +565,7 @@ impl World {
             fault_at,
             affected,
             recover_by_claim,
+            progress_after,
             resumed,
             single_attempt,
             min_workers,
@@ -696,7 +700,7 @@ impl World {
                      WHERE job_id = $1::uuid AND recorded_at > to_timestamp($2)",
                 )
                 .bind(id)
-                .bind(t0)
+                .bind(progress_after.unwrap_or(t0).max(t0))
                 .fetch_one(&self.pool)
                 .await
                 .ok()
@@ -1103,8 +1107,17 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
         .map(|(id, _)| id)
         .collect();
     let t0 = now_s();
-    tokio::task::block_in_place(|| svc.pg.restart(Duration::from_secs(2)))
-        .unwrap_or_else(|e| panic!("restarting the private Postgres: {e:#}\n{}", svc.pg.log()));
+    tokio::task::block_in_place(|| svc.pg.stop())
+        .unwrap_or_else(|e| panic!("stopping the private Postgres: {e:#}\n{}", svc.pg.log()));
+    // Points stored while `pg_ctl stop` was closing connections predate the outage.
+    let stopped = now_s();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| svc.pg.start()).unwrap_or_else(|e| {
+        panic!(
+            "starting the private Postgres again: {e:#}\n{}",
+            svc.pg.log()
+        )
+    });
     let down = now_s() - t0;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let _ = stop_tx.send(true);
@@ -1133,6 +1146,7 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
     w.finish(Expect {
         fault_at: Some(t0),
         affected: &running,
+        progress_after: Some(stopped),
         min_workers: 2,
         ..Expect::default()
     })
