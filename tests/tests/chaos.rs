@@ -24,7 +24,8 @@
 //! A failed check is recorded and the next scenario still runs; the test fails at the end listing
 //! every failed check. (A scenario that cannot even reach the point where its fault is injected
 //! panics at once, with the process logs.) `TRAINQ_CHAOS_ONLY=worker-sigkill,worker-race` runs
-//! only the named scenarios, for debugging. 100 s on an idle 2-core machine, under 3 minutes on a busy one.
+//! only the named scenarios, for debugging. It takes 100 s on an idle 2-core machine, under 3
+//! minutes on a busy one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
