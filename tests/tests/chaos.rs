@@ -8,7 +8,7 @@
 //! | `worker-sigkill`      | SIGKILL of a worker mid-training, after its job stored a `resume` state |
 //! | `redis-flushall`      | FLUSHALL, then the Redis server is killed and started empty          |
 //! | `coordinator-restart` | SIGKILL of the coordinator, started again on the same port           |
-//! | `postgres-restart`    | `pg_ctl stop -m fast`, 2 s down, started again; a client keeps submitting |
+//! | `postgres-restart`    | `pg_ctl stop -m fast`, 5 s down, started again; a client keeps submitting |
 //! | `worker-race`         | no fault: two workers race for the same ids (each pushed 4 times)    |
 //! | `worker-sigterm`      | SIGTERM of a worker mid-training: it hands its job back              |
 //!
@@ -181,6 +181,9 @@ struct Expect<'a> {
     resumed: &'a [(String, AttemptOutcome, u64)],
     /// Exactly one attempt per job (no fault happened).
     single_attempt: bool,
+    /// The affected jobs' attempts survived the fault: none of their attempts ended with an
+    /// expired lease (an outage of the coordinator or Postgres must not cost running jobs).
+    keep_leases: bool,
     /// At least this many distinct workers ran attempts.
     min_workers: usize,
 }
@@ -569,6 +572,7 @@ impl World {
             progress_after,
             resumed,
             single_attempt,
+            keep_leases,
             min_workers,
         } = expect;
         self.wait_all_terminal().await;
@@ -650,6 +654,14 @@ impl World {
                 duplicated += succeeded_attempts - 1;
             }
             self.check_job(id, &job, total, single_attempt).await;
+            if keep_leases && affected.contains(id) {
+                self.check(
+                    job.attempts
+                        .iter()
+                        .all(|a| a.outcome() != AttemptOutcome::LeaseExpired),
+                    || format!("job {id} lost its lease to the outage: {:?}", job.attempts),
+                );
+            }
             finished.insert(id.clone(), job);
         }
 
@@ -1062,14 +1074,18 @@ async fn coordinator_restart(svc: &mut Services) -> (Row, Vec<String>) {
     w.finish(Expect {
         fault_at: Some(t0),
         affected: &running,
+        keep_leases: true,
         min_workers: 2,
         ..Expect::default()
     })
     .await
 }
 
-/// (d) Postgres stopped (fast) for 2 s and started again while workers train and a client keeps
-/// submitting; refusals during the outage are retried, and every acknowledged job must exist.
+/// (d) Postgres stopped (fast) for 5 s and started again while workers train and a client keeps
+/// submitting. The outage is longer than the coordinator's database acquire timeout (3 s) and the
+/// lease timeout (3 s): submissions must be refused with UNAVAILABLE (and nothing else) while it
+/// lasts, every acknowledged job must exist, and running jobs must keep their leases (the reaper
+/// waits for the workers' heartbeats after the outage).
 async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = two_workers_with_jobs(svc, "postgres-restart").await;
     w.wait_running(2, 8).await;
@@ -1112,7 +1128,7 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
         .unwrap_or_else(|e| panic!("stopping the private Postgres: {e:#}\n{}", svc.pg.log()));
     // Points stored while `pg_ctl stop` was closing connections predate the outage.
     let stopped = now_s();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     tokio::task::block_in_place(|| svc.pg.start()).unwrap_or_else(|e| {
         panic!(
             "starting the private Postgres again: {e:#}\n{}",
@@ -1140,6 +1156,9 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
     w.check(errors.is_empty(), || {
         format!("submissions never acknowledged: {errors:?}")
     });
+    w.check(unavailable >= 1, || {
+        "no submission was refused with UNAVAILABLE during a 5 s Postgres outage".to_string()
+    });
     w.check(other.is_empty(), || {
         format!("submissions during the Postgres outage were refused with codes other than UNAVAILABLE: {other:?}")
     });
@@ -1147,6 +1166,7 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
     w.finish(Expect {
         fault_at: Some(t0),
         affected: &running,
+        keep_leases: true,
         progress_after: Some(stopped),
         min_workers: 2,
         ..Expect::default()
