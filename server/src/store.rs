@@ -428,14 +428,7 @@ pub async fn newest_resume_state(
     ex: impl PgExecutor<'_>,
     job_id: Uuid,
 ) -> Result<Option<ArtifactRow>> {
-    Ok(sqlx::query_as(
-        "SELECT * FROM artifacts WHERE job_id = $1 AND kind = $2
-         ORDER BY step DESC, created_at DESC, id DESC LIMIT 1",
-    )
-    .bind(job_id)
-    .bind(domain::RESUME_KIND)
-    .fetch_optional(ex)
-    .await?)
+    newest_artifact(ex, job_id, domain::RESUME_KIND).await
 }
 
 /// Ends the attempt's record with `outcome` (unless it already ended).
@@ -1145,7 +1138,8 @@ pub async fn get_artifact(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<Ar
         .await?)
 }
 
-/// The newest artifact of `kind` that the job stored, if any.
+/// The job's artifact of `kind` with the highest step, the newest of equal steps (artifacts not
+/// tied to a step have step 0, so for them it is simply the newest), if any.
 pub async fn newest_artifact(
     ex: impl PgExecutor<'_>,
     job_id: Uuid,
@@ -1153,7 +1147,7 @@ pub async fn newest_artifact(
 ) -> Result<Option<ArtifactRow>> {
     Ok(sqlx::query_as(
         "SELECT * FROM artifacts WHERE job_id = $1 AND kind = $2
-         ORDER BY created_at DESC, id DESC LIMIT 1",
+         ORDER BY step DESC, created_at DESC, id DESC LIMIT 1",
     )
     .bind(job_id)
     .bind(kind)

@@ -1248,3 +1248,26 @@ async fn when_redis_loses_its_keys_every_queued_job_is_pushed_again_at_once(pool
     );
     assert_eq!(after_loss, ids(&[a, b]), "every queued job, at once");
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn the_artifact_a_download_by_kind_gets_is_the_one_with_the_highest_step_not_the_last_uploaded(
+    pool: PgPool,
+) {
+    let id = submit(&pool, 3).await;
+    let lease = claim(&pool, id, "w", LONG).await;
+    let at = |name: &str, step: i64, sha: char| ArtifactHeader {
+        step,
+        ..header(&lease, "checkpoint", name, 1, sha)
+    };
+    // Epoch 2's checkpoint arrives before epoch 1's (an outbox retry, say).
+    for h in [at("epoch-002", 40, 'b'), at("epoch-001", 20, 'a')] {
+        store::record_artifact(&pool, &h, &format!("file:///x/{}", h.name))
+            .await
+            .expect("record");
+    }
+    let newest = store::newest_artifact(&pool, id, "checkpoint")
+        .await
+        .expect("query")
+        .expect("an artifact");
+    assert_eq!((newest.name.as_str(), newest.step), ("epoch-002", 40));
+}
