@@ -7,11 +7,13 @@
 //! in the artifacts module, so every way AWS tools are configured works unchanged.)
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 
 use crate::artifacts::S3Settings;
+use crate::auth::Secret;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -89,6 +91,43 @@ pub struct Config {
     #[arg(skip)]
     pub s3: S3Settings,
 
+    /// Tokens (comma-separated) that may call `trainq.v1.JobService`, sent as
+    /// `authorization: Bearer <token>`. Auth is on when any client or worker token is
+    /// configured, off (every call allowed) when none is. Never logged.
+    #[arg(
+        long,
+        env = "TRAINQ_CLIENT_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub client_tokens: Vec<Secret>,
+
+    /// Tokens (comma-separated) that may call `trainq.v1.WorkerService` (workers' `--token`).
+    #[arg(
+        long,
+        env = "TRAINQ_WORKER_TOKENS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub worker_tokens: Vec<Secret>,
+
+    /// A file of more client tokens, one per line (blank lines and `#` comments skipped).
+    #[arg(long, env = "TRAINQ_CLIENT_TOKENS_FILE")]
+    pub client_tokens_file: Option<PathBuf>,
+
+    /// A file of more worker tokens, one per line.
+    #[arg(long, env = "TRAINQ_WORKER_TOKENS_FILE")]
+    pub worker_tokens_file: Option<PathBuf>,
+
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs `--tls-key`. Plaintext
+    /// when unset.
+    #[arg(long, env = "TRAINQ_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "TRAINQ_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
     /// Log line format. The level filter comes from RUST_LOG (default `info`).
     #[arg(long, env = "TRAINQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -140,5 +179,23 @@ mod tests {
         assert_eq!(c.db_acquire_timeout(), Duration::from_secs(3));
         assert_eq!(c.db_wait(), Duration::from_secs(60));
         assert!(Config::try_parse_from(["trainq-server", "--log-format", "xml"]).is_err());
+        assert!(c.client_tokens.is_empty() && c.worker_tokens.is_empty());
+    }
+
+    #[test]
+    fn tokens_are_comma_separated_and_never_shown_by_debug() {
+        let c = Config::try_parse_from([
+            "trainq-server",
+            "--client-tokens",
+            "alpha-secret,beta-secret",
+            "--worker-tokens",
+            "gamma-secret",
+        ])
+        .expect("valid flags");
+        assert_eq!(c.client_tokens.len(), 2);
+        assert_eq!(c.worker_tokens[0].expose(), "gamma-secret");
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("-secret"), "{shown}");
+        assert!(Config::try_parse_from(["trainq-server", "--tls-cert", "c.pem"]).is_err());
     }
 }

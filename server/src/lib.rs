@@ -2,6 +2,7 @@
 //! (which only carries job ids to workers), plus the background loops that keep them in step.
 //!
 //! - [`config`]: flags and environment variables.
+//! - [`auth`]: bearer tokens with a role per service, and the optional TLS identity.
 //! - [`domain`]: request types parsed and validated at the edge; retry policy.
 //! - [`store`]: Postgres, the only module that writes SQL.
 //! - [`dispatch`]: Redis, the only module that talks to it.
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod artifacts;
+pub mod auth;
 pub mod config;
 pub mod dispatch;
 pub mod domain;
@@ -39,6 +41,7 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 pub use config::Config;
 
@@ -87,6 +90,13 @@ async fn serve_until(
     listener: TcpListener,
     signal: Shutdown,
 ) -> anyhow::Result<()> {
+    let tokens = Arc::new(auth::Tokens::from_config(&config)?);
+    let tls = auth::tls_config(&config)?;
+    tracing::info!(
+        "{}; tls: {}",
+        tokens.describe(),
+        if tls.is_some() { "on" } else { "off" }
+    );
     let artifacts = ArtifactStore::open(&config.artifacts, &config.s3)
         .with_context(|| format!("opening the artifact store {:?}", config.artifacts))?;
     let Some(pool) = connect_database(&config, signal.clone()).await? else {
@@ -131,7 +141,8 @@ async fn serve_until(
         retry_backoff: config.retry_backoff(),
         shutdown: signal.clone(),
     });
-    let served = serve_grpc(state, listener, signal).await;
+    let guards = Guards { tokens, tls };
+    let served = serve_grpc(state, guards, listener, signal).await;
     for task in background {
         if let Err(e) = task.await {
             tracing::error!(error = %e, "background task panicked");
@@ -141,13 +152,21 @@ async fn serve_until(
     served
 }
 
+/// What stands between a caller and the trainq services: the tokens each service requires
+/// (health and reflection stay open) and the TLS identity, if any.
+struct Guards {
+    tokens: Arc<auth::Tokens>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
 /// Serves the two trainq services, gRPC health and reflection (v1 and v1alpha, so older grpcurl
-/// works) until the signal fires; then reports NOT_SERVING for every service, stops accepting
+/// works), over TLS when configured, until the signal fires; then reports NOT_SERVING for every service, stops accepting
 /// and drains in-flight calls (tonic's graceful shutdown waits for them; open WatchJob and
 /// download streams end on the same signal). Requests larger than
 /// [`domain::MAX_MESSAGE_BYTES`] are refused with RESOURCE_EXHAUSTED before decoding.
 async fn serve_grpc(
     state: Arc<AppState>,
+    guards: Guards,
     listener: TcpListener,
     mut signal: Shutdown,
 ) -> anyhow::Result<()> {
@@ -161,7 +180,21 @@ async fn serve_grpc(
     };
     let addr = listener.local_addr().context("listener has no address")?;
     tracing::info!(%addr, "serving gRPC");
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = guards.tls {
+        builder = builder.tls_config(tls).context("configuring TLS")?;
+    }
+    let job_guard = auth::RequireRole::new(
+        guards.tokens.clone(),
+        auth::Role::Client,
+        <JobServiceServer<JobApi> as tonic::server::NamedService>::NAME,
+    );
+    let worker_guard = auth::RequireRole::new(
+        guards.tokens,
+        auth::Role::Worker,
+        <WorkerServiceServer<WorkerApi> as tonic::server::NamedService>::NAME,
+    );
+    builder
         .add_service(health_service)
         .add_service(reflection().build_v1().context("building reflection v1")?)
         .add_service(
@@ -169,14 +202,20 @@ async fn serve_grpc(
                 .build_v1alpha()
                 .context("building reflection v1alpha")?,
         )
-        .add_service(OversizedIsResourceExhausted(
-            JobServiceServer::new(JobApi::new(state.clone()))
-                .max_decoding_message_size(domain::MAX_MESSAGE_BYTES),
+        .add_service(InterceptedService::new(
+            OversizedIsResourceExhausted(
+                JobServiceServer::new(JobApi::new(state.clone()))
+                    .max_decoding_message_size(domain::MAX_MESSAGE_BYTES),
+            ),
+            job_guard,
         ))
-        .add_service(OversizedIsResourceExhausted(
-            // Upload chunks (4 MiB of data plus their framing) fit well within the limit.
-            WorkerServiceServer::new(WorkerApi::new(state))
-                .max_decoding_message_size(domain::MAX_MESSAGE_BYTES),
+        .add_service(InterceptedService::new(
+            OversizedIsResourceExhausted(
+                // Upload chunks (4 MiB of data plus their framing) fit well within the limit.
+                WorkerServiceServer::new(WorkerApi::new(state))
+                    .max_decoding_message_size(domain::MAX_MESSAGE_BYTES),
+            ),
+            worker_guard,
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             signal.wait().await;

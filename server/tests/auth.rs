@@ -1,0 +1,445 @@
+//! Service tests of bearer-token auth and TLS: `server::run` in-process on 127.0.0.1:0 with
+//! tokens configured, each test with a database of its own (created by the server, dropped at
+//! the end), called through the generated tonic clients with and without tokens.
+//!
+//! Needs DATABASE_URL (any database on the server, for example
+//! postgres://postgres@127.0.0.1:5432/postgres); Redis at REDIS_URL may be up or not.
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use clap::Parser as _;
+use proto::v1::worker_service_client::WorkerServiceClient;
+use proto::v1::{self, job_service_client::JobServiceClient};
+use server::Config;
+use sqlx::{Connection as _, PgConnection};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt as _;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::{Code, Request, Status};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL").expect("DATABASE_URL must name a Postgres server for these tests")
+}
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Everything every server in this test binary logs, at DEBUG and above (tokio tasks run on
+/// other threads, so the subscriber is the global one).
+fn captured_log() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOG.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || Sink(sink.clone()))
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
+        buffer
+    })
+}
+
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&captured_log().lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+}
+
+/// Tokens unique to one test, so checks of the shared log see only this test's.
+struct Tokens {
+    client: String,
+    worker: String,
+}
+
+impl Tokens {
+    fn new() -> Self {
+        Tokens {
+            client: format!("client-{}", Uuid::new_v4().simple()),
+            worker: format!("worker-{}", Uuid::new_v4().simple()),
+        }
+    }
+
+    fn flags(&self) -> Vec<String> {
+        vec![
+            "--client-tokens".into(),
+            format!(
+                "{},another-client-token-{}",
+                self.client,
+                Uuid::new_v4().simple()
+            ),
+            "--worker-tokens".into(),
+            self.worker.clone(),
+        ]
+    }
+}
+
+/// A coordinator running in this process; its database is dropped on drop.
+struct TestServer {
+    addr: std::net::SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    db_name: String,
+    _artifacts: tempfile::TempDir,
+}
+
+impl TestServer {
+    async fn start(flags: &[String]) -> Self {
+        captured_log();
+        let artifacts = tempfile::tempdir().expect("artifact dir");
+        let db_name = format!("trainq_test_{}", Uuid::new_v4().simple());
+        let admin = admin_url();
+        let base = admin.split('?').next().unwrap_or(&admin);
+        let (root, _) = base
+            .rsplit_once('/')
+            .expect("DATABASE_URL names a database");
+        let mut args: Vec<String> = vec![
+            "trainq-server".into(),
+            "--database-url".into(),
+            format!("{root}/{db_name}"),
+            "--redis-url".into(),
+            redis_url(),
+            "--redis-prefix".into(),
+            format!("trainq-test:{}:", Uuid::new_v4()),
+            "--artifacts".into(),
+            format!("file://{}", artifacts.path().display()),
+        ];
+        args.extend_from_slice(flags);
+        let config = Config::try_parse_from(args).expect("valid flags");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(server::run(config, listener, async {
+            let _ = stopped.await;
+        }));
+        TestServer {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+            db_name,
+            _artifacts: artifacts,
+        }
+    }
+
+    fn plaintext(&self) -> Channel {
+        Endpoint::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect_lazy()
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(WAIT, task)
+                .await
+                .expect("server stops in time")
+                .expect("server task did not panic")
+                .expect("server shut down cleanly");
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let db_name = self.db_name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                let mut admin = PgConnection::connect(&admin_url()).await?;
+                sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
+                    .execute(&mut admin)
+                    .await?;
+                anyhow::Ok(())
+            })
+        })
+        .join();
+    }
+}
+
+/// Polls gRPC health (which needs no token) until the server serves.
+async fn wait_until_serving(channel: Channel) {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let req = tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        };
+        match health.check(req).await {
+            Ok(_) => return,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not start serving: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A request carrying `authorization: <value>` when given.
+fn with_auth<T>(message: T, value: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(v) = value {
+        let v: MetadataValue<_> = v.parse().expect("ascii header");
+        request.metadata_mut().insert("authorization", v);
+    }
+    request
+}
+
+async fn list_jobs(channel: &Channel, auth: Option<&str>) -> Result<(), Status> {
+    JobServiceClient::new(channel.clone())
+        .list_jobs(with_auth(v1::ListJobsRequest::default(), auth))
+        .await
+        .map(drop)
+}
+
+async fn heartbeat(channel: &Channel, auth: Option<&str>) -> Result<(), Status> {
+    let request = v1::HeartbeatRequest {
+        lease: Some(v1::JobLease {
+            job_id: Uuid::nil().to_string(),
+            attempt: 1,
+            ..Default::default()
+        }),
+    };
+    WorkerServiceClient::new(channel.clone())
+        .heartbeat(with_auth(request, auth))
+        .await
+        .map(drop)
+}
+
+fn code(result: Result<(), Status>) -> Option<Code> {
+    result.err().map(|s| s.code())
+}
+
+#[tokio::test]
+async fn calls_without_a_token_or_with_an_unknown_one_are_unauthenticated_on_both_services() {
+    let tokens = Tokens::new();
+    let server = TestServer::start(&tokens.flags()).await;
+    let channel = server.plaintext();
+    wait_until_serving(channel.clone()).await;
+
+    for auth in [
+        None,
+        Some("Bearer not-a-token"),
+        Some(tokens.client.as_str()),
+    ] {
+        let err = list_jobs(&channel, auth).await.expect_err("refused");
+        assert_eq!(err.code(), Code::Unauthenticated, "{auth:?}: {err:?}");
+        let err = heartbeat(&channel, auth).await.expect_err("refused");
+        assert_eq!(err.code(), Code::Unauthenticated, "{auth:?}: {err:?}");
+    }
+    let err = list_jobs(&channel, None).await.expect_err("refused");
+    assert_eq!(err.message(), "missing bearer token");
+    let err = heartbeat(&channel, Some("Bearer nope"))
+        .await
+        .expect_err("refused");
+    assert_eq!(err.message(), "invalid token");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_of_the_other_role_is_permission_denied_and_the_right_one_is_let_through() {
+    let tokens = Tokens::new();
+    let server = TestServer::start(&tokens.flags()).await;
+    let channel = server.plaintext();
+    wait_until_serving(channel.clone()).await;
+    let client = format!("Bearer {}", tokens.client);
+    let worker = format!("Bearer {}", tokens.worker);
+
+    let err = heartbeat(&channel, Some(&client))
+        .await
+        .expect_err("denied");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        "a client token cannot call trainq.v1.WorkerService"
+    );
+    let err = list_jobs(&channel, Some(&worker))
+        .await
+        .expect_err("denied");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert_eq!(
+        err.message(),
+        "a worker token cannot call trainq.v1.JobService"
+    );
+
+    list_jobs(&channel, Some(&client))
+        .await
+        .expect("a client token lists jobs");
+    // No such job: the worker token got past auth to the service itself.
+    assert!(
+        matches!(
+            code(heartbeat(&channel, Some(&worker)).await),
+            Some(Code::NotFound | Code::FailedPrecondition | Code::InvalidArgument)
+        ),
+        "a worker token reaches WorkerService"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_reflection_answer_without_a_token() {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let server = TestServer::start(&Tokens::new().flags()).await;
+    let channel = server.plaintext();
+    wait_until_serving(channel.clone()).await;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "trainq.v1.JobService".into(),
+        })
+        .await
+        .expect("health needs no token")
+        .into_inner()
+        .status;
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .expect("reflection needs no token")
+        .into_inner();
+    let response = responses
+        .next()
+        .await
+        .expect("one answer")
+        .expect("a listing");
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer {response:?}");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"trainq.v1.JobService"), "{names:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn tokens_never_appear_in_the_server_log() {
+    let tokens = Tokens::new();
+    let flags = tokens.flags();
+    let other_client = flags[1]
+        .split(',')
+        .nth(1)
+        .expect("two client tokens")
+        .to_string();
+    let server = TestServer::start(&flags).await;
+    let channel = server.plaintext();
+    wait_until_serving(channel.clone()).await;
+    let client = format!("Bearer {}", tokens.client);
+    let worker = format!("Bearer {}", tokens.worker);
+    let wrong = format!("Bearer wrong-{}", Uuid::new_v4().simple());
+    for auth in [&client, &worker, &wrong] {
+        let _ = list_jobs(&channel, Some(auth)).await;
+        let _ = heartbeat(&channel, Some(auth)).await;
+    }
+    server.stop().await;
+
+    let log = log_text();
+    assert!(
+        log.contains("auth: on (2 client, 1 worker tokens)"),
+        "start-up line missing:\n{log}"
+    );
+    assert!(log.contains("call with an invalid token refused"), "{log}");
+    for secret in [
+        &tokens.client,
+        &other_client,
+        &tokens.worker,
+        &wrong[7..].to_string(),
+    ] {
+        assert!(
+            !log.contains(secret.as_str()),
+            "a token leaked into the log:\n{log}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn over_tls_a_client_that_trusts_the_certificate_connects_and_a_plaintext_client_fails() {
+    server::auth::install_crypto_provider(); // for the client's side
+    let dir = tempfile::tempdir().expect("dir");
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .expect("self-signed certificate");
+    let cert_pem = certified.cert.pem();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::File::create(&cert)
+        .and_then(|mut f| f.write_all(cert_pem.as_bytes()))
+        .expect("write cert");
+    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+
+    let tokens = Tokens::new();
+    let mut flags = tokens.flags();
+    flags.extend([
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ]);
+    let server = TestServer::start(&flags).await;
+    let tls = Endpoint::from_shared(format!("https://localhost:{}", server.addr.port()))
+        .expect("uri")
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&cert_pem))
+                .domain_name("localhost"),
+        )
+        .expect("tls config")
+        .connect_lazy();
+    wait_until_serving(tls.clone()).await;
+    list_jobs(&tls, Some(&format!("Bearer {}", tokens.client)))
+        .await
+        .expect("a TLS client with a token is served");
+    assert_eq!(
+        code(list_jobs(&tls, None).await),
+        Some(Code::Unauthenticated)
+    );
+
+    let plain = server.plaintext();
+    let err = list_jobs(&plain, Some(&format!("Bearer {}", tokens.client)))
+        .await
+        .expect_err("plaintext is not served");
+    assert!(
+        !matches!(
+            err.code(),
+            Code::Ok | Code::Unauthenticated | Code::PermissionDenied
+        ),
+        "{err:?}"
+    );
+    server.stop().await;
+}
