@@ -31,7 +31,9 @@ use proto::v1::{
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::Code;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -51,6 +53,87 @@ pub const UPLOAD_CHUNK_BYTES: usize = 1 << 20;
 const CLAIM_PATIENCE: Duration = Duration::from_secs(30);
 /// Tries at downloading a transfer's source checkpoint before the attempt fails (retryably).
 const SOURCE_DOWNLOAD_TRIES: u32 = 5;
+
+/// How long the agent pauses after the coordinator refused its token, so a misconfigured worker
+/// logs an error now and then instead of spinning.
+const REFUSED_PAUSE: Duration = Duration::from_secs(5);
+
+/// The coordinator's WorkerService client, every call carrying the worker's token.
+pub type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call (nothing when the worker has no token).
+/// The value is marked sensitive, so it never shows in `Debug` output.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    pub fn new(token: Option<&str>) -> anyhow::Result<Self> {
+        let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
+            return Ok(Self(None));
+        };
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| anyhow::anyhow!("the worker token must be printable ASCII"))?;
+        value.set_sensitive(true);
+        Ok(Self(Some(value)))
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "BearerToken(<redacted>)"
+        } else {
+            "BearerToken(None)"
+        })
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The client of the coordinator at `args.coordinator`: over TLS trusting `--tls-ca` when given
+/// (required for `https://`), with the worker's token on every call. Connects lazily.
+pub fn connect(args: &ServeArgs) -> anyhow::Result<Client> {
+    let mut endpoint = Endpoint::from_shared(args.coordinator.clone())
+        .map_err(|e| anyhow::anyhow!("invalid coordinator address {}: {e}", args.coordinator))?
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(ca) = &args.tls_ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| anyhow::anyhow!("reading the TLS CA {}: {e}", ca.display()))?;
+        // Other dependencies enable rustls's aws-lc-rs as well: choose ring explicitly.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        endpoint = endpoint
+            .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            .map_err(|e| anyhow::anyhow!("configuring TLS: {e}"))?;
+    } else if args.coordinator.starts_with("https://") {
+        anyhow::bail!("an https:// coordinator needs --tls-ca (TRAINQ_TLS_CA)");
+    }
+    let token = BearerToken::new(args.token.as_ref().map(|t| t.expose()))?;
+    Ok(WorkerServiceClient::with_interceptor(
+        endpoint.connect_lazy(),
+        token,
+    ))
+}
+
+/// The coordinator refused this worker's token (missing, unknown, or not a worker token).
+fn is_refused(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unauthenticated | Code::PermissionDenied
+    )
+}
 
 /// Resolves on SIGINT or SIGTERM.
 pub async fn shutdown_signal() {
@@ -85,11 +168,16 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> anyho
     let trainer_config = args.trainer.trainer_config()?;
     info!(%worker_id, device = ?trainer_config.device, coordinator = %args.coordinator, "worker starting");
     let executor = Executor::spawn(trainer_config, args.trainer.torch_threads)?;
-    let channel = Endpoint::from_shared(args.coordinator.clone())
-        .map_err(|e| anyhow::anyhow!("invalid coordinator address {}: {e}", args.coordinator))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect_lazy();
-    let client = WorkerServiceClient::new(channel);
+    let client = connect(&args)?;
+    info!(
+        auth = if args.token.is_some() {
+            "token"
+        } else {
+            "none"
+        },
+        tls = args.tls_ca.is_some(),
+        "coordinator client ready"
+    );
     let keys = proto::queue::Keys::new(args.redis_prefix.clone());
     let mut queue = Queue::new(&args.redis_url, keys, Duration::from_secs(1))?;
     let agent = Agent {
@@ -138,7 +226,7 @@ enum Flow {
 struct Agent {
     args: ServeArgs,
     worker_id: String,
-    client: WorkerServiceClient<Channel>,
+    client: Client,
     executor: Executor,
 }
 
@@ -167,6 +255,20 @@ impl Agent {
                         _ = &mut *shutdown => return Flow::Shutdown,
                         _ = tokio::time::sleep(wait) => {}
                     }
+                }
+                Err(status) if is_refused(&status) => {
+                    // The job stays queued in Postgres; the reconciler re-dispatches it later.
+                    tracing::error!(
+                        job_id,
+                        error = %status,
+                        "the coordinator refused this worker's token; set --token \
+                         (TRAINQ_WORKER_TOKEN) to one of the coordinator's TRAINQ_WORKER_TOKENS"
+                    );
+                    tokio::select! {
+                        _ = &mut *shutdown => return Flow::Shutdown,
+                        _ = tokio::time::sleep(REFUSED_PAUSE) => {}
+                    }
+                    return Flow::Continue;
                 }
                 Err(status) => {
                     // The job stays queued in Postgres; the coordinator's reconciler re-dispatches it.
@@ -540,7 +642,7 @@ impl Outbox {
     /// cannot succeed, and it must not hold back what follows.
     pub async fn flush(
         &mut self,
-        client: &mut WorkerServiceClient<Channel>,
+        client: &mut Client,
         lease: &JobLease,
     ) -> Result<(), tonic::Status> {
         while let Some(front) = self.queue.front_mut() {
@@ -565,7 +667,7 @@ impl Outbox {
 /// Uploads one artifact: a header (lease, kind, name, epoch, size, lowercase hex SHA-256), then
 /// the bytes in chunks of at most [`UPLOAD_CHUNK_BYTES`].
 pub async fn upload_artifact(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut Client,
     lease: &JobLease,
     file: &ArtifactFile,
 ) -> Result<proto::v1::Artifact, tonic::Status> {
@@ -607,10 +709,7 @@ pub enum Download {
 
 /// The newest checkpoint of job `source` (the bytes, checked against the size and SHA-256 of the
 /// record the first chunk carries).
-pub async fn download_checkpoint(
-    client: &mut WorkerServiceClient<Channel>,
-    source: &str,
-) -> Result<Vec<u8>, Download> {
+pub async fn download_checkpoint(client: &mut Client, source: &str) -> Result<Vec<u8>, Download> {
     let request = DownloadArtifactRequest {
         artifact_id: String::new(),
         job_id: source.to_string(),
@@ -621,7 +720,7 @@ pub async fn download_checkpoint(
 
 /// One artifact's record and bytes, the bytes checked against the record's size and SHA-256.
 pub async fn download(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut Client,
     request: DownloadArtifactRequest,
 ) -> Result<(Artifact, Vec<u8>), Download> {
     let mut stream = client.download_artifact(request).await?.into_inner();
@@ -656,7 +755,7 @@ pub async fn download(
 
 /// Sends buffered points in chunks; points leave the buffer only once stored.
 async fn send_metrics(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut Client,
     lease: &JobLease,
     pending: &mut Vec<MetricPoint>,
 ) -> Result<(), tonic::Status> {
@@ -854,7 +953,7 @@ mod tests {
     }
 
     /// Serves `fake` on a free port and returns a client of it.
-    async fn serve(fake: Fake) -> WorkerServiceClient<Channel> {
+    async fn serve(fake: Fake) -> Client {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -867,7 +966,33 @@ mod tests {
         let channel = Endpoint::from_shared(format!("http://{addr}"))
             .expect("endpoint")
             .connect_lazy();
-        WorkerServiceClient::new(channel)
+        WorkerServiceClient::with_interceptor(channel, BearerToken::default())
+    }
+
+    #[test]
+    fn the_worker_token_goes_into_every_call_as_a_bearer_header_and_never_into_debug_output() {
+        use tonic::service::Interceptor as _;
+        let mut token = BearerToken::new(Some(" s3cret-token ")).expect("token");
+        let request = token.call(Request::new(())).expect("passes");
+        let value = request.metadata().get("authorization").expect("header");
+        assert_eq!(value.to_str().expect("ascii"), "Bearer s3cret-token");
+        let shown = format!("{token:?} {:?}", request.metadata());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        let mut none = BearerToken::new(None).expect("no token");
+        let request = none.call(Request::new(())).expect("passes");
+        assert!(request.metadata().get("authorization").is_none());
+
+        use clap::Parser;
+        let cli = crate::config::Cli::parse_from([
+            "trainq-worker",
+            "--coordinator",
+            "https://coordinator:50051",
+            "--token",
+            "s3cret-token",
+        ]);
+        assert!(!format!("{cli:?}").contains("s3cret"));
+        let err = connect(&cli.serve).expect_err("https needs a CA");
+        assert!(err.to_string().contains("--tls-ca"), "{err}");
     }
 
     fn lease() -> JobLease {
@@ -1063,7 +1188,7 @@ mod tests {
         );
     }
 
-    fn agent(client: WorkerServiceClient<Channel>) -> Agent {
+    fn agent(client: Client) -> Agent {
         use clap::Parser;
         let cli = crate::config::Cli::parse_from(["trainq-worker", "--device", "cpu"]);
         let config = cli.serve.trainer.trainer_config().expect("config");

@@ -67,8 +67,38 @@ pub struct ServeArgs {
     /// Log format: text or json.
     #[arg(long, env = "TRAINQ_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
+    /// Worker token, sent as `authorization: Bearer <token>` on every call to the coordinator;
+    /// needed when the coordinator has auth on (one of its TRAINQ_WORKER_TOKENS). Never logged.
+    #[arg(long, env = "TRAINQ_WORKER_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+    /// CA certificate (PEM) that signed the coordinator's TLS certificate; needed for an
+    /// `https://` coordinator address.
+    #[arg(long, env = "TRAINQ_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     #[command(flatten)]
     pub trainer: TrainerArgs,
+}
+
+/// A secret from the command line or the environment whose `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Secret(s)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// Where and how training runs. Shared by `serve`, `run` and `bench`.
