@@ -1,0 +1,293 @@
+//! Renders command results for people (aligned tables), spreadsheets (CSV) and scripts (the
+//! proto's JSON mapping).
+//!
+//! Pure formatting: no network, no terminal detection.
+
+use proto::v1;
+
+/// How a read command prints its result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    /// Aligned columns for people.
+    #[default]
+    Table,
+    /// The proto's JSON mapping: one object, or an array for lists.
+    Json,
+    /// Comma-separated values with a header row (RFC 4180 quoting).
+    Csv,
+}
+
+/// Rows under a header, rendered as a table or as CSV.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Table {
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn push(&mut self, row: Vec<String>) {
+        self.rows.push(row);
+    }
+
+    /// Left-aligned columns separated by two spaces, no trailing blanks.
+    pub fn to_text(&self) -> String {
+        let cols = self.header.len();
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate().take(cols) {
+                widths[i] = widths[i].max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for row in std::iter::once(&self.header).chain(&self.rows) {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate().take(cols) {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                line.push_str(cell);
+                let pad = widths[i] - cell.chars().count();
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// CSV with a header row; fields with commas, quotes or line breaks are quoted.
+    pub fn to_csv(&self) -> String {
+        let mut out = String::new();
+        for row in std::iter::once(&self.header).chain(&self.rows) {
+            let fields: Vec<String> = row.iter().map(|f| csv_field(f)).collect();
+            out.push_str(&fields.join(","));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The table in a text format (`Json` is not a table format: the caller prints JSON itself).
+    pub fn render(&self, output: Output) -> String {
+        match output {
+            Output::Csv => self.to_csv(),
+            Output::Table | Output::Json => self.to_text(),
+        }
+    }
+}
+
+fn csv_field(field: &str) -> String {
+    if field.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", field.replace('"', "\"\""))
+    } else {
+        field.to_string()
+    }
+}
+
+/// A value as the proto JSON mapping prints it, pretty.
+pub fn json<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string_pretty(value).expect("proto messages always serialise to JSON") + "\n"
+}
+
+/// A timestamp in RFC 3339 (UTC), or `-` when unset.
+pub fn timestamp(ts: Option<&proto::Timestamp>) -> String {
+    match ts {
+        // pbjson's Timestamp serialises as an RFC 3339 string.
+        Some(ts) => serde_json::to_value(ts)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_else(|| "-".into()),
+        None => "-".into(),
+    }
+}
+
+/// A metric value: integers without a fraction, others with up to 6 significant digits.
+pub fn number(value: f64) -> String {
+    if value.is_finite() && value == value.trunc() && value.abs() < 1e15 {
+        format!("{value:.0}")
+    } else if value != 0.0 && (value.abs() >= 1e6 || value.abs() < 1e-3) {
+        format!("{value:.5e}")
+    } else {
+        let s = format!("{value:.6}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
+}
+
+pub fn state(job: &v1::Job) -> &'static str {
+    proto::state_name(job.state())
+}
+
+/// Jobs as rows: id, name, state, attempt, created, and the latest loss if any.
+pub fn jobs_table(jobs: &[v1::Job]) -> Table {
+    let mut t = Table::new(&["ID", "NAME", "KIND", "STATE", "ATTEMPT", "CREATED", "LOSS"]);
+    for job in jobs {
+        let spec = job.spec.as_ref();
+        let kind = match spec.and_then(|s| s.experiment.as_ref()) {
+            Some(v1::job_spec::Experiment::MnistClassifier(_)) => "mnist_classifier",
+            Some(v1::job_spec::Experiment::CifarCvae(_)) => "cifar_cvae",
+            None => "-",
+        };
+        let loss = job
+            .latest_metrics
+            .iter()
+            .find(|m| m.name == "train/loss")
+            .map_or("-".into(), |m| number(m.value));
+        t.push(vec![
+            job.id.clone(),
+            spec.map_or("-".into(), |s| s.name.clone()),
+            kind.into(),
+            state(job).into(),
+            job.attempt.to_string(),
+            timestamp(job.created_at.as_ref()),
+            loss,
+        ]);
+    }
+    t
+}
+
+/// One job as FIELD / VALUE rows, then its latest metrics.
+pub fn job_table(job: &v1::Job) -> Table {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    let mut row = |k: &str, v: String| t.push(vec![k.into(), v]);
+    row("id", job.id.clone());
+    row(
+        "name",
+        job.spec.as_ref().map_or("-".into(), |s| s.name.clone()),
+    );
+    row("state", state(job).into());
+    row("attempt", job.attempt.to_string());
+    row("failed_attempts", job.failed_attempts.to_string());
+    row("worker", or_dash(&job.worker_id));
+    row("created", timestamp(job.created_at.as_ref()));
+    row("started", timestamp(job.started_at.as_ref()));
+    row("finished", timestamp(job.finished_at.as_ref()));
+    row("final_step", job.final_step.to_string());
+    row("error", or_dash(&job.error));
+    for m in &job.latest_metrics {
+        row(
+            &m.name,
+            format!("{} (epoch {}, step {})", number(m.value), m.epoch, m.step),
+        );
+    }
+    t
+}
+
+fn or_dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Metric points, one per row: name, epoch, step, value (full precision for CSV).
+pub fn metrics_table(points: &[v1::MetricPoint], exact: bool) -> Table {
+    let mut t = Table::new(&["name", "epoch", "step", "value"]);
+    for p in points {
+        t.push(vec![
+            p.name.clone(),
+            p.epoch.to_string(),
+            p.step.to_string(),
+            if exact {
+                p.value.to_string()
+            } else {
+                number(p.value)
+            },
+        ]);
+    }
+    t
+}
+
+pub fn artifacts_table(artifacts: &[v1::Artifact]) -> Table {
+    let mut t = Table::new(&[
+        "ID", "KIND", "NAME", "EPOCH", "STEP", "SIZE", "SHA256", "CREATED",
+    ]);
+    for a in artifacts {
+        t.push(vec![
+            a.id.clone(),
+            a.kind.clone(),
+            a.name.clone(),
+            a.epoch.to_string(),
+            a.step.to_string(),
+            a.size_bytes.to_string(),
+            a.sha256.chars().take(12).collect(),
+            timestamp(a.created_at.as_ref()),
+        ]);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn point(name: &str, step: u64, epoch: u32, value: f64) -> v1::MetricPoint {
+        v1::MetricPoint {
+            name: name.into(),
+            step,
+            epoch,
+            value,
+        }
+    }
+
+    #[test]
+    fn a_table_aligns_its_columns_without_trailing_blanks() {
+        let mut t = Table::new(&["A", "LONGER"]);
+        t.push(vec!["wide cell".into(), "x".into()]);
+        t.push(vec!["b".into(), "".into()]);
+        assert_eq!(t.to_text(), "A          LONGER\nwide cell  x\nb\n");
+    }
+
+    #[test]
+    fn csv_quotes_fields_with_commas_quotes_and_line_breaks() {
+        let mut t = Table::new(&["name", "value"]);
+        t.push(vec!["a,b".into(), "say \"hi\"".into()]);
+        t.push(vec!["two\nlines".into(), "plain".into()]);
+        assert_eq!(
+            t.to_csv(),
+            "name,value\n\"a,b\",\"say \"\"hi\"\"\"\n\"two\nlines\",plain\n"
+        );
+    }
+
+    #[test]
+    fn metrics_print_as_csv_with_full_precision_and_as_a_rounded_table() {
+        let points = [
+            point("train/loss", 20, 1, 0.123456789),
+            point("test/accuracy", 4, 1, 0.9),
+        ];
+        assert_eq!(
+            metrics_table(&points, true).to_csv(),
+            "name,epoch,step,value\ntrain/loss,1,20,0.123456789\ntest/accuracy,1,4,0.9\n"
+        );
+        assert_eq!(
+            metrics_table(&points, false).to_text(),
+            "name           epoch  step  value\n\
+             train/loss     1      20    0.123457\n\
+             test/accuracy  1      4     0.9\n"
+        );
+    }
+
+    #[test]
+    fn numbers_are_short_but_keep_their_magnitude() {
+        assert_eq!(number(3.0), "3");
+        assert_eq!(number(0.5), "0.5");
+        assert_eq!(number(1234.5678), "1234.5678");
+        assert_eq!(number(0.0001234), "1.23400e-4");
+        assert_eq!(number(f64::NAN), "NaN");
+    }
+
+    #[test]
+    fn metric_points_print_as_the_proto_json_mapping() {
+        let text = json(&vec![point("train/loss", 20, 1, 0.5)]);
+        let value: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(value[0]["name"], "train/loss");
+        assert_eq!(value[0]["step"], "20");
+        assert_eq!(value[0]["value"], 0.5);
+    }
+}

@@ -1,0 +1,310 @@
+//! `trainq watch`: follows jobs through the WatchJob stream until they end, as one progress bar
+//! per job on a terminal, or as plain lines when stdout is not a terminal.
+//!
+//! The coordinator does not know data set sizes, so the total number of steps is computed here
+//! from the spec: epochs x floor(train examples / batch size), where the train examples are
+//! `maxTrainExamples` or the whole training set (60,000 MNIST images, 50,000 CIFAR-100 images),
+//! whichever is smaller; the last partial batch of an epoch is dropped. Training code lives in
+//! the worker; this module only reads the stream.
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use proto::v1;
+use tokio_stream::StreamExt;
+
+use crate::client::{exit, CliError, Client};
+use crate::output::number;
+
+/// Training-set sizes of the built-in data sets.
+pub const MNIST_TRAIN_EXAMPLES: u64 = 60_000;
+pub const CIFAR100_TRAIN_EXAMPLES: u64 = 50_000;
+
+/// Optimiser steps a spec trains in all, or `None` when the spec lacks training or a kind.
+pub fn total_steps(spec: &v1::JobSpec) -> Option<u64> {
+    let training = spec.training.as_ref()?;
+    let full = match spec.experiment.as_ref()? {
+        v1::job_spec::Experiment::MnistClassifier(_) => MNIST_TRAIN_EXAMPLES,
+        v1::job_spec::Experiment::CifarCvae(_) => CIFAR100_TRAIN_EXAMPLES,
+    };
+    let examples = match training.max_train_examples {
+        0 => full,
+        n => u64::from(n).min(full),
+    };
+    let batch = u64::from(training.batch_size.max(1));
+    Some(u64::from(training.epochs) * (examples / batch).max(1))
+}
+
+/// What the watcher knows about one job.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub name: String,
+    pub state: v1::JobState,
+    pub step: u64,
+    pub epoch: u32,
+    pub epochs: u32,
+    pub total: Option<u64>,
+    pub loss: Option<f64>,
+    pub images_per_s: Option<f64>,
+    pub error: String,
+}
+
+impl Progress {
+    fn on_job(&mut self, job: &v1::Job) {
+        if let Some(spec) = &job.spec {
+            self.name = spec.name.clone();
+            self.total = total_steps(spec);
+            self.epochs = spec.training.as_ref().map_or(0, |t| t.epochs);
+        }
+        self.state = job.state();
+        self.error = job.error.clone();
+        if job.final_step > 0 {
+            self.step = self.step.max(job.final_step);
+        }
+        self.on_points(&job.latest_metrics);
+    }
+
+    fn on_points(&mut self, points: &[v1::MetricPoint]) {
+        for p in points {
+            if p.step >= self.step {
+                self.step = p.step;
+                self.epoch = self.epoch.max(p.epoch);
+            }
+            match p.name.as_str() {
+                "train/loss" => self.loss = Some(p.value),
+                "train/images_per_s" => self.images_per_s = Some(p.value),
+                _ => {}
+            }
+        }
+    }
+
+    /// `epoch 1/2  loss 0.5321  1234 img/s`
+    pub fn summary(&self) -> String {
+        let mut s = format!("epoch {}/{}", self.epoch, self.epochs);
+        if let Some(l) = self.loss {
+            s.push_str(&format!("  loss {}", number(l)));
+        }
+        if let Some(r) = self.images_per_s {
+            s.push_str(&format!("  {} img/s", number(r.round())));
+        }
+        s
+    }
+}
+
+fn is_terminal(state: v1::JobState) -> bool {
+    use v1::JobState::*;
+    matches!(state, Succeeded | Failed | Cancelled)
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Display {
+    Bars,
+    Lines,
+    Quiet,
+}
+
+impl Display {
+    pub fn auto() -> Self {
+        if std::io::stdout().is_terminal() {
+            Display::Bars
+        } else {
+            Display::Lines
+        }
+    }
+}
+
+/// Watches jobs until every one ends. Returns the final jobs; the caller turns them into an
+/// exit code with [`exit_code`].
+pub async fn watch(
+    client: &Client,
+    ids: &[String],
+    display: Display,
+) -> Result<Vec<v1::Job>, CliError> {
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
+    let style = ProgressStyle::with_template(
+        "{prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} steps  {msg}  ETA {eta}",
+    )
+    .expect("a valid progress template")
+    .progress_chars("=> ");
+    let mut tasks = Vec::new();
+    for id in ids {
+        let bar = match display {
+            Display::Bars => {
+                let bar = multi.add(ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.enable_steady_tick(Duration::from_millis(500));
+                Some(bar)
+            }
+            _ => None,
+        };
+        let client = client.clone();
+        let id = id.clone();
+        tasks.push(tokio::spawn(async move {
+            watch_one(client, id, bar, display).await
+        }));
+    }
+    let mut jobs = Vec::new();
+    for task in tasks {
+        let job = task
+            .await
+            .map_err(|e| CliError::new(exit::SERVER, format!("watcher stopped: {e}")))??;
+        jobs.push(job);
+    }
+    Ok(jobs)
+}
+
+async fn watch_one(
+    mut client: Client,
+    id: String,
+    bar: Option<ProgressBar>,
+    display: Display,
+) -> Result<v1::Job, CliError> {
+    let what = format!("watch {id}");
+    let mut stream = client
+        .watch_job(v1::WatchJobRequest { job_id: id.clone() })
+        .await
+        .map_err(|s| CliError::from_status(&what, &s))?
+        .into_inner();
+    let short: String = id.chars().take(8).collect();
+    let mut progress = Progress::default();
+    let mut last: Option<v1::Job> = None;
+    let mut last_state = None;
+    // For the ETA of plain lines: when and at which step the first metric arrived.
+    let mut first_seen: Option<(Instant, u64)> = None;
+    while let Some(event) = stream.next().await {
+        let event = event.map_err(|s| CliError::from_status(&what, &s))?;
+        match event.event {
+            Some(v1::job_event::Event::Job(job)) => {
+                progress.on_job(&job);
+                last = Some(job);
+            }
+            Some(v1::job_event::Event::Metrics(batch)) => progress.on_points(&batch.points),
+            None => continue,
+        }
+        if first_seen.is_none() && progress.step > 0 {
+            first_seen = Some((Instant::now(), progress.step));
+        }
+        let state = proto::state_name(progress.state);
+        match (&bar, display) {
+            (Some(bar), _) => {
+                bar.set_prefix(format!("{short} {}", progress.name));
+                if let Some(total) = progress.total {
+                    bar.set_length(total.max(progress.step));
+                }
+                bar.set_position(progress.step);
+                bar.set_message(format!("{state}  {}", progress.summary()));
+            }
+            (None, Display::Lines) => {
+                if last_state != Some(progress.state) {
+                    println!("{id} {}: {state}", progress.name);
+                    last_state = Some(progress.state);
+                }
+                if progress.step > 0 && !is_terminal(progress.state) {
+                    let total = progress
+                        .total
+                        .map_or("?".into(), |t| t.max(progress.step).to_string());
+                    let eta = match (first_seen, progress.total) {
+                        (Some((t0, s0)), Some(total)) if progress.step > s0 => {
+                            let per_step = t0.elapsed().as_secs_f64() / (progress.step - s0) as f64;
+                            format!(
+                                "{:.0}s",
+                                per_step * total.saturating_sub(progress.step) as f64
+                            )
+                        }
+                        _ => "?".into(),
+                    };
+                    println!(
+                        "{id} step {}/{total}  {}  eta {eta}",
+                        progress.step,
+                        progress.summary()
+                    );
+                }
+            }
+            _ => {}
+        }
+        if is_terminal(progress.state) {
+            break;
+        }
+    }
+    let job = match last {
+        Some(job) if is_terminal(job.state()) => job,
+        _ => {
+            return Err(CliError::new(
+                exit::SERVER,
+                format!("{what}: the stream ended before the job did"),
+            ))
+        }
+    };
+    let end = match job.state() {
+        v1::JobState::Succeeded => format!("succeeded at step {}", job.final_step),
+        other => format!("{}: {}", proto::state_name(other), job.error),
+    };
+    match (&bar, display) {
+        (Some(bar), _) => bar.finish_with_message(end),
+        (None, Display::Lines) => println!("{id} {}: {end}", progress.name),
+        _ => {}
+    }
+    Ok(job)
+}
+
+/// 0 when every job succeeded, 1 otherwise.
+pub fn exit_code(jobs: &[v1::Job]) -> u8 {
+    if jobs.iter().all(|j| j.state() == v1::JobState::Succeeded) {
+        exit::OK
+    } else {
+        exit::JOB_FAILED
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(epochs: u32, batch: u32, max_train: u32, cvae: bool) -> v1::JobSpec {
+        v1::JobSpec {
+            name: "s".into(),
+            training: Some(v1::Training {
+                epochs,
+                batch_size: batch,
+                max_train_examples: max_train,
+                ..Default::default()
+            }),
+            experiment: Some(if cvae {
+                v1::job_spec::Experiment::CifarCvae(Default::default())
+            } else {
+                v1::job_spec::Experiment::MnistClassifier(v1::MnistClassifier {})
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn total_steps_drop_the_last_partial_batch_of_every_epoch() {
+        assert_eq!(total_steps(&spec(1, 64, 256, false)), Some(4));
+        assert_eq!(total_steps(&spec(2, 100, 250, false)), Some(4));
+        assert_eq!(total_steps(&spec(1, 64, 0, false)), Some(937));
+        assert_eq!(total_steps(&spec(3, 128, 0, true)), Some(3 * 390));
+        assert_eq!(total_steps(&spec(1, 64, 1_000_000, false)), Some(937));
+    }
+
+    #[test]
+    fn progress_follows_the_newest_step_and_the_latest_loss() {
+        let mut p = Progress::default();
+        let pt = |name: &str, step, epoch, value| v1::MetricPoint {
+            name: name.into(),
+            step,
+            epoch,
+            value,
+        };
+        p.on_points(&[
+            pt("train/loss", 20, 1, 0.9),
+            pt("train/images_per_s", 20, 1, 1500.4),
+        ]);
+        p.on_points(&[pt("train/loss", 40, 2, 0.5)]);
+        assert_eq!((p.step, p.epoch, p.loss), (40, 2, Some(0.5)));
+        p.epochs = 2;
+        assert_eq!(p.summary(), "epoch 2/2  loss 0.5  1500 img/s");
+    }
+}

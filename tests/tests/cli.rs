@@ -1,0 +1,234 @@
+//! System tests of the `trainq` CLI: the real binary against a real coordinator (and a real
+//! worker where a job must train), through the harness in tests/src/lib.rs.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tests::*;
+
+/// Runs the real `trainq` against a coordinator, with no token and no inherited address.
+fn trainq(coordinator: &Coordinator, dir: &Path, args: &[&str]) -> Output {
+    Command::new(binary("trainq"))
+        .args(args)
+        .current_dir(dir)
+        .env("TRAINQ_SERVER", coordinator.url())
+        .env_remove("TRAINQ_TOKEN")
+        .output()
+        .expect("running trainq")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts the exit code, showing both streams when it differs.
+fn expect_code(out: &Output, code: i32, what: &str) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: stdout:\n{}\nstderr:\n{}",
+        stdout(out),
+        stderr(out)
+    );
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("trainq printed no JSON ({e}): {}", stdout(out)))
+}
+
+const YAML_SPEC: &str = "\
+# one tiny epoch of the seed's MNIST classifier
+name: cli-mnist
+labels:
+  suite: cli
+training:
+  epochs: 1
+  batchSize: 64
+  learningRate: 0.001
+  optimizer: OPTIMIZER_ADAM
+  seed: 42
+  maxTrainExamples: 256
+  maxTestExamples: 256
+  logEverySteps: 1
+mnistClassifier: {}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_yaml_spec_submitted_with_trainq_is_watched_to_success_and_its_metrics_artifacts_and_charts_can_be_read(
+) {
+    let _guard = training_lock();
+    let env = TestEnv::new();
+    let coordinator = env.start_coordinator(&[]).await;
+    let _worker = env.start_worker(&coordinator, "cli-worker", &[]);
+    let dir = env.dir.path();
+    std::fs::write(dir.join("spec.yaml"), YAML_SPEC).expect("write spec");
+
+    let out = trainq(&coordinator, dir, &["submit", "spec.yaml"]);
+    expect_code(&out, 0, "submit");
+    let id = stdout(&out).trim().to_string();
+    assert_eq!(id.len(), 36, "submit prints the job id: {id:?}");
+
+    // stdout is a pipe here, so watch prints plain lines, and exits 0 on success.
+    let out = trainq(&coordinator, dir, &["watch", &id]);
+    expect_code(&out, 0, "watch");
+    let lines = stdout(&out);
+    assert!(lines.contains("succeeded"), "{lines}");
+    assert!(
+        lines.contains("step "),
+        "watch shows progress lines: {lines}"
+    );
+
+    let out = trainq(&coordinator, dir, &["get", &id, "--output", "json"]);
+    expect_code(&out, 0, "get");
+    assert_eq!(json(&out)["state"], "JOB_STATE_SUCCEEDED");
+
+    let out = trainq(&coordinator, dir, &["metrics", &id, "--output", "json"]);
+    expect_code(&out, 0, "metrics json");
+    let points = json(&out);
+    let losses = points
+        .as_array()
+        .expect("an array of points")
+        .iter()
+        .filter(|p| p["name"] == "train/loss")
+        .count();
+    assert!(losses >= 1, "train/loss points: {points}");
+
+    let out = trainq(
+        &coordinator,
+        dir,
+        &["metrics", &id, "--name", "train/loss", "--output", "csv"],
+    );
+    expect_code(&out, 0, "metrics csv");
+    let csv = stdout(&out);
+    assert!(
+        csv.starts_with("name,epoch,step,value\ntrain/loss,1,"),
+        "{csv}"
+    );
+
+    let out = trainq(
+        &coordinator,
+        dir,
+        &["artifacts", "list", &id, "--output", "json"],
+    );
+    expect_code(&out, 0, "artifacts list");
+    let listed = json(&out);
+    let checkpoint = listed
+        .as_array()
+        .expect("an array of artifacts")
+        .iter()
+        .rfind(|a| a["kind"] == "checkpoint")
+        .unwrap_or_else(|| panic!("a checkpoint artifact: {listed}"))
+        .clone();
+    let out = trainq(
+        &coordinator,
+        dir,
+        &[
+            "artifacts",
+            "download",
+            &id,
+            "--kind",
+            "checkpoint",
+            "-o",
+            "ckpt.safetensors",
+        ],
+    );
+    expect_code(&out, 0, "artifacts download");
+    let size = std::fs::metadata(dir.join("ckpt.safetensors"))
+        .expect("downloaded checkpoint")
+        .len();
+    assert_eq!(
+        checkpoint["sizeBytes"].as_str().map(str::to_string),
+        Some(size.to_string())
+    );
+
+    let out = trainq(
+        &coordinator,
+        dir,
+        &[
+            "plot",
+            &id,
+            "--metric",
+            "train/loss",
+            "--x",
+            "step",
+            "-o",
+            "chart.png",
+            "--svg",
+        ],
+    );
+    expect_code(&out, 0, "plot");
+    let png = std::fs::read(dir.join("chart.png")).expect("chart.png");
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG file");
+    let svg = std::fs::read_to_string(dir.join("chart.svg")).expect("chart.svg");
+    assert!(svg.contains("<svg"), "an SVG file");
+    assert!(svg.contains("cli-mnist"), "the legend names the job");
+    assert!(svg.contains("train/loss per step"), "the chart has a title");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainq_exit_codes_tell_cancelled_jobs_unknown_ids_bad_files_and_absent_servers_apart() {
+    let env = TestEnv::new();
+    let coordinator = env.start_coordinator(&[]).await;
+    let dir = env.dir.path();
+
+    // No worker: the job stays queued until it is cancelled.
+    std::fs::write(
+        dir.join("spec.json"),
+        mnist_spec_json("cli-cancel", 1, 256, 256),
+    )
+    .expect("write spec");
+    let out = trainq(
+        &coordinator,
+        dir,
+        &["submit", "spec.json", "--output", "json"],
+    );
+    expect_code(&out, 0, "submit");
+    let submitted = json(&out);
+    assert_eq!(submitted["state"], "JOB_STATE_QUEUED");
+    let id = submitted["jobId"].as_str().expect("jobId").to_string();
+
+    let out = trainq(&coordinator, dir, &["list", "--state", "queued"]);
+    expect_code(&out, 0, "list");
+    assert!(stdout(&out).contains(&id), "{}", stdout(&out));
+
+    let out = trainq(&coordinator, dir, &["cancel", &id, "--output", "json"]);
+    expect_code(&out, 0, "cancel");
+    assert_eq!(json(&out)["state"], "JOB_STATE_CANCELLED");
+    let out = trainq(&coordinator, dir, &["watch", &id]);
+    expect_code(&out, 1, "watch of a cancelled job");
+
+    let unknown = "00000000-0000-4000-8000-000000000000";
+    let out = trainq(&coordinator, dir, &["get", unknown]);
+    expect_code(&out, 3, "get of an unknown id");
+
+    std::fs::write(
+        dir.join("typo.yaml"),
+        YAML_SPEC.replace("learningRate", "lerning_rate"),
+    )
+    .expect("write spec");
+    let out = trainq(&coordinator, dir, &["submit", "typo.yaml"]);
+    expect_code(&out, 2, "a misspelt field");
+    assert!(
+        stderr(&out).contains("typo.yaml:8:3: unknown field \"lerning_rate\""),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = trainq(&coordinator, dir, &["frobnicate"]);
+    expect_code(&out, 2, "an unknown command");
+
+    let out = Command::new(binary("trainq"))
+        .args([
+            "list",
+            "--server",
+            &format!("http://127.0.0.1:{}", free_port()),
+        ])
+        .output()
+        .expect("running trainq");
+    expect_code(&out, 4, "no coordinator");
+}
