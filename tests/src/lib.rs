@@ -353,11 +353,12 @@ impl Coordinator {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(mut c) = JobServiceClient::connect(self.url()).await {
-                if c.list_jobs(proto::v1::ListJobsRequest::default())
-                    .await
-                    .is_ok()
-                {
-                    return;
+                // With auth on, a call without a token is refused only once the server serves
+                // (it serves after migrating): that answer says it is ready too.
+                match c.list_jobs(proto::v1::ListJobsRequest::default()).await {
+                    Ok(_) => return,
+                    Err(s) if s.code() == tonic::Code::Unauthenticated => return,
+                    Err(_) => {}
                 }
             }
             assert!(
@@ -376,8 +377,22 @@ impl Coordinator {
 
     /// Runs the real grpcurl against this coordinator: `grpcurl -plaintext [-d data] addr args...`.
     pub fn grpcurl(&self, data: Option<&str>, args: &[&str]) -> GrpcurlOutput {
+        self.grpcurl_with_token(None, data, args)
+    }
+
+    /// Like [`Self::grpcurl`], sending `-H "authorization: Bearer <token>"` when a token is given
+    /// (for a coordinator with auth on).
+    pub fn grpcurl_with_token(
+        &self,
+        token: Option<&str>,
+        data: Option<&str>,
+        args: &[&str],
+    ) -> GrpcurlOutput {
         let mut cmd = Command::new(grpcurl());
         cmd.arg("-plaintext");
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("authorization: Bearer {t}")]);
+        }
         if let Some(d) = data {
             cmd.args(["-d", d]);
         }
