@@ -110,9 +110,21 @@ pub async fn connect(server: &str, token: Option<&str>) -> Result<Client, CliErr
         .map_err(|e| CliError::usage(format!("bad server address {url:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(10));
     let channel = endpoint.connect().await.map_err(|e| {
+        // tonic's own message is just "transport error": the cause is in the source chain.
+        let mut cause = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let text = s.to_string();
+            if !cause.ends_with(&text) {
+                cause.push_str(&format!(": {text}"));
+            }
+            source = s.source();
+        }
         CliError::new(
             exit::SERVER,
-            format!("cannot reach the coordinator at {url}: {e} (set --server or TRAINQ_SERVER)"),
+            format!(
+                "cannot reach the coordinator at {url}: {cause} (set --server or TRAINQ_SERVER)"
+            ),
         )
     })?;
     Ok(JobServiceClient::with_interceptor(channel, Auth(auth))
