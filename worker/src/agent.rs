@@ -995,6 +995,68 @@ mod tests {
         assert!(err.to_string().contains("--tls-ca"), "{err}");
     }
 
+    #[tokio::test]
+    async fn over_tls_the_worker_client_trusts_its_ca_and_sends_its_token() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("self-signed certificate");
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, certified.cert.pem()).expect("write ca");
+        let identity = tonic::transport::Identity::from_pem(
+            certified.cert.pem(),
+            certified.key_pair.serialize_pem(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        // The coordinator's side, reduced to what matters here: TLS and the header.
+        let require_token = |request: Request<()>| match request.metadata().get("authorization") {
+            Some(v) if v == "Bearer s3cret-token" => Ok(request),
+            _ => Err(Status::unauthenticated("missing bearer token")),
+        };
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .expect("tls")
+                .add_service(InterceptedService::new(
+                    WorkerServiceServer::new(Fake::default()),
+                    require_token,
+                ))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let heartbeat = |mut client: Client| async move {
+            client
+                .heartbeat(HeartbeatRequest {
+                    lease: Some(lease()),
+                })
+                .await
+        };
+        use clap::Parser;
+        let coordinator = format!("https://localhost:{port}");
+        let ca = ca.display().to_string();
+        let args = |token: &[&str]| {
+            let mut argv = vec![
+                "trainq-worker",
+                "--coordinator",
+                &coordinator,
+                "--tls-ca",
+                &ca,
+            ];
+            argv.extend_from_slice(token);
+            crate::config::Cli::parse_from(argv).serve
+        };
+        let with_token = connect(&args(&["--token", "s3cret-token"])).expect("client");
+        heartbeat(with_token)
+            .await
+            .expect("served over TLS with the token");
+        let without = connect(&args(&[])).expect("client");
+        let err = heartbeat(without).await.expect_err("no token");
+        assert_eq!(err.code(), Code::Unauthenticated);
+        assert!(is_refused(&err));
+    }
+
     fn lease() -> JobLease {
         JobLease {
             job_id: "0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b".into(),
