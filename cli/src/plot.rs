@@ -89,8 +89,24 @@ where
         .y_label_area_size(80)
         .build_cartesian_2d(x0..x1, y0..y1)
         .map_err(err)?;
-    ctx.configure_mesh()
-        .x_desc(&chart.x_desc)
+    // Epochs and steps are whole numbers: no "1.5" ticks when there are few of them.
+    let integral = chart
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter())
+        .all(|(x, _)| x.fract() == 0.0);
+    let whole = |x: &f64| format!("{x:.0}");
+    let plain = |x: &f64| format!("{x}");
+    let span = (x1 - x0).round().max(1.0) as usize;
+    let mut mesh = ctx.configure_mesh();
+    if integral && span <= 12 {
+        mesh.x_labels(span + 1).x_label_formatter(&whole);
+    } else if integral {
+        mesh.x_label_formatter(&whole);
+    } else {
+        mesh.x_label_formatter(&plain);
+    }
+    mesh.x_desc(&chart.x_desc)
         .y_desc(&chart.y_desc)
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))

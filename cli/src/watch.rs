@@ -197,7 +197,8 @@ async fn watch_one(
                 bar.set_message(format!("{state}  {}", progress.summary()));
             }
             (None, Display::Lines) => {
-                if last_state != Some(progress.state) {
+                // The end gets its own line below.
+                if last_state != Some(progress.state) && !is_terminal(progress.state) {
                     println!("{id} {}: {state}", progress.name);
                     last_state = Some(progress.state);
                 }
