@@ -302,6 +302,21 @@ mnistClassifier: {}
     }
 
     #[test]
+    fn every_example_spec_in_the_repository_loads_and_validates() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut loaded = 0;
+        for entry in std::fs::read_dir(&dir).expect("examples/ exists") {
+            let path = entry.expect("entry").path();
+            if Format::from_path(&path).is_some() {
+                load(&path, None)
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                loaded += 1;
+            }
+        }
+        assert!(loaded >= 1, "no example spec found in {}", dir.display());
+    }
+
+    #[test]
     fn the_same_spec_in_json_toml_and_yaml_parses_to_the_same_wire_spec() {
         let json = parse("a.json", JSON, Format::Json).expect("json");
         let toml = parse("a.toml", TOML, Format::Toml).expect("toml");
