@@ -308,8 +308,7 @@ mnistClassifier: {}
         for entry in std::fs::read_dir(&dir).expect("examples/ exists") {
             let path = entry.expect("entry").path();
             if Format::from_path(&path).is_some() {
-                load(&path, None)
-                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                load(&path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 loaded += 1;
             }
         }

@@ -8,10 +8,12 @@
 //! accumulators; nothing is read back to the host until [`Task::take_window`].
 //!
 //! Randomness: initial weights are drawn under the job's seed ([`crate::train::seeded`]).
-//! Per-step noise draws from libtorch's process-wide generator directly, without the lock: an
+//! Per-step noise draws from libtorch's process-wide generator without reseeding it (under the
+//! lock, [`crate::train::unseeded`], so it never lands inside another job's seeded section): an
 //! executor runs one job at a time, and that generator was last seeded by the epoch's permutation,
-//! so a run is reproducible on its own (tests training in parallel threads of one process may
-//! interleave their draws, which changes values, not validity). Evaluation and the sample grid use
+//! so a run is reproducible on its own. (Tests training CVAEs in parallel threads of one process
+//! interleave their noise draws, which changes their values, not their validity; a resumed run
+//! draws fresh noise.) Evaluation and the sample grid use
 //! noise drawn once under fixed seeds, so epochs and jobs are compared on the same noise.
 //!
 //! Must not do I/O or know about jobs and the network; must not panic on bad shapes (`f_*` ops).
@@ -22,7 +24,7 @@ use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
 use crate::images;
 use crate::model::Cvae;
 use crate::optim;
-use crate::train::{build_optimizer_with, names, seeded, ArtifactFile, Task, TrainError};
+use crate::train::{build_optimizer_with, names, seeded, unseeded, ArtifactFile, Task, TrainError};
 use crate::transfer::{self, FreezePlan, SourceLayers};
 
 /// Seed of the noise evaluation uses (the same for every epoch and every job).
@@ -255,7 +257,7 @@ impl Task for CvaeTask {
         let _ = self.train_x.f_index_select_out(&self.x, 0, idx)?;
         let _ = self.train_y.f_index_select_out(&self.y, 0, idx)?;
         let _ = self.eye.f_index_select_out(&self.cond, 0, &self.y)?;
-        let _ = self.eps.f_normal_(0.0, 1.0)?;
+        let _ = unseeded(|| self.eps.f_normal_(0.0, 1.0))?;
         self.opt.zero_grad()?;
         let (logits, mu, logvar) = self.model.forward(&self.x, &self.cond, &self.eps)?;
         let (recon, kl) = loss_terms(&logits, &self.x, &mu, &logvar)?;

@@ -461,6 +461,17 @@ pub fn seeded<T>(seed: i64, f: impl FnOnce() -> T) -> T {
     f()
 }
 
+/// Runs `f`, which draws from libtorch's process-wide generator without seeding it, holding the
+/// same lock as [`seeded`], so that it cannot draw in the middle of another job's (or test's)
+/// seeded section and change what that section draws. The lock is uncontended in a worker, which
+/// trains one job at a time.
+pub fn unseeded<T>(f: impl FnOnce() -> T) -> T {
+    let _guard = TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    f()
+}
+
 /// Mixes the job's seed with the epoch into the seed of that epoch's permutation (splitmix64).
 fn epoch_seed(seed: u64, epoch: u32) -> i64 {
     let mut z = seed ^ (u64::from(epoch)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
