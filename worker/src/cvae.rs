@@ -19,12 +19,14 @@
 //! Must not do I/O or know about jobs and the network; must not panic on bad shapes (`f_*` ops).
 
 use proto::spec::{Cvae as CvaeSpec, Init, Optimizer};
-use tch::{nn, Device, Kind, Reduction, TchError, Tensor};
+use tch::{nn, Kind, Reduction, TchError, Tensor};
 
 use crate::images;
 use crate::model::Cvae;
 use crate::optim;
-use crate::train::{build_optimizer_with, names, seeded, unseeded, ArtifactFile, Task, TrainError};
+use crate::train::{
+    build_optimizer_with, names, seeded, unseeded, ArtifactFile, DeviceSums, Task, TrainError,
+};
 use crate::transfer::{self, FreezePlan, SourceLayers};
 
 /// Seed of the noise evaluation uses (the same for every epoch and every job).
@@ -107,9 +109,8 @@ pub struct CvaeTask {
     eps: Tensor,
     /// Evaluation noise `[n_test, latent]`, drawn once under [`EVAL_NOISE_SEED`].
     eval_eps: Tensor,
-    /// Sums over the window of the batches' reconstruction and KL sums (f64, on the device).
-    recon_sum: Tensor,
-    kl_sum: Tensor,
+    /// Sums over the window of the batches' reconstruction and KL sums.
+    window: DeviceSums,
     window_steps: i64,
     batch: i64,
     /// The transferred parameters and their schedule (None: random initialisation).
@@ -189,11 +190,10 @@ impl CvaeTask {
                 Tensor::f_zeros([batch], (Kind::Int64, device))?,
                 Tensor::f_zeros([batch, Cvae::CLASSES], f32s)?,
                 Tensor::f_zeros([batch, latent], f32s)?,
-                Tensor::f_zeros([], (Kind::Double, device))?,
-                Tensor::f_zeros([], (Kind::Double, device))?,
+                DeviceSums::new(device)?,
             ))
         };
-        let (eye, x, y, cond, eps, recon_sum, kl_sum) = buffers().map_err(err("allocating"))?;
+        let (eye, x, y, cond, eps, window) = buffers().map_err(err("allocating"))?;
         let mut task = Self {
             vs,
             model,
@@ -209,8 +209,7 @@ impl CvaeTask {
             cond,
             eps,
             eval_eps,
-            recon_sum,
-            kl_sum,
+            window,
             window_steps: 0,
             batch,
             plan,
@@ -266,11 +265,7 @@ impl Task for CvaeTask {
             .f_div_scalar(self.batch as f64)?;
         loss.f_backward()?;
         self.opt.step()?;
-        tch::no_grad(|| -> Result<(), TchError> {
-            let _ = self.recon_sum.f_add_(&recon)?;
-            let _ = self.kl_sum.f_add_(&kl)?;
-            Ok(())
-        })?;
+        self.window.add(&recon, &kl)?;
         self.window_steps += 1;
         Ok(())
     }
@@ -279,13 +274,9 @@ impl Task for CvaeTask {
         if self.window_steps == 0 {
             return Ok(Vec::new());
         }
-        let both =
-            Tensor::f_stack(&[&self.recon_sum, &self.kl_sum], 0)?.f_to_device(Device::Cpu)?;
-        let v = Vec::<f64>::try_from(&both)?;
+        let [recon, kl] = self.window.take()?;
         let images = (self.window_steps * self.batch) as f64;
-        let (recon, kl) = (v[0] / images, v[1] / images);
-        let _ = self.recon_sum.f_zero_()?;
-        let _ = self.kl_sum.f_zero_()?;
+        let (recon, kl) = (recon / images, kl / images);
         self.window_steps = 0;
         Ok(vec![
             (names::TRAIN_LOSS, recon + self.beta * kl),
@@ -298,8 +289,7 @@ impl Task for CvaeTask {
         let _guard = tch::no_grad_guard();
         let device = self.test_x.device();
         let n = self.test_y.size()[0];
-        let mut recon_sum = Tensor::f_zeros([], (Kind::Double, device))?;
-        let mut kl_sum = Tensor::f_zeros([], (Kind::Double, device))?;
+        let mut totals = DeviceSums::new(device)?;
         let mut start = 0;
         while start < n {
             let len = EVAL_BATCH.min(n - start);
@@ -310,13 +300,11 @@ impl Task for CvaeTask {
             let eps = self.eval_eps.f_narrow(0, start, len)?;
             let (logits, mu, logvar) = self.model.forward(&x, &cond, &eps)?;
             let (recon, kl) = loss_terms(&logits, &x, &mu, &logvar)?;
-            let _ = recon_sum.f_add_(&recon)?;
-            let _ = kl_sum.f_add_(&kl)?;
+            totals.add(&recon, &kl)?;
             start += len;
         }
-        let both = Tensor::f_stack(&[&recon_sum, &kl_sum], 0)?.f_to_device(Device::Cpu)?;
-        let v = Vec::<f64>::try_from(&both)?;
-        let (recon, kl) = (v[0] / n as f64, v[1] / n as f64);
+        let [recon, kl] = totals.read()?;
+        let (recon, kl) = (recon / n as f64, kl / n as f64);
         let neg_elbo = recon + kl;
         Ok(vec![
             (names::TEST_LOSS, recon + self.beta * kl),
@@ -405,6 +393,7 @@ mod tests {
     use proto::spec::{Conv1Adaptation, Freeze, Training, Transfer};
     use std::collections::BTreeMap;
     use std::sync::atomic::AtomicBool;
+    use tch::Device;
 
     /// Random CIFAR-shaped data (the tests here check mechanics, not learning).
     fn random_data(n_train: i64, n_test: i64) -> CvaeData {

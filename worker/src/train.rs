@@ -285,6 +285,46 @@ pub trait Task {
     }
 }
 
+/// Two running sums on the device (f64 scalars), read back together in one transfer: a task's
+/// training-window accumulators, and the totals of an evaluation pass.
+pub struct DeviceSums {
+    sums: [Tensor; 2],
+}
+
+impl DeviceSums {
+    pub fn new(device: Device) -> Result<Self, TchError> {
+        let zero = || Tensor::f_zeros([], (Kind::Double, device));
+        Ok(Self {
+            sums: [zero()?, zero()?],
+        })
+    }
+
+    /// Adds the scalars `a` and `b` to the sums (no gradient is recorded; no synchronisation).
+    pub fn add(&mut self, a: &Tensor, b: &Tensor) -> Result<(), TchError> {
+        tch::no_grad(|| -> Result<(), TchError> {
+            let _ = self.sums[0].f_add_(a)?;
+            let _ = self.sums[1].f_add_(b)?;
+            Ok(())
+        })
+    }
+
+    /// Both sums, in one device-to-host transfer.
+    pub fn read(&self) -> Result<[f64; 2], TchError> {
+        let both = Tensor::f_stack(&self.sums, 0)?.f_to_device(Device::Cpu)?;
+        let v = Vec::<f64>::try_from(&both)?;
+        Ok([v[0], v[1]])
+    }
+
+    /// Both sums, then sets them to zero.
+    pub fn take(&mut self) -> Result<[f64; 2], TchError> {
+        let values = self.read()?;
+        for sum in &mut self.sums {
+            let _ = sum.f_zero_()?;
+        }
+        Ok(values)
+    }
+}
+
 /// The seed's MNIST classifier trained with cross-entropy.
 pub struct ClassifierTask {
     vs: nn::VarStore,
@@ -298,10 +338,8 @@ pub struct ClassifierTask {
     /// inputs have static shapes and addresses (CUDA-graph friendly).
     x: Tensor,
     y: Tensor,
-    /// Sum of the window's mean batch losses (f64 scalar on the device).
-    loss_sum: Tensor,
-    /// Correct training predictions in the window (f64 scalar on the device).
-    correct_sum: Tensor,
+    /// The window's sum of mean batch losses and its correct training predictions.
+    window: DeviceSums,
     window_steps: i64,
     batch: i64,
 }
@@ -332,7 +370,6 @@ impl ClassifierTask {
         xdims[0] = batch;
         let x = Tensor::f_zeros(xdims.as_slice(), (data.train_images.kind(), device))?;
         let y = Tensor::f_zeros([batch], (Kind::Int64, device))?;
-        let scalar = || Tensor::f_zeros([], (Kind::Double, device));
         Ok(Self {
             vs,
             model,
@@ -343,8 +380,7 @@ impl ClassifierTask {
             test_y: data.test_labels,
             x,
             y,
-            loss_sum: scalar()?,
-            correct_sum: scalar()?,
+            window: DeviceSums::new(device)?,
             window_steps: 0,
             batch,
         })
@@ -373,15 +409,13 @@ impl Task for ClassifierTask {
             logits.f_cross_entropy_loss::<Tensor>(&self.y, None, Reduction::Mean, -100, 0.0)?;
         loss.f_backward()?;
         self.opt.step()?;
-        tch::no_grad(|| -> Result<(), TchError> {
-            let _ = self.loss_sum.f_add_(&loss)?;
-            let correct = logits
+        let correct = tch::no_grad(|| {
+            logits
                 .f_argmax(1, false)?
                 .f_eq_tensor(&self.y)?
-                .f_sum(Kind::Double)?;
-            let _ = self.correct_sum.f_add_(&correct)?;
-            Ok(())
+                .f_sum(Kind::Double)
         })?;
+        self.window.add(&loss, &correct)?;
         self.window_steps += 1;
         Ok(())
     }
@@ -390,26 +424,20 @@ impl Task for ClassifierTask {
         if self.window_steps == 0 {
             return Ok(Vec::new());
         }
-        let both =
-            Tensor::f_stack(&[&self.loss_sum, &self.correct_sum], 0)?.f_to_device(Device::Cpu)?;
-        let v = Vec::<f64>::try_from(&both)?;
+        let [loss, correct] = self.window.take()?;
         let steps = self.window_steps as f64;
-        let out = vec![
-            (names::TRAIN_LOSS, v[0] / steps),
-            (names::TRAIN_ACCURACY, v[1] / (steps * self.batch as f64)),
-        ];
-        let _ = self.loss_sum.f_zero_()?;
-        let _ = self.correct_sum.f_zero_()?;
         self.window_steps = 0;
-        Ok(out)
+        Ok(vec![
+            (names::TRAIN_LOSS, loss / steps),
+            (names::TRAIN_ACCURACY, correct / (steps * self.batch as f64)),
+        ])
     }
 
     fn evaluate(&mut self) -> Result<Vec<(&'static str, f64)>, TchError> {
         let _guard = tch::no_grad_guard();
         let device = self.test_x.device();
         let n = self.test_y.size()[0];
-        let mut loss_sum = Tensor::f_zeros([], (Kind::Double, device))?;
-        let mut correct = Tensor::f_zeros([], (Kind::Double, device))?;
+        let mut totals = DeviceSums::new(device)?;
         let mut start = 0;
         while start < n {
             let len = EVAL_BATCH.min(n - start);
@@ -418,20 +446,17 @@ impl Task for ClassifierTask {
             let logits = self.model.forward(&x)?;
             let loss =
                 logits.f_cross_entropy_loss::<Tensor>(&y, None, Reduction::Sum, -100, 0.0)?;
-            let _ = loss_sum.f_add_(&loss)?;
-            let _ = correct.f_add_(
-                &logits
-                    .f_argmax(1, false)?
-                    .f_eq_tensor(&y)?
-                    .f_sum(Kind::Double)?,
-            )?;
+            let correct = logits
+                .f_argmax(1, false)?
+                .f_eq_tensor(&y)?
+                .f_sum(Kind::Double)?;
+            totals.add(&loss, &correct)?;
             start += len;
         }
-        let both = Tensor::f_stack(&[&loss_sum, &correct], 0)?.f_to_device(Device::Cpu)?;
-        let v = Vec::<f64>::try_from(&both)?;
+        let [loss, correct] = totals.read()?;
         Ok(vec![
-            (names::TEST_LOSS, v[0] / n as f64),
-            (names::TEST_ACCURACY, v[1] / n as f64),
+            (names::TEST_LOSS, loss / n as f64),
+            (names::TEST_ACCURACY, correct / n as f64),
         ])
     }
 
