@@ -62,8 +62,7 @@ pub fn parse_job_id(field: &str, text: &str) -> Result<Uuid> {
     if text.is_empty() {
         return Err(Error::invalid(field, "is required"));
     }
-    Uuid::parse_str(text)
-        .map_err(|_| Error::invalid(field, format!("must be a UUID, got {text:?}")))
+    parse_uuid_field(field, text)
 }
 
 /// Checks a worker id: non-empty, bounded, printable.

@@ -341,13 +341,18 @@ impl World {
         self.coordinator = Some(c);
     }
 
-    /// Jobs in a state, with their worker (SQL; an error reads as none).
-    async fn jobs_in_state(&self, state: &str) -> Vec<(String, Option<String>)> {
-        sqlx::query_as("SELECT id::text, worker_id FROM jobs WHERE state = $1 ORDER BY id")
-            .bind(state)
-            .fetch_all(&self.pool)
-            .await
-            .unwrap_or_default()
+    /// Ids of the jobs in a state, held by `worker` if one is given (SQL; an error reads as
+    /// none).
+    async fn jobs_in_state(&self, state: &str, worker: Option<&str>) -> Vec<String> {
+        sqlx::query_scalar(
+            "SELECT id::text FROM jobs
+             WHERE state = $1 AND ($2::text IS NULL OR worker_id = $2) ORDER BY id",
+        )
+        .bind(state)
+        .bind(worker)
+        .fetch_all(&self.pool)
+        .await
+        .unwrap_or_default()
     }
 
     /// Newest `train/loss` step of each running job on `worker`.
@@ -996,13 +1001,7 @@ async fn worker_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
     // An upload the worker finished just before it died may still be being recorded.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let newest = w.newest_state(&victim, attempt).await;
-    let affected: Vec<String> = w
-        .jobs_in_state("running")
-        .await
-        .into_iter()
-        .filter(|(_, worker)| worker.as_deref() == Some("w1"))
-        .map(|(id, _)| id)
-        .collect();
+    let affected = w.jobs_in_state("running", Some("w1")).await;
     w.start_worker("w3");
     w.notes.push(format!(
         "killed w1 holding {victim} (newest state: step {newest})"
@@ -1027,12 +1026,7 @@ async fn worker_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
 async fn redis_flushall(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = two_workers_with_jobs(svc, "redis-flushall").await;
     w.wait_running(2, 4).await;
-    let queued: Vec<String> = w
-        .jobs_in_state("queued")
-        .await
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let queued = w.jobs_in_state("queued", None).await;
     let t0 = now_s();
     svc.redis.flushall().expect("FLUSHALL on the private Redis");
     tokio::task::block_in_place(|| svc.redis.restart(Duration::from_millis(1000)))
@@ -1058,12 +1052,7 @@ async fn redis_flushall(svc: &mut Services) -> (Row, Vec<String>) {
 async fn coordinator_restart(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = two_workers_with_jobs(svc, "coordinator-restart").await;
     w.wait_running(2, 8).await;
-    let running: Vec<String> = w
-        .jobs_in_state("running")
-        .await
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let running = w.jobs_in_state("running", None).await;
     let t0 = now_s();
     w.kill_coordinator();
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -1117,12 +1106,7 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
     });
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
-    let running: Vec<String> = w
-        .jobs_in_state("running")
-        .await
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
+    let running = w.jobs_in_state("running", None).await;
     let t0 = now_s();
     tokio::task::block_in_place(|| svc.pg.stop())
         .unwrap_or_else(|e| panic!("stopping the private Postgres: {e:#}\n{}", svc.pg.log()));
