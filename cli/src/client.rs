@@ -1,12 +1,22 @@
-//! Connecting to the coordinator, the bearer token, and what a failed call means as an exit code.
+//! Connecting to the coordinator (plaintext or TLS), the bearer token, the gRPC health check, and
+//! what a failed call means as an exit code.
 //!
 //! The token is sent as `authorization: Bearer <token>` metadata on every call and is never
 //! printed (not in errors, not in Debug output).
+//!
+//! TLS: an `https://` address, or any address when a CA file is given, is reached over TLS
+//! (rustls with ring, like the worker). With a CA file only that CA is trusted (a private CA, a
+//! self-signed certificate); without one the webpki roots (Mozilla's) are.
+
+use std::path::Path;
 
 use proto::v1::job_service_client::JobServiceClient;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
 
 /// Exit codes, documented in `trainq --help`.
 pub mod exit {
@@ -86,49 +96,134 @@ impl tonic::service::Interceptor for Auth {
 
 pub type Client = JobServiceClient<InterceptedService<Channel, Auth>>;
 
-/// `localhost:50051` becomes `http://localhost:50051`.
-pub fn normalise_url(server: &str) -> String {
+/// `localhost:50051` becomes `http://localhost:50051` (`https://` when `tls` is set).
+pub fn normalise_url(server: &str, tls: bool) -> String {
     if server.contains("://") {
         server.to_string()
+    } else if tls {
+        format!("https://{server}")
     } else {
         format!("http://{server}")
     }
 }
 
-/// Connects to the coordinator; an unreachable one is exit code 4.
-pub async fn connect(server: &str, token: Option<&str>) -> Result<Client, CliError> {
-    let url = normalise_url(server);
-    let auth = match token.filter(|t| !t.is_empty()) {
-        Some(t) => Some(
+/// Where the coordinator is and how to reach it: the options every command shares.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// `host:port`, `http://host:port` or `https://host:port`.
+    pub server: &'a str,
+    /// PEM file of the CA to trust; turns TLS on.
+    pub tls_ca: Option<&'a Path>,
+}
+
+impl Target<'_> {
+    /// The full URL: a bare `host:port` gets `https://` with a CA file, `http://` without.
+    pub fn url(&self) -> String {
+        normalise_url(self.server, self.tls_ca.is_some())
+    }
+
+    /// The endpoint, with TLS when the URL is `https://`: trusting the CA file when one is
+    /// given, else the webpki roots. Bad addresses and unreadable CA files are usage errors.
+    pub fn endpoint(&self) -> Result<Endpoint, CliError> {
+        let url = self.url();
+        let mut endpoint = Endpoint::from_shared(url.clone())
+            .map_err(|e| CliError::usage(format!("bad server address {url:?}: {e}")))?
+            .connect_timeout(std::time::Duration::from_secs(10));
+        if url.starts_with("https://") {
+            // Other dependencies may enable rustls's aws-lc-rs as well: choose ring explicitly.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let tls = match self.tls_ca {
+                Some(ca) => {
+                    let pem = std::fs::read(ca).map_err(|e| {
+                        CliError::usage(format!("reading the TLS CA {}: {e}", ca.display()))
+                    })?;
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
+                }
+                None => ClientTlsConfig::new().with_webpki_roots(),
+            };
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| CliError::usage(format!("configuring TLS for {url}: {e}")))?;
+        } else if let Some(ca) = self.tls_ca {
+            return Err(CliError::usage(format!(
+                "--tls-ca {} given for the plaintext address {url}: use https://",
+                ca.display()
+            )));
+        }
+        Ok(endpoint)
+    }
+
+    /// A connected channel; an unreachable coordinator is exit code 4.
+    pub async fn channel(&self) -> Result<Channel, CliError> {
+        let url = self.url();
+        self.endpoint()?
+            .connect()
+            .await
+            .map_err(|e| unreachable(&url, &e))
+    }
+}
+
+/// An unreachable coordinator as exit code 4, with the transport error's causes.
+fn unreachable(url: &str, e: &tonic::transport::Error) -> CliError {
+    // tonic's own message is just "transport error": the cause is in the source chain.
+    let mut cause = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !cause.ends_with(&text) {
+            cause.push_str(&format!(": {text}"));
+        }
+        source = s.source();
+    }
+    CliError::new(
+        exit::SERVER,
+        format!("cannot reach the coordinator at {url}: {cause} (set --server or TRAINQ_SERVER)"),
+    )
+}
+
+fn bearer(token: Option<&str>) -> Result<Auth, CliError> {
+    match token.filter(|t| !t.is_empty()) {
+        Some(t) => Ok(Auth(Some(
             format!("Bearer {t}")
                 .parse::<MetadataValue<Ascii>>()
                 .map_err(|_| CliError::usage("the token must be printable ASCII"))?,
-        ),
-        None => None,
-    };
-    let endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| CliError::usage(format!("bad server address {url:?}: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| {
-        // tonic's own message is just "transport error": the cause is in the source chain.
-        let mut cause = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            let text = s.to_string();
-            if !cause.ends_with(&text) {
-                cause.push_str(&format!(": {text}"));
-            }
-            source = s.source();
-        }
-        CliError::new(
-            exit::SERVER,
-            format!(
-                "cannot reach the coordinator at {url}: {cause} (set --server or TRAINQ_SERVER)"
-            ),
-        )
-    })?;
-    Ok(JobServiceClient::with_interceptor(channel, Auth(auth))
+        ))),
+        None => Ok(Auth(None)),
+    }
+}
+
+/// Connects to the coordinator's JobService; an unreachable one is exit code 4.
+pub async fn connect(target: Target<'_>, token: Option<&str>) -> Result<Client, CliError> {
+    let auth = bearer(token)?;
+    let channel = target.channel().await?;
+    Ok(JobServiceClient::with_interceptor(channel, auth)
         .max_decoding_message_size(64 * 1024 * 1024))
+}
+
+/// Asks the coordinator's grpc.health.v1 Health/Check about `service` ("" is the whole server)
+/// and returns the status it reports. The health service is open, so no token is needed (one is
+/// sent when given). Unreachable, or no answer within `timeout`: exit code 4.
+pub async fn health(
+    target: Target<'_>,
+    token: Option<&str>,
+    service: &str,
+    timeout: std::time::Duration,
+) -> Result<ServingStatus, CliError> {
+    let auth = bearer(token)?;
+    let url = target.url();
+    let endpoint = target.endpoint()?.connect_timeout(timeout).timeout(timeout);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| unreachable(&url, &e))?;
+    let mut client = HealthClient::with_interceptor(channel, auth);
+    let resp = client
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&format!("health of {url}"), &s))?;
+    Ok(resp.into_inner().status())
 }
 
 #[cfg(test)]
@@ -159,7 +254,120 @@ mod tests {
 
     #[test]
     fn a_server_address_without_a_scheme_gets_http() {
-        assert_eq!(normalise_url("localhost:50051"), "http://localhost:50051");
-        assert_eq!(normalise_url("https://q:1"), "https://q:1");
+        assert_eq!(
+            normalise_url("localhost:50051", false),
+            "http://localhost:50051"
+        );
+        assert_eq!(
+            normalise_url("localhost:50051", true),
+            "https://localhost:50051"
+        );
+        assert_eq!(normalise_url("https://q:1", false), "https://q:1");
+    }
+
+    #[test]
+    fn https_without_a_ca_uses_the_webpki_roots() {
+        let target = Target {
+            server: "https://example.com:443",
+            tls_ca: None,
+        };
+        target
+            .endpoint()
+            .expect("an https endpoint with the webpki roots");
+    }
+
+    #[test]
+    fn a_missing_ca_file_or_a_ca_with_a_plaintext_address_is_a_usage_error() {
+        let missing = Target {
+            server: "q:1",
+            tls_ca: Some(Path::new("/nonexistent/ca.pem")),
+        };
+        let err = missing.endpoint().expect_err("unreadable CA");
+        assert_eq!(err.code, exit::USAGE);
+        assert!(
+            err.message.contains("/nonexistent/ca.pem"),
+            "{}",
+            err.message
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").expect("write");
+        let plaintext = Target {
+            server: "http://q:1",
+            tls_ca: Some(&ca),
+        };
+        let err = plaintext.endpoint().expect_err("CA with http://");
+        assert_eq!(err.code, exit::USAGE);
+        assert!(err.message.contains("https://"), "{}", err.message);
+    }
+
+    #[tokio::test]
+    async fn health_of_an_unreachable_server_is_a_server_error() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let server = format!("127.0.0.1:{port}");
+        let target = Target {
+            server: &server,
+            tls_ca: None,
+        };
+        let err = health(target, None, "", std::time::Duration::from_secs(2))
+            .await
+            .expect_err("nothing listens there");
+        assert_eq!(err.code, exit::SERVER);
+    }
+
+    /// A health server over TLS with a self-signed certificate: SERVING for the whole server,
+    /// NOT_SERVING for a named service, as `trainq health` reads them through `--tls-ca`.
+    #[tokio::test]
+    async fn health_over_tls_trusts_the_given_ca_and_reports_the_status() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+            .expect("self-signed certificate");
+        let dir = tempfile::tempdir().expect("dir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, certified.cert.pem()).expect("write ca");
+        let identity = tonic::transport::Identity::from_pem(
+            certified.cert.pem(),
+            certified.key_pair.serialize_pem(),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (reporter, service) = tonic_health::server::health_reporter();
+        reporter
+            .set_service_status("down", tonic_health::ServingStatus::NotServing)
+            .await;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+                .expect("tls")
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let server = format!("localhost:{port}");
+        let target = Target {
+            server: &server,
+            tls_ca: Some(&ca),
+        };
+        let second = std::time::Duration::from_secs(5);
+        let status = health(target, Some("t"), "", second)
+            .await
+            .expect("checked");
+        assert_eq!(status, ServingStatus::Serving);
+        let status = health(target, None, "down", second).await.expect("checked");
+        assert_eq!(status, ServingStatus::NotServing);
+        // Without the CA the self-signed certificate is not trusted.
+        let https = format!("https://localhost:{port}");
+        let untrusted = Target {
+            server: &https,
+            tls_ca: None,
+        };
+        let err = health(untrusted, None, "", second)
+            .await
+            .expect_err("untrusted certificate");
+        assert_eq!(err.code, exit::SERVER);
     }
 }

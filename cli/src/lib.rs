@@ -39,7 +39,13 @@ Exit codes:
   1  a watched job failed or was cancelled (watch, submit --wait)
   2  bad usage or a bad spec file (also the coordinator's INVALID_ARGUMENT)
   3  not found (job, artifact, metric)
-  4  coordinator unreachable, unauthenticated, or another server error";
+  4  coordinator unreachable, unauthenticated, or another server error
+
+`trainq health` exits 0 when the coordinator reports SERVING, 1 when it answers anything else
+(NOT_SERVING, UNKNOWN), 4 when it cannot be reached: a container healthcheck.
+
+TLS: an https:// server address (or any address with --tls-ca / TRAINQ_TLS_CA) is reached over
+TLS, trusting the --tls-ca certificate when given and the webpki (Mozilla) roots otherwise.";
 
 /// The `trainq` command line.
 #[derive(Debug, Parser)]
@@ -62,6 +68,10 @@ pub struct Global {
         global = true
     )]
     pub server: String,
+    /// PEM file of the CA (or self-signed certificate) to trust for TLS. Turns TLS on: a bare
+    /// host:port becomes https://. Without it, https:// addresses use the webpki roots.
+    #[arg(long, env = "TRAINQ_TLS_CA", global = true, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     /// Bearer token sent as `authorization: Bearer <token>` on every call (never printed).
     #[arg(long, env = "TRAINQ_TOKEN", hide_env_values = true, global = true)]
     pub token: Option<String>,
@@ -113,6 +123,16 @@ pub enum Command {
     Artifacts(ArtifactsCommand),
     /// Chart one metric of one or more jobs (PNG, or SVG by extension or --svg).
     Plot(PlotArgs),
+    /// Ask the coordinator's gRPC health service (grpc.health.v1 Health/Check); prints the
+    /// status. Exits 0 when SERVING, 1 otherwise, 4 when unreachable (a container healthcheck).
+    Health {
+        /// The service to ask about; empty means the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// Seconds to wait for the connection and for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -231,8 +251,23 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             return Ok(exit::OK);
         }
     }
-    let connect = || client::connect(&g.server, g.token.as_deref());
+    let target = client::Target {
+        server: &g.server,
+        tls_ca: g.tls_ca.as_deref(),
+    };
+    let connect = || client::connect(target, g.token.as_deref());
     match cli.command {
+        Command::Health { service, timeout } => {
+            let timeout = std::time::Duration::from_secs(timeout.max(1));
+            let status = client::health(target, g.token.as_deref(), &service, timeout).await?;
+            let name = status.as_str_name();
+            if g.output == Output::Json {
+                print(&format!("{}\n", serde_json::json!({ "status": name })));
+            } else {
+                print(&format!("{name}\n"));
+            }
+            Ok(health_exit_code(status))
+        }
         Command::Submit(args) => submit(&connect().await?, &args, g.output).await,
         Command::List(args) => list(&connect().await?, &args, g.output).await,
         Command::Get { job } => {
@@ -291,6 +326,16 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Artifacts(cmd) => artifacts(&connect().await?, cmd, g.output).await,
         Command::Plot(args) => plot(&connect().await?, &args).await,
+    }
+}
+
+/// `trainq health`'s exit code: 0 for SERVING, 1 for any other answer.
+pub fn health_exit_code(status: tonic_health::pb::health_check_response::ServingStatus) -> u8 {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    if status == ServingStatus::Serving {
+        exit::OK
+    } else {
+        exit::JOB_FAILED
     }
 }
 
@@ -593,5 +638,37 @@ mod tests {
         .expect("parses");
         assert_eq!(cli.global.output, Output::Json);
         assert_eq!(cli.global.server, "q:1");
+    }
+
+    #[test]
+    fn health_and_tls_ca_parse_and_are_documented() {
+        let cli = Cli::try_parse_from([
+            "trainq",
+            "health",
+            "--tls-ca",
+            "/etc/ca.pem",
+            "--server",
+            "https://q:1",
+            "--timeout",
+            "2",
+        ])
+        .expect("parses");
+        assert_eq!(cli.global.tls_ca.as_deref(), Some(Path::new("/etc/ca.pem")));
+        assert!(matches!(
+            cli.command,
+            Command::Health { timeout: 2, ref service } if service.is_empty()
+        ));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("TRAINQ_TLS_CA"), "{help}");
+        assert!(help.contains("trainq health"), "{help}");
+    }
+
+    #[test]
+    fn only_serving_is_healthy() {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        assert_eq!(health_exit_code(ServingStatus::Serving), exit::OK);
+        assert_ne!(health_exit_code(ServingStatus::NotServing), exit::OK);
+        assert_ne!(health_exit_code(ServingStatus::Unknown), exit::OK);
+        assert_ne!(health_exit_code(ServingStatus::ServiceUnknown), exit::OK);
     }
 }
