@@ -1271,3 +1271,404 @@ async fn the_artifact_a_download_by_kind_gets_is_the_one_with_the_highest_step_n
         .expect("an artifact");
     assert_eq!((newest.name.as_str(), newest.step), ("epoch-002", 40));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Results views (migrations/0004_results_views.sql)
+// ---------------------------------------------------------------------------------------------
+
+fn point(name: &str, step: i64, epoch: i32, value: f64) -> MetricPoint {
+    MetricPoint {
+        name: name.into(),
+        step,
+        epoch,
+        value,
+    }
+}
+
+/// A classifier with every hyper-parameter set away from its default.
+fn tuned_classifier_spec() -> JobSpec {
+    let mut raw = spec(3, &[("sweep", "views")]).to_proto();
+    raw.name = "clf-sgd".into();
+    raw.training = Some(v1::Training {
+        epochs: 2,
+        batch_size: 64,
+        learning_rate: 0.002,
+        optimizer: v1::Optimizer::Sgd as i32,
+        seed: 7,
+        max_train_examples: 5000,
+        ..Default::default()
+    });
+    JobSpec::try_from(raw).expect("valid spec")
+}
+
+/// A CVAE that transfers from `source`, latent 32, beta 0.5, transferred layers frozen for the
+/// first 2 epochs.
+fn tuned_transfer_spec(source: Uuid) -> JobSpec {
+    let mut raw = transfer_spec(source, &[]).to_proto();
+    raw.name = "cvae-luminance".into();
+    raw.training.as_mut().expect("training").seed = 3;
+    raw.experiment = Some(v1::job_spec::Experiment::CifarCvae(v1::CifarCvae {
+        latent_dim: 32,
+        beta: Some(0.5),
+        init: Some(v1::Initialization {
+            kind: Some(v1::initialization::Kind::Transfer(v1::TransferInit {
+                source_job_id: source.to_string(),
+                conv1: v1::Conv1Adaptation::Luminance as i32,
+                copy_conv2: true,
+                freeze: Some(v1::FreezePolicy {
+                    policy: Some(v1::freeze_policy::Policy::FirstEpochs(2)),
+                }),
+            })),
+        }),
+    }));
+    JobSpec::try_from(raw).expect("valid spec")
+}
+
+/// A CVAE with random initialisation and every CVAE option at its default.
+fn random_cvae_spec() -> JobSpec {
+    let mut raw = spec(3, &[]).to_proto();
+    raw.name = "cvae-random".into();
+    raw.experiment = Some(v1::job_spec::Experiment::CifarCvae(v1::CifarCvae {
+        init: Some(v1::Initialization {
+            kind: Some(v1::initialization::Kind::Random(v1::RandomInit {})),
+        }),
+        ..Default::default()
+    }));
+    JobSpec::try_from(raw).expect("valid spec")
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn job_summary_shows_each_jobs_hyper_parameters_initialisation_attempts_and_final_metrics(
+    pool: PgPool,
+) {
+    use sqlx::Row;
+
+    // A classifier that fails once (retryably), then succeeds on its second attempt.
+    let (clf, _) = submit_spec(&pool, &tuned_classifier_spec()).await;
+    let first = claim(&pool, clf, "w1", LONG).await;
+    store::fail_job(&pool, &first, "oom", false, |_| Duration::ZERO)
+        .await
+        .expect("fail");
+    let second = claim(&pool, clf, "w2", LONG).await;
+    let clf_points = [
+        point("train/loss", 10, 1, 0.9),
+        point("train/loss", 20, 2, 0.5),
+        point("test/loss", 20, 2, 0.21),
+        point("test/accuracy", 20, 2, 0.93),
+    ];
+    store::record_metrics(&pool, &second, &clf_points)
+        .await
+        .expect("metrics");
+    // An older point arriving late does not become the final value.
+    store::record_metrics(&pool, &second, &[point("test/accuracy", 10, 1, 0.81)])
+        .await
+        .expect("late metrics");
+    store::complete_job(&pool, &second, 20)
+        .await
+        .expect("complete");
+
+    // A transfer CVAE from it, run once.
+    let (cvae, _) = submit_spec(&pool, &tuned_transfer_spec(clf)).await;
+    let lease = claim(&pool, cvae, "w1", LONG).await;
+    let cvae_points = [
+        point("test/neg_elbo_nats", 5, 1, 700.25),
+        point("test/neg_elbo_nats", 10, 2, 650.5),
+        point("test/bits_per_dim", 10, 2, 0.1019),
+        point("test/recon", 10, 2, 630.0),
+        point("test/kl", 10, 2, 20.5),
+    ];
+    store::record_metrics(&pool, &lease, &cvae_points)
+        .await
+        .expect("metrics");
+    store::complete_job(&pool, &lease, 10)
+        .await
+        .expect("complete");
+
+    // A random CVAE that has not run.
+    let (random, _) = submit_spec(&pool, &random_cvae_spec()).await;
+
+    let summary = |id: Uuid| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query("SELECT *, seed::bigint AS seed_i64 FROM job_summary WHERE id = $1")
+                .bind(id)
+                .fetch_one(&pool)
+                .await
+                .expect("a summary row")
+        }
+    };
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM job_summary")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 3, "one row per job");
+
+    let r = summary(clf).await;
+    assert_eq!(r.get::<String, _>("name"), "clf-sgd");
+    assert_eq!(r.get::<String, _>("kind"), "mnist_classifier");
+    assert_eq!(
+        r.get::<serde_json::Value, _>("labels"),
+        serde_json::json!({"sweep": "views"})
+    );
+    assert_eq!(r.get::<Option<i32>, _>("epochs"), Some(2));
+    assert_eq!(r.get::<Option<i32>, _>("batch_size"), Some(64));
+    assert_eq!(r.get::<Option<f64>, _>("learning_rate"), Some(0.002));
+    assert_eq!(
+        r.get::<Option<String>, _>("optimizer").as_deref(),
+        Some("sgd")
+    );
+    assert_eq!(r.get::<Option<i64>, _>("seed_i64"), Some(7));
+    assert_eq!(r.get::<Option<i32>, _>("max_train_examples"), Some(5000));
+    assert_eq!(r.get::<Option<i32>, _>("max_test_examples"), None, "all");
+    assert_eq!(r.get::<Option<i32>, _>("latent_dim"), None, "not a CVAE");
+    assert_eq!(r.get::<Option<String>, _>("init"), None);
+    assert_eq!(r.get::<Option<String>, _>("init_arm"), None);
+    assert_eq!(r.get::<String, _>("state"), "succeeded");
+    assert_eq!(r.get::<i32, _>("attempts"), 2);
+    assert_eq!(r.get::<i32, _>("failed_attempts"), 1);
+    assert_eq!(r.get::<i32, _>("max_attempts"), 3);
+    assert_eq!(
+        r.get::<Option<String>, _>("worker_id").as_deref(),
+        Some("w2")
+    );
+    assert_eq!(r.get::<Option<i64>, _>("final_step"), Some(20));
+    let duration = r
+        .get::<Option<f64>, _>("duration_s")
+        .expect("a finished job's duration");
+    assert!(
+        (0.0..60.0).contains(&duration),
+        "duration {duration} s is finished_at - started_at"
+    );
+    assert_eq!(r.get::<Option<f64>, _>("train_loss"), Some(0.5));
+    assert_eq!(r.get::<Option<f64>, _>("test_loss"), Some(0.21));
+    assert_eq!(r.get::<Option<f64>, _>("test_accuracy"), Some(0.93));
+    assert_eq!(r.get::<Option<f64>, _>("test_neg_elbo_nats"), None);
+
+    let r = summary(cvae).await;
+    assert_eq!(r.get::<String, _>("kind"), "cifar_cvae");
+    assert_eq!(
+        r.get::<Option<String>, _>("optimizer").as_deref(),
+        Some("adam")
+    );
+    assert_eq!(r.get::<Option<i64>, _>("seed_i64"), Some(3));
+    assert_eq!(r.get::<Option<i32>, _>("latent_dim"), Some(32));
+    assert_eq!(r.get::<Option<f64>, _>("beta"), Some(0.5));
+    assert_eq!(
+        r.get::<Option<String>, _>("init").as_deref(),
+        Some("transfer")
+    );
+    assert_eq!(
+        r.get::<Option<String>, _>("init_conv1").as_deref(),
+        Some("luminance")
+    );
+    assert_eq!(r.get::<Option<bool>, _>("init_copy_conv2"), Some(true));
+    assert_eq!(
+        r.get::<Option<String>, _>("init_freeze").as_deref(),
+        Some("first_epochs")
+    );
+    assert_eq!(r.get::<Option<f64>, _>("init_freeze_value"), Some(2.0));
+    assert_eq!(r.get::<Option<Uuid>, _>("init_source_job_id"), Some(clf));
+    assert_eq!(
+        r.get::<Option<String>, _>("init_arm").as_deref(),
+        Some("transfer/luminance/conv2/first_epochs=2")
+    );
+    assert_eq!(
+        (
+            r.get::<i32, _>("attempts"),
+            r.get::<i32, _>("failed_attempts")
+        ),
+        (1, 0)
+    );
+    assert_eq!(r.get::<Option<f64>, _>("test_neg_elbo_nats"), Some(650.5));
+    assert_eq!(r.get::<Option<f64>, _>("test_bits_per_dim"), Some(0.1019));
+    assert_eq!(r.get::<Option<f64>, _>("test_recon"), Some(630.0));
+    assert_eq!(r.get::<Option<f64>, _>("test_kl"), Some(20.5));
+    assert_eq!(r.get::<Option<f64>, _>("test_accuracy"), None);
+
+    let r = summary(random).await;
+    assert_eq!(
+        r.get::<Option<i32>, _>("latent_dim"),
+        Some(20),
+        "the seed's"
+    );
+    assert_eq!(r.get::<Option<f64>, _>("beta"), Some(1.0));
+    assert_eq!(
+        r.get::<Option<String>, _>("init").as_deref(),
+        Some("random")
+    );
+    assert_eq!(
+        r.get::<Option<String>, _>("init_arm").as_deref(),
+        Some("random")
+    );
+    assert_eq!(r.get::<Option<bool>, _>("init_copy_conv2"), None);
+    assert_eq!(r.get::<Option<i64>, _>("seed_i64"), Some(0), "unset");
+    assert_eq!(r.get::<String, _>("state"), "queued");
+    assert_eq!(r.get::<i32, _>("attempts"), 0);
+    assert_eq!(r.get::<Option<f64>, _>("duration_s"), None);
+    assert_eq!(r.get::<Option<i64>, _>("final_step"), None);
+    assert_eq!(r.get::<Option<f64>, _>("train_loss"), None);
+
+    // The README's example: final test negative ELBO of every CVAE by initialisation.
+    let by_init: Vec<(String, f64)> = sqlx::query_as(
+        "SELECT init_arm, test_neg_elbo_nats FROM job_summary
+         WHERE kind = 'cifar_cvae' AND state = 'succeeded' ORDER BY init_arm",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("by init");
+    assert_eq!(
+        by_init,
+        [("transfer/luminance/conv2/first_epochs=2".into(), 650.5)]
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn metric_series_lists_every_stored_point_once_with_its_job_in_step_order(pool: PgPool) {
+    let a = submit(&pool, 3).await;
+    let b = submit(&pool, 3).await;
+    let lease_a = claim(&pool, a, "w", LONG).await;
+    let lease_b = claim(&pool, b, "w", LONG).await;
+    // Out of order, one repeated point, and another job's points in between.
+    for batch in [
+        vec![
+            point("train/loss", 30, 2, 0.3),
+            point("train/loss", 10, 1, 0.9),
+        ],
+        vec![
+            point("train/loss", 20, 1, 0.6),
+            point("train/loss", 30, 2, 99.0),
+        ],
+    ] {
+        store::record_metrics(&pool, &lease_a, &batch)
+            .await
+            .expect("metrics");
+        store::record_metrics(&pool, &lease_b, &[point("train/loss", 15, 1, 7.0)])
+            .await
+            .expect("other job");
+    }
+    store::record_metrics(&pool, &lease_a, &[point("test/loss", 30, 2, 0.4)])
+        .await
+        .expect("other metric");
+
+    let rows: Vec<(Uuid, String, String, String, i64, i32, f64)> = sqlx::query_as(
+        "SELECT job_id, job_name, kind, metric, step, epoch, value FROM metric_series
+         WHERE job_id = $1 AND metric = 'train/loss' ORDER BY step",
+    )
+    .bind(a)
+    .fetch_all(&pool)
+    .await
+    .expect("series");
+    let expected: Vec<(Uuid, String, String, String, i64, i32, f64)> =
+        [(10, 1, 0.9), (20, 1, 0.6), (30, 2, 0.3)]
+            .into_iter()
+            .map(|(step, epoch, value)| {
+                let (name, kind, metric) = ("mnist", "mnist_classifier", "train/loss");
+                (
+                    a,
+                    name.into(),
+                    kind.into(),
+                    metric.into(),
+                    step,
+                    epoch,
+                    value,
+                )
+            })
+            .collect();
+    assert_eq!(rows, expected, "the first value of a repeated step is kept");
+
+    let per_job: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT job_id, count(*) FROM metric_series GROUP BY job_id ORDER BY count(*) DESC",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("counts");
+    assert_eq!(per_job, [(a, 4), (b, 1)]);
+    let recorded: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM metric_series WHERE recorded_at <= now() AND recorded_at > now() - interval '1 minute'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("recorded_at");
+    assert_eq!(recorded, 5);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn artifact_files_names_each_artifacts_job_and_its_key_in_the_store(pool: PgPool) {
+    let id = submit(&pool, 3).await;
+    let lease = claim(&pool, id, "w", LONG).await;
+    let h = ArtifactHeader {
+        step: 40,
+        size_bytes: 1234,
+        ..header(&lease, "checkpoint", "epoch-002.safetensors", 2, 'c')
+    };
+    let uri = format!("file:///artifacts/jobs/{id}/1/checkpoint/epoch-002.safetensors");
+    store::record_artifact(&pool, &h, &uri)
+        .await
+        .expect("record");
+
+    let rows: Vec<(
+        Uuid,
+        String,
+        String,
+        i32,
+        String,
+        String,
+        String,
+        i32,
+        i64,
+        i64,
+        String,
+        String,
+    )> = sqlx::query_as(
+        "SELECT job_id, job_name, job_kind, attempt, kind, name, key, epoch, step, size_bytes,
+                    sha256, uri
+             FROM artifact_files",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("artifact files");
+    assert_eq!(
+        rows,
+        [(
+            id,
+            "mnist".into(),
+            "mnist_classifier".into(),
+            1,
+            "checkpoint".into(),
+            "epoch-002.safetensors".into(),
+            format!("jobs/{id}/1/checkpoint/epoch-002.safetensors"),
+            2,
+            40,
+            1234,
+            "c".repeat(64),
+            uri,
+        )]
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn every_results_view_and_each_of_its_columns_is_documented_in_the_database(pool: PgPool) {
+    let undocumented: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname || coalesce('.' || a.attname, '')
+         FROM pg_class c
+         LEFT JOIN pg_attribute a
+             ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE c.relkind = 'v'
+           AND c.relname IN ('job_summary', 'metric_series', 'artifact_files')
+           AND (obj_description(c.oid, 'pg_class') IS NULL
+                OR col_description(c.oid, a.attnum) IS NULL)
+         ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("catalogue");
+    assert_eq!(undocumented, Vec::<String>::new());
+    let views: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_views
+         WHERE viewname IN ('job_summary', 'metric_series', 'artifact_files')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("views");
+    assert_eq!(views, 3);
+}
