@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
 
+pub mod compose;
 pub mod services;
 
 /// Postgres server used by the tests (a database per test is created on it).
