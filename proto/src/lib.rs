@@ -8,6 +8,7 @@
 //!
 //! This crate must not depend on a database, Redis client or libtorch: it is the contract only.
 
+pub mod ops;
 pub mod queue;
 pub mod spec;
 

@@ -23,28 +23,7 @@ use tonic::{Request, Status};
 
 use crate::config::Config;
 
-/// A secret from the command line or the environment: its `Debug` never shows it, so a logged
-/// configuration cannot leak it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Secret(s)
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use proto::ops::Secret;
 
 /// Who a token belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -334,7 +313,7 @@ mod tests {
 
     #[test]
     fn debug_output_never_shows_a_token() {
-        let s = format!("{:?} {:?}", Secret("hunter2".into()), guard(Role::Worker));
+        let s = format!("{:?} {:?}", Secret::from("hunter2"), guard(Role::Worker));
         assert!(
             !s.contains("hunter2") && !s.contains("c1") && !s.contains("w1"),
             "{s}"

@@ -14,6 +14,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::artifacts::S3Settings;
 use crate::auth::Secret;
+pub use proto::ops::MetricsListen;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -128,6 +129,10 @@ pub struct Config {
     #[arg(long, env = "TRAINQ_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
+    /// Where Prometheus scrapes `GET /metrics` (HTTP), or `off`.
+    #[arg(long, env = "TRAINQ_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
+    pub metrics_listen: MetricsListen,
+
     /// Log line format. The level filter comes from RUST_LOG (default `info`).
     #[arg(long, env = "TRAINQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -180,6 +185,14 @@ mod tests {
         assert_eq!(c.db_wait(), Duration::from_secs(60));
         assert!(Config::try_parse_from(["trainq-server", "--log-format", "xml"]).is_err());
         assert!(c.client_tokens.is_empty() && c.worker_tokens.is_empty());
+        assert_eq!(
+            c.metrics_listen,
+            MetricsListen::At("0.0.0.0:9091".parse().expect("address"))
+        );
+        let off = Config::try_parse_from(["trainq-server", "--metrics-listen", "off"])
+            .expect("valid flags");
+        assert_eq!(off.metrics_listen, MetricsListen::Off);
+        assert!(Config::try_parse_from(["trainq-server", "--metrics-listen", "9091"]).is_err());
     }
 
     #[test]

@@ -97,6 +97,13 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// How many ids wait in the ready queue (`LLEN`).
+    pub async fn queue_depth(&self) -> Result<i64, DispatchError> {
+        let mut conn = self.connection().await?;
+        let cmd = redis::cmd("LLEN").arg(self.keys.ready_queue()).to_owned();
+        self.bounded(cmd.query_async(&mut conn)).await
+    }
+
     /// Sets the alive marker unless it is there (`SET NX`). True when it was missing: Redis is
     /// new to this prefix or lost its keys, so ids pushed before may be gone.
     pub async fn mark_alive(&self) -> Result<bool, DispatchError> {

@@ -10,6 +10,7 @@
 //! - [`api`]: the `JobService` and `WorkerService` implementations.
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
 //! - [`events`]: in-process job change notifications for WatchJob.
+//! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`reconcile`]: the reconciler (re-dispatch) and the lease reaper.
 //! - [`shutdown`]: the signal that stops everything.
 //!
@@ -25,6 +26,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod metrics;
 pub mod reconcile;
 pub mod shutdown;
 pub mod store;
@@ -50,6 +52,7 @@ use artifacts::ArtifactStore;
 use dispatch::Dispatcher;
 use error::OversizedIsResourceExhausted;
 use events::Notifier;
+use metrics::Metrics;
 use shutdown::Shutdown;
 
 /// The schema, embedded at build time from the workspace's `migrations/`.
@@ -99,6 +102,16 @@ async fn serve_until(
     );
     let artifacts = ArtifactStore::open(&config.artifacts, &config.s3)
         .with_context(|| format!("opening the artifact store {:?}", config.artifacts))?;
+    // Bound before anything else, so that a port already in use stops the start at once.
+    let metrics_listener = match config.metrics_listen {
+        config::MetricsListen::Off => None,
+        config::MetricsListen::At(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the metrics endpoint {addr}"))?,
+        ),
+    };
+    let metrics = Arc::new(Metrics::new());
     let Some(pool) = connect_database(&config, signal.clone()).await? else {
         return Ok(()); // shut down before Postgres came up
     };
@@ -121,7 +134,23 @@ async fn serve_until(
         Err(_) => tracing::warn!("redis did not answer at start; the reconciler will check it"),
     }
     let notifier = Notifier::new();
-    let background = reconcile::spawn(
+    let mut background = Vec::new();
+    if let Some(listener) = metrics_listener {
+        tracing::info!(addr = %listener.local_addr()?, "serving metrics on /metrics");
+        let serve = metrics::serve(
+            metrics.clone(),
+            pool.clone(),
+            dispatcher.clone(),
+            listener,
+            signal.clone(),
+        );
+        background.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %format!("{e:#}"), "metrics endpoint failed");
+            }
+        }));
+    }
+    background.extend(reconcile::spawn(
         reconcile::Background {
             pool: pool.clone(),
             dispatcher: dispatcher.clone(),
@@ -129,9 +158,10 @@ async fn serve_until(
             interval: config.reconcile_interval(),
             redispatch_after: config.redispatch_after(),
             grace: Arc::new(reconcile::LeaseGrace::new(config.lease_timeout())),
+            metrics: metrics.clone(),
         },
         signal.clone(),
-    );
+    ));
     let state = Arc::new(AppState {
         pool: pool.clone(),
         dispatcher,
@@ -140,6 +170,7 @@ async fn serve_until(
         lease_timeout: config.lease_timeout(),
         retry_backoff: config.retry_backoff(),
         shutdown: signal.clone(),
+        metrics,
     });
     let guards = Guards { tokens, tls };
     let served = serve_grpc(state, guards, listener, signal).await;
@@ -184,6 +215,7 @@ async fn serve_grpc(
     if let Some(tls) = guards.tls {
         builder = builder.tls_config(tls).context("configuring TLS")?;
     }
+    let mut builder = builder.layer(metrics::RpcTimer(state.metrics.clone()));
     let job_guard = auth::RequireRole::new(
         guards.tokens.clone(),
         auth::Role::Client,

@@ -25,6 +25,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
 use crate::events::Notifier;
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{self, ReapedJob};
 
@@ -103,10 +104,10 @@ pub async fn reap_expired(pool: &PgPool, notifier: &Notifier) -> Result<Vec<Reap
     loop {
         let reaped = store::reap_expired_leases(pool, BATCH).await?;
         for job in &reaped {
-            tracing::info!(job_id = %job.id, state = %job.state, "lease expired");
+            tracing::info!(job_id = %job.id, attempt = job.attempt, state = %job.state, "lease expired");
             notifier.notify(job.id);
             for dependent in &job.dependents_failed {
-                tracing::info!(job_id = %dependent, dependency = %job.id, "dependency failed");
+                tracing::info!(job_id = %dependent, attempt = 0, dependency = %job.id, "dependency failed");
                 notifier.notify(*dependent);
             }
         }
@@ -183,6 +184,8 @@ pub struct Background {
     pub redispatch_after: Duration,
     /// Shared by both loops: both report database errors, the reaper obeys it.
     pub grace: Arc<LeaseGrace>,
+    /// Counts lease expiries and the retries they cause.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts the reconciler and the lease reaper; they end when `shutdown` fires.
@@ -210,8 +213,14 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
                 );
                 return Ok(());
             }
-            let reaped = reap_expired(&bg.pool, &bg.notifier).await;
-            bg.grace.observe(reaped).map(drop)
+            let reaped = bg
+                .grace
+                .observe(reap_expired(&bg.pool, &bg.notifier).await)?;
+            for job in &reaped {
+                bg.metrics.lease_expired();
+                bg.metrics.attempt_ended(&job.state, "lease_expired");
+            }
+            Ok(())
         }
     });
     vec![reconciler, reaper]

@@ -89,6 +89,9 @@ pub struct Claim {
     pub job: JobRow,
     /// The newest training state (kind `resume`, highest step) an earlier attempt stored.
     pub resume_from: Option<ArtifactRow>,
+    /// How long the job had been ready for a worker: since it was submitted, its dependencies
+    /// succeeded or it was queued again, or (when later) its retry backoff ended.
+    pub waited: Duration,
 }
 
 /// A duration as the float milliseconds that SQL multiplies with `interval '1 millisecond'`.
@@ -392,13 +395,19 @@ pub async fn claim_job(
     lease_for: Duration,
 ) -> Result<Option<Claim>> {
     let mut tx = pool.begin().await?;
-    let Some(job) = sqlx::query_as::<_, JobRow>(
-        "UPDATE jobs
-         SET state = 'running', attempt = attempt + 1, worker_id = $2,
+    // `updated_at` changes with every state change and nothing else of a queued job, so its
+    // value before this update is when the job last became queued.
+    let Some(ClaimedRow { job, waited_s }) = sqlx::query_as::<_, ClaimedRow>(
+        "UPDATE jobs j
+         SET state = 'running', attempt = j.attempt + 1, worker_id = $2,
              lease_expires_at = now() + $3 * interval '1 millisecond',
-             started_at = coalesce(started_at, now()), updated_at = now()
-         WHERE id = $1 AND state = 'queued' AND (not_before IS NULL OR not_before <= now())
-         RETURNING *",
+             started_at = coalesce(j.started_at, now()), updated_at = now()
+         FROM (SELECT id, greatest(updated_at, coalesce(not_before, updated_at)) AS ready_since
+               FROM jobs WHERE id = $1) before
+         WHERE j.id = $1 AND before.id = j.id AND j.state = 'queued'
+           AND (j.not_before IS NULL OR j.not_before <= now())
+         RETURNING j.*, greatest(extract(epoch FROM now() - before.ready_since), 0)::float8
+                   AS waited_s",
     )
     .bind(id)
     .bind(worker_id)
@@ -420,7 +429,19 @@ pub async fn claim_job(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
-    Ok(Some(Claim { job, resume_from }))
+    Ok(Some(Claim {
+        job,
+        resume_from,
+        waited: Duration::try_from_secs_f64(waited_s).unwrap_or_default(),
+    }))
+}
+
+/// A claimed job and how long it had been ready, in seconds.
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    #[sqlx(flatten)]
+    job: JobRow,
+    waited_s: f64,
 }
 
 /// The job's `resume` artifact with the highest step (the newest of equal steps), if any.
@@ -773,6 +794,15 @@ pub async fn cancel_job(pool: &PgPool, id: Uuid, reason: &str) -> Result<(JobRow
 // ---------------------------------------------------------------------------------------------
 // Reads
 // ---------------------------------------------------------------------------------------------
+
+/// How many jobs are in each state (states without jobs are absent).
+pub async fn count_jobs_by_state(ex: impl PgExecutor<'_>) -> Result<Vec<(String, i64)>> {
+    Ok(
+        sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+            .fetch_all(ex)
+            .await?,
+    )
+}
 
 pub async fn get_job(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<JobRow>> {
     Ok(sqlx::query_as("SELECT * FROM jobs WHERE id = $1")

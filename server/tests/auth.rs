@@ -125,6 +125,8 @@ impl TestServer {
             format!("trainq-test:{}:", Uuid::new_v4()),
             "--artifacts".into(),
             format!("file://{}", artifacts.path().display()),
+            "--metrics-listen".into(),
+            "off".into(),
         ];
         args.extend_from_slice(flags);
         let config = Config::try_parse_from(args).expect("valid flags");

@@ -43,6 +43,8 @@ struct TestServer {
     queue: Dispatcher,
     /// The artifact directory of a `file://` store (empty for S3); removed at the end.
     artifacts: tempfile::TempDir,
+    /// Where the server's Prometheus endpoint listens.
+    metrics_addr: String,
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
     _cleanup: Cleanup,
@@ -112,8 +114,11 @@ impl TestServer {
             .rsplit_once('/')
             .expect("DATABASE_URL names a database");
         let db_url = format!("{server_root}/{}", cleanup.db_name);
+        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             "trainq-server",
+            "--metrics-listen",
+            &metrics_addr,
             "--database-url",
             &db_url,
             "--redis-url",
@@ -151,6 +156,7 @@ impl TestServer {
             pool,
             queue,
             artifacts,
+            metrics_addr,
             stop,
             task,
             _cleanup: cleanup,
@@ -183,6 +189,42 @@ impl TestServer {
             .expect("server shut down cleanly");
         self.pool.close().await;
     }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// `GET path` over plain HTTP/1.0: the status code and the body.
+async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect to the metrics endpoint");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("read");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("a status line");
+    (status, body.to_string())
+}
+
+/// The value of the sample `series` (name and labels exactly as exposed) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Polls gRPC health until the server answers (it serves only after migrating).
@@ -898,6 +940,8 @@ async fn a_server_waits_for_an_unreachable_postgres_instead_of_exiting_and_still
         "trainq-server",
         "--database-url",
         "postgres://postgres@127.0.0.1:1/trainq",
+        "--metrics-listen",
+        "off",
         "--artifacts",
         &artifacts_url,
     ])
@@ -2307,6 +2351,8 @@ async fn a_server_gives_up_on_an_unreachable_postgres_after_db_wait_ms_with_a_cl
         "trainq-server",
         "--database-url",
         "postgres://postgres@127.0.0.1:1/trainq",
+        "--metrics-listen",
+        "off",
         "--db-wait-ms",
         "600",
         "--artifacts",
@@ -2375,4 +2421,132 @@ async fn a_call_in_flight_when_shutdown_begins_still_completes() {
         .expect("no panic")
         .expect("clean shutdown");
     pool.close().await;
+}
+
+#[tokio::test]
+async fn the_metrics_endpoint_counts_jobs_by_state_dispatch_latency_retries_and_rpcs() {
+    let server = TestServer::start().await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let first = submit(&mut jobs, valid_spec()).await;
+    let _second = submit(&mut jobs, valid_spec()).await;
+    let (status, text) = http_get(&server.metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&text, "trainq_jobs{state=\"queued\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "trainq_jobs{state=\"running\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "trainq_queue_depth"), Some(2.0), "{text}");
+    assert_eq!(sample(&text, "trainq_store_up"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "trainq_redis_up"), Some(1.0), "{text}");
+    assert_eq!(
+        sample(&text, "trainq_dispatch_latency_seconds_count"),
+        Some(0.0),
+        "{text}"
+    );
+
+    // A claim observes how long the job waited; a retryable failure is a retry.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let lease = workers
+        .claim_job(v1::ClaimJobRequest {
+            job_id: first.clone(),
+            worker_id: "w".into(),
+        })
+        .await
+        .expect("claim")
+        .into_inner()
+        .lease;
+    workers
+        .fail_job(v1::FailJobRequest {
+            lease,
+            reason: "nccl timeout".into(),
+            permanent: false,
+        })
+        .await
+        .expect("fail");
+    let _ = jobs
+        .get_job(v1::GetJobRequest {
+            job_id: "not-a-uuid".into(),
+        })
+        .await
+        .expect_err("invalid id");
+    let (_, text) = http_get(&server.metrics_addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "trainq_dispatch_latency_seconds_count"),
+        Some(1.0),
+        "{text}"
+    );
+    let waited = sample(&text, "trainq_dispatch_latency_seconds_sum").expect("a sum");
+    assert!((0.1..10.0).contains(&waited), "waited {waited} s: {text}");
+    assert_eq!(
+        sample(&text, "trainq_dispatch_latency_seconds_bucket{le=\"0.1\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "trainq_retries_total{cause=\"failed\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "trainq_jobs{state=\"queued\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "trainq_rpc_duration_seconds_count{code=\"0\",method=\"SubmitJob\",service=\"trainq.v1.JobService\"}"
+        ),
+        Some(2.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "trainq_rpc_duration_seconds_count{code=\"3\",method=\"GetJob\",service=\"trainq.v1.JobService\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    let (status, _) = http_get(&server.metrics_addr, "/nothing-here").await;
+    assert_eq!(status, 404);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_lease_expiry_is_counted_and_the_job_retried() {
+    let server = TestServer::start_with(&redis_url(), &["--lease-timeout-ms", "300"]).await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    let claimed = workers
+        .claim_job(v1::ClaimJobRequest {
+            job_id: id.clone(),
+            worker_id: "silent".into(),
+        })
+        .await
+        .expect("claim")
+        .into_inner();
+    assert!(claimed.claimed);
+    eventually("the reaper takes the silent worker's job", || async {
+        get(&mut jobs.clone(), &id).await.state() == v1::JobState::Queued
+    })
+    .await;
+    let (_, text) = http_get(&server.metrics_addr, "/metrics").await;
+    assert_eq!(
+        sample(&text, "trainq_lease_expiries_total"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "trainq_retries_total{cause=\"lease_expired\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    server.stop().await;
 }

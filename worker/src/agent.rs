@@ -38,9 +38,11 @@ use tonic::Code;
 use tracing::{info, info_span, warn, Instrument};
 
 use crate::checkpoint;
+use crate::config::MetricsListen;
 use crate::config::ServeArgs;
 use crate::dispatch::Queue;
 use crate::executor::{Assignment, Executor};
+use crate::metrics::{JobEnd, Metrics};
 use crate::train::{ArtifactFile, Event, JobInputs, Metric, Outcome, TrainError};
 
 /// Largest metric batch sent in one ReportMetrics call (the coordinator accepts 10,000).
@@ -167,6 +169,23 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> anyho
     let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
     let trainer_config = args.trainer.trainer_config()?;
     info!(%worker_id, device = ?trainer_config.device, coordinator = %args.coordinator, "worker starting");
+    let metrics = Arc::new(Metrics::new(
+        &worker_id,
+        &format!("{:?}", trainer_config.device).to_lowercase(),
+    ));
+    if let MetricsListen::At(addr) = args.metrics_listen {
+        // A port in use stops the start: two workers on one host need different addresses.
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            anyhow::anyhow!("binding the metrics endpoint {addr} (--metrics-listen): {e}")
+        })?;
+        info!(addr = %listener.local_addr()?, gpu = metrics.gpu_available(), "serving metrics on /metrics");
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(metrics, listener).await {
+                tracing::error!(error = %e, "metrics endpoint failed");
+            }
+        });
+    }
     let executor = Executor::spawn(trainer_config, args.trainer.torch_threads)?;
     let client = connect(&args)?;
     info!(
@@ -185,6 +204,7 @@ pub async fn serve(args: ServeArgs, shutdown: impl Future<Output = ()>) -> anyho
         worker_id,
         client,
         executor,
+        metrics,
     };
 
     tokio::pin!(shutdown);
@@ -228,6 +248,7 @@ struct Agent {
     worker_id: String,
     client: Client,
     executor: Executor,
+    metrics: Arc<Metrics>,
 }
 
 impl Agent {
@@ -249,6 +270,7 @@ impl Agent {
             match client.claim_job(request.clone()).await {
                 Ok(r) => break r.into_inner(),
                 Err(status) if is_transient(&status) && tokio::time::Instant::now() < deadline => {
+                    self.metrics.call_failed("claim");
                     let wait = backoff.next();
                     warn!(job_id, error = %status, retry_in_ms = wait.as_millis() as u64, "claim failed; retrying");
                     tokio::select! {
@@ -345,6 +367,8 @@ impl Agent {
             stop: stop.clone(),
             events: events_tx,
             done: done_tx,
+            // Log lines of the training thread carry the job's id and attempt too.
+            span: tracing::Span::current(),
         };
         if let Err(e) = self.executor.submit(assignment) {
             self.finish(
@@ -355,6 +379,7 @@ impl Agent {
             .await;
             return Flow::Shutdown;
         }
+        self.metrics.job_started();
 
         let mut client = self.client.clone();
         let mut heartbeat =
@@ -368,7 +393,10 @@ impl Agent {
                 result = &mut done_rx => {
                     break result.unwrap_or_else(|_| Err(TrainError::Retryable("executor thread died".into())));
                 }
-                Some(event) = events_rx.recv() => pending.push(event),
+                Some(event) = events_rx.recv() => {
+                    self.metrics.saw(&event);
+                    pending.push(event);
+                }
                 _ = report.tick(), if !pending.is_empty() && !lease_lost => {
                     match pending.flush(&mut client, &lease).await {
                         Ok(()) => {}
@@ -377,7 +405,10 @@ impl Agent {
                             lease_lost = true;
                             stop.store(true, Ordering::Relaxed);
                         }
-                        Err(status) => warn!(error = %status, buffered = pending.len(), "report failed; will retry"),
+                        Err(status) => {
+                            self.metrics.call_failed("report");
+                            warn!(error = %status, buffered = pending.len(), "report failed; will retry");
+                        }
                     }
                 }
                 _ = heartbeat.tick(), if !lease_lost => {
@@ -388,7 +419,10 @@ impl Agent {
                             stop.store(true, Ordering::Relaxed);
                         }
                         Ok(_) => {}
-                        Err(status) => warn!(error = %status, "heartbeat failed; training goes on"),
+                        Err(status) => {
+                            self.metrics.call_failed("heartbeat");
+                            warn!(error = %status, "heartbeat failed; training goes on");
+                        }
                     }
                 }
                 _ = &mut *shutdown, if !shutting_down => {
@@ -399,11 +433,18 @@ impl Agent {
             }
         };
         while let Ok(event) = events_rx.try_recv() {
+            self.metrics.saw(&event);
             pending.push(event);
         }
         if lease_lost {
             info!("job abandoned");
+            self.metrics.job_ended(JobEnd::Abandoned);
         } else {
+            self.metrics.job_ended(match &result {
+                Ok(Outcome::Succeeded { .. }) => JobEnd::Succeeded,
+                Ok(Outcome::Stopped { .. }) => JobEnd::HandedBack,
+                Err(_) => JobEnd::Failed,
+            });
             self.finish(&lease, result, pending).await;
         }
         if shutting_down {
@@ -1259,6 +1300,7 @@ mod tests {
             worker_id: "w".into(),
             client,
             executor: Executor::spawn(config, 1).expect("executor"),
+            metrics: Arc::new(Metrics::new("w", "cpu")),
         }
     }
 

@@ -75,31 +75,15 @@ pub struct ServeArgs {
     /// `https://` coordinator address.
     #[arg(long, env = "TRAINQ_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
+    /// Where Prometheus scrapes this worker's `GET /metrics` (HTTP), or `off`. Two workers on
+    /// one host need different addresses.
+    #[arg(long, env = "TRAINQ_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
+    pub metrics_listen: MetricsListen,
     #[command(flatten)]
     pub trainer: TrainerArgs,
 }
 
-/// A secret from the command line or the environment whose `Debug` never shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl From<String> for Secret {
-    fn from(s: String) -> Self {
-        Secret(s)
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
+pub use proto::ops::{MetricsListen, Secret};
 
 /// Where and how training runs. Shared by `serve`, `run` and `bench`.
 #[derive(Debug, Clone, Args)]

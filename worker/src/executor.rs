@@ -24,6 +24,8 @@ pub struct Assignment {
     pub stop: Arc<AtomicBool>,
     pub events: mpsc::UnboundedSender<Event>,
     pub done: oneshot::Sender<Result<Outcome, TrainError>>,
+    /// The job's log span (its id and attempt), entered on the executor thread for the run.
+    pub span: tracing::Span,
 }
 
 /// Handle to the executor thread; dropping it ends the thread after its current job.
@@ -42,6 +44,7 @@ impl Executor {
                 }
                 let mut trainer = Trainer::new(config);
                 for job in rx {
+                    let _in_job = job.span.enter();
                     let result =
                         run_one(&mut trainer, &job.spec, &job.inputs, &job.events, &job.stop);
                     let _ = job.done.send(result);

@@ -10,6 +10,7 @@
 //! - [`cvae`]: the CIFAR-100 CVAE as a training task; [`transfer`]: starting it from a trained
 //!   MNIST classifier's conv layers; [`checkpoint`]: models as safetensors bytes; [`images`]:
 //!   PNG image grids; [`optim`]: Adam, AdamW and SGD with a state that training states save.
+//! - [`metrics`]: Prometheus metrics on `/metrics` (throughput, job ends, GPU memory).
 //! - [`standalone`]: runs one spec with no coordinator; [`bench`]: throughput benchmark.
 //!
 //! Invariant: training never runs on the async runtime; a Tensor stays on the thread that made it.
@@ -24,6 +25,7 @@ pub mod dispatch;
 pub mod executor;
 pub mod images;
 pub mod logging;
+pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod standalone;

@@ -617,10 +617,15 @@ pub fn train_loop(
                 check_finite(&eval, global)?;
                 push(eval);
                 let images = ((steps_per_epoch - first) * b) as f64;
-                push(vec![(
-                    names::TRAIN_IMAGES_PER_S,
-                    images / seconds.max(1e-9),
-                )]);
+                let images_per_s = images / seconds.max(1e-9);
+                push(vec![(names::TRAIN_IMAGES_PER_S, images_per_s)]);
+                info!(
+                    epoch,
+                    of = training.epochs,
+                    step = global,
+                    images_per_s = images_per_s.round(),
+                    "epoch finished"
+                );
             }
             if !points.is_empty() {
                 report(Event::Metrics(points));

@@ -101,13 +101,13 @@ async fn delete_pruned(state: &AppState, pruned: &[ArtifactRow]) {
                     step = row.step, uri = %row.uri, "older training state deleted"
                 ),
                 Err(e) => tracing::warn!(
-                    job_id = %row.job_id, uri = %row.uri, error = %e,
+                    job_id = %row.job_id, attempt = row.attempt, uri = %row.uri, error = %e,
                     "could not delete an older training state; its object stays behind"
                 ),
             },
             Ok(true) => {}
             Err(e) => tracing::warn!(
-                job_id = %row.job_id, uri = %row.uri, error = %e,
+                job_id = %row.job_id, attempt = row.attempt, uri = %row.uri, error = %e,
                 "could not check a pruned artifact; its object stays behind"
             ),
         }

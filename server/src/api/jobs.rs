@@ -32,7 +32,7 @@ impl JobApi {
         let row = store::insert_job(&self.state.pool, id, &spec).await?;
         let state = state_of(&row)?;
         tracing::info!(
-            job_id = %id, name = %spec.name, kind = spec.experiment.kind(), state = %row.state,
+            job_id = %id, attempt = row.attempt, name = %spec.name, kind = spec.experiment.kind(), state = %row.state,
             dependencies = spec.dependencies.len(), "job submitted"
         );
         if state == v1::JobState::Queued {
@@ -73,10 +73,10 @@ impl JobApi {
         let id = parse_job_id("job_id", &req.job_id)?;
         let reason = domain::reason_text(&req.reason, "cancelled by user");
         let (row, failed) = store::cancel_job(&self.state.pool, id, &reason).await?;
-        tracing::info!(job_id = %id, %reason, "job cancelled");
+        tracing::info!(job_id = %id, attempt = row.attempt, %reason, "job cancelled");
         self.state.notifier.notify(id);
         for dependent in failed {
-            tracing::info!(job_id = %dependent, dependency = %id, "dependency cancelled");
+            tracing::info!(job_id = %dependent, attempt = 0, dependency = %id, "dependency cancelled");
             self.state.notifier.notify(dependent);
         }
         let latest = store::latest_metrics(&self.state.pool, id).await?;

@@ -29,6 +29,7 @@ use crate::dispatch::Dispatcher;
 use crate::domain::MetricPoint;
 use crate::error::{Error, Result};
 use crate::events::Notifier;
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{self, ArtifactRow, AttemptRow, JobRow};
 
@@ -45,6 +46,8 @@ pub struct AppState {
     pub retry_backoff: Duration,
     /// Ends open WatchJob streams so a graceful shutdown does not wait for jobs to finish.
     pub shutdown: Shutdown,
+    /// Counters and histograms of what the handlers see (claims, retries, final states).
+    pub metrics: Arc<Metrics>,
 }
 
 fn timestamp(t: DateTime<Utc>) -> proto::Timestamp {

@@ -31,14 +31,17 @@ impl WorkerApi {
         let Some(store::Claim {
             job: row,
             resume_from,
+            waited,
         }) = store::claim_job(&self.state.pool, id, &worker_id, self.state.lease_timeout).await?
         else {
             // Someone else won, or the job was cancelled, or it is a duplicate message.
             return Ok(v1::ClaimJobResponse::default());
         };
+        self.state.metrics.claimed(waited);
         tracing::info!(
             job_id = %id, attempt = row.attempt, worker = %worker_id,
-            resume_from_step = resume_from.as_ref().map_or(0, |a| a.step), "job claimed"
+            resume_from_step = resume_from.as_ref().map_or(0, |a| a.step),
+            waited_ms = waited.as_millis() as u64, "job claimed"
         );
         self.state.notifier.notify(id);
         Ok(v1::ClaimJobResponse {
@@ -78,9 +81,10 @@ impl WorkerApi {
         let Completion { lease, final_step } = Completion::try_from(req)?;
         let queued = store::complete_job(&self.state.pool, &lease, final_step).await?;
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, final_step, "job succeeded");
+        self.state.metrics.finished("succeeded");
         self.state.notifier.notify(lease.job_id);
         for dependent in &queued {
-            tracing::info!(job_id = %dependent, dependency = %lease.job_id, "dependencies succeeded; job queued");
+            tracing::info!(job_id = %dependent, attempt = 0, dependency = %lease.job_id, "dependencies succeeded; job queued");
             self.state.notifier.notify(*dependent);
         }
         dispatch_now(&self.state, &queued).await;
@@ -100,9 +104,10 @@ impl WorkerApi {
         )
         .await?;
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, %state, %reason, "attempt failed");
+        self.state.metrics.attempt_ended(&state, "failed");
         self.state.notifier.notify(lease.job_id);
         for dependent in failed {
-            tracing::info!(job_id = %dependent, dependency = %lease.job_id, "dependency failed");
+            tracing::info!(job_id = %dependent, attempt = 0, dependency = %lease.job_id, "dependency failed");
             self.state.notifier.notify(dependent);
         }
         let state = proto::state_from_name(&state).unwrap_or(v1::JobState::Unspecified);

@@ -1,0 +1,414 @@
+//! Prometheus metrics of the coordinator, served as text on `GET /metrics` of
+//! `--metrics-listen` (default `0.0.0.0:9091`).
+//!
+//! Counters and histograms are updated where things happen (a claim observes its dispatch
+//! latency, the reaper counts lease expiries, the RPC layer times every call). The gauges that
+//! describe the system as a whole, jobs by state and the depth of the ready queue, are read from
+//! Postgres and Redis when Prometheus scrapes, each bounded by a short timeout: a scrape during an
+//! outage answers quickly with the last known values and `trainq_store_up` /
+//! `trainq_redis_up` at 0.
+//!
+//! Every coordinator has its own registry (no process-wide default), so several coordinators in
+//! one test process do not mix their numbers. Must not make a request fail: recording is
+//! infallible and scraping only reads.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use prometheus::{
+    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+
+use crate::dispatch::Dispatcher;
+use crate::shutdown::Shutdown;
+use crate::store;
+
+/// Every job state, so that each has a series (0 when no job is in it) from the first scrape.
+const STATES: [&str; 6] = [
+    "waiting",
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+];
+
+/// How long a scrape waits for Postgres or Redis before it reports the last known values.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The coordinator's metrics.
+pub struct Metrics {
+    registry: Registry,
+    jobs: IntGaugeVec,
+    queue_depth: IntGauge,
+    store_up: IntGauge,
+    redis_up: IntGauge,
+    dispatch_latency: Histogram,
+    lease_expiries: IntCounter,
+    retries: IntCounterVec,
+    jobs_finished: IntCounterVec,
+    rpc_duration: HistogramVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let jobs = IntGaugeVec::new(
+            Opts::new(
+                "trainq_jobs",
+                "Jobs in each state (read from Postgres at scrape time).",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let queue_depth = IntGauge::new(
+            "trainq_queue_depth",
+            "Job ids waiting in the Redis ready queue (read at scrape time).",
+        )
+        .expect("valid metric");
+        let store_up = IntGauge::new(
+            "trainq_store_up",
+            "1 when the last scrape could read Postgres, else 0.",
+        )
+        .expect("valid metric");
+        let redis_up = IntGauge::new(
+            "trainq_redis_up",
+            "1 when the last scrape could read Redis, else 0.",
+        )
+        .expect("valid metric");
+        let dispatch_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "trainq_dispatch_latency_seconds",
+                "From the moment a job became ready (submitted, dependencies met, or its retry \
+                 backoff over) to its claim by a worker.",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                900.0, 3600.0,
+            ]),
+        )
+        .expect("valid metric");
+        let lease_expiries = IntCounter::new(
+            "trainq_lease_expiries_total",
+            "Attempts whose lease expired (their worker went silent) and were taken away.",
+        )
+        .expect("valid metric");
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "trainq_retries_total",
+                "Failed attempts after which the job was queued again, by cause.",
+            ),
+            &["cause"],
+        )
+        .expect("valid metric");
+        let jobs_finished = IntCounterVec::new(
+            Opts::new(
+                "trainq_jobs_finished_total",
+                "Jobs whose last attempt ended them (succeeded, or failed for good) on this \
+                 coordinator, by state. Cancellations and dependency failures are in trainq_jobs.",
+            ),
+            &["state"],
+        )
+        .expect("valid metric");
+        let rpc_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "trainq_rpc_duration_seconds",
+                "gRPC calls from request to response headers (for a stream: until it opens), by \
+                 service, method and status code.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ]),
+            &["service", "method", "code"],
+        )
+        .expect("valid metric");
+        for collector in [
+            Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(queue_depth.clone()),
+            Box::new(store_up.clone()),
+            Box::new(redis_up.clone()),
+            Box::new(dispatch_latency.clone()),
+            Box::new(lease_expiries.clone()),
+            Box::new(retries.clone()),
+            Box::new(jobs_finished.clone()),
+            Box::new(rpc_duration.clone()),
+        ] {
+            registry
+                .register(collector)
+                .expect("metric names are unique");
+        }
+        for state in STATES {
+            jobs.with_label_values(&[state]).set(0);
+        }
+        for cause in ["failed", "lease_expired"] {
+            retries.with_label_values(&[cause]).reset();
+        }
+        Self {
+            registry,
+            jobs,
+            queue_depth,
+            store_up,
+            redis_up,
+            dispatch_latency,
+            lease_expiries,
+            retries,
+            jobs_finished,
+            rpc_duration,
+        }
+    }
+
+    /// A worker claimed a job that had been ready for `waited`.
+    pub fn claimed(&self, waited: Duration) {
+        self.dispatch_latency.observe(waited.as_secs_f64());
+    }
+
+    /// An attempt ended with the job in `state`: `queued` again is a retry (`cause` says why),
+    /// a final state counts as finished.
+    pub fn attempt_ended(&self, state: &str, cause: &str) {
+        if state == "queued" {
+            self.retries.with_label_values(&[cause]).inc();
+        } else {
+            self.finished(state);
+        }
+    }
+
+    /// A job reached a final state.
+    pub fn finished(&self, state: &str) {
+        self.jobs_finished.with_label_values(&[state]).inc();
+    }
+
+    pub fn lease_expired(&self) {
+        self.lease_expiries.inc();
+    }
+
+    /// Reads the gauges that live in Postgres and Redis, then renders every metric in the text
+    /// exposition format.
+    pub async fn scrape(&self, pool: &PgPool, dispatcher: &Dispatcher) -> String {
+        match tokio::time::timeout(SCRAPE_TIMEOUT, store::count_jobs_by_state(pool)).await {
+            Ok(Ok(counts)) => {
+                for state in STATES {
+                    let n = counts.iter().find(|(s, _)| s == state).map_or(0, |c| c.1);
+                    self.jobs.with_label_values(&[state]).set(n);
+                }
+                self.store_up.set(1);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "metrics: cannot count jobs");
+                self.store_up.set(0);
+            }
+            Err(_) => self.store_up.set(0),
+        }
+        match tokio::time::timeout(SCRAPE_TIMEOUT, dispatcher.queue_depth()).await {
+            Ok(Ok(depth)) => {
+                self.queue_depth.set(depth);
+                self.redis_up.set(1);
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "metrics: cannot read the queue depth");
+                self.redis_up.set(0);
+            }
+            Err(_) => self.redis_up.set(0),
+        }
+        self.render()
+    }
+
+    /// Every metric in the Prometheus text format, as it stands.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "metrics: cannot encode");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    fn rpc_done(&self, path: &str, code: &str, took: Duration) {
+        let (service, method) = rpc_labels(path, code);
+        self.rpc_duration
+            .with_label_values(&[service, method, code])
+            .observe(took.as_secs_f64());
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The service and method labels of a gRPC path (`/package.Service/Method`). Paths come from
+/// clients, so a call the server does not implement (UNIMPLEMENTED, code 12) is labelled
+/// `unknown` instead of creating a series per made-up name.
+fn rpc_labels<'a>(path: &'a str, code: &str) -> (&'a str, &'a str) {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    match (parts.next(), parts.next()) {
+        (Some(service), Some(method))
+            if code != "12" && !service.is_empty() && !method.is_empty() =>
+        {
+            (service, method)
+        }
+        _ => ("unknown", "unknown"),
+    }
+}
+
+/// A tower layer that times every gRPC call into `trainq_rpc_duration_seconds`.
+#[derive(Clone)]
+pub struct RpcTimer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for RpcTimer {
+    type Service = TimedRpc<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TimedRpc {
+            inner,
+            metrics: self.0.clone(),
+        }
+    }
+}
+
+/// The service [`RpcTimer`] wraps around the gRPC router.
+#[derive(Clone)]
+pub struct TimedRpc<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for TimedRpc<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let path = request.uri().path().to_owned();
+        let metrics = self.metrics.clone();
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            // A status in the headers is a trailers-only answer (an error, as a rule); an OK
+            // call carries its status in the trailers, after the body.
+            let code = match &response {
+                Ok(r) => r
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("0")
+                    .to_owned(),
+                Err(_) => "transport".to_owned(),
+            };
+            metrics.rpc_done(&path, &code, started.elapsed());
+            response
+        })
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the signal fires.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    pool: PgPool,
+    dispatcher: Arc<Dispatcher>,
+    listener: TcpListener,
+    mut signal: Shutdown,
+) -> anyhow::Result<()> {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            let pool = pool.clone();
+            let dispatcher = dispatcher.clone();
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.scrape(&pool, &dispatcher).await,
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { signal.wait().await })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rpc_paths_become_service_and_method_labels() {
+        assert_eq!(
+            rpc_labels("/trainq.v1.JobService/SubmitJob", "0"),
+            ("trainq.v1.JobService", "SubmitJob")
+        );
+        assert_eq!(
+            rpc_labels("/trainq.v1.JobService/MadeUp", "12"),
+            ("unknown", "unknown")
+        );
+        assert_eq!(rpc_labels("/nonsense", "0"), ("unknown", "unknown"));
+    }
+
+    #[test]
+    fn counters_show_up_in_the_text_format() {
+        let m = Metrics::new();
+        m.claimed(Duration::from_millis(30));
+        m.attempt_ended("queued", "failed");
+        m.attempt_ended("failed", "lease_expired");
+        m.lease_expired();
+        m.rpc_done(
+            "/trainq.v1.JobService/GetJob",
+            "5",
+            Duration::from_millis(2),
+        );
+        let text = m.render();
+        assert!(
+            text.contains("trainq_dispatch_latency_seconds_count 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trainq_dispatch_latency_seconds_bucket{le=\"0.05\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trainq_dispatch_latency_seconds_bucket{le=\"0.025\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trainq_retries_total{cause=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trainq_retries_total{cause=\"lease_expired\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("trainq_jobs_finished_total{state=\"failed\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("trainq_lease_expiries_total 1"), "{text}");
+        assert!(text.contains("trainq_jobs{state=\"waiting\"} 0"), "{text}");
+        assert!(
+            text.contains(
+                "trainq_rpc_duration_seconds_count{code=\"5\",method=\"GetJob\",service=\"trainq.v1.JobService\"} 1"
+            ),
+            "{text}"
+        );
+    }
+}
