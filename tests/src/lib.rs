@@ -253,6 +253,8 @@ impl TestEnv {
             .arg("--artifacts")
             .arg(format!("file://{}", self.artifacts_dir().display()))
             .args(extra)
+            // A port of its own (the default 9091 is shared by every test); `extra` may name one.
+            .env("TRAINQ_METRICS_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(name, cmd, self.dir.path()).expect("spawning trainq-server");
         let addr = format!("127.0.0.1:{port}");
@@ -283,6 +285,7 @@ impl TestEnv {
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
+            .env("TRAINQ_METRICS_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info");
         Proc::spawn(name, cmd, self.dir.path()).expect("spawning trainq-worker")
     }
@@ -424,6 +427,33 @@ impl GrpcurlOutput {
         serde_json::from_str(&self.stdout)
             .unwrap_or_else(|e| panic!("grpcurl printed no JSON ({e}): {}", self.stdout))
     }
+}
+
+/// `GET path` over plain HTTP/1.0 (a Prometheus endpoint): the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow::anyhow!("incomplete HTTP response: {response}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status line: {head}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// The value of the sample `series` (its name and labels exactly as exposed) in a Prometheus
+/// text scrape.
+pub fn prometheus_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 /// Polls GetJob until the job is in a terminal state or `timeout` passes.
