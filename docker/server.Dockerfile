@@ -2,7 +2,8 @@
 # The coordinator image: trainq-server plus the trainq CLI (its `trainq health` is the container
 # healthcheck). Neither links libtorch (ARCHITECTURE.md invariant 6): building only `-p server
 # -p cli` compiles no torch-sys, so the build stage needs no torch. protoc comes from the
-# protoc-bin-vendored crate (proto/build.rs), so no system protoc either.
+# protoc-bin-vendored crate (proto/build.rs), so no system protoc either. Needs BuildKit (the
+# default builder since Docker 23) for the cache mounts.
 #
 #   docker build -f docker/server.Dockerfile -t trainq-server .
 

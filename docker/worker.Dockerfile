@@ -4,7 +4,8 @@
 # the build stage, and that same virtualenv is copied to the same path in the runtime stage, so
 # the rpath that worker/build.rs bakes into the binary (torch/lib) resolves there, and
 # libtorch_cuda.so finds the nvidia-* pip libraries through its own $ORIGIN-relative rpaths.
-# Needs the NVIDIA container toolkit on the host to use a GPU (docker-compose.yml reserves one).
+# Needs the NVIDIA container toolkit on the host to use a GPU (docker-compose.yml reserves one),
+# and BuildKit (the default builder since Docker 23) for the cache mounts.
 #
 #   docker build -f docker/worker.Dockerfile -t trainq-worker .
 
@@ -17,8 +18,11 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 # The same interpreter (bookworm's python3, 3.11) as the runtime stage: the venv's path and its
 # site-packages folder are identical in both.
+# triton (a dependency of the wheel for torch.compile from Python) is dropped: libtorch never
+# loads it and it is hundreds of megabytes.
 RUN python3 -m venv /opt/torch \
-    && /opt/torch/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}"
+    && /opt/torch/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" \
+    && /opt/torch/bin/pip uninstall --yes triton
 # torch-sys builds against the wheel's libtorch (C++11 ABI); worker/build.rs adds the rpath to
 # $LIBTORCH/lib and links libtorch_cuda.so (which nothing references by symbol) on purpose.
 ENV LIBTORCH=/opt/torch/lib/python3.11/site-packages/torch \
