@@ -11,6 +11,7 @@
 pub mod ops;
 pub mod queue;
 pub mod spec;
+pub mod sweep;
 
 /// Generated `trainq.v1` types and services.
 #[allow(clippy::all, missing_docs)]
