@@ -62,6 +62,13 @@ pub enum SpecError {
 
 /// Reads, parses and validates a spec file.
 pub fn load(path: &Path, format: Option<Format>) -> Result<proto::spec::JobSpec, SpecError> {
+    let (file, text, format) = read(path, format)?;
+    let raw = parse(&file, &text, format)?;
+    proto::spec::JobSpec::try_from(raw).map_err(|violation| SpecError::Invalid { file, violation })
+}
+
+/// The file's name as shown in errors, its text and its format.
+fn read(path: &Path, format: Option<Format>) -> Result<(String, String, Format), SpecError> {
     let file = path.display().to_string();
     let format = format
         .or_else(|| Format::from_path(path))
@@ -70,12 +77,189 @@ pub fn load(path: &Path, format: Option<Format>) -> Result<proto::spec::JobSpec,
         file: file.clone(),
         source,
     })?;
-    let raw = parse(&file, &text, format)?;
-    proto::spec::JobSpec::try_from(raw).map_err(|violation| SpecError::Invalid { file, violation })
+    Ok((file, text, format))
+}
+
+/// Reads and parses a sweep file (the `trainq.v1.SweepSpec` JSON mapping; grid values are free
+/// JSON) and checks it locally: the name, the seeds, the grid's shape, and every arm's resulting
+/// job spec (and the source's) through the coordinator's job-spec validator. The coordinator
+/// checks the rest (duplicate arms, limits on labels).
+pub fn load_sweep(path: &Path, format: Option<Format>) -> Result<v1::SweepSpec, SpecError> {
+    let (file, text, format) = read(path, format)?;
+    let sweep: v1::SweepSpec = parse_as(&file, &text, format)?;
+    check_sweep(&sweep).map_err(|violation| SpecError::Invalid { file, violation })?;
+    Ok(sweep)
+}
+
+/// A stand-in for the source job id a sweep fills in, so that a transfer arm validates locally.
+const PLACEHOLDER_SOURCE: &str = "00000000-0000-4000-8000-000000000000";
+
+/// The local checks of [`load_sweep`].
+pub fn check_sweep(sweep: &v1::SweepSpec) -> Result<(), proto::spec::FieldViolation> {
+    use proto::spec::FieldViolation as V;
+    if sweep.name.trim().is_empty() || sweep.name.chars().count() > 128 {
+        return Err(V::new("spec.name", "must be 1..=128 characters"));
+    }
+    if sweep.seeds.is_empty() || sweep.seeds.len() > 100 {
+        return Err(V::new("spec.seeds", "must hold 1..=100 seeds"));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &sweep.seeds {
+        if !seen.insert(s) {
+            return Err(V::new("spec.seeds", format!("seed {s} is repeated")));
+        }
+    }
+    if sweep.grid.len() > 8 {
+        return Err(V::new("spec.grid", "at most 8 axes"));
+    }
+    for (i, axis) in sweep.grid.iter().enumerate() {
+        if axis.values.is_empty() || axis.values.len() > 64 {
+            return Err(V::new(
+                format!("spec.grid[{i}].values"),
+                "must hold 1..=64 values",
+            ));
+        }
+        if !axis.names.is_empty() && axis.names.len() != axis.values.len() {
+            return Err(V::new(
+                format!("spec.grid[{i}].names"),
+                format!(
+                    "{} names for {} values: give one per value or none",
+                    axis.names.len(),
+                    axis.values.len()
+                ),
+            ));
+        }
+    }
+    let arms: usize = sweep.grid.iter().map(|a| a.values.len()).product();
+    if arms > 256 {
+        return Err(V::new("spec.grid", format!("{arms} arms: at most 256")));
+    }
+    let seed = sweep.seeds[0];
+    if let Some(source) = &sweep.source {
+        let mut source = source.clone();
+        if let Some(t) = source.training.as_mut() {
+            t.seed = seed;
+        }
+        proto::spec::JobSpec::try_from(source)
+            .map_err(|v| V::new(v.field.replacen("spec.", "spec.source.", 1), v.description))?;
+    }
+    let base = sweep
+        .base
+        .as_ref()
+        .ok_or_else(|| V::new("spec.base", "is required"))?;
+    let base_json = serde_json::to_value(base).map_err(|e| V::new("spec.base", e.to_string()))?;
+    // Every grid point, the first axis varying slowest.
+    for index in 0..arms {
+        let mut json = base_json.clone();
+        let mut rest = index;
+        let mut label = Vec::new();
+        for (i, axis) in sweep.grid.iter().enumerate().rev() {
+            let k = rest % axis.values.len();
+            rest /= axis.values.len();
+            let value = serde_json::to_value(&axis.values[k])
+                .map(integral_numbers)
+                .map_err(|e| V::new(format!("spec.grid[{i}].values[{k}]"), e.to_string()))?;
+            set_path(&mut json, &axis.field, value)
+                .map_err(|why| V::new(format!("spec.grid[{i}].field"), why))?;
+            label.push(format!("{}[{k}]", axis.field));
+        }
+        label.reverse();
+        let arm = if label.is_empty() {
+            "the base".to_string()
+        } else {
+            label.join(", ")
+        };
+        let mut spec: v1::JobSpec = serde_json::from_value(json)
+            .map_err(|e| V::new("spec.grid", format!("arm {arm}: {e}")))?;
+        if spec.name.is_empty() {
+            spec.name = sweep.name.clone();
+        }
+        if let Some(t) = spec.training.as_mut() {
+            t.seed = seed;
+        }
+        if let Some(v1::job_spec::Experiment::CifarCvae(c)) = spec.experiment.as_mut() {
+            if let Some(v1::initialization::Kind::Transfer(t)) =
+                c.init.as_mut().and_then(|i| i.kind.as_mut())
+            {
+                if t.source_job_id.is_empty() && sweep.source.is_some() {
+                    t.source_job_id = PLACEHOLDER_SOURCE.into();
+                }
+            }
+        }
+        proto::spec::JobSpec::try_from(spec).map_err(|v| {
+            V::new(
+                v.field.replacen("spec.", "spec.base.", 1),
+                format!("{} (arm {arm})", v.description),
+            )
+        })?;
+    }
+    Ok(())
+}
+
+/// `google.protobuf.Value` holds every number as a double, so `firstEpochs: 2` arrives as `2.0`,
+/// which the JSON mapping of an integer field refuses: whole numbers become integers again.
+pub fn integral_numbers(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => {
+                Value::from(f as i64)
+            }
+            _ => Value::Number(n),
+        },
+        Value::Array(a) => Value::Array(a.into_iter().map(integral_numbers).collect()),
+        Value::Object(o) => Value::Object(
+            o.into_iter()
+                .map(|(k, v)| (k, integral_numbers(v)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// Sets a dot-separated field of a JSON object, creating the objects on the way.
+fn set_path(
+    json: &mut serde_json::Value,
+    path: &str,
+    value: serde_json::Value,
+) -> Result<(), String> {
+    let parts: Vec<&str> = path.split('.').collect();
+    if path.is_empty() || parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("{path:?} is not a dot-separated field path"));
+    }
+    if matches!(path, "name" | "labels" | "dependsOn" | "training.seed") {
+        return Err(format!("{path} is set by the sweep"));
+    }
+    let mut here = json;
+    for part in &parts[..parts.len() - 1] {
+        if !here.is_object() {
+            return Err(format!("{path}: {part} is not an object"));
+        }
+        here = here
+            .as_object_mut()
+            .expect("checked")
+            .entry(part.to_string())
+            .or_insert_with(|| serde_json::json!({}));
+    }
+    let obj = here
+        .as_object_mut()
+        .ok_or_else(|| format!("{path}: the parent is not an object"))?;
+    obj.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
 }
 
 /// Parses spec text of a format into the wire type (no validation beyond the schema).
 pub fn parse(file: &str, text: &str, format: Format) -> Result<v1::JobSpec, SpecError> {
+    parse_as(file, text, format)
+}
+
+/// Parses text of a format into any wire type with a proto JSON mapping (`v1::JobSpec`,
+/// `v1::SweepSpec`): unknown fields are errors at file:line:column.
+pub fn parse_as<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+    format: Format,
+) -> Result<T, SpecError> {
     let located = match format {
         Format::Json => {
             let json_error = |path: String, inner: &serde_json::Error| {
@@ -308,11 +492,91 @@ mnistClassifier: {}
         for entry in std::fs::read_dir(&dir).expect("examples/ exists") {
             let path = entry.expect("entry").path();
             if Format::from_path(&path).is_some() {
-                load(&path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                // Sweep files hold a `base` spec; job spec files do not.
+                let text = std::fs::read_to_string(&path).expect("read example");
+                if text
+                    .lines()
+                    .any(|l| l.starts_with("base:") || l.contains("\"base\""))
+                {
+                    load_sweep(&path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                } else {
+                    load(&path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                }
                 loaded += 1;
             }
         }
         assert!(loaded >= 1, "no example spec found in {}", dir.display());
+    }
+
+    const SWEEP: &str = r#"name: study
+seeds: [1, 2]
+source:
+  name: src
+  training: {epochs: 1, batchSize: 64, learningRate: 0.001}
+  mnistClassifier: {}
+base:
+  name: cvae
+  training: {epochs: 2, batchSize: 64, learningRate: 0.001}
+  cifarCvae: {init: {random: {}}}
+grid:
+  - field: cifarCvae.init
+    names: [random, frozen]
+    values:
+      - random: {}
+      - transfer: {conv1: CONV1_ADAPTATION_LUMINANCE, copyConv2: true, freeze: {firstEpochs: 1}}
+"#;
+
+    fn write(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_sweep_file_with_free_json_grid_values_loads_and_every_arm_validates() {
+        let (_d, path) = write("sweep.yaml", SWEEP);
+        let sweep = load_sweep(&path, None).expect("valid sweep");
+        assert_eq!(sweep.seeds, vec![1, 2]);
+        assert_eq!(sweep.grid[0].values.len(), 2);
+        // A value that makes an arm invalid is named with the arm.
+        let (_d, path) = write(
+            "bad.yaml",
+            &SWEEP.replace("firstEpochs: 1", "firstEpochs: 0"),
+        );
+        let err = load_sweep(&path, None)
+            .expect_err("freeze of 0 epochs")
+            .to_string();
+        assert!(err.contains("cifarCvae.init[1]"), "{err}");
+        let (_d, path) = write("names.yaml", &SWEEP.replace("[random, frozen]", "[random]"));
+        let err = load_sweep(&path, None)
+            .expect_err("one name for two values")
+            .to_string();
+        assert!(err.contains("spec.grid[0].names"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_sweep_field_is_named_with_its_line_and_column() {
+        let text = SWEEP.replace("names:", "nmes:");
+        let (line, column, message) =
+            syntax(parse_as::<v1::SweepSpec>("s.yaml", &text, Format::Yaml).expect_err("unknown"));
+        assert_eq!((line, column), (13, 5), "{message}");
+        assert!(
+            message.starts_with("unknown field \"nmes\" at grid[0].nmes"),
+            "{message}"
+        );
+        let text = SWEEP.replace(
+            "learningRate: 0.001}\n  cifarCvae",
+            "lr: 0.001}\n  cifarCvae",
+        );
+        let err = parse_as::<v1::SweepSpec>("s.yaml", &text, Format::Yaml).expect_err("unknown");
+        assert!(err.to_string().contains("base.training.lr"), "{err}");
+    }
+
+    #[test]
+    fn whole_numbers_from_grid_values_become_integers() {
+        let v = integral_numbers(serde_json::json!({"a": 2.0, "b": [0.5, 3.0], "c": "x"}));
+        assert_eq!(v, serde_json::json!({"a": 2, "b": [0.5, 3], "c": "x"}));
     }
 
     #[test]
