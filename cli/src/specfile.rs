@@ -81,9 +81,7 @@ fn read(path: &Path, format: Option<Format>) -> Result<(String, String, Format),
 }
 
 /// Reads and parses a sweep file (the `trainq.v1.SweepSpec` JSON mapping; grid values are free
-/// JSON) and checks it locally: the name, the seeds, the grid's shape, and every arm's resulting
-/// job spec (and the source's) through the coordinator's job-spec validator. The coordinator
-/// checks the rest (duplicate arms, limits on labels).
+/// JSON) and checks it with the coordinator's validator, so a bad arm is found before submit.
 pub fn load_sweep(path: &Path, format: Option<Format>) -> Result<v1::SweepSpec, SpecError> {
     let (file, text, format) = read(path, format)?;
     let sweep: v1::SweepSpec = parse_as(&file, &text, format)?;
@@ -91,161 +89,10 @@ pub fn load_sweep(path: &Path, format: Option<Format>) -> Result<v1::SweepSpec, 
     Ok(sweep)
 }
 
-/// A stand-in for the source job id a sweep fills in, so that a transfer arm validates locally.
-const PLACEHOLDER_SOURCE: &str = "00000000-0000-4000-8000-000000000000";
-
-/// The local checks of [`load_sweep`].
+/// The coordinator's checks of a sweep (`proto::sweep`): the name, labels, seeds, the grid's
+/// shape, and every arm's resulting job spec (and the source's).
 pub fn check_sweep(sweep: &v1::SweepSpec) -> Result<(), proto::spec::FieldViolation> {
-    use proto::spec::FieldViolation as V;
-    if sweep.name.trim().is_empty() || sweep.name.chars().count() > 128 {
-        return Err(V::new("spec.name", "must be 1..=128 characters"));
-    }
-    if sweep.seeds.is_empty() || sweep.seeds.len() > 100 {
-        return Err(V::new("spec.seeds", "must hold 1..=100 seeds"));
-    }
-    let mut seen = std::collections::BTreeSet::new();
-    for s in &sweep.seeds {
-        if !seen.insert(s) {
-            return Err(V::new("spec.seeds", format!("seed {s} is repeated")));
-        }
-    }
-    if sweep.grid.len() > 8 {
-        return Err(V::new("spec.grid", "at most 8 axes"));
-    }
-    for (i, axis) in sweep.grid.iter().enumerate() {
-        if axis.values.is_empty() || axis.values.len() > 64 {
-            return Err(V::new(
-                format!("spec.grid[{i}].values"),
-                "must hold 1..=64 values",
-            ));
-        }
-        if !axis.names.is_empty() && axis.names.len() != axis.values.len() {
-            return Err(V::new(
-                format!("spec.grid[{i}].names"),
-                format!(
-                    "{} names for {} values: give one per value or none",
-                    axis.names.len(),
-                    axis.values.len()
-                ),
-            ));
-        }
-    }
-    let arms: usize = sweep.grid.iter().map(|a| a.values.len()).product();
-    if arms > 256 {
-        return Err(V::new("spec.grid", format!("{arms} arms: at most 256")));
-    }
-    let seed = sweep.seeds[0];
-    if let Some(source) = &sweep.source {
-        let mut source = source.clone();
-        if let Some(t) = source.training.as_mut() {
-            t.seed = seed;
-        }
-        proto::spec::JobSpec::try_from(source)
-            .map_err(|v| V::new(v.field.replacen("spec.", "spec.source.", 1), v.description))?;
-    }
-    let base = sweep
-        .base
-        .as_ref()
-        .ok_or_else(|| V::new("spec.base", "is required"))?;
-    let base_json = serde_json::to_value(base).map_err(|e| V::new("spec.base", e.to_string()))?;
-    // Every grid point, the first axis varying slowest.
-    for index in 0..arms {
-        let mut json = base_json.clone();
-        let mut rest = index;
-        let mut label = Vec::new();
-        for (i, axis) in sweep.grid.iter().enumerate().rev() {
-            let k = rest % axis.values.len();
-            rest /= axis.values.len();
-            let value = serde_json::to_value(&axis.values[k])
-                .map(integral_numbers)
-                .map_err(|e| V::new(format!("spec.grid[{i}].values[{k}]"), e.to_string()))?;
-            set_path(&mut json, &axis.field, value)
-                .map_err(|why| V::new(format!("spec.grid[{i}].field"), why))?;
-            label.push(format!("{}[{k}]", axis.field));
-        }
-        label.reverse();
-        let arm = if label.is_empty() {
-            "the base".to_string()
-        } else {
-            label.join(", ")
-        };
-        let mut spec: v1::JobSpec = serde_json::from_value(json)
-            .map_err(|e| V::new("spec.grid", format!("arm {arm}: {e}")))?;
-        if spec.name.is_empty() {
-            spec.name = sweep.name.clone();
-        }
-        if let Some(t) = spec.training.as_mut() {
-            t.seed = seed;
-        }
-        if let Some(v1::job_spec::Experiment::CifarCvae(c)) = spec.experiment.as_mut() {
-            if let Some(v1::initialization::Kind::Transfer(t)) =
-                c.init.as_mut().and_then(|i| i.kind.as_mut())
-            {
-                if t.source_job_id.is_empty() && sweep.source.is_some() {
-                    t.source_job_id = PLACEHOLDER_SOURCE.into();
-                }
-            }
-        }
-        proto::spec::JobSpec::try_from(spec).map_err(|v| {
-            V::new(
-                v.field.replacen("spec.", "spec.base.", 1),
-                format!("{} (arm {arm})", v.description),
-            )
-        })?;
-    }
-    Ok(())
-}
-
-/// `google.protobuf.Value` holds every number as a double, so `firstEpochs: 2` arrives as `2.0`,
-/// which the JSON mapping of an integer field refuses: whole numbers become integers again.
-pub fn integral_numbers(value: serde_json::Value) -> serde_json::Value {
-    use serde_json::Value;
-    match value {
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.007_199_254_740_992e15 => {
-                Value::from(f as i64)
-            }
-            _ => Value::Number(n),
-        },
-        Value::Array(a) => Value::Array(a.into_iter().map(integral_numbers).collect()),
-        Value::Object(o) => Value::Object(
-            o.into_iter()
-                .map(|(k, v)| (k, integral_numbers(v)))
-                .collect(),
-        ),
-        other => other,
-    }
-}
-
-/// Sets a dot-separated field of a JSON object, creating the objects on the way.
-fn set_path(
-    json: &mut serde_json::Value,
-    path: &str,
-    value: serde_json::Value,
-) -> Result<(), String> {
-    let parts: Vec<&str> = path.split('.').collect();
-    if path.is_empty() || parts.iter().any(|p| p.is_empty()) {
-        return Err(format!("{path:?} is not a dot-separated field path"));
-    }
-    if matches!(path, "name" | "labels" | "dependsOn" | "training.seed") {
-        return Err(format!("{path} is set by the sweep"));
-    }
-    let mut here = json;
-    for part in &parts[..parts.len() - 1] {
-        if !here.is_object() {
-            return Err(format!("{path}: {part} is not an object"));
-        }
-        here = here
-            .as_object_mut()
-            .expect("checked")
-            .entry(part.to_string())
-            .or_insert_with(|| serde_json::json!({}));
-    }
-    let obj = here
-        .as_object_mut()
-        .ok_or_else(|| format!("{path}: the parent is not an object"))?;
-    obj.insert(parts[parts.len() - 1].to_string(), value);
-    Ok(())
+    proto::sweep::SweepPlan::try_from(sweep.clone()).map(|_| ())
 }
 
 /// Parses spec text of a format into the wire type (no validation beyond the schema).
@@ -547,7 +394,10 @@ grid:
         let err = load_sweep(&path, None)
             .expect_err("freeze of 0 epochs")
             .to_string();
-        assert!(err.contains("cifarCvae.init[1]"), "{err}");
+        assert!(
+            err.contains("spec.grid[0].values[1]") && err.contains("first_epochs"),
+            "{err}"
+        );
         let (_d, path) = write("names.yaml", &SWEEP.replace("[random, frozen]", "[random]"));
         let err = load_sweep(&path, None)
             .expect_err("one name for two values")
@@ -571,12 +421,6 @@ grid:
         );
         let err = parse_as::<v1::SweepSpec>("s.yaml", &text, Format::Yaml).expect_err("unknown");
         assert!(err.to_string().contains("base.training.lr"), "{err}");
-    }
-
-    #[test]
-    fn whole_numbers_from_grid_values_become_integers() {
-        let v = integral_numbers(serde_json::json!({"a": 2.0, "b": [0.5, 3.0], "c": "x"}));
-        assert_eq!(v, serde_json::json!({"a": 2, "b": [0.5, 3], "c": "x"}));
     }
 
     #[test]
