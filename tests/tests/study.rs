@@ -130,7 +130,7 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
     let wall = started.elapsed();
     assert!(lines.contains("jobs ended"), "{lines}");
     eprintln!(
-        "study-small (17 jobs: 2 sources, 5 arms x 2 seeds of the CVAE) took {:.1} s from submit to the end of the watch on this machine",
+        "study-small (12 jobs: 2 sources, 5 arms x 2 seeds of the CVAE) took {:.1} s from submit to the end of the watch on this machine",
         wall.as_secs_f64()
     );
 
@@ -184,6 +184,17 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
     let report_str = report.to_str().expect("utf-8 path");
     let out = trainq(&coordinator, dir, &["report", &id, "--out", report_str]);
     expect_ok(&out, "report");
+
+    // TRAINQ_KEEP_REPORT=DIR keeps a copy of the report to look at.
+    if let Ok(keep) = std::env::var("TRAINQ_KEEP_REPORT") {
+        let status = Command::new("cp")
+            .arg("-r")
+            .arg(&report)
+            .arg(&keep)
+            .status()
+            .expect("cp runs");
+        assert!(status.success(), "copying the report to {keep}");
+    }
 
     // The files.
     let md = std::fs::read_to_string(report.join("report.md")).expect("report.md");
