@@ -272,6 +272,7 @@ pub fn sweep_state_name(state: v1::SweepState) -> &'static str {
 fn stat_cells(s: Option<&v1::Stat>) -> (String, String) {
     match s {
         None => ("–".into(), "–".into()),
+        Some(s) if s.n == 0 => ("–".into(), "–".into()),
         Some(s) => {
             let mean_sd = match s.sd {
                 Some(sd) => format!("{} ± {}", num(s.mean), num(sd)),
@@ -739,6 +740,7 @@ mod tests {
                         error: "diverged | nan".into(),
                     }],
                     metrics: vec![metric("test/neg_elbo_nats", true)],
+                    convergence_step_per_seed: Some(stat(0, 0.0, None, None)),
                     seeds_not_converged: 1,
                     ..Default::default()
                 },
@@ -786,7 +788,10 @@ mod tests {
         );
         assert!(md.contains("[SVG](curves/test_neg_elbo_nats.svg)"), "{md}");
         assert!(md.contains("| `random` | 40 | 40.0000 ± 0.0000 |"), "{md}");
-        assert!(md.contains("| `replicate` | not reached |"), "{md}");
+        assert!(
+            md.contains("| `replicate` | not reached | – | – | 0 | 1 |"),
+            "{md}"
+        );
         assert!(
             md.contains("![samples of random seed 1](samples/random.png)"),
             "{md}"

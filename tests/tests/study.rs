@@ -115,6 +115,14 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
     let study = workspace_root().join("examples/study-small.yaml");
     let study = study.to_str().expect("utf-8 path");
 
+    // A dry run validates locally and prints the spec as JSON.
+    let dry: Value = serde_json::from_str(&expect_ok(
+        &trainq(&coordinator, dir, &["sweep", "submit", "--dry-run", study]),
+        "sweep submit --dry-run",
+    ))
+    .expect("dry-run JSON");
+    assert_eq!(dry["grid"][0]["field"], "cifarCvae.init", "{dry}");
+
     let started = Instant::now();
     let id = expect_ok(
         &trainq(&coordinator, dir, &["sweep", "submit", study]),
@@ -179,6 +187,20 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
             r["jobId"].as_str().expect("job id").to_string(),
         );
     }
+
+    let listed = expect_ok(&trainq(&coordinator, dir, &["sweep", "list"]), "sweep list");
+    assert!(
+        listed.contains(&id) && listed.contains("12 succeeded"),
+        "{listed}"
+    );
+    let table = expect_ok(
+        &trainq(&coordinator, dir, &["sweep", "get", &id]),
+        "sweep get",
+    );
+    assert!(
+        table.contains("replicate-frozen2") && table.contains("succeeded"),
+        "{table}"
+    );
 
     let report = dir.join("report");
     let report_str = report.to_str().expect("utf-8 path");
