@@ -338,6 +338,37 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
         }
     }
     assert_eq!(checked, 5 * METRICS.len());
+
+    // The README's grpcurl submit of the study file (the dry run's JSON), then `trainq sweep
+    // cancel`: a cancelled sweep's watch exits 1.
+    let request = serde_json::json!({ "spec": dry }).to_string();
+    let second = coordinator
+        .grpcurl(Some(&request), &["trainq.v1.JobService/SubmitSweep"])
+        .json();
+    let second_id = second["sweepId"].as_str().expect("sweep id").to_string();
+    assert_eq!(
+        second["runs"].as_array().map(Vec::len),
+        Some(12),
+        "{second}"
+    );
+    let cancelled: Value = serde_json::from_str(&expect_ok(
+        &trainq(
+            &coordinator,
+            dir,
+            &["sweep", "cancel", &second_id, "--output", "json"],
+        ),
+        "sweep cancel",
+    ))
+    .expect("cancelled sweep JSON");
+    assert_eq!(cancelled["state"], "SWEEP_STATE_CANCELLED", "{cancelled}");
+    let out = trainq(&coordinator, dir, &["sweep", "watch", &second_id]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "watching a cancelled sweep exits 1: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     eprintln!(
         "study-small: sweep, report and checks took {:.1} s in all",
         started.elapsed().as_secs_f64()
