@@ -770,7 +770,7 @@ fn t_two_sided_cdf(t: f64, df: u32) -> f64 {
             let mut term = c;
             sum = term;
             let mut k = 3;
-            while k <= df - 1 {
+            while k < df {
                 term *= c2 * f64::from(k - 1) / f64::from(k);
                 sum += term;
                 k += 2;

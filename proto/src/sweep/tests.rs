@@ -141,11 +141,13 @@ fn a_run_is_named_seeded_labelled_and_transfers_from_its_seeds_source() {
     assert!(random_init(&random));
     // A transfer arm needs its source; a random arm takes none.
     assert_eq!(
-        plan.run_spec(3, 7, "", None).unwrap_err().field,
+        plan.run_spec(3, 7, "", None).expect_err("refused").field,
         "spec.source"
     );
     assert_eq!(
-        plan.run_spec(0, 7, "", Some(source_id)).unwrap_err().field,
+        plan.run_spec(0, 7, "", Some(source_id))
+            .expect_err("refused")
+            .field,
         "spec.source"
     );
 }
@@ -230,7 +232,8 @@ fn an_axis_into_a_transfer_combines_with_an_axis_that_makes_it() {
 
 #[test]
 fn each_violation_names_its_field() {
-    let cases: Vec<(Box<dyn Fn(&mut v1::SweepSpec)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut v1::SweepSpec)>;
+    let cases: Vec<(Change, &str)> = vec![
         (Box::new(|s| s.name.clear()), "spec.name"),
         (Box::new(|s| s.name = "x".repeat(129)), "spec.name"),
         (
@@ -241,7 +244,15 @@ fn each_violation_names_its_field() {
         ),
         (Box::new(|s| s.base = None), "spec.base"),
         (
-            Box::new(|s| s.base.as_mut().unwrap().training.as_mut().unwrap().epochs = 0),
+            Box::new(|s| {
+                s.base
+                    .as_mut()
+                    .expect("base")
+                    .training
+                    .as_mut()
+                    .expect("training")
+                    .epochs = 0
+            }),
             "spec.base.training.epochs",
         ),
         (Box::new(|s| s.seeds.clear()), "spec.seeds"),
@@ -249,7 +260,7 @@ fn each_violation_names_its_field() {
         (Box::new(|s| s.seeds = vec![1, 2, 3, 2]), "spec.seeds[3]"),
         (Box::new(|s| s.source = Some(cvae_base())), "spec.source"),
         (
-            Box::new(|s| s.source.as_mut().unwrap().training = None),
+            Box::new(|s| s.source.as_mut().expect("source").training = None),
             "spec.source.training",
         ),
         (
@@ -446,8 +457,8 @@ fn stats_use_the_sample_sd_and_the_t_interval() {
     assert_eq!(s.mean, 2.0);
     assert_eq!(s.sd, Some(1.0));
     let half = 4.302652729749464 / 3f64.sqrt();
-    assert!((s.ci_low.unwrap() - (2.0 - half)).abs() < 1e-9);
-    assert!((s.ci_high.unwrap() - (2.0 + half)).abs() < 1e-9);
+    assert!((s.ci_low.expect("low") - (2.0 - half)).abs() < 1e-9);
+    assert!((s.ci_high.expect("high") - (2.0 + half)).abs() < 1e-9);
     let one = stat(&[5.0]);
     assert_eq!((one.n, one.mean, one.sd, one.ci_low), (1, 5.0, None, None));
     assert_eq!(stat(&[]).n, 0);
