@@ -995,6 +995,47 @@ mod tests {
     }
 
     #[test]
+    fn sweep_and_report_commands_parse_with_their_options() {
+        let cli = Cli::try_parse_from([
+            "trainq",
+            "report",
+            "0190c0de-0000-7000-8000-000000000000",
+            "--out",
+            "r",
+            "--metrics",
+            "test/neg_elbo_nats,test/kl",
+            "--metrics",
+            "test/recon",
+            "--baseline",
+            "random",
+        ])
+        .expect("parses");
+        let Command::Report(args) = cli.command else {
+            panic!("not a report")
+        };
+        assert_eq!(
+            args.metrics,
+            ["test/neg_elbo_nats", "test/kl", "test/recon"]
+        );
+        assert_eq!(args.baseline.as_deref(), Some("random"));
+        let cli = Cli::try_parse_from(["trainq", "sweep", "watch", "x", "--output", "json"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Sweep(SweepCommand::Watch { .. })
+        ));
+        assert_eq!(cli.global.output, Output::Json);
+        let cli = Cli::try_parse_from(["trainq", "sweep", "submit", "s.yaml", "--dry-run"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Sweep(SweepCommand::Submit(SweepSubmitArgs { dry_run: true, .. }))
+        ));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("trainq report SWEEP --out DIR"), "{help}");
+    }
+
+    #[test]
     fn only_serving_is_healthy() {
         use tonic_health::pb::health_check_response::ServingStatus;
         assert_eq!(health_exit_code(ServingStatus::Serving), exit::OK);
