@@ -1293,7 +1293,25 @@ pub async fn insert_sweep(
                 plan.run_spec(arm, run.seed, &sweep_id, source)?
             }
         };
-        let row = insert_job(&mut *tx, job_id, &spec).await?;
+        // A violation only found here (a dependency that does not exist) is named under the
+        // sweep field the spec came from: `spec.base.<path>` or `spec.source.<path>`.
+        let root = if run.arm.is_none() {
+            "spec.source"
+        } else {
+            "spec.base"
+        };
+        let row = insert_job(&mut *tx, job_id, &spec)
+            .await
+            .map_err(|e| match e {
+                Error::InvalidArgument { field, description } => Error::InvalidArgument {
+                    field: match field.strip_prefix("spec") {
+                        Some(rest) => format!("{root}{rest}"),
+                        None => field,
+                    },
+                    description,
+                },
+                other => other,
+            })?;
         if row.state == "queued" {
             queued.push(job_id);
         }

@@ -2773,7 +2773,7 @@ async fn an_invalid_sweep_is_rejected_naming_its_field_and_nothing_is_stored() {
         (Some(no_source_id), "spec.grid[0].values[1]"),
         (
             Some(missing_source),
-            "spec.cifar_cvae.init.transfer.source_job_id",
+            "spec.base.cifar_cvae.init.transfer.source_job_id",
         ),
         (Some(no_spec), "spec.base"),
         (None, "spec"),
