@@ -170,7 +170,12 @@ pub async fn list(state: &AppState, req: v1::ListSweepsRequest) -> Result<v1::Li
     };
     let after = match req.page_token.as_str() {
         "" => None,
-        token => Some(PageToken::decode(token)?),
+        token => Some(PageToken::decode(token).map_err(|_| {
+            Error::invalid(
+                "page_token",
+                "is not a token from a previous ListSweeps response",
+            )
+        })?),
     };
     let (rows, next) = store::list_sweeps(&state.pool, page_size, after).await?;
     let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
