@@ -6,6 +6,7 @@
 //! - [`output`]: tables, CSV and the proto JSON mapping.
 //! - [`watch`]: progress bars (or plain lines) from the WatchJob stream.
 //! - [`plot`]: PNG and SVG charts with an embedded font.
+//! - [`report`]: a sweep's Markdown report, learning curves and verdicts (pure functions).
 //!
 //! Talks to the coordinator's JobService only; must not depend on the server or the worker
 //! (only the worker links libtorch).
@@ -22,6 +23,7 @@ use tokio_stream::StreamExt;
 pub mod client;
 pub mod output;
 pub mod plot;
+pub mod report;
 pub mod specfile;
 pub mod watch;
 
@@ -34,9 +36,14 @@ trainq: submit and follow ML training jobs on a trainq coordinator.
 Spec files are JSON, TOML or YAML in the schema of the trainq.v1.JobSpec JSON mapping (camelCase or
 snake_case field names, enum names as strings). Unknown fields are errors naming file:line:column.
 
+Sweep files (`trainq sweep submit`) are trainq.v1.SweepSpec in the same three formats: a base job
+spec, a grid of fields and values, random seeds and an optional source stage (examples/study.yaml).
+`trainq report SWEEP --out DIR` writes a sweep's statistics, learning curves, sample grids and
+verdicts as report.md.
+
 Exit codes:
   0  success
-  1  a watched job failed or was cancelled (watch, submit --wait)
+  1  a watched job or sweep job failed or was cancelled (watch, submit --wait, sweep watch)
   2  bad usage or a bad spec file (also the coordinator's INVALID_ARGUMENT)
   3  not found (job, artifact, metric)
   4  coordinator unreachable, unauthenticated, or another server error
@@ -123,6 +130,21 @@ pub enum Command {
     Artifacts(ArtifactsCommand),
     /// Chart one metric of one or more jobs (PNG, or SVG by extension or --svg).
     Plot(PlotArgs),
+    /// Sweeps: a base spec run at every point of a grid with every random seed.
+    #[command(subcommand)]
+    Sweep(SweepCommand),
+    /// Write a sweep's report into a folder: report.md (statistics per arm and metric, paired
+    /// differences from the baseline, convergence, verdicts, missing runs), learning curves
+    /// (curves/*.png and *.svg: mean over seeds ± 1 sd), one sample grid per arm
+    /// (samples/<arm>.png) and summary.json (the SweepSummary as proto JSON).
+    ///
+    /// Verdicts: a non-baseline arm beats the baseline (random init) on a metric when the 95%
+    /// interval of its difference paired by seed lies entirely on the better side of 0 (lower is
+    /// better except for accuracies), is worse when it lies entirely on the other side, and shows
+    /// no difference beyond the noise otherwise; with fewer than 2 paired seeds there is no
+    /// interval and the report says so. Works on a sweep in progress (over the runs that
+    /// succeeded so far).
+    Report(ReportArgs),
     /// Ask the coordinator's gRPC health service (grpc.health.v1 Health/Check); prints the
     /// status. Exits 0 when SERVING, 1 otherwise, 4 when unreachable (a container healthcheck).
     Health {
@@ -148,6 +170,78 @@ pub struct SubmitArgs {
     /// Watch the job until it ends; exit 1 when it fails or is cancelled.
     #[arg(long)]
     pub wait: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SweepCommand {
+    /// Submit a sweep from a JSON, TOML or YAML file (trainq.v1.SweepSpec: name, labels, base,
+    /// grid, seeds, source); prints the sweep id. Unknown fields are errors naming
+    /// file:line:column; every arm's spec is validated locally first.
+    Submit(SweepSubmitArgs),
+    /// Show one sweep: state, arms, seeds, and every job with its arm, seed and state.
+    Get {
+        /// Sweep id (UUID).
+        sweep: String,
+    },
+    /// List sweeps, newest first, with their jobs by state.
+    List {
+        /// Sweeps per page (at most 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Follow page tokens to list every sweep.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Cancel every job of the sweep that has not ended (ended jobs keep their results).
+    Cancel {
+        /// Sweep id (UUID).
+        sweep: String,
+        /// Stored as each cancelled job's error.
+        #[arg(long, default_value = "cancelled with trainq sweep cancel")]
+        reason: String,
+    },
+    /// Follow a sweep until every job has ended: ended jobs out of all and the jobs by state
+    /// (plain lines when stdout is not a terminal). Exits 0 when every job succeeded, 1 when any
+    /// failed or was cancelled.
+    Watch {
+        /// Sweep id (UUID).
+        sweep: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SweepSubmitArgs {
+    /// Sweep file: .json, .toml, .yaml or .yml.
+    pub file: PathBuf,
+    /// The file's format when its extension does not tell.
+    #[arg(long, value_enum)]
+    pub format: Option<specfile::Format>,
+    /// Validate the file locally and print the sweep spec as JSON without submitting.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Watch the sweep until every job has ended; exit 1 when any failed or was cancelled.
+    #[arg(long)]
+    pub wait: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Sweep id (UUID).
+    pub sweep: String,
+    /// The folder to write into (created when missing; existing report files are replaced).
+    #[arg(long = "out", short = 'o')]
+    pub out: PathBuf,
+    /// Metrics to summarise (repeatable or comma-separated). Default: the coordinator's
+    /// (test/neg_elbo_nats, test/bits_per_dim, test/recon, test/kl for CVAE sweeps).
+    #[arg(long = "metrics", short = 'm', value_delimiter = ',')]
+    pub metrics: Vec<String>,
+    /// The arm the others are compared with. Default: the one arm with random initialisation.
+    #[arg(long)]
+    pub baseline: Option<String>,
+    /// The metric convergence is measured on (lower is better). Default: test/neg_elbo_nats
+    /// for CVAE sweeps.
+    #[arg(long)]
+    pub convergence_metric: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -251,6 +345,14 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             return Ok(exit::OK);
         }
     }
+    if let Command::Sweep(SweepCommand::Submit(args)) = &cli.command {
+        if args.dry_run {
+            let spec = specfile::load_sweep(&args.file, args.format)
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            print(&output::json(&spec));
+            return Ok(exit::OK);
+        }
+    }
     let target = client::Target {
         server: &g.server,
         tls_ca: g.tls_ca.as_deref(),
@@ -326,7 +428,235 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         }
         Command::Artifacts(cmd) => artifacts(&connect().await?, cmd, g.output).await,
         Command::Plot(args) => plot(&connect().await?, &args).await,
+        Command::Sweep(cmd) => sweep(&connect().await?, cmd, g.output).await,
+        Command::Report(args) => report(&connect().await?, &args, g.output).await,
     }
+}
+
+/// The display of a watch: none for JSON (only the result is printed).
+fn display_for(out: Output) -> watch::Display {
+    match out {
+        Output::Json => watch::Display::Quiet,
+        _ => watch::Display::auto(),
+    }
+}
+
+/// One sweep for people: its fields, a blank line, its jobs (CSV: the jobs only).
+fn render_sweep(out: Output, sweep: &v1::Sweep) -> String {
+    match out {
+        Output::Json => output::json(sweep),
+        Output::Csv => output::sweep_runs_table(sweep).to_csv(),
+        Output::Table => format!(
+            "{}\n{}",
+            output::sweep_table(sweep).to_text(),
+            output::sweep_runs_table(sweep).to_text()
+        ),
+    }
+}
+
+async fn sweep(c: &Client, cmd: SweepCommand, out: Output) -> Result<u8, CliError> {
+    let mut client = c.clone();
+    match cmd {
+        SweepCommand::Submit(args) => {
+            let spec = specfile::load_sweep(&args.file, args.format)
+                .map_err(|e| CliError::usage(e.to_string()))?;
+            let what = format!("sweep submit {}", args.file.display());
+            let sweep = client
+                .submit_sweep(v1::SubmitSweepRequest {
+                    spec: Some(spec.clone()),
+                })
+                .await
+                .map_err(|s| CliError::from_status(&what, &s))?
+                .into_inner();
+            if out == Output::Json {
+                print(&output::json(&sweep));
+            } else {
+                eprintln!(
+                    "submitted sweep {} ({} arms x {} seeds, {} jobs) as {}",
+                    spec.name,
+                    sweep.arms.len(),
+                    spec.seeds.len(),
+                    sweep.runs.len(),
+                    sweep.sweep_id
+                );
+                print(&format!("{}\n", sweep.sweep_id));
+            }
+            if !args.wait {
+                return Ok(exit::OK);
+            }
+            let done = watch::watch_sweep(c, &sweep.sweep_id, display_for(out)).await?;
+            Ok(watch::sweep_exit_code(&done))
+        }
+        SweepCommand::Get { sweep } => {
+            let got = client
+                .get_sweep(v1::GetSweepRequest {
+                    sweep_id: sweep.clone(),
+                })
+                .await
+                .map_err(|s| CliError::from_status(&format!("sweep get {sweep}"), &s))?
+                .into_inner();
+            print(&render_sweep(out, &got));
+            Ok(exit::OK)
+        }
+        SweepCommand::List { limit, all } => {
+            let mut sweeps = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let resp = client
+                    .list_sweeps(v1::ListSweepsRequest {
+                        page_size: limit,
+                        page_token: page_token.clone(),
+                    })
+                    .await
+                    .map_err(|s| CliError::from_status("sweep list", &s))?
+                    .into_inner();
+                sweeps.extend(resp.sweeps);
+                if !all || resp.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = resp.next_page_token;
+            }
+            print(&render(out, &sweeps, || output::sweeps_table(&sweeps)));
+            Ok(exit::OK)
+        }
+        SweepCommand::Cancel { sweep, reason } => {
+            let got = client
+                .cancel_sweep(v1::CancelSweepRequest {
+                    sweep_id: sweep.clone(),
+                    reason,
+                })
+                .await
+                .map_err(|s| CliError::from_status(&format!("sweep cancel {sweep}"), &s))?
+                .into_inner();
+            print(&render_sweep(out, &got));
+            Ok(exit::OK)
+        }
+        SweepCommand::Watch { sweep } => {
+            let done = watch::watch_sweep(c, &sweep, display_for(out)).await?;
+            if out == Output::Json {
+                print(&output::json(&done));
+            }
+            Ok(watch::sweep_exit_code(&done))
+        }
+    }
+}
+
+/// `trainq report`: fetches the sweep, its summary, every succeeded run's series and one
+/// sample grid per arm, and writes the report folder (see [`report`]).
+async fn report(c: &Client, args: &ReportArgs, out: Output) -> Result<u8, CliError> {
+    let id = &args.sweep;
+    let what = format!("report {id}");
+    let mut client = c.clone();
+    let sweep = client
+        .get_sweep(v1::GetSweepRequest {
+            sweep_id: id.clone(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&what, &s))?
+        .into_inner();
+    let summary = client
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: id.clone(),
+            metrics: args.metrics.clone(),
+            baseline_arm: args.baseline.clone().unwrap_or_default(),
+            convergence_metric: args.convergence_metric.clone().unwrap_or_default(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&what, &s))?
+        .into_inner();
+    let mut metrics: Vec<String> = Vec::new();
+    for arm in &summary.arms {
+        for m in &arm.metrics {
+            if !metrics.contains(&m.name) {
+                metrics.push(m.name.clone());
+            }
+        }
+    }
+    let mut runs = Vec::new();
+    for r in sweep
+        .runs
+        .iter()
+        .filter(|r| !r.source && r.state() == v1::JobState::Succeeded)
+    {
+        let points = client
+            .get_metrics(v1::GetMetricsRequest {
+                job_id: r.job_id.clone(),
+                names: metrics.clone(),
+            })
+            .await
+            .map_err(|s| CliError::from_status(&format!("{what}: metrics of {}", r.job_id), &s))?
+            .into_inner()
+            .points;
+        runs.push(report::RunSeries {
+            arm: r.arm.clone(),
+            seed: r.seed,
+            job_id: r.job_id.clone(),
+            points,
+        });
+    }
+    let dir = &args.out;
+    let io = |path: &Path, e: std::io::Error| {
+        CliError::usage(format!("{what}: writing {}: {e}", path.display()))
+    };
+    for sub in ["curves", "samples"] {
+        let p = dir.join(sub);
+        std::fs::create_dir_all(&p).map_err(|e| io(&p, e))?;
+    }
+    let name = sweep.spec.as_ref().map_or("", |s| s.name.as_str());
+    let mut figures = Vec::new();
+    for metric in &metrics {
+        let curves = report::mean_curves(metric, &sweep.arms, &runs);
+        if curves.is_empty() {
+            continue;
+        }
+        let chart = report::curves_chart(name, metric, &curves);
+        let (png, svg) = report::figure_paths(metric);
+        for rel in [png, svg] {
+            let path = dir.join(rel);
+            plot::draw(&chart, &path)
+                .map_err(|e| CliError::usage(format!("{what}: {}: {e:#}", path.display())))?;
+        }
+        figures.push(metric.clone());
+    }
+    let mut samples = Vec::new();
+    for (arm, seed, job_id) in report::sample_runs(&sweep) {
+        let rel = format!("samples/{}.png", report::file_stem(&arm));
+        let req = v1::DownloadArtifactRequest {
+            job_id: job_id.clone(),
+            kind: "samples".into(),
+            ..Default::default()
+        };
+        let path = match download(c, req, Some(&dir.join(&rel)), &what).await {
+            Ok(_) => Some(rel),
+            Err(e) if e.code == exit::NOT_FOUND => None,
+            Err(e) => return Err(e),
+        };
+        samples.push(report::SampleGrid {
+            arm,
+            seed,
+            job_id,
+            path,
+        });
+    }
+    let summary_path = dir.join("summary.json");
+    std::fs::write(&summary_path, output::json(&summary)).map_err(|e| io(&summary_path, e))?;
+    let md = report::markdown(&sweep, &summary, &figures, &samples);
+    let md_path = dir.join("report.md");
+    std::fs::write(&md_path, &md).map_err(|e| io(&md_path, e))?;
+    if out == Output::Json {
+        print(&output::json(&summary));
+    } else {
+        eprintln!(
+            "wrote {} ({} arms, {} runs with results, {} figures, {} sample grids)",
+            md_path.display(),
+            summary.arms.len(),
+            runs.len(),
+            figures.len() * 2,
+            samples.iter().filter(|s| s.path.is_some()).count()
+        );
+        print(&format!("{}\n", md_path.display()));
+    }
+    Ok(exit::OK)
 }
 
 /// `trainq health`'s exit code: 0 for SERVING, 1 for any other answer.
@@ -587,6 +917,7 @@ async fn plot(c: &Client, args: &PlotArgs) -> Result<u8, CliError> {
         series.push(plot::Series {
             label,
             points: points.clone(),
+            band: Vec::new(),
         });
     }
     if series.iter().all(|s| s.points.is_empty()) {
@@ -661,6 +992,47 @@ mod tests {
         let help = Cli::command().render_long_help().to_string();
         assert!(help.contains("TRAINQ_TLS_CA"), "{help}");
         assert!(help.contains("trainq health"), "{help}");
+    }
+
+    #[test]
+    fn sweep_and_report_commands_parse_with_their_options() {
+        let cli = Cli::try_parse_from([
+            "trainq",
+            "report",
+            "0190c0de-0000-7000-8000-000000000000",
+            "--out",
+            "r",
+            "--metrics",
+            "test/neg_elbo_nats,test/kl",
+            "--metrics",
+            "test/recon",
+            "--baseline",
+            "random",
+        ])
+        .expect("parses");
+        let Command::Report(args) = cli.command else {
+            panic!("not a report")
+        };
+        assert_eq!(
+            args.metrics,
+            ["test/neg_elbo_nats", "test/kl", "test/recon"]
+        );
+        assert_eq!(args.baseline.as_deref(), Some("random"));
+        let cli = Cli::try_parse_from(["trainq", "sweep", "watch", "x", "--output", "json"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Sweep(SweepCommand::Watch { .. })
+        ));
+        assert_eq!(cli.global.output, Output::Json);
+        let cli = Cli::try_parse_from(["trainq", "sweep", "submit", "s.yaml", "--dry-run"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Sweep(SweepCommand::Submit(SweepSubmitArgs { dry_run: true, .. }))
+        ));
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("trainq report SWEEP --out DIR"), "{help}");
     }
 
     #[test]

@@ -223,6 +223,64 @@ pub fn artifacts_table(artifacts: &[v1::Artifact]) -> Table {
     t
 }
 
+fn sweep_state(sweep: &v1::Sweep) -> &'static str {
+    crate::report::sweep_state_name(sweep.state())
+}
+
+/// Sweeps as rows: id, name, state, arms, seeds, jobs by state, created.
+pub fn sweeps_table(sweeps: &[v1::Sweep]) -> Table {
+    let mut t = Table::new(&["ID", "NAME", "STATE", "ARMS", "SEEDS", "JOBS", "CREATED"]);
+    for s in sweeps {
+        let spec = s.spec.as_ref();
+        t.push(vec![
+            s.sweep_id.clone(),
+            spec.map_or("-".into(), |p| p.name.clone()),
+            sweep_state(s).into(),
+            s.arms.len().to_string(),
+            spec.map_or(0, |p| p.seeds.len()).to_string(),
+            crate::watch::counts_text(&s.jobs_by_state),
+            timestamp(s.created_at.as_ref()),
+        ]);
+    }
+    t
+}
+
+/// One sweep as FIELD / VALUE rows.
+pub fn sweep_table(sweep: &v1::Sweep) -> Table {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    let spec = sweep.spec.clone().unwrap_or_default();
+    let mut row = |k: &str, v: String| t.push(vec![k.into(), v]);
+    row("id", sweep.sweep_id.clone());
+    row("name", spec.name.clone());
+    row("state", sweep_state(sweep).into());
+    row("created", timestamp(sweep.created_at.as_ref()));
+    for axis in &spec.grid {
+        row(
+            "grid",
+            format!("{} ({} values)", axis.field, axis.values.len()),
+        );
+    }
+    row("arms", sweep.arms.join(", "));
+    let seeds: Vec<String> = spec.seeds.iter().map(|s| s.to_string()).collect();
+    row("seeds", seeds.join(", "));
+    row("jobs", crate::watch::counts_text(&sweep.jobs_by_state));
+    t
+}
+
+/// A sweep's jobs, one per row: arm, seed, state, job id.
+pub fn sweep_runs_table(sweep: &v1::Sweep) -> Table {
+    let mut t = Table::new(&["ARM", "SEED", "STATE", "JOB"]);
+    for r in &sweep.runs {
+        t.push(vec![
+            r.arm.clone(),
+            r.seed.to_string(),
+            proto::state_name(r.state()).into(),
+            r.job_id.clone(),
+        ]);
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,11 +22,14 @@ pub fn register_font() {
     });
 }
 
-/// One labelled line.
-#[derive(Debug, Clone, PartialEq)]
+/// One labelled line, optionally with a shaded band around it (`trainq report`: the mean over
+/// seeds with a band of plus or minus one standard deviation).
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Series {
     pub label: String,
     pub points: Vec<(f64, f64)>,
+    /// (x, low, high) per x, in x order; empty for no band.
+    pub band: Vec<(f64, f64, f64)>,
 }
 
 /// What the chart shows.
@@ -56,7 +59,13 @@ pub fn draw(chart: &Chart, path: &Path) -> anyhow::Result<()> {
 
 /// The x and y ranges holding every point, padded so no line sits on the frame.
 fn bounds(series: &[Series]) -> ((f64, f64), (f64, f64)) {
-    let pts = series.iter().flat_map(|s| s.points.iter().copied());
+    let band = series
+        .iter()
+        .flat_map(|s| s.band.iter().flat_map(|&(x, lo, hi)| [(x, lo), (x, hi)]));
+    let pts = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .chain(band);
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for (x, y) in pts.filter(|(x, y)| x.is_finite() && y.is_finite()) {
         x0 = x0.min(x);
@@ -112,6 +121,24 @@ where
         .axis_desc_style(("sans-serif", 18))
         .draw()
         .map_err(err)?;
+    // Bands first, so every line stays visible on top of them.
+    for (i, s) in chart.series.iter().enumerate() {
+        if s.band.len() < 2 {
+            continue;
+        }
+        let color = Palette99::pick(i).to_rgba();
+        let outline: Vec<(f64, f64)> = s
+            .band
+            .iter()
+            .map(|&(x, _, hi)| (x, hi))
+            .chain(s.band.iter().rev().map(|&(x, lo, _)| (x, lo)))
+            .collect();
+        ctx.draw_series(std::iter::once(Polygon::new(
+            outline,
+            color.mix(0.18).filled(),
+        )))
+        .map_err(err)?;
+    }
     for (i, s) in chart.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         ctx.draw_series(LineSeries::new(s.points.clone(), color.stroke_width(2)))
@@ -167,10 +194,16 @@ mod tests {
                 Series {
                     label: "cvae-transfer".into(),
                     points: vec![(1.0, 700.0), (2.0, 650.0), (3.0, 630.0)],
+                    band: vec![
+                        (1.0, 690.0, 710.0),
+                        (2.0, 645.0, 655.0),
+                        (3.0, 628.0, 632.0),
+                    ],
                 },
                 Series {
                     label: "cvae-random".into(),
                     points: vec![(1.0, 720.0), (2.0, 660.0), (3.0, 640.0)],
+                    band: vec![],
                 },
             ],
         }
@@ -222,6 +255,7 @@ mod tests {
         let ((x0, x1), (y0, y1)) = bounds(&[Series {
             label: "a".into(),
             points: vec![(1.0, 5.0)],
+            band: vec![],
         }]);
         assert!(x0 < 1.0 && x1 > 1.0 && y0 < 5.0 && y1 > 5.0);
     }

@@ -62,6 +62,13 @@ pub enum SpecError {
 
 /// Reads, parses and validates a spec file.
 pub fn load(path: &Path, format: Option<Format>) -> Result<proto::spec::JobSpec, SpecError> {
+    let (file, text, format) = read(path, format)?;
+    let raw = parse(&file, &text, format)?;
+    proto::spec::JobSpec::try_from(raw).map_err(|violation| SpecError::Invalid { file, violation })
+}
+
+/// The file's name as shown in errors, its text and its format.
+fn read(path: &Path, format: Option<Format>) -> Result<(String, String, Format), SpecError> {
     let file = path.display().to_string();
     let format = format
         .or_else(|| Format::from_path(path))
@@ -70,12 +77,36 @@ pub fn load(path: &Path, format: Option<Format>) -> Result<proto::spec::JobSpec,
         file: file.clone(),
         source,
     })?;
-    let raw = parse(&file, &text, format)?;
-    proto::spec::JobSpec::try_from(raw).map_err(|violation| SpecError::Invalid { file, violation })
+    Ok((file, text, format))
+}
+
+/// Reads and parses a sweep file (the `trainq.v1.SweepSpec` JSON mapping; grid values are free
+/// JSON) and checks it with the coordinator's validator, so a bad arm is found before submit.
+pub fn load_sweep(path: &Path, format: Option<Format>) -> Result<v1::SweepSpec, SpecError> {
+    let (file, text, format) = read(path, format)?;
+    let sweep: v1::SweepSpec = parse_as(&file, &text, format)?;
+    check_sweep(&sweep).map_err(|violation| SpecError::Invalid { file, violation })?;
+    Ok(sweep)
+}
+
+/// The coordinator's checks of a sweep (`proto::sweep`): the name, labels, seeds, the grid's
+/// shape, and every arm's resulting job spec (and the source's).
+pub fn check_sweep(sweep: &v1::SweepSpec) -> Result<(), proto::spec::FieldViolation> {
+    proto::sweep::SweepPlan::try_from(sweep.clone()).map(|_| ())
 }
 
 /// Parses spec text of a format into the wire type (no validation beyond the schema).
 pub fn parse(file: &str, text: &str, format: Format) -> Result<v1::JobSpec, SpecError> {
+    parse_as(file, text, format)
+}
+
+/// Parses text of a format into any wire type with a proto JSON mapping (`v1::JobSpec`,
+/// `v1::SweepSpec`): unknown fields are errors at file:line:column.
+pub fn parse_as<T: serde::de::DeserializeOwned>(
+    file: &str,
+    text: &str,
+    format: Format,
+) -> Result<T, SpecError> {
     let located = match format {
         Format::Json => {
             let json_error = |path: String, inner: &serde_json::Error| {
@@ -308,11 +339,88 @@ mnistClassifier: {}
         for entry in std::fs::read_dir(&dir).expect("examples/ exists") {
             let path = entry.expect("entry").path();
             if Format::from_path(&path).is_some() {
-                load(&path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                // Sweep files hold a `base` spec; job spec files do not.
+                let text = std::fs::read_to_string(&path).expect("read example");
+                if text
+                    .lines()
+                    .any(|l| l.starts_with("base:") || l.contains("\"base\""))
+                {
+                    load_sweep(&path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                } else {
+                    load(&path, None).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                }
                 loaded += 1;
             }
         }
         assert!(loaded >= 1, "no example spec found in {}", dir.display());
+    }
+
+    const SWEEP: &str = r#"name: study
+seeds: [1, 2]
+source:
+  name: src
+  training: {epochs: 1, batchSize: 64, learningRate: 0.001}
+  mnistClassifier: {}
+base:
+  name: cvae
+  training: {epochs: 2, batchSize: 64, learningRate: 0.001}
+  cifarCvae: {init: {random: {}}}
+grid:
+  - field: cifarCvae.init
+    names: [random, frozen]
+    values:
+      - random: {}
+      - transfer: {conv1: CONV1_ADAPTATION_LUMINANCE, copyConv2: true, freeze: {firstEpochs: 1}}
+"#;
+
+    fn write(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        (dir, path)
+    }
+
+    #[test]
+    fn a_sweep_file_with_free_json_grid_values_loads_and_every_arm_validates() {
+        let (_d, path) = write("sweep.yaml", SWEEP);
+        let sweep = load_sweep(&path, None).expect("valid sweep");
+        assert_eq!(sweep.seeds, vec![1, 2]);
+        assert_eq!(sweep.grid[0].values.len(), 2);
+        // A value that makes an arm invalid is named with the arm.
+        let (_d, path) = write(
+            "bad.yaml",
+            &SWEEP.replace("firstEpochs: 1", "firstEpochs: 0"),
+        );
+        let err = load_sweep(&path, None)
+            .expect_err("freeze of 0 epochs")
+            .to_string();
+        assert!(
+            err.contains("spec.grid[0].values[1]") && err.contains("first_epochs"),
+            "{err}"
+        );
+        let (_d, path) = write("names.yaml", &SWEEP.replace("[random, frozen]", "[random]"));
+        let err = load_sweep(&path, None)
+            .expect_err("one name for two values")
+            .to_string();
+        assert!(err.contains("spec.grid[0].names"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_sweep_field_is_named_with_its_line_and_column() {
+        let text = SWEEP.replace("names:", "nmes:");
+        let (line, column, message) =
+            syntax(parse_as::<v1::SweepSpec>("s.yaml", &text, Format::Yaml).expect_err("unknown"));
+        assert_eq!((line, column), (13, 5), "{message}");
+        assert!(
+            message.starts_with("unknown field \"nmes\" at grid[0].nmes"),
+            "{message}"
+        );
+        let text = SWEEP.replace(
+            "learningRate: 0.001}\n  cifarCvae",
+            "lr: 0.001}\n  cifarCvae",
+        );
+        let err = parse_as::<v1::SweepSpec>("s.yaml", &text, Format::Yaml).expect_err("unknown");
+        assert!(err.to_string().contains("base.training.lr"), "{err}");
     }
 
     #[test]

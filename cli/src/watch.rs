@@ -259,6 +259,128 @@ pub fn exit_code(jobs: &[v1::Job]) -> u8 {
     }
 }
 
+/// Jobs by state as `3 succeeded, 1 running` (in the order of the states).
+pub fn counts_text(counts: &[v1::StateCount]) -> String {
+    let mut sorted: Vec<&v1::StateCount> = counts.iter().collect();
+    sorted.sort_by_key(|c| c.state);
+    let parts: Vec<String> = sorted
+        .iter()
+        .map(|c| format!("{} {}", c.count, proto::state_name(c.state())))
+        .collect();
+    if parts.is_empty() {
+        "no jobs".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Jobs of a sweep that have ended.
+pub fn sweep_ended(sweep: &v1::Sweep) -> usize {
+    sweep.runs.iter().filter(|r| is_terminal(r.state())).count()
+}
+
+/// Whether every job of the sweep has ended.
+pub fn sweep_done(sweep: &v1::Sweep) -> bool {
+    !sweep.runs.is_empty() && sweep_ended(sweep) == sweep.runs.len()
+}
+
+/// Follows a sweep through WatchSweep until every job has ended: one bar of ended jobs out of
+/// all (plain lines when stdout is not a terminal), with the jobs by state as its message.
+/// Returns the last message; [`sweep_exit_code`] turns it into an exit code.
+pub async fn watch_sweep(
+    client: &Client,
+    id: &str,
+    display: Display,
+) -> Result<v1::Sweep, CliError> {
+    let what = format!("sweep watch {id}");
+    let mut stream = client
+        .clone()
+        .watch_sweep(v1::WatchSweepRequest {
+            sweep_id: id.to_string(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&what, &s))?
+        .into_inner();
+    let bar = (display == Display::Bars).then(|| {
+        let bar = ProgressBar::new(0);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:.bold} [{bar:30.cyan/blue}] {pos}/{len} jobs ended  {msg}  {elapsed}",
+            )
+            .expect("a valid progress template")
+            .progress_chars("=> "),
+        );
+        bar.enable_steady_tick(Duration::from_millis(500));
+        bar
+    });
+    let mut last: Option<v1::Sweep> = None;
+    let mut last_line = String::new();
+    while let Some(msg) = stream.next().await {
+        let sweep = msg.map_err(|s| CliError::from_status(&what, &s))?;
+        let name = sweep.spec.as_ref().map_or("", |s| s.name.as_str());
+        let counts = counts_text(&sweep.jobs_by_state);
+        let ended = sweep_ended(&sweep);
+        match (&bar, display) {
+            (Some(bar), _) => {
+                bar.set_prefix(name.to_string());
+                bar.set_length(sweep.runs.len() as u64);
+                bar.set_position(ended as u64);
+                bar.set_message(counts.clone());
+            }
+            (None, Display::Lines) => {
+                let line = format!(
+                    "sweep {id} {name}: {ended}/{} jobs ended ({counts})",
+                    sweep.runs.len()
+                );
+                if line != last_line {
+                    println!("{line}");
+                    last_line = line;
+                }
+            }
+            _ => {}
+        }
+        let done = sweep_done(&sweep);
+        last = Some(sweep);
+        if done {
+            break;
+        }
+    }
+    let sweep = match last {
+        Some(s) if sweep_done(&s) => s,
+        _ => {
+            return Err(CliError::new(
+                exit::SERVER,
+                format!("{what}: the stream ended before every job did"),
+            ))
+        }
+    };
+    let end = format!(
+        "{}: {}",
+        crate::report::sweep_state_name(sweep.state()),
+        counts_text(&sweep.jobs_by_state)
+    );
+    match (&bar, display) {
+        (Some(bar), _) => bar.finish_with_message(end),
+        (None, Display::Lines) => println!("sweep {id} ended {end}"),
+        _ => {}
+    }
+    Ok(sweep)
+}
+
+/// 0 when every job of the sweep succeeded, 1 otherwise.
+pub fn sweep_exit_code(sweep: &v1::Sweep) -> u8 {
+    if sweep_done(sweep)
+        && sweep
+            .runs
+            .iter()
+            .all(|r| r.state() == v1::JobState::Succeeded)
+    {
+        exit::OK
+    } else {
+        exit::JOB_FAILED
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +410,43 @@ mod tests {
         assert_eq!(total_steps(&spec(1, 64, 0, false)), Some(937));
         assert_eq!(total_steps(&spec(3, 128, 0, true)), Some(3 * 390));
         assert_eq!(total_steps(&spec(1, 64, 1_000_000, false)), Some(937));
+    }
+
+    #[test]
+    fn a_sweep_exits_0_only_when_every_job_ended_and_succeeded() {
+        use v1::JobState::*;
+        let sweep = |states: &[v1::JobState]| v1::Sweep {
+            runs: states
+                .iter()
+                .map(|s| v1::SweepRun {
+                    state: *s as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(sweep_exit_code(&sweep(&[Succeeded, Succeeded])), exit::OK);
+        assert_eq!(
+            sweep_exit_code(&sweep(&[Succeeded, Failed])),
+            exit::JOB_FAILED
+        );
+        assert_eq!(
+            sweep_exit_code(&sweep(&[Succeeded, Cancelled])),
+            exit::JOB_FAILED
+        );
+        assert!(!sweep_done(&sweep(&[Succeeded, Running])));
+        assert!(!sweep_done(&sweep(&[])));
+        let counts = [
+            v1::StateCount {
+                state: Succeeded as i32,
+                count: 3,
+            },
+            v1::StateCount {
+                state: Running as i32,
+                count: 1,
+            },
+        ];
+        assert_eq!(counts_text(&counts), "1 running, 3 succeeded");
     }
 
     #[test]

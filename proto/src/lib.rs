@@ -11,6 +11,7 @@
 pub mod ops;
 pub mod queue;
 pub mod spec;
+pub mod sweep;
 
 /// Generated `trainq.v1` types and services.
 #[allow(clippy::all, missing_docs)]
@@ -24,6 +25,8 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/trainq_descriptor.bin"));
 
 pub use pbjson_types::Timestamp;
+/// `google.protobuf.Value` (a grid axis value), with serde to and from plain JSON.
+pub use pbjson_types::Value;
 
 /// Converts a `JobState` wire value to its lowercase name (`queued`, `running`, ...), the form
 /// stored in Postgres and shown to people.

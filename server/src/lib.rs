@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod shutdown;
 pub mod store;
+pub mod summary;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1184,3 +1184,299 @@ pub async fn newest_artifact(
     .fetch_optional(ex)
     .await?)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sweeps
+// ---------------------------------------------------------------------------------------------
+
+/// One row of `sweeps`.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct SweepRow {
+    pub id: Uuid,
+    pub name: String,
+    /// The arms' experiment kind (`cifar_cvae`, `mnist_classifier`).
+    pub kind: String,
+    pub labels: serde_json::Value,
+    /// The SweepSpec in the proto3 JSON mapping.
+    pub spec: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub cancelled_at: Option<DateTime<Utc>>,
+}
+
+/// One row of `sweep_arms`.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SweepArmRow {
+    pub position: i32,
+    pub name: String,
+    /// Its runs use random initialisation.
+    pub baseline: bool,
+}
+
+/// One job of a sweep with its current state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SweepRunRow {
+    pub job_id: Uuid,
+    /// The arm's name, `source` for a source-stage job.
+    pub arm: String,
+    pub seed: u64,
+    pub is_source: bool,
+    /// The job's state now (lowercase name).
+    pub state: String,
+    pub error: Option<String>,
+}
+
+/// What [`insert_sweep`] stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InsertedSweep {
+    pub sweep: SweepRow,
+    /// Jobs that start queued: the caller dispatches them.
+    pub queued: Vec<Uuid>,
+    pub jobs: usize,
+}
+
+/// Stores a validated sweep, its arms and every one of its jobs (sources first, so the arms
+/// that transfer from them can name them) in one transaction: all or nothing. Each job goes
+/// through [`insert_job`] (a savepoint each), so dependencies are checked exactly as for
+/// SubmitJob.
+pub async fn insert_sweep(
+    pool: &PgPool,
+    id: Uuid,
+    plan: &proto::sweep::SweepPlan,
+) -> Result<InsertedSweep> {
+    let sweep_id = id.to_string();
+    let labels = serde_json::to_value(&plan.labels).map_err(|e| Error::Internal(e.into()))?;
+    let mut tx = pool.begin().await?;
+    let sweep = sqlx::query_as::<_, SweepRow>(
+        "INSERT INTO sweeps (id, name, kind, labels, spec) VALUES ($1, $2, $3, $4, $5) RETURNING *",
+    )
+    .bind(id)
+    .bind(&plan.name)
+    .bind(plan.kind)
+    .bind(labels)
+    .bind(plan.to_json())
+    .fetch_one(&mut *tx)
+    .await?;
+    let positions: Vec<i32> = (0..plan.arms.len() as i32).collect();
+    let names: Vec<&str> = plan.arms.iter().map(|a| a.name.as_str()).collect();
+    let baselines: Vec<bool> = plan.arms.iter().map(|a| a.random_init).collect();
+    sqlx::query(
+        "INSERT INTO sweep_arms (sweep_id, position, name, baseline)
+         SELECT $1, * FROM UNNEST($2::integer[], $3::text[], $4::boolean[])",
+    )
+    .bind(id)
+    .bind(&positions)
+    .bind(&names)
+    .bind(&baselines)
+    .execute(&mut *tx)
+    .await?;
+    let runs = plan.runs();
+    let mut sources: HashMap<u64, String> = HashMap::new();
+    let mut job_ids = Vec::with_capacity(runs.len());
+    let mut arms = Vec::with_capacity(runs.len());
+    let mut seeds = Vec::with_capacity(runs.len());
+    let mut is_source = Vec::with_capacity(runs.len());
+    let mut queued = Vec::new();
+    for run in &runs {
+        let job_id = Uuid::now_v7();
+        let spec = match run.arm {
+            None => plan.source_spec(run.seed, &sweep_id).ok_or_else(|| {
+                Error::Internal(anyhow::anyhow!("source run without a source stage"))
+            })??,
+            Some(arm) => {
+                let source = if plan.arms[arm].from_source {
+                    Some(sources.get(&run.seed).map(String::as_str).ok_or_else(|| {
+                        Error::Internal(anyhow::anyhow!("arm stored before its seed's source"))
+                    })?)
+                } else {
+                    None
+                };
+                plan.run_spec(arm, run.seed, &sweep_id, source)?
+            }
+        };
+        // A violation only found here (a dependency that does not exist) is named under the
+        // sweep field the spec came from: `spec.base.<path>` or `spec.source.<path>`.
+        let root = if run.arm.is_none() {
+            "spec.source"
+        } else {
+            "spec.base"
+        };
+        let row = insert_job(&mut *tx, job_id, &spec)
+            .await
+            .map_err(|e| match e {
+                Error::InvalidArgument { field, description } => Error::InvalidArgument {
+                    field: match field.strip_prefix("spec") {
+                        Some(rest) => format!("{root}{rest}"),
+                        None => field,
+                    },
+                    description,
+                },
+                other => other,
+            })?;
+        if row.state == "queued" {
+            queued.push(job_id);
+        }
+        if run.arm.is_none() {
+            sources.insert(run.seed, job_id.to_string());
+        }
+        job_ids.push(job_id);
+        arms.push(match run.arm {
+            None => proto::sweep::SOURCE_ARM.to_owned(),
+            Some(a) => plan.arms[a].name.clone(),
+        });
+        seeds.push(run.seed.to_string());
+        is_source.push(run.arm.is_none());
+    }
+    let positions: Vec<i32> = (0..runs.len() as i32).collect();
+    sqlx::query(
+        "INSERT INTO sweep_runs (sweep_id, job_id, arm, seed, is_source, position)
+         SELECT $1, u.job_id, u.arm, u.seed::numeric, u.is_source, u.position
+         FROM UNNEST($2::uuid[], $3::text[], $4::text[], $5::boolean[], $6::integer[])
+              AS u(job_id, arm, seed, is_source, position)",
+    )
+    .bind(id)
+    .bind(&job_ids)
+    .bind(&arms)
+    .bind(&seeds)
+    .bind(&is_source)
+    .bind(&positions)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(InsertedSweep {
+        sweep,
+        queued,
+        jobs: runs.len(),
+    })
+}
+
+pub async fn get_sweep(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<SweepRow>> {
+    Ok(sqlx::query_as("SELECT * FROM sweeps WHERE id = $1")
+        .bind(id)
+        .fetch_optional(ex)
+        .await?)
+}
+
+/// The sweep's arms in grid order.
+pub async fn sweep_arms(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<SweepArmRow>> {
+    Ok(sqlx::query_as(
+        "SELECT position, name, baseline FROM sweep_arms WHERE sweep_id = $1 ORDER BY position",
+    )
+    .bind(id)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Every job of the sweep with its state, in creation order (sources first, then arm by arm,
+/// seed by seed).
+pub async fn sweep_runs(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Vec<SweepRunRow>> {
+    let rows: Vec<(Uuid, String, String, bool, String, Option<String>)> = sqlx::query_as(
+        "SELECT r.job_id, r.arm, r.seed::text, r.is_source, j.state, j.error
+         FROM sweep_runs r JOIN jobs j ON j.id = r.job_id
+         WHERE r.sweep_id = $1 ORDER BY r.position",
+    )
+    .bind(id)
+    .fetch_all(ex)
+    .await?;
+    rows.into_iter()
+        .map(|(job_id, arm, seed, is_source, state, error)| {
+            let seed = seed.parse().map_err(|e| {
+                Error::Internal(anyhow::anyhow!("sweep run {job_id} has seed {seed:?}: {e}"))
+            })?;
+            Ok(SweepRunRow {
+                job_id,
+                arm,
+                seed,
+                is_source,
+                state,
+                error,
+            })
+        })
+        .collect()
+}
+
+/// How many jobs of each of these sweeps are in each state.
+pub async fn sweep_state_counts(
+    ex: impl PgExecutor<'_>,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Vec<(String, i64)>>> {
+    let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(
+        "SELECT r.sweep_id, j.state, count(*)
+         FROM sweep_runs r JOIN jobs j ON j.id = r.job_id
+         WHERE r.sweep_id = ANY($1)
+         GROUP BY r.sweep_id, j.state",
+    )
+    .bind(ids)
+    .fetch_all(ex)
+    .await?;
+    let mut by_sweep = HashMap::<Uuid, Vec<(String, i64)>>::new();
+    for (id, state, n) in rows {
+        by_sweep.entry(id).or_default().push((state, n));
+    }
+    Ok(by_sweep)
+}
+
+/// One page of sweeps, newest first, and the token of the next page (`None` on the last page).
+pub async fn list_sweeps(
+    ex: impl PgExecutor<'_>,
+    page_size: u32,
+    after: Option<PageToken>,
+) -> Result<(Vec<SweepRow>, Option<PageToken>)> {
+    let limit = i64::from(page_size);
+    let mut rows = sqlx::query_as::<_, SweepRow>(
+        "SELECT * FROM sweeps
+         WHERE ($1::timestamptz IS NULL OR (created_at, id) < ($1, $2))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $3",
+    )
+    .bind(after.map(|t| t.created_at))
+    .bind(after.map(|t| t.id))
+    .bind(limit + 1)
+    .fetch_all(ex)
+    .await?;
+    let next = if rows.len() as i64 > limit {
+        rows.truncate(page_size as usize);
+        rows.last().map(|r| PageToken {
+            created_at: r.created_at,
+            id: r.id,
+        })
+    } else {
+        None
+    };
+    Ok((rows, next))
+}
+
+/// Records that CancelSweep was called (the first time only). False for an unknown sweep.
+pub async fn mark_sweep_cancelled(ex: impl PgExecutor<'_>, id: Uuid) -> Result<bool> {
+    let done =
+        sqlx::query("UPDATE sweeps SET cancelled_at = coalesce(cancelled_at, now()) WHERE id = $1")
+            .bind(id)
+            .execute(ex)
+            .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The points of the given metrics of the sweep's succeeded arm runs (sources excluded), by
+/// job, in (name, step) order.
+pub async fn sweep_metric_points(
+    ex: impl PgExecutor<'_>,
+    id: Uuid,
+    names: &[String],
+) -> Result<HashMap<Uuid, Vec<MetricPoint>>> {
+    let rows: Vec<(Uuid, String, i64, i32, f64)> = sqlx::query_as(
+        "SELECT p.job_id, p.name, p.step, p.epoch, p.value
+         FROM sweep_runs r
+         JOIN jobs j ON j.id = r.job_id AND j.state = 'succeeded'
+         JOIN metric_points p ON p.job_id = r.job_id AND p.name = ANY($2)
+         WHERE r.sweep_id = $1 AND NOT r.is_source
+         ORDER BY p.job_id, p.name, p.step",
+    )
+    .bind(id)
+    .bind(names)
+    .fetch_all(ex)
+    .await?;
+    let mut by_job = HashMap::<Uuid, Vec<MetricPoint>>::new();
+    for (job, n, s, e, v) in rows {
+        by_job.entry(job).or_default().push(point((n, s, e, v)));
+    }
+    Ok(by_job)
+}

@@ -2550,3 +2550,765 @@ async fn a_lease_expiry_is_counted_and_the_job_retried() {
     );
     server.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sweeps
+// ---------------------------------------------------------------------------------------------
+
+fn json_value(v: serde_json::Value) -> proto::Value {
+    serde_json::from_value(v).expect("JSON is a google.protobuf.Value")
+}
+
+/// A CVAE sweep: random initialisation against a luminance transfer from a source stage.
+fn study_spec(seeds: Vec<u64>) -> v1::SweepSpec {
+    let base: v1::JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "ignored",
+        "labels": {"team": "vision"},
+        "training": {"epochs": 2, "batchSize": 64, "learningRate": 0.001},
+        "cifarCvae": {}
+    }))
+    .expect("a JobSpec");
+    v1::SweepSpec {
+        name: "study".into(),
+        labels: [("project".to_owned(), "transfer".to_owned())].into(),
+        base: Some(base),
+        grid: vec![v1::GridAxis {
+            field: "cifarCvae.init".into(),
+            values: vec![
+                json_value(serde_json::json!({"random": {}})),
+                json_value(
+                    serde_json::json!({"transfer": {"conv1": "CONV1_ADAPTATION_LUMINANCE", "copyConv2": true}}),
+                ),
+            ],
+            names: vec!["random".into(), "lum".into()],
+        }],
+        seeds,
+        source: Some(valid_spec()),
+    }
+}
+
+async fn submit_sweep(jobs: &mut JobServiceClient<Channel>, spec: v1::SweepSpec) -> v1::Sweep {
+    jobs.submit_sweep(v1::SubmitSweepRequest { spec: Some(spec) })
+        .await
+        .expect("submit sweep")
+        .into_inner()
+}
+
+async fn get_sweep(jobs: &mut JobServiceClient<Channel>, id: &str) -> v1::Sweep {
+    jobs.get_sweep(v1::GetSweepRequest {
+        sweep_id: id.into(),
+    })
+    .await
+    .expect("get sweep")
+    .into_inner()
+}
+
+fn run_of<'a>(sweep: &'a v1::Sweep, arm: &str, seed: u64) -> &'a v1::SweepRun {
+    sweep
+        .runs
+        .iter()
+        .find(|r| r.arm == arm && r.seed == seed)
+        .unwrap_or_else(|| panic!("run {arm}/{seed}"))
+}
+
+fn transfer_source_of(job: &v1::Job) -> String {
+    match job.spec.as_ref().and_then(|s| s.experiment.as_ref()) {
+        Some(v1::job_spec::Experiment::CifarCvae(c)) => {
+            match c.init.as_ref().and_then(|i| i.kind.as_ref()) {
+                Some(v1::initialization::Kind::Transfer(t)) => t.source_job_id.clone(),
+                _ => String::new(),
+            }
+        }
+        _ => String::new(),
+    }
+}
+
+/// Claims a job, reports `points` (name, step, epoch, value) and completes it.
+async fn run_to_success(
+    workers: &mut WorkerServiceClient<Channel>,
+    id: &str,
+    points: &[(&str, u64, u32, f64)],
+) {
+    let lease = claim(workers, id).await;
+    if !points.is_empty() {
+        workers
+            .report_metrics(v1::ReportMetricsRequest {
+                lease: Some(lease.clone()),
+                points: points
+                    .iter()
+                    .map(|&(name, step, epoch, value)| v1::MetricPoint {
+                        name: name.into(),
+                        step,
+                        epoch,
+                        value,
+                    })
+                    .collect(),
+            })
+            .await
+            .expect("report");
+    }
+    workers
+        .complete_job(v1::CompleteJobRequest {
+            lease: Some(lease),
+            final_step: 20,
+        })
+        .await
+        .expect("complete");
+}
+
+#[tokio::test]
+async fn a_sweep_stores_sources_and_arms_in_order_and_transfer_arms_wait_on_their_seeds_source() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let sweep = submit_sweep(&mut jobs, study_spec(vec![7, 3])).await;
+    assert_eq!(sweep.state(), v1::SweepState::Running);
+    assert_eq!(sweep.arms, ["random", "lum"]);
+    let order: Vec<(&str, u64, bool)> = sweep
+        .runs
+        .iter()
+        .map(|r| (r.arm.as_str(), r.seed, r.source))
+        .collect();
+    assert_eq!(
+        order,
+        [
+            ("source", 7, true),
+            ("source", 3, true),
+            ("random", 7, false),
+            ("random", 3, false),
+            ("lum", 7, false),
+            ("lum", 3, false),
+        ]
+    );
+    assert_eq!(server.job_rows().await, 6);
+    for seed in [7, 3] {
+        let source = run_of(&sweep, "source", seed);
+        assert_eq!(source.state(), v1::JobState::Queued);
+        assert_eq!(run_of(&sweep, "random", seed).state(), v1::JobState::Queued);
+        let lum = run_of(&sweep, "lum", seed);
+        assert_eq!(lum.state(), v1::JobState::Waiting);
+        let job = get(&mut jobs, &lum.job_id).await;
+        assert_eq!(transfer_source_of(&job), source.job_id);
+        let spec = job.spec.expect("spec");
+        assert_eq!(spec.name, format!("study/lum/s{seed}"));
+        assert_eq!(spec.training.as_ref().expect("training").seed, seed);
+        assert_eq!(spec.labels["sweep"], "study");
+        assert_eq!(spec.labels["sweep_id"], sweep.sweep_id);
+        assert_eq!(spec.labels["arm"], "lum");
+        assert_eq!(spec.labels["seed"], seed.to_string());
+        assert_eq!(spec.labels["project"], "transfer");
+        assert_eq!(spec.labels["team"], "vision");
+        let source_job = get(&mut jobs, &source.job_id).await;
+        assert_eq!(
+            source_job.spec.expect("spec").name,
+            format!("study/source/s{seed}")
+        );
+    }
+    let counts: Vec<(v1::JobState, u32)> = sweep
+        .jobs_by_state
+        .iter()
+        .map(|c| (c.state(), c.count))
+        .collect();
+    assert_eq!(
+        counts,
+        [(v1::JobState::Waiting, 2), (v1::JobState::Queued, 4)]
+    );
+    // The queued jobs were pushed at once.
+    let mut queued = server.queue.ready_ids().await.expect("redis");
+    queued.sort();
+    queued.dedup();
+    let mut expected: Vec<String> = sweep
+        .runs
+        .iter()
+        .filter(|r| r.state() == v1::JobState::Queued)
+        .map(|r| r.job_id.clone())
+        .collect();
+    expected.sort();
+    assert_eq!(queued, expected);
+    // Reads agree with the submit's answer; the spec comes back as submitted.
+    let read = get_sweep(&mut jobs, &sweep.sweep_id).await;
+    assert_eq!(read, sweep);
+    assert_eq!(read.spec, Some(study_spec(vec![7, 3])));
+    let listed = jobs
+        .list_jobs(v1::ListJobsRequest {
+            labels: [("sweep_id".to_owned(), sweep.sweep_id.clone())].into(),
+            ..Default::default()
+        })
+        .await
+        .expect("list jobs")
+        .into_inner();
+    assert_eq!(listed.jobs.len(), 6);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_sweep_is_rejected_naming_its_field_and_nothing_is_stored() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let mut repeated_seed = study_spec(vec![1, 2, 1]);
+    let mut bad_value = study_spec(vec![1]);
+    bad_value.grid.push(v1::GridAxis {
+        field: "training.learningRate".into(),
+        values: vec![
+            json_value(serde_json::json!(0.01)),
+            json_value(serde_json::json!(-1)),
+        ],
+        names: vec![],
+    });
+    let mut no_source_id = study_spec(vec![1]);
+    no_source_id.source = None;
+    // Valid on its own, but its source does not exist: the transaction rolls back every job
+    // stored before it.
+    let mut missing_source = study_spec(vec![1]);
+    missing_source.source = None;
+    missing_source.grid[0].values[1] = json_value(serde_json::json!({"transfer": {
+        "conv1": "CONV1_ADAPTATION_LUMINANCE",
+        "sourceJobId": "0190aaaa-0000-7000-8000-000000000000"
+    }}));
+    let mut no_spec = study_spec(vec![1]);
+    no_spec.base = None;
+    repeated_seed.name = "repeated".into();
+    for (spec, field) in [
+        (Some(repeated_seed), "spec.seeds[2]"),
+        (Some(bad_value), "spec.grid[1].values[1]"),
+        (Some(no_source_id), "spec.grid[0].values[1]"),
+        (
+            Some(missing_source),
+            "spec.base.cifar_cvae.init.transfer.source_job_id",
+        ),
+        (Some(no_spec), "spec.base"),
+        (None, "spec"),
+    ] {
+        let status = jobs
+            .submit_sweep(v1::SubmitSweepRequest { spec })
+            .await
+            .expect_err("invalid");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(
+            status.message().starts_with(&format!("{field}: ")),
+            "{field}: {}",
+            status.message()
+        );
+    }
+    assert_eq!(server.job_rows().await, 0);
+    let sweeps: i64 = sqlx::query_scalar("SELECT count(*) FROM sweeps")
+        .fetch_one(&server.pool)
+        .await
+        .expect("count");
+    assert_eq!(sweeps, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_sweep_ids_are_not_found_and_malformed_ones_are_invalid() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let unknown = Uuid::now_v7().to_string();
+    for id in [unknown.as_str(), "nope", ""] {
+        let want = if id == unknown {
+            Code::NotFound
+        } else {
+            Code::InvalidArgument
+        };
+        let get = jobs
+            .get_sweep(v1::GetSweepRequest {
+                sweep_id: id.into(),
+            })
+            .await;
+        assert_eq!(code_of(get), want, "get {id:?}");
+        let cancel = jobs
+            .cancel_sweep(v1::CancelSweepRequest {
+                sweep_id: id.into(),
+                reason: String::new(),
+            })
+            .await;
+        assert_eq!(code_of(cancel), want, "cancel {id:?}");
+        let watch = jobs
+            .watch_sweep(v1::WatchSweepRequest {
+                sweep_id: id.into(),
+            })
+            .await;
+        assert_eq!(code_of(watch), want, "watch {id:?}");
+        let summary = jobs
+            .get_sweep_summary(v1::GetSweepSummaryRequest {
+                sweep_id: id.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(code_of(summary), want, "summary {id:?}");
+    }
+    let bad_token = jobs
+        .list_sweeps(v1::ListSweepsRequest {
+            page_size: 0,
+            page_token: "garbage".into(),
+        })
+        .await;
+    assert_eq!(code_of(bad_token), Code::InvalidArgument);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn sweeps_are_listed_newest_first_page_by_page_with_their_job_counts() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit_sweep(&mut jobs, study_spec(vec![1])).await.sweep_id);
+    }
+    ids.reverse();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = jobs
+            .list_sweeps(v1::ListSweepsRequest {
+                page_size: 2,
+                page_token: token.clone(),
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        for s in &page.sweeps {
+            assert!(s.runs.is_empty(), "listed without runs");
+            let total: u32 = s.jobs_by_state.iter().map(|c| c.count).sum();
+            assert_eq!(total, 3);
+            seen.push(s.sweep_id.clone());
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen, ids);
+    server.stop().await;
+}
+
+/// Collects the sweep states a watcher sees until its stream ends.
+async fn watched_sweep(
+    jobs: &mut JobServiceClient<Channel>,
+    id: &str,
+) -> JoinHandle<Vec<v1::Sweep>> {
+    let mut stream = jobs
+        .watch_sweep(v1::WatchSweepRequest {
+            sweep_id: id.into(),
+        })
+        .await
+        .expect("watch sweep")
+        .into_inner();
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        let collect = async {
+            while let Some(sweep) = stream.next().await {
+                seen.push(sweep.expect("message"));
+            }
+        };
+        tokio::time::timeout(WAIT, collect)
+            .await
+            .expect("the stream ends once every job ended");
+        seen
+    })
+}
+
+#[tokio::test]
+async fn cancelling_a_sweep_cancels_its_unfinished_jobs_keeps_finished_ones_and_ends_its_watchers()
+{
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let mut workers = server.workers();
+    let sweep = submit_sweep(&mut jobs, study_spec(vec![1, 2])).await;
+    let watcher = watched_sweep(&mut jobs, &sweep.sweep_id).await;
+    // Seed 1's source succeeds, so its transfer run is queued; seed 1's random run is running.
+    run_to_success(&mut workers, &run_of(&sweep, "source", 1).job_id, &[]).await;
+    let running = run_of(&sweep, "random", 1).job_id.clone();
+    claim(&mut workers, &running).await;
+    let cancelled = jobs
+        .cancel_sweep(v1::CancelSweepRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            reason: "wrong learning rate".into(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.state(), v1::SweepState::Cancelled);
+    for run in &cancelled.runs {
+        let want = if run.source && run.seed == 1 {
+            v1::JobState::Succeeded
+        } else {
+            v1::JobState::Cancelled
+        };
+        assert_eq!(run.state(), want, "{} s{}", run.arm, run.seed);
+    }
+    assert_eq!(get(&mut jobs, &running).await.error, "wrong learning rate");
+    let seen = watcher.await.expect("watcher");
+    let last = seen.last().expect("some message");
+    assert_eq!(last.state(), v1::SweepState::Cancelled);
+    assert_eq!(seen[0].state(), v1::SweepState::Running);
+    // Cancelling again changes nothing and is not an error.
+    let again = jobs
+        .cancel_sweep(v1::CancelSweepRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("cancel again")
+        .into_inner();
+    assert_eq!(again.runs, cancelled.runs);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_sweep_watcher_sees_each_change_and_the_stream_ends_when_every_job_ended() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let mut workers = server.workers();
+    let mut spec = study_spec(vec![5]);
+    spec.source = None;
+    spec.grid[0].values.truncate(1);
+    spec.grid[0].names.truncate(1);
+    let sweep = submit_sweep(&mut jobs, spec).await;
+    assert_eq!(sweep.runs.len(), 1);
+    let watcher = watched_sweep(&mut jobs, &sweep.sweep_id).await;
+    let id = sweep.runs[0].job_id.clone();
+    let lease = claim(&mut workers, &id).await;
+    // Give the watcher a moment to see the running state before the job ends.
+    eventually("the job runs", || {
+        let mut jobs = jobs.clone();
+        let id = id.clone();
+        async move { get(&mut jobs, &id).await.state() == v1::JobState::Running }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    workers
+        .fail_job(v1::FailJobRequest {
+            lease: Some(lease),
+            reason: "diverged".into(),
+            permanent: true,
+        })
+        .await
+        .expect("fail");
+    let seen = watcher.await.expect("watcher");
+    let states: Vec<(v1::SweepState, v1::JobState)> = seen
+        .iter()
+        .map(|s| (s.state(), s.runs[0].state()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (v1::SweepState::Running, v1::JobState::Queued),
+            (v1::SweepState::Running, v1::JobState::Running),
+            (v1::SweepState::Partial, v1::JobState::Failed),
+        ]
+    );
+    server.stop().await;
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs()))
+}
+
+#[track_caller]
+fn assert_stat(s: Option<&v1::Stat>, n: u32, mean: f64, sd: Option<f64>, t: f64) {
+    let s = s.expect("a stat");
+    assert_eq!(s.n, n, "{s:?}");
+    assert!(close(s.mean, mean), "mean {} != {mean}", s.mean);
+    match sd {
+        None => assert!(
+            s.sd.is_none() && s.ci_low.is_none() && s.ci_high.is_none(),
+            "{s:?}"
+        ),
+        Some(sd) => {
+            assert!(close(s.sd.expect("sd"), sd), "sd {:?} != {sd}", s.sd);
+            let half = t * sd / f64::from(n).sqrt();
+            assert!(close(s.ci_low.expect("low"), mean - half), "{s:?}");
+            assert!(close(s.ci_high.expect("high"), mean + half), "{s:?}");
+        }
+    }
+}
+
+const T1: f64 = 12.706204736174705;
+const T2: f64 = 4.302652729749464;
+const NELBO: &str = "test/neg_elbo_nats";
+
+/// Three seeds; the random arm all succeed, the transfer arm's seed 3 fails. neg_elbo at the
+/// end of epoch 1 (step 10) and epoch 2 (step 20), with an extra mid-epoch point:
+///
+/// | seed | random e1, e2 | lum e1, e2 |
+/// | 1    | 100, 90       | 89, 88     |
+/// | 2    | 104, 94       | 91, 89     |
+/// | 3    | 102, 86       | (failed)   |
+async fn finished_study(server: &TestServer) -> v1::Sweep {
+    let mut jobs = server.jobs();
+    let mut workers = server.workers();
+    let sweep = submit_sweep(&mut jobs, study_spec(vec![1, 2, 3])).await;
+    for seed in [1, 2, 3] {
+        run_to_success(&mut workers, &run_of(&sweep, "source", seed).job_id, &[]).await;
+    }
+    for (seed, e1, e2) in [(1, 100.0, 90.0), (2, 104.0, 94.0), (3, 102.0, 86.0)] {
+        let points = [(NELBO, 5, 1, 50.0), (NELBO, 10, 1, e1), (NELBO, 20, 2, e2)];
+        run_to_success(
+            &mut workers,
+            &run_of(&sweep, "random", seed).job_id,
+            &points,
+        )
+        .await;
+    }
+    for (seed, e1, e2) in [(1, 89.0, 88.0), (2, 91.0, 89.0)] {
+        let points = [(NELBO, 10, 1, e1), (NELBO, 20, 2, e2)];
+        run_to_success(&mut workers, &run_of(&sweep, "lum", seed).job_id, &points).await;
+    }
+    let failing = run_of(&sweep, "lum", 3).job_id.clone();
+    let lease = claim(&mut workers, &failing).await;
+    workers
+        .fail_job(v1::FailJobRequest {
+            lease: Some(lease),
+            reason: "diverged".into(),
+            permanent: true,
+        })
+        .await
+        .expect("fail");
+    get_sweep(&mut jobs, &sweep.sweep_id).await
+}
+
+#[tokio::test]
+async fn the_summary_gives_seed_statistics_paired_differences_convergence_and_missing_runs() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let sweep = finished_study(&server).await;
+    assert_eq!(sweep.state(), v1::SweepState::Partial);
+    let summary = jobs
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("summary")
+        .into_inner();
+    assert_eq!(summary.baseline_arm, "random");
+    assert_eq!(summary.convergence_metric, NELBO);
+    assert_eq!(summary.convergence_target, 90.0);
+    let [random, lum] = summary.arms.as_slice() else {
+        panic!("two arms: {summary:?}")
+    };
+    let names: Vec<&str> = random.metrics.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "test/neg_elbo_nats",
+            "test/bits_per_dim",
+            "test/recon",
+            "test/kl"
+        ]
+    );
+    // Random: early 100, 104, 102; final 90, 94, 86.
+    assert!(random.baseline && !lum.baseline);
+    assert_eq!((random.seeds_planned, random.seeds_succeeded), (3, 3));
+    assert!(random.missing.is_empty());
+    let m = &random.metrics[0];
+    assert_stat(m.early.as_ref(), 3, 102.0, Some(2.0), T2);
+    assert_stat(m.last.as_ref(), 3, 90.0, Some(4.0), T2);
+    assert!(m.early_diff.is_none() && m.last_diff.is_none());
+    // A metric nobody reported: n = 0.
+    assert_eq!(random.metrics[1].last.as_ref().expect("stat").n, 0);
+    // Mean curve 102 (step 10), 90 (step 20): reaches the target at step 20; per seed, seeds 1
+    // (90) and 3 (86) reach it at step 20, seed 2 (94) never.
+    assert!(random.converged);
+    assert_eq!(random.convergence_step, 20);
+    assert_stat(
+        random.convergence_step_per_seed.as_ref(),
+        2,
+        20.0,
+        Some(0.0),
+        T1,
+    );
+    assert_eq!(random.seeds_not_converged, 1);
+    // Lum: seed 3 failed.
+    assert_eq!((lum.seeds_planned, lum.seeds_succeeded), (3, 2));
+    let missing = &lum.missing[..];
+    assert_eq!(missing.len(), 1);
+    assert_eq!(missing[0].seed, 3);
+    assert_eq!(missing[0].job_id, run_of(&sweep, "lum", 3).job_id);
+    assert_eq!(missing[0].state(), v1::JobState::Failed);
+    assert_eq!(missing[0].error, "diverged");
+    let m = &lum.metrics[0];
+    assert_stat(m.early.as_ref(), 2, 90.0, Some(2f64.sqrt()), T1);
+    assert_stat(m.last.as_ref(), 2, 88.5, Some(0.5f64.sqrt()), T1);
+    // Paired by seed: early 89-100 = -11, 91-104 = -13; final 88-90 = -2, 89-94 = -5.
+    assert_stat(m.early_diff.as_ref(), 2, -12.0, Some(2f64.sqrt()), T1);
+    assert_stat(m.last_diff.as_ref(), 2, -3.5, Some(4.5f64.sqrt()), T1);
+    // Mean curve 90 (step 10) already at the target; per seed 10 (89) and 20 (91, then 89).
+    assert!(lum.converged);
+    assert_eq!(lum.convergence_step, 10);
+    assert_stat(
+        lum.convergence_step_per_seed.as_ref(),
+        2,
+        15.0,
+        Some(50f64.sqrt()),
+        T1,
+    );
+    assert_eq!(lum.seeds_not_converged, 0);
+
+    // Another baseline: the transfer arm; an unknown one is refused.
+    let flipped = jobs
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            metrics: vec![NELBO.into()],
+            baseline_arm: "lum".into(),
+            convergence_metric: NELBO.into(),
+        })
+        .await
+        .expect("summary")
+        .into_inner();
+    assert_eq!(flipped.convergence_target, 88.5);
+    assert_stat(
+        flipped.arms[0].metrics[0].last_diff.as_ref(),
+        2,
+        3.5,
+        Some(4.5f64.sqrt()),
+        T1,
+    );
+    assert!(!flipped.arms[0].converged);
+    assert_eq!(flipped.arms[0].seeds_not_converged, 2);
+    let unknown = jobs
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            baseline_arm: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown arm");
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert!(
+        unknown.message().starts_with("baseline_arm: "),
+        "{unknown:?}"
+    );
+    let twice = jobs
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            metrics: vec![NELBO.into(), NELBO.into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("repeated metric");
+    assert!(twice.message().starts_with("metrics[1]: "), "{twice:?}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_sweep_summary_view_gives_the_same_numbers_as_the_rpc() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let sweep = finished_study(&server).await;
+    let summary = jobs
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("summary")
+        .into_inner();
+    type Row = (
+        String,
+        String,
+        String,
+        i32,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<i32>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+    );
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT arm, metric, stage, n, mean, sd, ci_low, ci_high,
+                diff_n, diff_mean, diff_sd, diff_ci_low, diff_ci_high
+         FROM sweep_summary WHERE sweep_id = $1
+         ORDER BY arm_position, metric, stage",
+    )
+    .bind(Uuid::parse_str(&sweep.sweep_id).expect("uuid"))
+    .fetch_all(&server.pool)
+    .await
+    .expect("view");
+    assert_eq!(rows.len(), 2 * 4 * 2);
+    let same = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => close(a, b),
+        (a, b) => a == b,
+    };
+    for (arm, metric, stage, n, mean, sd, low, high, dn, dmean, dsd, dlow, dhigh) in rows {
+        let a = summary.arms.iter().find(|a| a.arm == arm).expect("the arm");
+        let m = a
+            .metrics
+            .iter()
+            .find(|m| m.name == metric)
+            .expect("the metric");
+        let (s, d) = match stage.as_str() {
+            "early" => (m.early.as_ref(), m.early_diff.as_ref()),
+            "final" => (m.last.as_ref(), m.last_diff.as_ref()),
+            other => panic!("stage {other}"),
+        };
+        let s = s.expect("a stat");
+        let what = format!("{arm} {metric} {stage}");
+        assert_eq!(n as u32, s.n, "{what}");
+        if s.n > 0 {
+            assert!(same(mean, Some(s.mean)), "{what}: {mean:?} vs {}", s.mean);
+        } else {
+            assert_eq!(mean, None, "{what}");
+        }
+        assert!(
+            same(sd, s.sd) && same(low, s.ci_low) && same(high, s.ci_high),
+            "{what}"
+        );
+        match d {
+            None => assert_eq!((dn, dmean), (None, None), "{what}"),
+            Some(d) => {
+                assert_eq!(dn.map(|n| n as u32), Some(d.n), "{what}");
+                if d.n > 0 {
+                    assert!(same(dmean, Some(d.mean)), "{what}");
+                }
+                assert!(
+                    same(dsd, d.sd) && same(dlow, d.ci_low) && same(dhigh, d.ci_high),
+                    "{what}"
+                );
+            }
+        }
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_summary_without_a_single_random_arm_needs_a_named_baseline() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let mut spec = study_spec(vec![1]);
+    spec.source = None;
+    spec.grid = vec![v1::GridAxis {
+        field: "training.learningRate".into(),
+        values: vec![
+            json_value(serde_json::json!(0.001)),
+            json_value(serde_json::json!(0.01)),
+        ],
+        names: vec![],
+    }];
+    let sweep = submit_sweep(&mut jobs, spec).await;
+    let status = jobs
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("two random arms");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    let named = jobs
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            baseline_arm: "0.01".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("named baseline")
+        .into_inner();
+    assert_eq!(named.baseline_arm, "0.01");
+    assert!(named.arms[1].baseline);
+    assert_eq!(named.arms[0].missing.len(), 1, "queued runs are missing");
+    server.stop().await;
+}

@@ -8,7 +8,7 @@ use proto::v1::{self, job_service_server::JobService};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{artifacts, dispatch_now, job_to_proto, state_of, watch, AppState};
+use super::{artifacts, dispatch_now, job_to_proto, state_of, sweeps, watch, AppState};
 use crate::domain::{self, parse_job_id, JobQuery, MetricsQuery};
 use crate::error::{Error, Result};
 use crate::store;
@@ -171,6 +171,62 @@ impl JobService for JobApi {
     ) -> Result<Response<Self::DownloadArtifactStream>, Status> {
         Ok(Response::new(
             artifacts::download(self.state.clone(), request.into_inner()).await?,
+        ))
+    }
+
+    async fn submit_sweep(
+        &self,
+        request: Request<v1::SubmitSweepRequest>,
+    ) -> Result<Response<v1::Sweep>, Status> {
+        Ok(Response::new(
+            sweeps::submit(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_sweep(
+        &self,
+        request: Request<v1::GetSweepRequest>,
+    ) -> Result<Response<v1::Sweep>, Status> {
+        Ok(Response::new(
+            sweeps::get(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_sweeps(
+        &self,
+        request: Request<v1::ListSweepsRequest>,
+    ) -> Result<Response<v1::ListSweepsResponse>, Status> {
+        Ok(Response::new(
+            sweeps::list(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn cancel_sweep(
+        &self,
+        request: Request<v1::CancelSweepRequest>,
+    ) -> Result<Response<v1::Sweep>, Status> {
+        Ok(Response::new(
+            sweeps::cancel(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    type WatchSweepStream = sweeps::SweepEvents;
+
+    async fn watch_sweep(
+        &self,
+        request: Request<v1::WatchSweepRequest>,
+    ) -> Result<Response<Self::WatchSweepStream>, Status> {
+        Ok(Response::new(
+            sweeps::watch(self.state.clone(), request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_sweep_summary(
+        &self,
+        request: Request<v1::GetSweepSummaryRequest>,
+    ) -> Result<Response<v1::SweepSummary>, Status> {
+        Ok(Response::new(
+            sweeps::summary(&self.state, request.into_inner()).await?,
         ))
     }
 }

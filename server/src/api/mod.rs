@@ -9,6 +9,7 @@
 
 mod artifacts;
 mod jobs;
+mod sweeps;
 mod watch;
 mod workers;
 

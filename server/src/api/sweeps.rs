@@ -1,0 +1,417 @@
+//! The sweep RPCs of `trainq.v1.JobService`: submit, inspect, list, cancel and watch sweeps,
+//! and summarise their results over random seeds.
+//!
+//! A sweep's jobs are ordinary jobs: SubmitSweep stores them (with the sweep's rows) in one
+//! transaction and dispatches those that start queued, CancelSweep cancels each unfinished one
+//! the way CancelJob does, and WatchSweep follows them through the job notifier. A sweep's
+//! state is derived from its jobs' states every time it is read.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::select_all;
+use futures::FutureExt as _;
+use proto::sweep::SweepPlan;
+use proto::v1;
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+use uuid::Uuid;
+
+use super::{dispatch_now, timestamp, AppState};
+use crate::domain::{self, is_terminal, PageToken, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::error::{Error, Result};
+use crate::store::{self, SweepRow, SweepRunRow};
+use crate::summary::{summarise, SummaryRequest};
+
+/// The stream type WatchSweep returns.
+pub type SweepEvents = ReceiverStream<Result<v1::Sweep, Status>>;
+
+/// How often a sweep watcher re-reads Postgres without being poked.
+const FALLBACK_POLL: Duration = Duration::from_millis(500);
+/// Most metrics one GetSweepSummary call may name.
+const MAX_SUMMARY_METRICS: usize = 64;
+const CVAE_METRICS: [&str; 4] = [
+    "test/neg_elbo_nats",
+    "test/bits_per_dim",
+    "test/recon",
+    "test/kl",
+];
+const CLASSIFIER_METRICS: [&str; 2] = ["test/loss", "test/accuracy"];
+
+fn parse_sweep_id(text: &str) -> Result<Uuid> {
+    if text.is_empty() {
+        return Err(Error::invalid("sweep_id", "is required"));
+    }
+    Uuid::parse_str(text)
+        .ok()
+        .filter(|_| text.len() == 36)
+        .ok_or_else(|| {
+            Error::invalid(
+                "sweep_id",
+                format!("must be a sweep id (UUID), got {text:?}"),
+            )
+        })
+}
+
+fn sweep_not_found(id: Uuid) -> Error {
+    Error::NotFound(format!("sweep {id} not found"))
+}
+
+/// Stores the sweep and its jobs (all or nothing), then dispatches the jobs that start queued.
+pub async fn submit(state: &AppState, req: v1::SubmitSweepRequest) -> Result<v1::Sweep> {
+    let spec = req
+        .spec
+        .ok_or_else(|| Error::invalid("spec", "is required"))?;
+    let plan = SweepPlan::try_from(spec)?;
+    let id = Uuid::now_v7();
+    let inserted = store::insert_sweep(&state.pool, id, &plan).await?;
+    tracing::info!(
+        sweep_id = %id, name = %plan.name, arms = plan.arms.len(), seeds = plan.seeds.len(),
+        jobs = inserted.jobs, queued = inserted.queued.len(), "sweep submitted"
+    );
+    dispatch_now(state, &inserted.queued).await;
+    load(state, inserted.sweep).await
+}
+
+pub async fn get(state: &AppState, req: v1::GetSweepRequest) -> Result<v1::Sweep> {
+    let id = parse_sweep_id(&req.sweep_id)?;
+    let row = store::get_sweep(&state.pool, id)
+        .await?
+        .ok_or_else(|| sweep_not_found(id))?;
+    load(state, row).await
+}
+
+/// The sweep with its arms, runs and counts.
+async fn load(state: &AppState, row: SweepRow) -> Result<v1::Sweep> {
+    let arms = store::sweep_arms(&state.pool, row.id).await?;
+    let runs = store::sweep_runs(&state.pool, row.id).await?;
+    let counts = count(runs.iter().map(|r| r.state.as_str()));
+    let mut sweep = sweep_to_proto(row, &counts)?;
+    sweep.arms = arms.into_iter().map(|a| a.name).collect();
+    sweep.runs = runs.iter().map(run_to_proto).collect();
+    Ok(sweep)
+}
+
+fn count<'a>(states: impl Iterator<Item = &'a str>) -> Vec<(String, i64)> {
+    let mut counts: Vec<(String, i64)> = Vec::new();
+    for s in states {
+        match counts.iter_mut().find(|(k, _)| k == s) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((s.to_owned(), 1)),
+        }
+    }
+    counts
+}
+
+fn run_to_proto(r: &SweepRunRow) -> v1::SweepRun {
+    v1::SweepRun {
+        job_id: r.job_id.to_string(),
+        arm: r.arm.clone(),
+        seed: r.seed,
+        source: r.is_source,
+        state: job_state(&r.state) as i32,
+    }
+}
+
+fn job_state(name: &str) -> v1::JobState {
+    proto::state_from_name(name).unwrap_or(v1::JobState::Unspecified)
+}
+
+/// The state a sweep is in, given how many of its jobs are in each state.
+fn sweep_state(row: &SweepRow, counts: &[(String, i64)]) -> v1::SweepState {
+    if row.cancelled_at.is_some() {
+        v1::SweepState::Cancelled
+    } else if counts.iter().any(|(s, n)| *n > 0 && !is_terminal(s)) {
+        v1::SweepState::Running
+    } else if counts.iter().all(|(s, n)| *n == 0 || s == "succeeded") {
+        v1::SweepState::Succeeded
+    } else {
+        v1::SweepState::Partial
+    }
+}
+
+/// A sweep without its arms and runs.
+fn sweep_to_proto(row: SweepRow, counts: &[(String, i64)]) -> Result<v1::Sweep> {
+    let spec: v1::SweepSpec = serde_json::from_value(row.spec.clone()).map_err(|e| {
+        Error::Internal(anyhow::anyhow!(
+            "sweep {} has an unreadable spec: {e}",
+            row.id
+        ))
+    })?;
+    let state = sweep_state(&row, counts);
+    // In JobState order, so the list reads the same every time.
+    let mut jobs_by_state: Vec<v1::StateCount> = counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| v1::StateCount {
+            state: job_state(s) as i32,
+            count: (*n).clamp(0, i64::from(u32::MAX)) as u32,
+        })
+        .collect();
+    jobs_by_state.sort_by_key(|c| c.state);
+    Ok(v1::Sweep {
+        sweep_id: row.id.to_string(),
+        spec: Some(spec),
+        state: state as i32,
+        arms: Vec::new(),
+        runs: Vec::new(),
+        jobs_by_state,
+        created_at: Some(timestamp(row.created_at)),
+    })
+}
+
+pub async fn list(state: &AppState, req: v1::ListSweepsRequest) -> Result<v1::ListSweepsResponse> {
+    let page_size = match req.page_size {
+        0 => DEFAULT_PAGE_SIZE,
+        n => n.min(MAX_PAGE_SIZE),
+    };
+    let after = match req.page_token.as_str() {
+        "" => None,
+        token => Some(PageToken::decode(token).map_err(|_| {
+            Error::invalid(
+                "page_token",
+                "is not a token from a previous ListSweeps response",
+            )
+        })?),
+    };
+    let (rows, next) = store::list_sweeps(&state.pool, page_size, after).await?;
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let mut counts = store::sweep_state_counts(&state.pool, &ids).await?;
+    let sweeps = rows
+        .into_iter()
+        .map(|row| {
+            let c = counts.remove(&row.id).unwrap_or_default();
+            sweep_to_proto(row, &c)
+        })
+        .collect::<Result<_>>()?;
+    Ok(v1::ListSweepsResponse {
+        sweeps,
+        next_page_token: next.map(|t| t.encode()).unwrap_or_default(),
+    })
+}
+
+/// Records the cancellation, then cancels every unfinished job, arms before sources (so arm
+/// runs end `cancelled`, not `failed` because their source was cancelled). Each job is
+/// cancelled in its own transaction by the CancelJob store logic; a job that ends on its own
+/// meanwhile keeps its result.
+pub async fn cancel(state: &AppState, req: v1::CancelSweepRequest) -> Result<v1::Sweep> {
+    let id = parse_sweep_id(&req.sweep_id)?;
+    let reason = domain::reason_text(&req.reason, "sweep cancelled by user");
+    if !store::mark_sweep_cancelled(&state.pool, id).await? {
+        return Err(sweep_not_found(id));
+    }
+    let runs = store::sweep_runs(&state.pool, id).await?;
+    let mut cancelled = 0;
+    for run in runs.iter().rev().filter(|r| !is_terminal(&r.state)) {
+        match store::cancel_job(&state.pool, run.job_id, &reason).await {
+            Ok((_, failed)) => {
+                cancelled += 1;
+                state.notifier.notify(run.job_id);
+                for dependent in failed {
+                    state.notifier.notify(dependent);
+                }
+            }
+            // It ended (or was cancelled) since the read: nothing to do.
+            Err(Error::FailedPrecondition(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    tracing::info!(sweep_id = %id, jobs = cancelled, %reason, "sweep cancelled");
+    let row = store::get_sweep(&state.pool, id)
+        .await?
+        .ok_or_else(|| sweep_not_found(id))?;
+    load(state, row).await
+}
+
+/// Sends the sweep now, then after every change of one of its jobs' states, until every job
+/// has ended (that message is the last), the client leaves, or the coordinator shuts down.
+pub async fn watch(state: Arc<AppState>, req: v1::WatchSweepRequest) -> Result<SweepEvents> {
+    let id = parse_sweep_id(&req.sweep_id)?;
+    // The job ids never change after submission; subscribe before the first read.
+    let runs = store::sweep_runs(&state.pool, id).await?;
+    let subscriptions: Vec<_> = runs
+        .iter()
+        .map(|r| state.notifier.subscribe(r.job_id))
+        .collect();
+    let row = store::get_sweep(&state.pool, id)
+        .await?
+        .ok_or_else(|| sweep_not_found(id))?;
+    let sweep = load(&state, row).await?;
+    let (tx, rx) = mpsc::channel(16);
+    let ended = all_ended(&sweep);
+    let seen = fingerprint(&sweep);
+    if tx.send(Ok(sweep)).await.is_ok() && !ended {
+        tokio::spawn(follow(state, id, subscriptions, seen, tx));
+    }
+    Ok(ReceiverStream::new(rx))
+}
+
+fn all_ended(sweep: &v1::Sweep) -> bool {
+    sweep
+        .runs
+        .iter()
+        .all(|r| v1::JobState::try_from(r.state).is_ok_and(|s| is_terminal(proto::state_name(s))))
+}
+
+/// What a watcher compares: the sweep's state and every run's state.
+fn fingerprint(sweep: &v1::Sweep) -> (i32, Vec<i32>) {
+    (sweep.state, sweep.runs.iter().map(|r| r.state).collect())
+}
+
+async fn follow(
+    state: Arc<AppState>,
+    id: Uuid,
+    mut subscriptions: Vec<crate::events::Subscription>,
+    mut seen: (i32, Vec<i32>),
+    tx: mpsc::Sender<Result<v1::Sweep, Status>>,
+) {
+    let mut shutdown = state.shutdown.clone();
+    let mut poll = tokio::time::interval(FALLBACK_POLL);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let changed = async {
+            if subscriptions.is_empty() {
+                std::future::pending::<()>().await;
+            } else {
+                select_all(subscriptions.iter_mut().map(|s| s.changed().boxed())).await;
+            }
+        };
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = shutdown.wait() => {
+                let _ = tx.send(Err(Status::unavailable("coordinator is shutting down, watch again"))).await;
+                return;
+            }
+            _ = changed => {}
+            _ = poll.tick() => {}
+        }
+        let sweep = match store::get_sweep(&state.pool, id).await {
+            Ok(Some(row)) => load(&state, row).await,
+            Ok(None) => Err(sweep_not_found(id)),
+            Err(e) => Err(e),
+        };
+        let sweep = match sweep {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        let now = fingerprint(&sweep);
+        if now == seen {
+            continue;
+        }
+        seen = now;
+        let ended = all_ended(&sweep);
+        if tx.send(Ok(sweep)).await.is_err() || ended {
+            return;
+        }
+    }
+}
+
+fn check_metric(field: String, name: &str) -> Result<()> {
+    let n = name.chars().count();
+    if n == 0 || n > domain::MAX_METRIC_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            format!(
+                "must be a metric name of 1..={} printable characters",
+                domain::MAX_METRIC_NAME_CHARS
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub async fn summary(
+    state: &AppState,
+    req: v1::GetSweepSummaryRequest,
+) -> Result<v1::SweepSummary> {
+    let id = parse_sweep_id(&req.sweep_id)?;
+    if req.metrics.len() > MAX_SUMMARY_METRICS {
+        return Err(Error::invalid(
+            "metrics",
+            format!(
+                "at most {MAX_SUMMARY_METRICS} metrics, got {}",
+                req.metrics.len()
+            ),
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, m) in req.metrics.iter().enumerate() {
+        check_metric(format!("metrics[{i}]"), m)?;
+        if !seen.insert(m.as_str()) {
+            return Err(Error::invalid(
+                format!("metrics[{i}]"),
+                format!("{m} is listed twice"),
+            ));
+        }
+    }
+    if !req.convergence_metric.is_empty() {
+        check_metric("convergence_metric".into(), &req.convergence_metric)?;
+    }
+    let row = store::get_sweep(&state.pool, id)
+        .await?
+        .ok_or_else(|| sweep_not_found(id))?;
+    let cvae = row.kind == "cifar_cvae";
+    let metrics: Vec<String> = if req.metrics.is_empty() {
+        let defaults: &[&str] = if cvae {
+            &CVAE_METRICS
+        } else {
+            &CLASSIFIER_METRICS
+        };
+        defaults.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        req.metrics.clone()
+    };
+    let convergence_metric = match req.convergence_metric.as_str() {
+        "" if cvae => "test/neg_elbo_nats".to_owned(),
+        "" => "test/loss".to_owned(),
+        m => m.to_owned(),
+    };
+    let arms = store::sweep_arms(&state.pool, id).await?;
+    let baseline = if req.baseline_arm.is_empty() {
+        let random: Vec<&str> = arms
+            .iter()
+            .filter(|a| a.baseline)
+            .map(|a| a.name.as_str())
+            .collect();
+        match random.as_slice() {
+            [one] => (*one).to_owned(),
+            others => {
+                return Err(Error::FailedPrecondition(format!(
+                    "sweep {id} has {} arms with random initialisation ({}); name the baseline with baseline_arm",
+                    others.len(),
+                    others.join(", ")
+                )))
+            }
+        }
+    } else if arms.iter().any(|a| a.name == req.baseline_arm) {
+        req.baseline_arm.clone()
+    } else {
+        return Err(Error::invalid(
+            "baseline_arm",
+            format!("sweep {id} has no arm named {:?}", req.baseline_arm),
+        ));
+    };
+    let runs = store::sweep_runs(&state.pool, id).await?;
+    let mut names = metrics.clone();
+    if !names.contains(&convergence_metric) {
+        names.push(convergence_metric.clone());
+    }
+    let points = store::sweep_metric_points(&state.pool, id, &names).await?;
+    Ok(summarise(
+        id,
+        &arms,
+        &runs,
+        &points,
+        &SummaryRequest {
+            metrics: &metrics,
+            baseline: &baseline,
+            convergence_metric: &convergence_metric,
+        },
+    ))
+}

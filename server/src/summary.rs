@@ -1,0 +1,232 @@
+//! The sweep summary: statistics per arm over random seeds, paired differences from the
+//! baseline arm, and convergence speed. Pure: the api reads the rows, this computes.
+//!
+//! Definitions (the same in the `sweep_summary` SQL view of migration 0005 and in the README):
+//!
+//! - a run's **early** value of a metric: its point with epoch = 1 and the highest step in
+//!   epoch 1 (the end of the first epoch); its **final** value: its point with the highest step;
+//! - statistics are over the arm's succeeded runs that have the value: n, mean, sample sd
+//!   (n - 1), and the 95% interval mean -/+ t(0.975, n - 1) * sd / sqrt(n); n < 2 gives no sd
+//!   and no interval ([`proto::sweep::stat`]);
+//! - the **paired difference** is arm minus baseline for each seed where both runs succeeded
+//!   (and have the value), then the same statistics;
+//! - **convergence**: the target is the baseline's final mean of the convergence metric. A
+//!   run's curve is its value at each epoch-end step (the highest step of each epoch). The arm's
+//!   mean curve is the mean over its succeeded seeds at each step that every one of them has;
+//!   the convergence step is the first step where that mean is at or below the target. Per seed:
+//!   the first epoch-end step at which the run is at or below the target, with statistics over
+//!   the seeds that reached it.
+//!
+//! Must not do I/O.
+
+use std::collections::{BTreeMap, HashMap};
+
+use proto::sweep::stat;
+use proto::v1;
+use uuid::Uuid;
+
+use crate::domain::MetricPoint;
+use crate::store::{SweepArmRow, SweepRunRow};
+
+/// What to summarise.
+pub struct SummaryRequest<'a> {
+    pub metrics: &'a [String],
+    pub baseline: &'a str,
+    pub convergence_metric: &'a str,
+}
+
+/// A run's values of one metric: early, final, and its epoch-end curve (step, value) by step.
+#[derive(Debug, Default, Clone)]
+struct Series {
+    early: Option<f64>,
+    last: Option<f64>,
+    curve: Vec<(i64, f64)>,
+}
+
+/// Points of one metric in step order.
+fn series(points: &[MetricPoint], name: &str) -> Series {
+    let mut by_epoch: BTreeMap<i32, (i64, f64)> = BTreeMap::new();
+    let mut last: Option<(i64, f64)> = None;
+    for p in points.iter().filter(|p| p.name == name) {
+        let end = by_epoch.entry(p.epoch).or_insert((p.step, p.value));
+        if p.step >= end.0 {
+            *end = (p.step, p.value);
+        }
+        if last.is_none_or(|(s, _)| p.step >= s) {
+            last = Some((p.step, p.value));
+        }
+    }
+    let mut curve: Vec<(i64, f64)> = by_epoch.values().copied().collect();
+    curve.sort_by_key(|(s, _)| *s);
+    Series {
+        early: by_epoch.get(&1).map(|(_, v)| *v),
+        last: last.map(|(_, v)| v),
+        curve,
+    }
+}
+
+fn some_stat(values: &[f64]) -> Option<v1::Stat> {
+    Some(stat(values))
+}
+
+/// Builds the summary. `points` holds the points of the succeeded runs (by job id).
+pub fn summarise(
+    sweep_id: Uuid,
+    arms: &[SweepArmRow],
+    runs: &[SweepRunRow],
+    points: &HashMap<Uuid, Vec<MetricPoint>>,
+    req: &SummaryRequest<'_>,
+) -> v1::SweepSummary {
+    let empty = Vec::new();
+    // (arm, seed) -> series per metric, for succeeded runs.
+    let succeeded = |arm: &str| -> Vec<&SweepRunRow> {
+        runs.iter()
+            .filter(|r| !r.is_source && r.arm == arm && r.state == "succeeded")
+            .collect()
+    };
+    let series_of = |arm: &str, metric: &str| -> Vec<(u64, Series)> {
+        succeeded(arm)
+            .into_iter()
+            .map(|r| {
+                (
+                    r.seed,
+                    series(points.get(&r.job_id).unwrap_or(&empty), metric),
+                )
+            })
+            .collect()
+    };
+    let baseline_conv = series_of(req.baseline, req.convergence_metric);
+    let baseline_finals: Vec<f64> = baseline_conv.iter().filter_map(|(_, s)| s.last).collect();
+    let target = (!baseline_finals.is_empty()).then(|| stat(&baseline_finals).mean);
+
+    let mut out = Vec::with_capacity(arms.len());
+    for arm in arms {
+        let is_baseline = arm.name == req.baseline;
+        let planned: Vec<&SweepRunRow> = runs
+            .iter()
+            .filter(|r| !r.is_source && r.arm == arm.name)
+            .collect();
+        let missing = planned
+            .iter()
+            .filter(|r| r.state != "succeeded")
+            .map(|r| v1::MissingRun {
+                job_id: r.job_id.to_string(),
+                seed: r.seed,
+                state: proto::state_from_name(&r.state).unwrap_or(v1::JobState::Unspecified) as i32,
+                error: if crate::domain::is_terminal(&r.state) {
+                    r.error.clone().unwrap_or_default()
+                } else {
+                    String::new()
+                },
+            })
+            .collect::<Vec<_>>();
+        let seeds_succeeded = planned.len() - missing.len();
+        let mut metrics = Vec::with_capacity(req.metrics.len());
+        for metric in req.metrics {
+            let mine = series_of(&arm.name, metric);
+            let early: Vec<f64> = mine.iter().filter_map(|(_, s)| s.early).collect();
+            let last: Vec<f64> = mine.iter().filter_map(|(_, s)| s.last).collect();
+            let (early_diff, last_diff) = if is_baseline {
+                (None, None)
+            } else {
+                let base: HashMap<u64, Series> =
+                    series_of(req.baseline, metric).into_iter().collect();
+                let diff = |pick: fn(&Series) -> Option<f64>| -> Vec<f64> {
+                    mine.iter()
+                        .filter_map(|(seed, s)| Some(pick(s)? - pick(base.get(seed)?)?))
+                        .collect()
+                };
+                (some_stat(&diff(|s| s.early)), some_stat(&diff(|s| s.last)))
+            };
+            metrics.push(v1::MetricSummary {
+                name: metric.clone(),
+                early: some_stat(&early),
+                last: some_stat(&last),
+                early_diff,
+                last_diff,
+            });
+        }
+        // Convergence.
+        let conv = series_of(&arm.name, req.convergence_metric);
+        let mut summary = v1::ArmSummary {
+            arm: arm.name.clone(),
+            baseline: is_baseline,
+            seeds_planned: planned.len() as u32,
+            seeds_succeeded: seeds_succeeded as u32,
+            missing,
+            metrics,
+            convergence_step: 0,
+            converged: false,
+            convergence_step_per_seed: None,
+            seeds_not_converged: seeds_succeeded as u32,
+        };
+        if let Some(target) = target {
+            let curves: Vec<&Vec<(i64, f64)>> = conv
+                .iter()
+                .map(|(_, s)| &s.curve)
+                .filter(|c| !c.is_empty())
+                .collect();
+            if let Some(first) = curves.first() {
+                for (step, _) in first.iter() {
+                    let values: Option<Vec<f64>> = curves
+                        .iter()
+                        .map(|c| c.iter().find(|(s, _)| s == step).map(|(_, v)| *v))
+                        .collect();
+                    if let Some(values) = values {
+                        if stat(&values).mean <= target {
+                            summary.convergence_step = (*step).max(0) as u64;
+                            summary.converged = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            let reached: Vec<f64> = conv
+                .iter()
+                .filter_map(|(_, s)| s.curve.iter().find(|(_, v)| *v <= target))
+                .map(|(step, _)| *step as f64)
+                .collect();
+            summary.seeds_not_converged =
+                (seeds_succeeded - reached.len().min(seeds_succeeded)) as u32;
+            summary.convergence_step_per_seed = Some(stat(&reached));
+        } else {
+            summary.convergence_step_per_seed = Some(stat(&[]));
+        }
+        out.push(summary);
+    }
+    v1::SweepSummary {
+        sweep_id: sweep_id.to_string(),
+        baseline_arm: req.baseline.to_owned(),
+        convergence_metric: req.convergence_metric.to_owned(),
+        convergence_target: target.unwrap_or(0.0),
+        arms: out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(name: &str, step: i64, epoch: i32, value: f64) -> MetricPoint {
+        MetricPoint {
+            name: name.into(),
+            step,
+            epoch,
+            value,
+        }
+    }
+
+    #[test]
+    fn early_is_the_end_of_epoch_one_and_final_the_highest_step() {
+        let points = [
+            p("m", 5, 1, 3.0),
+            p("m", 10, 1, 2.0),
+            p("m", 20, 2, 1.0),
+            p("other", 30, 2, 9.0),
+        ];
+        let s = series(&points, "m");
+        assert_eq!(s.early, Some(2.0));
+        assert_eq!(s.last, Some(1.0));
+        assert_eq!(s.curve, [(10, 2.0), (20, 1.0)]);
+    }
+}
