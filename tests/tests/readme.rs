@@ -276,6 +276,23 @@ async fn every_readme_command_runs_against_the_compose_stack_with_auth_on() {
         stdout.contains("trainq_jobs{state=\"succeeded\"}"),
         "curl of /metrics"
     );
+    let report = std::fs::read_to_string(work.join("study-report/report.md")).expect("report.md");
+    assert!(report.contains("luminance-conv2"), "{report}");
+    assert!(work
+        .join("study-report/curves/test_neg_elbo_nats.svg")
+        .exists());
+    let sweeps: Vec<(String, String)> = sqlx::query_as(
+        "SELECT s.name, j.state FROM sweeps s JOIN sweep_runs r ON r.sweep_id = s.id
+         JOIN jobs j ON j.id = r.job_id WHERE s.name = 'readme-study'",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("query");
+    assert_eq!(sweeps.len(), 6, "2 sources and 2 x 2 arm runs: {sweeps:?}");
+    assert!(
+        sweeps.iter().all(|(_, state)| state == "succeeded"),
+        "{sweeps:?}"
+    );
 }
 
 fn tail(text: &str, max: usize) -> &str {
