@@ -137,15 +137,11 @@ pub struct Curve {
     pub points: Vec<(u64, f64, Option<f64>)>,
 }
 
-/// Mean and sample standard deviation (n - 1); no sd below two values.
+/// Mean and sample standard deviation (n - 1); no sd below two values. The coordinator's own
+/// statistics ([`proto::sweep::stat`]), so curves and tables cannot disagree.
 pub fn mean_sd(values: &[f64]) -> (f64, Option<f64>) {
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    if values.len() < 2 {
-        return (mean, None);
-    }
-    let ss: f64 = values.iter().map(|v| (v - mean) * (v - mean)).sum();
-    (mean, Some((ss / (n - 1.0)).sqrt()))
+    let s = proto::sweep::stat(values);
+    (s.mean, s.sd)
 }
 
 /// Every arm's mean curve of `metric` over its runs, arms in the order given, steps ascending.
