@@ -1606,7 +1606,8 @@ async fn artifact_files_names_each_artifacts_job_and_its_key_in_the_store(pool: 
         .await
         .expect("record");
 
-    let rows: Vec<(
+    /// job_id, job_name, job_kind, attempt, kind, name, key, epoch, step, size_bytes, sha256, uri
+    type ArtifactFileRow = (
         Uuid,
         String,
         String,
@@ -1619,7 +1620,8 @@ async fn artifact_files_names_each_artifacts_job_and_its_key_in_the_store(pool: 
         i64,
         String,
         String,
-    )> = sqlx::query_as(
+    );
+    let rows: Vec<ArtifactFileRow> = sqlx::query_as(
         "SELECT job_id, job_name, job_kind, attempt, kind, name, key, epoch, step, size_bytes,
                     sha256, uri
              FROM artifact_files",

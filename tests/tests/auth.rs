@@ -10,7 +10,6 @@ const WORKER_TOKEN: &str = "system-test-worker-token";
 
 // The training lock is a std mutex on purpose: it serialises training across tests, each of
 // which has its own runtime.
-#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_auth_on_a_job_submitted_with_the_client_token_is_trained_by_a_worker_with_its_token()
 {

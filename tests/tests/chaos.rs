@@ -1287,7 +1287,6 @@ fn table(rows: &[Row]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 // The lock is held for the whole test on purpose: it keeps other training tests of this binary
 // from running during the suite; nothing else in the test takes it.
-#[allow(clippy::await_holding_lock)]
 async fn every_job_survives_worker_kills_redis_loss_and_coordinator_and_postgres_restarts_exactly_once(
 ) {
     let _guard = training_lock();

@@ -139,7 +139,6 @@ fn the_parsed_environment_matches_docker_compose_config() {
 
 // The training lock is a std mutex on purpose: it serialises training across tests, each of
 // which has its own runtime.
-#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_compose_stack_is_healthy_with_auth_on_and_worker_cpu_trains_a_job() {
     let _guard = training_lock();

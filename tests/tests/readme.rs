@@ -13,7 +13,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tests::compose::{ComposeFile, ComposeOptions, ComposeStack};
 use tests::{binary, grpcurl, shared_data_dir, training_lock, workspace_root};

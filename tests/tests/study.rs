@@ -106,7 +106,6 @@ const METRICS: [&str; 4] = [
 
 // The training lock is held for the whole test on purpose: only one test trains at a time on a
 // 2-core machine, and other tests wait for it on their own threads, not on this runtime.
-#[allow(clippy::await_holding_lock)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_in_postgres() {
     let _guard = training_lock();

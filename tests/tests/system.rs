@@ -153,11 +153,10 @@ async fn mnist_jobs_submitted_with_grpcurl_and_rust_train_to_ninety_percent_and_
         .expect("watch stalled")
     {
         match event.expect("watch event").event {
-            Some(v1::job_event::Event::Job(job)) => {
-                if states.last() != Some(&job.state()) {
-                    states.push(job.state());
-                }
+            Some(v1::job_event::Event::Job(job)) if states.last() != Some(&job.state()) => {
+                states.push(job.state());
             }
+            Some(v1::job_event::Event::Job(_)) => {}
             Some(v1::job_event::Event::Metrics(batch)) => {
                 if first_step_after.is_none() && !batch.points.is_empty() {
                     first_step_after = Some(started.elapsed());
