@@ -10,31 +10,6 @@ use proto::v1::{self, JobState};
 use tests::*;
 use tokio_stream::StreamExt;
 
-/// A data dir holding the real MNIST (linked) and generated CIFAR-100 files.
-fn data_dir(env: &TestEnv) -> PathBuf {
-    let dir = env.dir.path().join("data");
-    std::fs::create_dir_all(&dir).expect("data dir");
-    std::os::unix::fs::symlink(shared_data_dir().join("mnist"), dir.join("mnist"))
-        .expect("link mnist");
-    let status = std::process::Command::new(binary("trainq-worker"))
-        .args([
-            "gen-cifar",
-            "--train",
-            "2000",
-            "--test",
-            "500",
-            "--seed",
-            "7",
-            "--out",
-        ])
-        .arg(&dir)
-        .status()
-        .expect("gen-cifar runs");
-    assert!(status.success(), "gen-cifar failed");
-    assert!(dir.join("cifar-100-binary/train.bin").exists());
-    dir
-}
-
 fn cvae_spec(name: &str, init: serde_json::Value) -> v1::JobSpec {
     let json = serde_json::json!({
         "name": name,
@@ -145,7 +120,7 @@ async fn a_transfer_cvae_waits_for_its_classifier_and_both_cvaes_train_with_chec
 {
     let _guard = training_lock();
     let env = TestEnv::new();
-    let data = data_dir(&env);
+    let data = data_dir_with_cifar(&env.dir.path().join("data"), 2000, 500, 7);
     let coordinator = env.start_coordinator(&[]).await;
     let mut client = coordinator.client().await;
 

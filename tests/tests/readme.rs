@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Instant;
 
 use tests::compose::{ComposeFile, ComposeOptions, ComposeStack};
-use tests::{binary, grpcurl, shared_data_dir, training_lock, workspace_root};
+use tests::{binary, data_dir_with_cifar, grpcurl, training_lock, workspace_root};
 
 /// A fenced block of the README.
 #[derive(Debug)]
@@ -95,31 +95,6 @@ fn script(blocks: &[Block], rewrites: &[(String, String)]) -> String {
     script
 }
 
-/// A data dir for the worker: the real MNIST and CIFAR-100 files generated in the official
-/// binary format (the real set cannot be downloaded here).
-fn data_dir(root: &Path) -> std::path::PathBuf {
-    let dir = root.join("datasets");
-    std::fs::create_dir_all(&dir).expect("data dir");
-    std::os::unix::fs::symlink(shared_data_dir().join("mnist"), dir.join("mnist"))
-        .expect("link mnist");
-    let status = Command::new(binary("trainq-worker"))
-        .args([
-            "gen-cifar",
-            "--train",
-            "1000",
-            "--test",
-            "200",
-            "--seed",
-            "3",
-            "--out",
-        ])
-        .arg(&dir)
-        .status()
-        .expect("gen-cifar runs");
-    assert!(status.success(), "gen-cifar failed");
-    dir
-}
-
 #[test]
 fn no_block_shows_a_command_that_the_readme_test_does_not_run() {
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).expect("README.md");
@@ -153,7 +128,7 @@ fn no_block_shows_a_command_that_the_readme_test_does_not_run() {
 async fn every_readme_command_runs_against_the_compose_stack_with_auth_on() {
     let _guard = training_lock();
     let scratch = tempfile::tempdir().expect("scratch dir");
-    let data = data_dir(scratch.path());
+    let data = data_dir_with_cifar(&scratch.path().join("datasets"), 1000, 200, 3);
     let file = ComposeFile::workspace().expect("docker-compose.yml");
     let mut opts = ComposeOptions::services(&["postgres", "redis", "coordinator", "worker-cpu"]);
     opts.data_dir = data;

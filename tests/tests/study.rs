@@ -5,36 +5,12 @@
 //! from Postgres's metric_points.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Instant;
 
 use serde_json::Value;
 use tests::*;
-
-/// A data dir holding the real MNIST (linked) and generated CIFAR-100 files.
-fn data_dir(env: &TestEnv) -> PathBuf {
-    let dir = env.dir.path().join("data");
-    std::fs::create_dir_all(&dir).expect("data dir");
-    std::os::unix::fs::symlink(shared_data_dir().join("mnist"), dir.join("mnist"))
-        .expect("link mnist");
-    let status = Command::new(binary("trainq-worker"))
-        .args([
-            "gen-cifar",
-            "--train",
-            "1000",
-            "--test",
-            "200",
-            "--seed",
-            "7",
-        ])
-        .arg("--out")
-        .arg(&dir)
-        .status()
-        .expect("gen-cifar runs");
-    assert!(status.success(), "gen-cifar failed");
-    dir
-}
 
 /// Runs the real `trainq` against the coordinator.
 fn trainq(coordinator: &Coordinator, dir: &Path, args: &[&str]) -> Output {
@@ -110,7 +86,7 @@ const METRICS: [&str; 4] = [
 async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_in_postgres() {
     let _guard = training_lock();
     let env = TestEnv::new();
-    let data = data_dir(&env);
+    let data = data_dir_with_cifar(&env.dir.path().join("data"), 1000, 200, 7);
     let coordinator = env.start_coordinator(&[]).await;
     let mut worker = env.start_worker_with_data(&coordinator, "study-worker", &data, &[]);
     let dir = env.dir.path();
