@@ -761,10 +761,19 @@ async fn refuse_lease(ex: impl PgExecutor<'_>, lease: &Lease) -> Error {
 /// cancelled row.
 pub async fn cancel_job(pool: &PgPool, id: Uuid, reason: &str) -> Result<(JobRow, Vec<Uuid>)> {
     let mut tx = pool.begin().await?;
+    let cancelled = cancel_in(&mut tx, id, reason).await?;
+    tx.commit().await?;
+    Ok(cancelled)
+}
+
+/// [`cancel_job`]'s work inside the caller's transaction: locks the job, refuses an unknown
+/// (NOT_FOUND) or ended one (FAILED_PRECONDITION), cancels it, closes its attempt and fails its
+/// waiting dependents.
+async fn cancel_in(conn: &mut PgConnection, id: Uuid, reason: &str) -> Result<(JobRow, Vec<Uuid>)> {
     let state: Option<String> =
         sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
             .bind(id)
-            .fetch_optional(&mut *tx)
+            .fetch_optional(&mut *conn)
             .await?;
     match state {
         None => return Err(Error::job_not_found(id)),
@@ -783,12 +792,53 @@ pub async fn cancel_job(pool: &PgPool, id: Uuid, reason: &str) -> Result<(JobRow
     )
     .bind(id)
     .bind(reason)
-    .fetch_one(&mut *tx)
+    .fetch_one(&mut *conn)
     .await?;
-    end_attempt(&mut tx, id, row.attempt, "cancelled", Some(reason)).await?;
-    let failed = fail_dependents(&mut tx, id).await?;
-    tx.commit().await?;
+    end_attempt(&mut *conn, id, row.attempt, "cancelled", Some(reason)).await?;
+    let failed = fail_dependents(&mut *conn, id).await?;
     Ok((row, failed))
+}
+
+/// What cancelling a sweep did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SweepCancelled {
+    /// The jobs it cancelled, in the order it cancelled them.
+    pub cancelled: Vec<Uuid>,
+    /// Jobs outside the sweep that waited for one of them and failed with it.
+    pub dependents_failed: Vec<Uuid>,
+}
+
+/// Cancels a sweep in one transaction: records `cancelled_at` (the first time) and cancels every
+/// job of it that has not ended, the last planned first (arm runs before the sources they wait
+/// for, so that they end `cancelled`, not `dependency_failed`). Jobs that ended keep their
+/// results. `None` when there is no such sweep. Calling it again cancels nothing more.
+pub async fn cancel_sweep(pool: &PgPool, id: Uuid, reason: &str) -> Result<Option<SweepCancelled>> {
+    let mut tx = pool.begin().await?;
+    if !mark_sweep_cancelled(&mut *tx, id).await? {
+        return Ok(None);
+    }
+    let open: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT r.job_id FROM sweep_runs r JOIN jobs j ON j.id = r.job_id
+         WHERE r.sweep_id = $1 AND j.state IN ('waiting', 'queued', 'running')
+         ORDER BY r.position DESC",
+    )
+    .bind(id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut done = SweepCancelled::default();
+    for job in open {
+        match cancel_in(&mut tx, job, reason).await {
+            Ok((_, failed)) => {
+                done.cancelled.push(job);
+                done.dependents_failed.extend(failed);
+            }
+            // Ended since the read, or failed with a job cancelled just before: keep it.
+            Err(Error::FailedPrecondition(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await?;
+    Ok(Some(done))
 }
 
 // ---------------------------------------------------------------------------------------------

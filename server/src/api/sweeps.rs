@@ -200,25 +200,13 @@ pub async fn list(state: &AppState, req: v1::ListSweepsRequest) -> Result<v1::Li
 pub async fn cancel(state: &AppState, req: v1::CancelSweepRequest) -> Result<v1::Sweep> {
     let id = parse_sweep_id(&req.sweep_id)?;
     let reason = domain::reason_text(&req.reason, "sweep cancelled by user");
-    if !store::mark_sweep_cancelled(&state.pool, id).await? {
-        return Err(sweep_not_found(id));
+    let done = store::cancel_sweep(&state.pool, id, &reason)
+        .await?
+        .ok_or_else(|| sweep_not_found(id))?;
+    for job in done.cancelled.iter().chain(&done.dependents_failed) {
+        state.notifier.notify(*job);
     }
-    let runs = store::sweep_runs(&state.pool, id).await?;
-    let mut cancelled = 0;
-    for run in runs.iter().rev().filter(|r| !is_terminal(&r.state)) {
-        match store::cancel_job(&state.pool, run.job_id, &reason).await {
-            Ok((_, failed)) => {
-                cancelled += 1;
-                state.notifier.notify(run.job_id);
-                for dependent in failed {
-                    state.notifier.notify(dependent);
-                }
-            }
-            // It ended (or was cancelled) since the read: nothing to do.
-            Err(Error::FailedPrecondition(_)) => {}
-            Err(e) => return Err(e),
-        }
-    }
+    let cancelled = done.cancelled.len();
     tracing::info!(sweep_id = %id, jobs = cancelled, %reason, "sweep cancelled");
     let row = store::get_sweep(&state.pool, id)
         .await?
