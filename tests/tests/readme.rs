@@ -127,6 +127,16 @@ fn no_block_shows_a_command_that_the_readme_test_does_not_run() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_readme_command_runs_against_the_compose_stack_with_auth_on() {
     let _guard = training_lock();
+    for tool in ["jq", "psql", "curl"] {
+        let found = ["/usr/local/bin", "/usr/bin", "/bin"]
+            .iter()
+            .any(|dir| Path::new(dir).join(tool).is_file());
+        assert!(
+            found,
+            "the README's commands need {tool}: install it (Debian: apt-get install jq \
+             postgresql-client curl; .ci/run does)"
+        );
+    }
     let scratch = tempfile::tempdir().expect("scratch dir");
     let data = data_dir_with_cifar(&scratch.path().join("datasets"), 1000, 200, 3);
     let file = ComposeFile::workspace().expect("docker-compose.yml");
