@@ -1399,6 +1399,26 @@ pub async fn insert_sweep(
     })
 }
 
+/// A sweep as one consistent picture: its row (with `cancelled_at`), arms and runs (with their
+/// jobs' states) read in one REPEATABLE READ snapshot, so that a reader never sees, say, every
+/// job cancelled but the sweep not yet. `None` when there is no such sweep.
+pub async fn sweep_snapshot(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<(SweepRow, Vec<SweepArmRow>, Vec<SweepRunRow>)>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await?;
+    let Some(row) = get_sweep(&mut *tx, id).await? else {
+        return Ok(None);
+    };
+    let arms = sweep_arms(&mut *tx, id).await?;
+    let runs = sweep_runs(&mut *tx, id).await?;
+    tx.commit().await?;
+    Ok(Some((row, arms, runs)))
+}
+
 pub async fn get_sweep(ex: impl PgExecutor<'_>, id: Uuid) -> Result<Option<SweepRow>> {
     Ok(sqlx::query_as("SELECT * FROM sweeps WHERE id = $1")
         .bind(id)

@@ -5,15 +5,17 @@
 //! Needs DATABASE_URL (any database on the server, for example
 //! postgres://postgres@127.0.0.1:5432/postgres); Redis at REDIS_URL may be up or not.
 
+mod common;
+
+use common::{redis_url, wait_until_serving, Cleanup, WAIT};
+
 use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use clap::Parser as _;
 use proto::v1::worker_service_client::WorkerServiceClient;
 use proto::v1::{self, job_service_client::JobServiceClient};
 use server::Config;
-use sqlx::{Connection as _, PgConnection};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
@@ -21,16 +23,6 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL").expect("DATABASE_URL must name a Postgres server for these tests")
-}
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 /// Everything every server in this test binary logs, at DEBUG and above (tokio tasks run on
 /// other threads, so the subscriber is the global one).
@@ -96,12 +88,12 @@ impl Tokens {
     }
 }
 
-/// A coordinator running in this process; its database is dropped on drop.
+/// A coordinator running in this process; its database and Redis keys are removed on drop.
 struct TestServer {
     addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
-    db_name: String,
+    _cleanup: Cleanup,
     _artifacts: tempfile::TempDir,
 }
 
@@ -109,20 +101,15 @@ impl TestServer {
     async fn start(flags: &[String]) -> Self {
         captured_log();
         let artifacts = tempfile::tempdir().expect("artifact dir");
-        let db_name = format!("trainq_test_{}", Uuid::new_v4().simple());
-        let admin = admin_url();
-        let base = admin.split('?').next().unwrap_or(&admin);
-        let (root, _) = base
-            .rsplit_once('/')
-            .expect("DATABASE_URL names a database");
+        let cleanup = Cleanup::new();
         let mut args: Vec<String> = vec![
             "trainq-server".into(),
             "--database-url".into(),
-            format!("{root}/{db_name}"),
+            cleanup.db_url(),
             "--redis-url".into(),
             redis_url(),
             "--redis-prefix".into(),
-            format!("trainq-test:{}:", Uuid::new_v4()),
+            cleanup.redis_prefix.clone(),
             "--artifacts".into(),
             format!("file://{}", artifacts.path().display()),
             "--metrics-listen".into(),
@@ -142,7 +129,7 @@ impl TestServer {
             addr,
             stop: Some(stop),
             task: Some(task),
-            db_name,
+            _cleanup: cleanup,
             _artifacts: artifacts,
         }
     }
@@ -164,44 +151,6 @@ impl TestServer {
                 .expect("server task did not panic")
                 .expect("server shut down cleanly");
         }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        let db_name = self.db_name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let mut admin = PgConnection::connect(&admin_url()).await?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-                    .execute(&mut admin)
-                    .await?;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-    }
-}
-
-/// Polls gRPC health (which needs no token) until the server serves.
-async fn wait_until_serving(channel: Channel) {
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let req = tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        };
-        match health.check(req).await {
-            Ok(_) => return,
-            Err(e) => assert!(
-                tokio::time::Instant::now() < deadline,
-                "server did not start serving: {e}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -6,6 +6,10 @@
 //! postgres://postgres@127.0.0.1:5432/postgres) and Redis at REDIS_URL (default
 //! redis://127.0.0.1:6379).
 
+mod common;
+
+use common::{admin_url, free_port, redis_url, wait_until_serving, Cleanup, WAIT};
+
 use std::time::Duration;
 
 use clap::Parser as _;
@@ -15,24 +19,13 @@ use proto::v1::{
 };
 use server::dispatch::Dispatcher;
 use server::Config;
-use sqlx::{Connection as _, PgConnection, PgPool};
+use sqlx::PgPool;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
 use tonic::Code;
 use uuid::Uuid;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .expect("DATABASE_URL must name a Postgres server for the service tests")
-}
-
-fn redis_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 /// A coordinator running in this process.
 struct TestServer {
@@ -48,41 +41,6 @@ struct TestServer {
     stop: oneshot::Sender<()>,
     task: JoinHandle<anyhow::Result<()>>,
     _cleanup: Cleanup,
-}
-
-/// Drops the test's database and Redis queue when the test ends, passed or failed.
-struct Cleanup {
-    db_name: String,
-    redis_prefix: String,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let (db_name, prefix) = (self.db_name.clone(), self.redis_prefix.clone());
-        // Drop runs inside the test's runtime, which cannot be blocked on: use a fresh one.
-        let cleaned = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            rt.block_on(async {
-                let mut admin = PgConnection::connect(&admin_url()).await?;
-                sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-                    .execute(&mut admin)
-                    .await?;
-                let queue = Dispatcher::new(&redis_url(), &prefix)?;
-                let _ = queue.delete_queue().await;
-                let _ = queue.forget_alive().await;
-                anyhow::Ok(())
-            })
-        })
-        .join();
-        if !matches!(cleaned, Ok(Ok(()))) {
-            eprintln!(
-                "could not clean up test database {}: {cleaned:?}",
-                self.db_name
-            );
-        }
-    }
 }
 
 impl TestServer {
@@ -104,16 +62,8 @@ impl TestServer {
     ) -> Self {
         let artifacts = tempfile::tempdir().expect("artifact dir");
         let artifacts_url = format!("file://{}", artifacts.path().display());
-        let cleanup = Cleanup {
-            db_name: format!("trainq_test_{}", Uuid::new_v4().simple()),
-            redis_prefix: format!("trainq-test:{}:", Uuid::new_v4()),
-        };
-        let admin = admin_url();
-        let base = admin.split('?').next().unwrap_or(&admin);
-        let (server_root, _) = base
-            .rsplit_once('/')
-            .expect("DATABASE_URL names a database");
-        let db_url = format!("{server_root}/{}", cleanup.db_name);
+        let cleanup = Cleanup::new();
+        let db_url = cleanup.db_url();
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             "trainq-server",
@@ -191,13 +141,6 @@ impl TestServer {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
 /// `GET path` over plain HTTP/1.0: the status code and the body.
 async fn http_get(addr: &str, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -225,25 +168,6 @@ async fn http_get(addr: &str, path: &str) -> (u16, String) {
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-}
-
-/// Polls gRPC health until the server answers (it serves only after migrating).
-async fn wait_until_serving(channel: Channel) {
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let req = tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        };
-        if health.check(req).await.is_ok() {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "server did not start serving"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn train(spec: &mut v1::JobSpec) -> &mut v1::Training {

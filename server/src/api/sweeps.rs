@@ -73,21 +73,19 @@ pub async fn submit(state: &AppState, req: v1::SubmitSweepRequest) -> Result<v1:
         jobs = inserted.jobs, queued = inserted.queued.len(), "sweep submitted"
     );
     dispatch_now(state, &inserted.queued).await;
-    load(state, inserted.sweep).await
+    load(state, id).await
 }
 
 pub async fn get(state: &AppState, req: v1::GetSweepRequest) -> Result<v1::Sweep> {
     let id = parse_sweep_id(&req.sweep_id)?;
-    let row = store::get_sweep(&state.pool, id)
-        .await?
-        .ok_or_else(|| sweep_not_found(id))?;
-    load(state, row).await
+    load(state, id).await
 }
 
-/// The sweep with its arms, runs and counts.
-async fn load(state: &AppState, row: SweepRow) -> Result<v1::Sweep> {
-    let arms = store::sweep_arms(&state.pool, row.id).await?;
-    let runs = store::sweep_runs(&state.pool, row.id).await?;
+/// The sweep with its arms, runs and counts, from one snapshot (NOT_FOUND if there is none).
+async fn load(state: &AppState, id: Uuid) -> Result<v1::Sweep> {
+    let (row, arms, runs) = store::sweep_snapshot(&state.pool, id)
+        .await?
+        .ok_or_else(|| sweep_not_found(id))?;
     let counts = count(runs.iter().map(|r| r.state.as_str()));
     let mut sweep = sweep_to_proto(row, &counts)?;
     sweep.arms = arms.into_iter().map(|a| a.name).collect();
@@ -208,10 +206,7 @@ pub async fn cancel(state: &AppState, req: v1::CancelSweepRequest) -> Result<v1:
     }
     let cancelled = done.cancelled.len();
     tracing::info!(sweep_id = %id, jobs = cancelled, %reason, "sweep cancelled");
-    let row = store::get_sweep(&state.pool, id)
-        .await?
-        .ok_or_else(|| sweep_not_found(id))?;
-    load(state, row).await
+    load(state, id).await
 }
 
 /// Sends the sweep now, then after every change of one of its jobs' states, until every job
@@ -224,10 +219,7 @@ pub async fn watch(state: Arc<AppState>, req: v1::WatchSweepRequest) -> Result<S
         .iter()
         .map(|r| state.notifier.subscribe(r.job_id))
         .collect();
-    let row = store::get_sweep(&state.pool, id)
-        .await?
-        .ok_or_else(|| sweep_not_found(id))?;
-    let sweep = load(&state, row).await?;
+    let sweep = load(&state, id).await?;
     let (tx, rx) = mpsc::channel(16);
     let ended = all_ended(&sweep);
     let seen = fingerprint(&sweep);
@@ -276,12 +268,7 @@ async fn follow(
             _ = changed => {}
             _ = poll.tick() => {}
         }
-        let sweep = match store::get_sweep(&state.pool, id).await {
-            Ok(Some(row)) => load(&state, row).await,
-            Ok(None) => Err(sweep_not_found(id)),
-            Err(e) => Err(e),
-        };
-        let sweep = match sweep {
+        let sweep = match load(&state, id).await {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(Err(e.into())).await;
