@@ -202,7 +202,9 @@ impl JobSpec {
     }
 }
 
-fn check_text(
+/// A text field of at most `max` characters, none of them control characters (and not empty
+/// unless `allow_empty`). Shared with the sweep validator.
+pub(crate) fn check_text(
     field: &str,
     value: &str,
     max: usize,

@@ -227,20 +227,7 @@ fn is_transfer(spec: &v1::JobSpec) -> bool {
 }
 
 fn check_name(field: &str, value: &str, max: usize) -> Result<(), FieldViolation> {
-    let n = value.chars().count();
-    if n == 0 || n > max {
-        return Err(FieldViolation::new(
-            field,
-            format!("must be 1..={max} characters, got {n}"),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(FieldViolation::new(
-            field,
-            "must not contain control characters",
-        ));
-    }
-    Ok(())
+    crate::spec::check_text(field, value, max, false)
 }
 
 fn arm_name_char(c: char) -> bool {
