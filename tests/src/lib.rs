@@ -7,7 +7,7 @@
 //! naming the fix, never a silent skip. Must not link libtorch (invariant 6).
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -483,6 +483,31 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
 pub fn prometheus_sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Runs the real `trainq` CLI in `dir` against `coordinator`, with no token and no address
+/// inherited from the environment.
+pub fn trainq(coordinator: &Coordinator, dir: &Path, args: &[&str]) -> Output {
+    Command::new(binary("trainq"))
+        .args(args)
+        .current_dir(dir)
+        .env("TRAINQ_SERVER", coordinator.url())
+        .env_remove("TRAINQ_TOKEN")
+        .output()
+        .expect("running trainq")
+}
+
+/// Asserts that a finished command exited with `code`, showing both streams when it did not;
+/// returns its stdout.
+pub fn expect_exit(out: &Output, code: i32, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{what}: stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
 
 /// Polls GetJob until the job is in a terminal state or `timeout` passes.

@@ -1,21 +1,9 @@
 //! System tests of the `trainq` CLI: the real binary against a real coordinator (and a real
 //! worker where a job must train), through the harness in tests/src/lib.rs.
 
-use std::path::Path;
 use std::process::{Command, Output};
 
 use tests::*;
-
-/// Runs the real `trainq` against a coordinator, with no token and no inherited address.
-fn trainq(coordinator: &Coordinator, dir: &Path, args: &[&str]) -> Output {
-    Command::new(binary("trainq"))
-        .args(args)
-        .current_dir(dir)
-        .env("TRAINQ_SERVER", coordinator.url())
-        .env_remove("TRAINQ_TOKEN")
-        .output()
-        .expect("running trainq")
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
@@ -23,17 +11,6 @@ fn stdout(out: &Output) -> String {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Asserts the exit code, showing both streams when it differs.
-fn expect_code(out: &Output, code: i32, what: &str) {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{what}: stdout:\n{}\nstderr:\n{}",
-        stdout(out),
-        stderr(out)
-    );
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -69,13 +46,13 @@ async fn a_yaml_spec_submitted_with_trainq_is_watched_to_success_and_its_metrics
     std::fs::write(dir.join("spec.yaml"), YAML_SPEC).expect("write spec");
 
     let out = trainq(&coordinator, dir, &["submit", "spec.yaml"]);
-    expect_code(&out, 0, "submit");
+    expect_exit(&out, 0, "submit");
     let id = stdout(&out).trim().to_string();
     assert_eq!(id.len(), 36, "submit prints the job id: {id:?}");
 
     // stdout is a pipe here, so watch prints plain lines, and exits 0 on success.
     let out = trainq(&coordinator, dir, &["watch", &id]);
-    expect_code(&out, 0, "watch");
+    expect_exit(&out, 0, "watch");
     let lines = stdout(&out);
     assert!(lines.contains("succeeded"), "{lines}");
     assert!(
@@ -84,11 +61,11 @@ async fn a_yaml_spec_submitted_with_trainq_is_watched_to_success_and_its_metrics
     );
 
     let out = trainq(&coordinator, dir, &["get", &id, "--output", "json"]);
-    expect_code(&out, 0, "get");
+    expect_exit(&out, 0, "get");
     assert_eq!(json(&out)["state"], "JOB_STATE_SUCCEEDED");
 
     let out = trainq(&coordinator, dir, &["metrics", &id, "--output", "json"]);
-    expect_code(&out, 0, "metrics json");
+    expect_exit(&out, 0, "metrics json");
     let points = json(&out);
     let losses = points
         .as_array()
@@ -103,7 +80,7 @@ async fn a_yaml_spec_submitted_with_trainq_is_watched_to_success_and_its_metrics
         dir,
         &["metrics", &id, "--name", "train/loss", "--output", "csv"],
     );
-    expect_code(&out, 0, "metrics csv");
+    expect_exit(&out, 0, "metrics csv");
     let csv = stdout(&out);
     assert!(
         csv.starts_with("name,epoch,step,value\ntrain/loss,1,"),
@@ -115,7 +92,7 @@ async fn a_yaml_spec_submitted_with_trainq_is_watched_to_success_and_its_metrics
         dir,
         &["artifacts", "list", &id, "--output", "json"],
     );
-    expect_code(&out, 0, "artifacts list");
+    expect_exit(&out, 0, "artifacts list");
     let listed = json(&out);
     let checkpoint = listed
         .as_array()
@@ -137,7 +114,7 @@ async fn a_yaml_spec_submitted_with_trainq_is_watched_to_success_and_its_metrics
             "ckpt.safetensors",
         ],
     );
-    expect_code(&out, 0, "artifacts download");
+    expect_exit(&out, 0, "artifacts download");
     let size = std::fs::metadata(dir.join("ckpt.safetensors"))
         .expect("downloaded checkpoint")
         .len();
@@ -161,7 +138,7 @@ async fn a_yaml_spec_submitted_with_trainq_is_watched_to_success_and_its_metrics
             "--svg",
         ],
     );
-    expect_code(&out, 0, "plot");
+    expect_exit(&out, 0, "plot");
     let png = std::fs::read(dir.join("chart.png")).expect("chart.png");
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "a PNG file");
     let svg = std::fs::read_to_string(dir.join("chart.svg")).expect("chart.svg");
@@ -187,24 +164,24 @@ async fn trainq_exit_codes_tell_cancelled_jobs_unknown_ids_bad_files_and_absent_
         dir,
         &["submit", "spec.json", "--output", "json"],
     );
-    expect_code(&out, 0, "submit");
+    expect_exit(&out, 0, "submit");
     let submitted = json(&out);
     assert_eq!(submitted["state"], "JOB_STATE_QUEUED");
     let id = submitted["jobId"].as_str().expect("jobId").to_string();
 
     let out = trainq(&coordinator, dir, &["list", "--state", "queued"]);
-    expect_code(&out, 0, "list");
+    expect_exit(&out, 0, "list");
     assert!(stdout(&out).contains(&id), "{}", stdout(&out));
 
     let out = trainq(&coordinator, dir, &["cancel", &id, "--output", "json"]);
-    expect_code(&out, 0, "cancel");
+    expect_exit(&out, 0, "cancel");
     assert_eq!(json(&out)["state"], "JOB_STATE_CANCELLED");
     let out = trainq(&coordinator, dir, &["watch", &id]);
-    expect_code(&out, 1, "watch of a cancelled job");
+    expect_exit(&out, 1, "watch of a cancelled job");
 
     let unknown = "00000000-0000-4000-8000-000000000000";
     let out = trainq(&coordinator, dir, &["get", unknown]);
-    expect_code(&out, 3, "get of an unknown id");
+    expect_exit(&out, 3, "get of an unknown id");
 
     std::fs::write(
         dir.join("typo.yaml"),
@@ -212,7 +189,7 @@ async fn trainq_exit_codes_tell_cancelled_jobs_unknown_ids_bad_files_and_absent_
     )
     .expect("write spec");
     let out = trainq(&coordinator, dir, &["submit", "typo.yaml"]);
-    expect_code(&out, 2, "a misspelt field");
+    expect_exit(&out, 2, "a misspelt field");
     assert!(
         stderr(&out).contains("typo.yaml:8:3: unknown field \"lerning_rate\""),
         "{}",
@@ -220,7 +197,7 @@ async fn trainq_exit_codes_tell_cancelled_jobs_unknown_ids_bad_files_and_absent_
     );
 
     let out = trainq(&coordinator, dir, &["frobnicate"]);
-    expect_code(&out, 2, "an unknown command");
+    expect_exit(&out, 2, "an unknown command");
 
     let out = Command::new(binary("trainq"))
         .args([
@@ -230,5 +207,5 @@ async fn trainq_exit_codes_tell_cancelled_jobs_unknown_ids_bad_files_and_absent_
         ])
         .output()
         .expect("running trainq");
-    expect_code(&out, 4, "no coordinator");
+    expect_exit(&out, 4, "no coordinator");
 }

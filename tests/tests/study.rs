@@ -5,34 +5,11 @@
 //! from Postgres's metric_points.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Instant;
 
 use serde_json::Value;
 use tests::*;
-
-/// Runs the real `trainq` against the coordinator.
-fn trainq(coordinator: &Coordinator, dir: &Path, args: &[&str]) -> Output {
-    Command::new(binary("trainq"))
-        .args(args)
-        .current_dir(dir)
-        .env("TRAINQ_SERVER", coordinator.url())
-        .env_remove("TRAINQ_TOKEN")
-        .output()
-        .expect("running trainq")
-}
-
-fn expect_ok(out: &Output, what: &str) -> String {
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{what}: stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
 
 /// Mean and sample standard deviation (n - 1), as the contract defines them.
 fn mean_sd(values: &[f64]) -> (f64, Option<f64>) {
@@ -94,16 +71,18 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
     let study = study.to_str().expect("utf-8 path");
 
     // A dry run validates locally and prints the spec as JSON.
-    let dry: Value = serde_json::from_str(&expect_ok(
+    let dry: Value = serde_json::from_str(&expect_exit(
         &trainq(&coordinator, dir, &["sweep", "submit", "--dry-run", study]),
+        0,
         "sweep submit --dry-run",
     ))
     .expect("dry-run JSON");
     assert_eq!(dry["grid"][0]["field"], "cifarCvae.init", "{dry}");
 
     let started = Instant::now();
-    let id = expect_ok(
+    let id = expect_exit(
         &trainq(&coordinator, dir, &["sweep", "submit", study]),
+        0,
         "sweep submit",
     )
     .trim()
@@ -112,7 +91,7 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
     // stdout is a pipe: plain lines, and exit 0 once every job has ended and succeeded.
     let out = trainq(&coordinator, dir, &["sweep", "watch", &id]);
     assert!(worker.is_running(), "the worker died:\n{}", worker.log());
-    let lines = expect_ok(&out, "sweep watch");
+    let lines = expect_exit(&out, 0, "sweep watch");
     let wall = started.elapsed();
     assert!(lines.contains("jobs ended"), "{lines}");
     eprintln!(
@@ -120,12 +99,13 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
         wall.as_secs_f64()
     );
 
-    let sweep: Value = serde_json::from_str(&expect_ok(
+    let sweep: Value = serde_json::from_str(&expect_exit(
         &trainq(
             &coordinator,
             dir,
             &["sweep", "get", &id, "--output", "json"],
         ),
+        0,
         "sweep get",
     ))
     .expect("sweep JSON");
@@ -166,13 +146,18 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
         );
     }
 
-    let listed = expect_ok(&trainq(&coordinator, dir, &["sweep", "list"]), "sweep list");
+    let listed = expect_exit(
+        &trainq(&coordinator, dir, &["sweep", "list"]),
+        0,
+        "sweep list",
+    );
     assert!(
         listed.contains(&id) && listed.contains("12 succeeded"),
         "{listed}"
     );
-    let table = expect_ok(
+    let table = expect_exit(
         &trainq(&coordinator, dir, &["sweep", "get", &id]),
+        0,
         "sweep get",
     );
     assert!(
@@ -183,7 +168,7 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
     let report = dir.join("report");
     let report_str = report.to_str().expect("utf-8 path");
     let out = trainq(&coordinator, dir, &["report", &id, "--out", report_str]);
-    expect_ok(&out, "report");
+    expect_exit(&out, 0, "report");
 
     // TRAINQ_KEEP_REPORT=DIR keeps a copy of the report to look at.
     if let Ok(keep) = std::env::var("TRAINQ_KEEP_REPORT") {
@@ -329,12 +314,13 @@ async fn the_small_study_runs_as_a_sweep_and_its_report_agrees_with_the_metrics_
         Some(12),
         "{second}"
     );
-    let cancelled: Value = serde_json::from_str(&expect_ok(
+    let cancelled: Value = serde_json::from_str(&expect_exit(
         &trainq(
             &coordinator,
             dir,
             &["sweep", "cancel", &second_id, "--output", "json"],
         ),
+        0,
         "sweep cancel",
     ))
     .expect("cancelled sweep JSON");
