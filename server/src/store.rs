@@ -1278,7 +1278,6 @@ pub struct SweepRunRow {
 /// What [`insert_sweep`] stored.
 #[derive(Debug, Clone, PartialEq)]
 pub struct InsertedSweep {
-    pub sweep: SweepRow,
     /// Jobs that start queued: the caller dispatches them.
     pub queued: Vec<Uuid>,
     pub jobs: usize,
@@ -1296,16 +1295,14 @@ pub async fn insert_sweep(
     let sweep_id = id.to_string();
     let labels = serde_json::to_value(&plan.labels).map_err(|e| Error::Internal(e.into()))?;
     let mut tx = pool.begin().await?;
-    let sweep = sqlx::query_as::<_, SweepRow>(
-        "INSERT INTO sweeps (id, name, kind, labels, spec) VALUES ($1, $2, $3, $4, $5) RETURNING *",
-    )
-    .bind(id)
-    .bind(&plan.name)
-    .bind(plan.kind)
-    .bind(labels)
-    .bind(plan.to_json())
-    .fetch_one(&mut *tx)
-    .await?;
+    sqlx::query("INSERT INTO sweeps (id, name, kind, labels, spec) VALUES ($1, $2, $3, $4, $5)")
+        .bind(id)
+        .bind(&plan.name)
+        .bind(plan.kind)
+        .bind(labels)
+        .bind(plan.to_json())
+        .execute(&mut *tx)
+        .await?;
     let positions: Vec<i32> = (0..plan.arms.len() as i32).collect();
     let names: Vec<&str> = plan.arms.iter().map(|a| a.name.as_str()).collect();
     let baselines: Vec<bool> = plan.arms.iter().map(|a| a.random_init).collect();
@@ -1393,7 +1390,6 @@ pub async fn insert_sweep(
     .await?;
     tx.commit().await?;
     Ok(InsertedSweep {
-        sweep,
         queued,
         jobs: runs.len(),
     })

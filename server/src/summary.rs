@@ -99,6 +99,13 @@ pub fn summarise(
     let baseline_finals: Vec<f64> = baseline_conv.iter().filter_map(|(_, s)| s.last).collect();
     let target = (!baseline_finals.is_empty()).then(|| stat(&baseline_finals).mean);
 
+    // The baseline's series of each metric, by seed: what every other arm is paired with.
+    let baseline_series: HashMap<&str, HashMap<u64, Series>> = req
+        .metrics
+        .iter()
+        .map(|m| (m.as_str(), series_of(req.baseline, m).into_iter().collect()))
+        .collect();
+
     let mut out = Vec::with_capacity(arms.len());
     for arm in arms {
         let is_baseline = arm.name == req.baseline;
@@ -129,8 +136,7 @@ pub fn summarise(
             let (early_diff, last_diff) = if is_baseline {
                 (None, None)
             } else {
-                let base: HashMap<u64, Series> =
-                    series_of(req.baseline, metric).into_iter().collect();
+                let base = &baseline_series[metric.as_str()];
                 let diff = |pick: fn(&Series) -> Option<f64>| -> Vec<f64> {
                     mine.iter()
                         .filter_map(|(seed, s)| Some(pick(s)? - pick(base.get(seed)?)?))
