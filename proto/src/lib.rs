@@ -5,13 +5,23 @@
 //! - [`FILE_DESCRIPTOR_SET`]: served by the coordinator through gRPC reflection.
 //! - [`spec`]: the validated domain form of a job spec, parsed from the wire type at the edge.
 //! - [`queue`]: the Redis key layout shared by the coordinator's and the worker's dispatch modules.
+//! - [`state`]: `JobState`, `AttemptOutcome`, `SweepState` (names, wire values, `is_terminal`).
+//! - [`ids`]: `JobId`, `SweepId`, `ArtifactId`, the one parser of ids.
+//! - [`metric`]: the shared contract's metric names and `MetricName`, the one check of a name.
 //!
 //! This crate must not depend on a database, Redis client or libtorch: it is the contract only.
 
+pub mod ids;
+pub mod metric;
 pub mod ops;
 pub mod queue;
 pub mod spec;
+pub mod state;
 pub mod sweep;
+
+pub use ids::{ArtifactId, JobId, SweepId};
+pub use metric::MetricName;
+pub use state::{AttemptOutcome, JobState, SweepState};
 
 /// Generated `trainq.v1` types and services.
 #[allow(clippy::all, missing_docs)]
@@ -29,30 +39,12 @@ pub use pbjson_types::Timestamp;
 pub use pbjson_types::Value;
 
 /// Converts a `JobState` wire value to its lowercase name (`queued`, `running`, ...), the form
-/// stored in Postgres and shown to people.
+/// stored in Postgres and shown to people; `unspecified` for the wire's zero value.
 pub fn state_name(state: v1::JobState) -> &'static str {
-    use v1::JobState::*;
-    match state {
-        Unspecified => "unspecified",
-        Waiting => "waiting",
-        Queued => "queued",
-        Running => "running",
-        Succeeded => "succeeded",
-        Failed => "failed",
-        Cancelled => "cancelled",
-    }
+    JobState::try_from(state).map_or("unspecified", JobState::as_str)
 }
 
 /// The inverse of [`state_name`].
 pub fn state_from_name(name: &str) -> Option<v1::JobState> {
-    use v1::JobState::*;
-    Some(match name {
-        "waiting" => Waiting,
-        "queued" => Queued,
-        "running" => Running,
-        "succeeded" => Succeeded,
-        "failed" => Failed,
-        "cancelled" => Cancelled,
-        _ => return None,
-    })
+    JobState::from_name(name).map(v1::JobState::from)
 }

@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::ids::JobId;
 use crate::v1;
 
 pub const MAX_NAME_CHARS: usize = 128;
@@ -117,8 +118,8 @@ pub enum Init {
 /// Start a CVAE from a finished MNIST classifier's final checkpoint.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transfer {
-    /// Lowercase hyphenated UUID of the source job.
-    pub source_job_id: String,
+    /// The source job.
+    pub source_job_id: JobId,
     pub conv1: Conv1Adaptation,
     pub copy_conv2: bool,
     pub freeze: Freeze,
@@ -179,7 +180,7 @@ pub struct JobSpec {
     pub max_attempts: u32,
     pub experiment: Experiment,
     /// Jobs that must succeed first: `depends_on` plus a transfer's source, without repeats.
-    pub dependencies: Vec<String>,
+    pub dependencies: Vec<JobId>,
     /// The wire form, kept so it can be stored and echoed back unchanged.
     raw: v1::JobSpec,
 }
@@ -331,26 +332,6 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
     })
 }
 
-/// Parses a UUID in its canonical text form and returns it lowercased.
-pub fn parse_uuid(field: &str, text: &str) -> Result<String, FieldViolation> {
-    let ok = text.len() == 36
-        && text.char_indices().all(|(i, c)| {
-            if [8, 13, 18, 23].contains(&i) {
-                c == '-'
-            } else {
-                c.is_ascii_hexdigit()
-            }
-        });
-    if ok {
-        Ok(text.to_ascii_lowercase())
-    } else {
-        Err(FieldViolation::new(
-            field,
-            format!("must be a job id (UUID), got {text:?}"),
-        ))
-    }
-}
-
 fn parse_cvae(c: &v1::CifarCvae, epochs: u32) -> Result<Cvae, FieldViolation> {
     const F: &str = "spec.cifar_cvae";
     if c.latent_dim > MAX_LATENT_DIM {
@@ -384,7 +365,7 @@ fn parse_cvae(c: &v1::CifarCvae, epochs: u32) -> Result<Cvae, FieldViolation> {
 
 fn parse_transfer(t: &v1::TransferInit, epochs: u32) -> Result<Transfer, FieldViolation> {
     const F: &str = "spec.cifar_cvae.init.transfer";
-    let source_job_id = parse_uuid(&format!("{F}.source_job_id"), &t.source_job_id)?;
+    let source_job_id = JobId::parse(&format!("{F}.source_job_id"), &t.source_job_id)?;
     let conv1 = match v1::Conv1Adaptation::try_from(t.conv1) {
         Ok(v1::Conv1Adaptation::ReplicateThird) => Conv1Adaptation::ReplicateThird,
         Ok(v1::Conv1Adaptation::Luminance) => Conv1Adaptation::Luminance,
@@ -452,7 +433,7 @@ pub fn naive_copy_message() -> String {
 fn parse_dependencies(
     raw: &v1::JobSpec,
     experiment: &Experiment,
-) -> Result<Vec<String>, FieldViolation> {
+) -> Result<Vec<JobId>, FieldViolation> {
     if raw.depends_on.len() > MAX_DEPENDENCIES {
         return Err(FieldViolation::new(
             "spec.depends_on",
@@ -462,9 +443,9 @@ fn parse_dependencies(
             ),
         ));
     }
-    let mut deps: Vec<String> = Vec::with_capacity(raw.depends_on.len() + 1);
+    let mut deps: Vec<JobId> = Vec::with_capacity(raw.depends_on.len() + 1);
     for (i, id) in raw.depends_on.iter().enumerate() {
-        let id = parse_uuid(&format!("spec.depends_on[{i}]"), id)?;
+        let id = JobId::parse(&format!("spec.depends_on[{i}]"), id)?;
         if deps.contains(&id) {
             return Err(FieldViolation::new(
                 format!("spec.depends_on[{i}]"),
@@ -479,7 +460,7 @@ fn parse_dependencies(
     }) = experiment
     {
         if !deps.contains(&t.source_job_id) {
-            deps.push(t.source_job_id.clone());
+            deps.push(t.source_job_id);
         }
     }
     Ok(deps)
@@ -659,7 +640,7 @@ mod tests {
         let t = transfer(v1::Conv1Adaptation::Luminance, true);
         let s =
             JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(t)))).expect("valid");
-        assert_eq!(s.dependencies, vec![SOURCE.to_string()]);
+        assert_eq!(s.dependencies, vec![JobId::parse("source", SOURCE).expect("id")]);
         let Experiment::CifarCvae(Cvae {
             init: Init::Transfer(t),
             ..

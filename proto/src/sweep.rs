@@ -259,6 +259,18 @@ fn check_field(field: &str, path: &str) -> Result<Vec<String>, FieldViolation> {
     Ok(parts)
 }
 
+/// The first NaN or infinity anywhere in `v` (JSON has no such numbers, and no spec field
+/// accepts one).
+fn first_non_finite(v: &pbjson_types::Value) -> Option<f64> {
+    use pbjson_types::value::Kind;
+    match v.kind.as_ref()? {
+        Kind::NumberValue(x) => (!x.is_finite()).then_some(*x),
+        Kind::ListValue(l) => l.values.iter().find_map(first_non_finite),
+        Kind::StructValue(s) => s.fields.values().find_map(first_non_finite),
+        _ => None,
+    }
+}
+
 /// A google.protobuf.Value as plain JSON, with whole numbers as integers (so a `uint32` field
 /// accepts `32` given as the double 32.0).
 fn to_json(v: &pbjson_types::Value) -> Value {
@@ -369,6 +381,14 @@ fn parse_axis(i: usize, axis: &v1::GridAxis) -> Result<Axis, FieldViolation> {
                 axis.values.len()
             ),
         ));
+    }
+    for (j, v) in axis.values.iter().enumerate() {
+        if let Some(x) = first_non_finite(v) {
+            return Err(FieldViolation::new(
+                format!("{f}.values[{j}]"),
+                format!("must hold finite numbers only, got {x}"),
+            ));
+        }
     }
     let values: Vec<Value> = axis.values.iter().map(to_json).collect();
     for (j, v) in values.iter().enumerate() {

@@ -183,21 +183,21 @@ pub const TRANSFER_SOURCE_FIELD: &str = "spec.cifar_cvae.init.transfer.source_jo
 
 /// The request field that named dependency `id` (one of `spec.dependencies`): its place in
 /// `spec.depends_on`, or the transfer's source when it is not listed there.
-pub fn dependency_field(spec: &JobSpec, id: &str) -> String {
+pub fn dependency_field(spec: &JobSpec, id: proto::JobId) -> String {
     let listed = spec.to_proto().depends_on.len();
-    match spec.dependencies.iter().position(|d| d == id) {
+    match spec.dependencies.iter().position(|d| *d == id) {
         Some(i) if i < listed => format!("spec.depends_on[{i}]"),
         _ => TRANSFER_SOURCE_FIELD.to_owned(),
     }
 }
 
 /// The transfer source of a spec, if it has one.
-pub fn transfer_source(spec: &JobSpec) -> Option<&str> {
+pub fn transfer_source(spec: &JobSpec) -> Option<proto::JobId> {
     match &spec.experiment {
         Experiment::CifarCvae(Cvae {
             init: Init::Transfer(t),
             ..
-        }) => Some(t.source_job_id.as_str()),
+        }) => Some(t.source_job_id),
         _ => None,
     }
 }

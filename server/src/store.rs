@@ -122,12 +122,7 @@ pub async fn insert_job<'c>(
     spec: &JobSpec,
 ) -> Result<JobRow> {
     let labels = serde_json::to_value(&spec.labels).map_err(|e| Error::Internal(e.into()))?;
-    let deps = spec
-        .dependencies
-        .iter()
-        .map(|d| Uuid::parse_str(d))
-        .collect::<Result<Vec<Uuid>, _>>()
-        .map_err(|e| Error::Internal(anyhow::anyhow!("validated dependency is not a uuid: {e}")))?;
+    let deps: Vec<Uuid> = spec.dependencies.iter().map(|d| d.as_uuid()).collect();
     let mut tx = db.begin().await?;
     let found: Vec<(Uuid, String, String)> =
         sqlx::query_as("SELECT id, kind, state FROM jobs WHERE id = ANY($1) ORDER BY id FOR SHARE")
@@ -138,18 +133,17 @@ pub async fn insert_job<'c>(
         .into_iter()
         .map(|(id, kind, state)| (id, (kind, state)))
         .collect();
-    for (text, dep) in spec.dependencies.iter().zip(&deps) {
+    for (id, dep) in spec.dependencies.iter().zip(&deps) {
         if !found.contains_key(dep) {
             return Err(Error::invalid(
-                domain::dependency_field(spec, text),
+                domain::dependency_field(spec, *id),
                 format!("job {dep} does not exist"),
             ));
         }
     }
     if let Some(source) = domain::transfer_source(spec) {
-        let (kind, _) = Uuid::parse_str(source)
-            .ok()
-            .and_then(|s| found.get(&s))
+        let (kind, _) = found
+            .get(&source.as_uuid())
             .ok_or_else(|| {
                 Error::Internal(anyhow::anyhow!(
                     "transfer source not among the dependencies"

@@ -466,7 +466,8 @@ impl Agent {
         else {
             return Ok(JobInputs::default());
         };
-        let source = transfer.source_job_id.as_str();
+        let source = transfer.source_job_id.to_string();
+        let source = source.as_str();
         let mut client = self.client.clone();
         let mut backoff = Backoff::new();
         let mut tries = 0;

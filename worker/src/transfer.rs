@@ -197,7 +197,8 @@ mod tests {
 
     fn spec(conv1: Conv1Adaptation, copy_conv2: bool) -> Transfer {
         Transfer {
-            source_job_id: "0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b".into(),
+            source_job_id: proto::JobId::parse("source", "0193a5b2-7c4d-7e8f-9a0b-1c2d3e4f5a6b")
+                .expect("id"),
             conv1,
             copy_conv2,
             freeze: Freeze::None,

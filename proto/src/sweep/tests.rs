@@ -1,4 +1,5 @@
 use super::*;
+use crate::ids::JobId;
 
 fn val(json: serde_json::Value) -> pbjson_types::Value {
     serde_json::from_value(json).expect("a JSON value is a google.protobuf.Value")
@@ -123,7 +124,7 @@ fn a_run_is_named_seeded_labelled_and_transfers_from_its_seeds_source() {
     assert_eq!(run.name, "study/transfer.conv1=luminance+copyConv2,0.01/s3");
     assert_eq!(run.training.seed, 3);
     assert_eq!(run.training.learning_rate, 0.01);
-    assert_eq!(run.dependencies, [source_id]);
+    assert_eq!(run.dependencies, [JobId::parse("id", source_id).expect("id")]);
     assert_eq!(run.labels["sweep"], "study");
     assert_eq!(run.labels["sweep_id"], "sweep-uuid");
     assert_eq!(run.labels["arm"], "transfer.conv1=luminance+copyConv2,0.01");
@@ -383,7 +384,10 @@ fn a_transfer_arm_without_a_source_stage_needs_its_own_source_job() {
     let plan = SweepPlan::try_from(s).expect("valid");
     assert!(!plan.arms[2].from_source);
     let run = plan.run_spec(2, 7, "", None).expect("valid");
-    assert_eq!(run.dependencies, ["11111111-2222-3333-4444-555555555555"]);
+    assert_eq!(
+        run.dependencies,
+        [JobId::parse("id", "11111111-2222-3333-4444-555555555555").expect("id")]
+    );
 }
 
 #[test]
@@ -462,4 +466,44 @@ fn stats_use_the_sample_sd_and_the_t_interval() {
     let one = stat(&[5.0]);
     assert_eq!((one.n, one.mean, one.sd, one.ci_low), (1, 5.0, None, None));
     assert_eq!(stat(&[]).n, 0);
+}
+
+#[test]
+fn non_finite_grid_values_are_refused_naming_the_value_instead_of_panicking() {
+    use pbjson_types::value::Kind;
+    let number = |x: f64| pbjson_types::Value {
+        kind: Some(Kind::NumberValue(x)),
+    };
+    for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+        let mut spec = study();
+        spec.grid = vec![v1::GridAxis {
+            field: "training.learningRate".into(),
+            values: vec![number(bad), number(0.01)],
+            names: vec![],
+        }];
+        let err = SweepPlan::try_from(spec).expect_err("non-finite value");
+        assert_eq!(err.field, "spec.grid[0].values[0]", "{bad}: {err}");
+        // Also inside an object value (a transfer's learning-rate multiplier).
+        let mut spec = study();
+        let struct_of = |pairs: Vec<(&str, pbjson_types::Value)>| pbjson_types::Value {
+            kind: Some(Kind::StructValue(pbjson_types::Struct {
+                fields: pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+            })),
+        };
+        let nested = struct_of(vec![(
+            "transfer",
+            struct_of(vec![
+                ("conv1", val(serde_json::json!("CONV1_ADAPTATION_LUMINANCE"))),
+                ("copyConv2", val(serde_json::json!(true))),
+                ("freeze", struct_of(vec![("lrMultiplier", number(bad))])),
+            ]),
+        )]);
+        spec.grid = vec![v1::GridAxis {
+            field: "cifarCvae.init".into(),
+            values: vec![val(serde_json::json!({"random": {}})), nested],
+            names: vec![],
+        }];
+        let err = SweepPlan::try_from(spec).expect_err("nested non-finite value");
+        assert_eq!(err.field, "spec.grid[0].values[1]", "{bad}: {err}");
+    }
 }
