@@ -398,7 +398,7 @@ fn check_domain(raw: &v1::JobSpec, s: &JobSpec) -> Result<(), TestCaseError> {
                 (None, Init::Random) => {}
                 (Some(t), Init::Transfer(dt)) => {
                     let source = t.source_job_id.to_ascii_lowercase();
-                    prop_assert_eq!(&dt.source_job_id, &source);
+                    prop_assert_eq!(&dt.source_job_id.to_string(), &source);
                     if !deps.contains(&source) {
                         deps.push(source);
                     }
@@ -432,7 +432,8 @@ fn check_domain(raw: &v1::JobSpec, s: &JobSpec) -> Result<(), TestCaseError> {
             )))
         }
     }
-    prop_assert_eq!(&s.dependencies, &deps);
+    let dependencies: Vec<String> = s.dependencies.iter().map(ToString::to_string).collect();
+    prop_assert_eq!(&dependencies, &deps);
     Ok(())
 }
 
