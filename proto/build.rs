@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&descriptor)
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // Decode errors are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_protos(&protos, &[PathBuf::from("proto"), include])?;
 
     let set = std::fs::read(&descriptor)?;

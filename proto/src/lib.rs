@@ -6,11 +6,13 @@
 //! - [`spec`]: the validated domain form of a job spec, parsed from the wire type at the edge.
 //! - [`queue`]: the Redis key layout shared by the coordinator's and the worker's dispatch modules.
 //! - [`state`]: `JobState`, `AttemptOutcome`, `SweepState` (names, wire values, `is_terminal`).
+//! - [`codec`]: the stubs' codec (prost's, with undecodable messages as INVALID_ARGUMENT).
 //! - [`ids`]: `JobId`, `SweepId`, `ArtifactId`, the one parser of ids.
 //! - [`metric`]: the shared contract's metric names and `MetricName`, the one check of a name.
 //!
 //! This crate must not depend on a database, Redis client or libtorch: it is the contract only.
 
+pub mod codec;
 pub mod ids;
 pub mod metric;
 pub mod ops;

@@ -129,7 +129,9 @@ mod tests {
         }
         let longest = "é".repeat(MAX_NAME_CHARS);
         assert_eq!(
-            MetricName::parse("n", &longest).expect("128 chars").as_str(),
+            MetricName::parse("n", &longest)
+                .expect("128 chars")
+                .as_str(),
             longest
         );
     }

@@ -640,7 +640,10 @@ mod tests {
         let t = transfer(v1::Conv1Adaptation::Luminance, true);
         let s =
             JobSpec::try_from(cvae(Some(v1::initialization::Kind::Transfer(t)))).expect("valid");
-        assert_eq!(s.dependencies, vec![JobId::parse("source", SOURCE).expect("id")]);
+        assert_eq!(
+            s.dependencies,
+            vec![JobId::parse("source", SOURCE).expect("id")]
+        );
         let Experiment::CifarCvae(Cvae {
             init: Init::Transfer(t),
             ..

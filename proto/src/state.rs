@@ -112,11 +112,15 @@ named_enum! {
 
 impl JobState {
     /// The states a job never leaves.
-    pub const TERMINAL: [JobState; 3] = [JobState::Succeeded, JobState::Failed, JobState::Cancelled];
+    pub const TERMINAL: [JobState; 3] =
+        [JobState::Succeeded, JobState::Failed, JobState::Cancelled];
 
     /// True for `succeeded`, `failed` and `cancelled`: the job will not change again.
     pub const fn is_terminal(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -229,7 +233,14 @@ mod tests {
         let names: Vec<_> = JobState::ALL.iter().map(|s| s.as_str()).collect();
         assert_eq!(
             names,
-            ["waiting", "queued", "running", "succeeded", "failed", "cancelled"]
+            [
+                "waiting",
+                "queued",
+                "running",
+                "succeeded",
+                "failed",
+                "cancelled"
+            ]
         );
         assert_eq!(AttemptOutcome::LeaseExpired.as_str(), "lease_expired");
         assert_eq!(AttemptOutcome::HandedBack.as_str(), "handed_back");
@@ -251,10 +262,22 @@ mod tests {
     #[test]
     fn a_sweep_state_follows_its_jobs() {
         use JobState::*;
-        assert_eq!(SweepState::derive(false, [Succeeded, Succeeded]), SweepState::Succeeded);
-        assert_eq!(SweepState::derive(false, [Succeeded, Running]), SweepState::Running);
-        assert_eq!(SweepState::derive(false, [Succeeded, Failed]), SweepState::Partial);
-        assert_eq!(SweepState::derive(true, [Succeeded, Running]), SweepState::Cancelled);
+        assert_eq!(
+            SweepState::derive(false, [Succeeded, Succeeded]),
+            SweepState::Succeeded
+        );
+        assert_eq!(
+            SweepState::derive(false, [Succeeded, Running]),
+            SweepState::Running
+        );
+        assert_eq!(
+            SweepState::derive(false, [Succeeded, Failed]),
+            SweepState::Partial
+        );
+        assert_eq!(
+            SweepState::derive(true, [Succeeded, Running]),
+            SweepState::Cancelled
+        );
         assert!(SweepState::Partial.is_terminal());
         assert!(!SweepState::Running.is_terminal());
     }
@@ -266,6 +289,9 @@ mod tests {
             .copied()
             .filter(|o| o.counts_as_failure())
             .collect();
-        assert_eq!(counted, [AttemptOutcome::Failed, AttemptOutcome::LeaseExpired]);
+        assert_eq!(
+            counted,
+            [AttemptOutcome::Failed, AttemptOutcome::LeaseExpired]
+        );
     }
 }

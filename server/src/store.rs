@@ -142,13 +142,11 @@ pub async fn insert_job<'c>(
         }
     }
     if let Some(source) = domain::transfer_source(spec) {
-        let (kind, _) = found
-            .get(&source.as_uuid())
-            .ok_or_else(|| {
-                Error::Internal(anyhow::anyhow!(
-                    "transfer source not among the dependencies"
-                ))
-            })?;
+        let (kind, _) = found.get(&source.as_uuid()).ok_or_else(|| {
+            Error::Internal(anyhow::anyhow!(
+                "transfer source not among the dependencies"
+            ))
+        })?;
         if kind != "mnist_classifier" {
             return Err(Error::invalid(
                 TRANSFER_SOURCE_FIELD,

@@ -16,6 +16,7 @@ use proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Channel;
 
 pub mod compose;
+pub mod fuzz;
 pub mod services;
 
 /// Postgres server used by the tests (a database per test is created on it).

@@ -124,7 +124,10 @@ fn a_run_is_named_seeded_labelled_and_transfers_from_its_seeds_source() {
     assert_eq!(run.name, "study/transfer.conv1=luminance+copyConv2,0.01/s3");
     assert_eq!(run.training.seed, 3);
     assert_eq!(run.training.learning_rate, 0.01);
-    assert_eq!(run.dependencies, [JobId::parse("id", source_id).expect("id")]);
+    assert_eq!(
+        run.dependencies,
+        [JobId::parse("id", source_id).expect("id")]
+    );
     assert_eq!(run.labels["sweep"], "study");
     assert_eq!(run.labels["sweep_id"], "sweep-uuid");
     assert_eq!(run.labels["arm"], "transfer.conv1=luminance+copyConv2,0.01");
@@ -493,7 +496,10 @@ fn non_finite_grid_values_are_refused_naming_the_value_instead_of_panicking() {
         let nested = struct_of(vec![(
             "transfer",
             struct_of(vec![
-                ("conv1", val(serde_json::json!("CONV1_ADAPTATION_LUMINANCE"))),
+                (
+                    "conv1",
+                    val(serde_json::json!("CONV1_ADAPTATION_LUMINANCE")),
+                ),
                 ("copyConv2", val(serde_json::json!(true))),
                 ("freeze", struct_of(vec![("lrMultiplier", number(bad))])),
             ]),
