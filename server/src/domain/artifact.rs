@@ -233,14 +233,8 @@ impl TryFrom<v1::ListArtifactsRequest> for ArtifactQuery {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::invalid_field;
     use uuid::Uuid;
-
-    fn invalid_field<T: std::fmt::Debug>(r: Result<T>) -> String {
-        match r {
-            Err(Error::InvalidArgument { field, .. }) => field,
-            other => panic!("expected invalid argument, got {other:?}"),
-        }
-    }
 
     #[test]
     fn the_known_kinds_are_valid_kinds() {

@@ -137,14 +137,8 @@ impl TryFrom<v1::ReportMetricsRequest> for MetricsReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::invalid_field;
     use uuid::Uuid;
-
-    fn invalid_field<T: std::fmt::Debug>(r: Result<T>) -> String {
-        match r {
-            Err(Error::InvalidArgument { field, .. }) => field,
-            other => panic!("expected invalid argument, got {other:?}"),
-        }
-    }
 
     #[test]
     fn a_lease_names_the_field_that_is_wrong() {

@@ -125,6 +125,15 @@ pub fn dependency_failed(dependency: impl Into<JobId>, state: JobState) -> Strin
     format!("dependency_failed: job {} is {state}", dependency.into())
 }
 
+/// The field of the INVALID_ARGUMENT that `r` is (the parts' tests check field paths with it).
+#[cfg(test)]
+pub(crate) fn invalid_field<T: std::fmt::Debug>(r: Result<T>) -> String {
+    match r {
+        Err(Error::InvalidArgument { field, .. }) => field,
+        other => panic!("expected invalid argument, got {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

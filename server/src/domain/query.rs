@@ -148,14 +148,8 @@ impl PageToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::invalid_field;
     use crate::domain::MAX_METRIC_NAME_CHARS;
-
-    fn invalid_field<T: std::fmt::Debug>(r: Result<T>) -> String {
-        match r {
-            Err(Error::InvalidArgument { field, .. }) => field,
-            other => panic!("expected invalid argument, got {other:?}"),
-        }
-    }
 
     #[test]
     fn a_page_token_survives_a_round_trip_and_garbage_is_refused() {
