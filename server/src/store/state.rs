@@ -4,12 +4,13 @@
 //! travel to SQL as binds of [`JobState::as_str`]; constants inside query text come from the
 //! [`state!`] and [`outcome!`] macros, used with `concat!`, because the partial indexes
 //! (`WHERE state = 'queued'`, `'running'`) only serve queries whose text holds the literal.
-//! Rows decode through `#[sqlx(try_from = "String")]` or [`job_state`] / [`attempt_outcome`].
+//! Rows decode through `#[sqlx(try_from = "String")]`, or [`job_state`] for a state read into a
+//! tuple.
 //!
 //! Must not hold queries of its own, and no other module of the server may spell a state's or
 //! outcome's SQL literal.
 
-use proto::{AttemptOutcome, JobState};
+use proto::JobState;
 
 use crate::error::{Error, Result};
 
@@ -66,13 +67,6 @@ pub(crate) fn job_state(text: String) -> Result<JobState> {
     JobState::try_from(text).map_err(|e| Error::Internal(anyhow::anyhow!("jobs.state: {e}")))
 }
 
-/// An `outcome` column read as text, back into the enum.
-#[allow(dead_code)]
-pub(crate) fn attempt_outcome(text: String) -> Result<AttemptOutcome> {
-    AttemptOutcome::try_from(text)
-        .map_err(|e| Error::Internal(anyhow::anyhow!("job_attempts.outcome: {e}")))
-}
-
 /// The stored names of these states, for a `text[]` bind.
 pub(crate) fn names(states: &[JobState]) -> Vec<&'static str> {
     states.iter().map(|s| s.as_str()).collect()
@@ -81,6 +75,7 @@ pub(crate) fn names(states: &[JobState]) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::AttemptOutcome;
 
     /// The macro's text for a state given by its variant name.
     fn state_literal(s: JobState) -> &'static str {
@@ -120,15 +115,8 @@ mod tests {
         for &s in JobState::ALL {
             assert_eq!(job_state(s.as_str().to_owned()).expect("known"), s);
         }
-        for &o in AttemptOutcome::ALL {
-            assert_eq!(attempt_outcome(o.as_str().to_owned()).expect("known"), o);
-        }
         assert!(matches!(
             job_state("Queued".into()),
-            Err(Error::Internal(_))
-        ));
-        assert!(matches!(
-            attempt_outcome("lost".into()),
             Err(Error::Internal(_))
         ));
         assert_eq!(
