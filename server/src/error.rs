@@ -60,8 +60,12 @@ impl Error {
         }
     }
 
-    pub fn job_not_found(id: uuid::Uuid) -> Self {
-        Error::NotFound(format!("job {id} not found"))
+    pub fn job_not_found(id: impl Into<proto::JobId>) -> Self {
+        Error::NotFound(format!("job {} not found", id.into()))
+    }
+
+    pub fn sweep_not_found(id: impl Into<proto::SweepId>) -> Self {
+        Error::NotFound(format!("sweep {} not found", id.into()))
     }
 }
 

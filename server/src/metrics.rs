@@ -194,7 +194,10 @@ impl Metrics {
         match tokio::time::timeout(SCRAPE_TIMEOUT, store::count_jobs_by_state(pool)).await {
             Ok(Ok(counts)) => {
                 for state in STATES {
-                    let n = counts.iter().find(|(s, _)| s == state).map_or(0, |c| c.1);
+                    let n = counts
+                        .iter()
+                        .find(|(s, _)| s.as_str() == state)
+                        .map_or(0, |c| c.1);
                     self.jobs.with_label_values(&[state]).set(n);
                 }
                 self.store_up.set(1);

@@ -18,9 +18,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use proto::{AttemptOutcome, JobId};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
+use uuid::Uuid;
 
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
@@ -85,7 +87,8 @@ pub async fn dispatch_due(
         if ids.is_empty() {
             return Ok(pushed);
         }
-        if let Err(e) = dispatcher.push(&ids).await {
+        let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
+        if let Err(e) = dispatcher.push(&uuids).await {
             tracing::warn!(error = %e, jobs = ids.len(), "reconciler could not push queued jobs; will retry");
             store::clear_dispatched(pool, &ids).await?;
             return Ok(pushed);
@@ -105,10 +108,10 @@ pub async fn reap_expired(pool: &PgPool, notifier: &Notifier) -> Result<Vec<Reap
         let reaped = store::reap_expired_leases(pool, BATCH).await?;
         for job in &reaped {
             tracing::info!(job_id = %job.id, attempt = job.attempt, state = %job.state, "lease expired");
-            notifier.notify(job.id);
+            notifier.notify(job.id.as_uuid());
             for dependent in &job.dependents_failed {
                 tracing::info!(job_id = %dependent, attempt = 0, dependency = %job.id, "dependency failed");
-                notifier.notify(*dependent);
+                notifier.notify(dependent.as_uuid());
             }
         }
         let done = (reaped.len() as i64) < BATCH;
@@ -218,7 +221,8 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
                 .observe(reap_expired(&bg.pool, &bg.notifier).await)?;
             for job in &reaped {
                 bg.metrics.lease_expired();
-                bg.metrics.attempt_ended(&job.state, "lease_expired");
+                bg.metrics
+                    .attempt_ended(job.state.as_str(), AttemptOutcome::LeaseExpired.as_str());
             }
             Ok(())
         }

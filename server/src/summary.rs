@@ -22,8 +22,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use proto::sweep::stat;
-use proto::v1;
-use uuid::Uuid;
+use proto::{v1, JobId, JobState, SweepId};
 
 use crate::domain::MetricPoint;
 use crate::store::{SweepArmRow, SweepRunRow};
@@ -71,17 +70,17 @@ fn some_stat(values: &[f64]) -> Option<v1::Stat> {
 
 /// Builds the summary. `points` holds the points of the succeeded runs (by job id).
 pub fn summarise(
-    sweep_id: Uuid,
+    sweep_id: SweepId,
     arms: &[SweepArmRow],
     runs: &[SweepRunRow],
-    points: &HashMap<Uuid, Vec<MetricPoint>>,
+    points: &HashMap<JobId, Vec<MetricPoint>>,
     req: &SummaryRequest<'_>,
 ) -> v1::SweepSummary {
     let empty = Vec::new();
     // (arm, seed) -> series per metric, for succeeded runs.
     let succeeded = |arm: &str| -> Vec<&SweepRunRow> {
         runs.iter()
-            .filter(|r| !r.is_source && r.arm == arm && r.state == "succeeded")
+            .filter(|r| !r.is_source && r.arm == arm && r.state == JobState::Succeeded)
             .collect()
     };
     let series_of = |arm: &str, metric: &str| -> Vec<(u64, Series)> {
@@ -115,12 +114,12 @@ pub fn summarise(
             .collect();
         let missing = planned
             .iter()
-            .filter(|r| r.state != "succeeded")
+            .filter(|r| r.state != JobState::Succeeded)
             .map(|r| v1::MissingRun {
                 job_id: r.job_id.to_string(),
                 seed: r.seed,
-                state: proto::state_from_name(&r.state).unwrap_or(v1::JobState::Unspecified) as i32,
-                error: if crate::domain::is_terminal(&r.state) {
+                state: v1::JobState::from(r.state) as i32,
+                error: if r.state.is_terminal() {
                     r.error.clone().unwrap_or_default()
                 } else {
                     String::new()

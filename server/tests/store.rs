@@ -5,14 +5,19 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use proto::spec::JobSpec;
-use proto::v1;
-use server::domain::{ArtifactHeader, JobQuery, Lease, MetricPoint};
+use proto::{v1, JobId, JobState};
+use server::domain::{ArtifactHeader, ArtifactKind, JobQuery, Lease, MetricPoint};
 use server::error::Error;
 use server::{reconcile, store};
 use sqlx::PgPool;
 use uuid::Uuid;
 
 const LONG: Duration = Duration::from_secs(60);
+
+/// A new job id, time-ordered like the coordinator's.
+fn new_id() -> JobId {
+    JobId::from(Uuid::now_v7())
+}
 
 fn spec(max_attempts: u32, labels: &[(&str, &str)]) -> JobSpec {
     JobSpec::try_from(v1::JobSpec {
@@ -36,15 +41,15 @@ fn spec(max_attempts: u32, labels: &[(&str, &str)]) -> JobSpec {
     .expect("valid spec")
 }
 
-async fn submit(pool: &PgPool, max_attempts: u32) -> Uuid {
-    let id = Uuid::now_v7();
+async fn submit(pool: &PgPool, max_attempts: u32) -> JobId {
+    let id = new_id();
     store::insert_job(pool, id, &spec(max_attempts, &[]))
         .await
         .expect("insert");
     id
 }
 
-async fn claim(pool: &PgPool, id: Uuid, worker: &str, lease_for: Duration) -> Lease {
+async fn claim(pool: &PgPool, id: JobId, worker: &str, lease_for: Duration) -> Lease {
     let row = store::claim_job(pool, id, worker, lease_for)
         .await
         .expect("claim query")
@@ -57,7 +62,7 @@ async fn claim(pool: &PgPool, id: Uuid, worker: &str, lease_for: Duration) -> Le
     }
 }
 
-async fn job(pool: &PgPool, id: Uuid) -> store::JobRow {
+async fn job(pool: &PgPool, id: JobId) -> store::JobRow {
     store::get_job(pool, id)
         .await
         .expect("get")
@@ -109,7 +114,7 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
             .await
             .expect("fail")
             .0,
-        "queued"
+        JobState::Queued
     );
     let second = claim(&pool, id, "w2", LONG).await;
     assert_eq!(second.attempt, 2);
@@ -149,7 +154,7 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
     store::complete_job(&pool, &second, 0)
         .await
         .expect("completing the same attempt twice is fine");
-    assert_eq!(job(&pool, id).await.state, "succeeded");
+    assert_eq!(job(&pool, id).await.state, JobState::Succeeded);
     assert!(
         store::metric_series(&pool, id, &[])
             .await
@@ -160,7 +165,7 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
     );
 
     let unknown = Lease {
-        job_id: Uuid::now_v7(),
+        job_id: new_id(),
         ..second
     };
     assert!(matches!(
@@ -276,7 +281,7 @@ async fn cancelling_a_finished_job_is_refused_and_an_unknown_job_is_not_found(po
     assert!(m.contains("already succeeded"), "{m}");
 
     assert!(matches!(
-        store::cancel_job(&pool, Uuid::now_v7(), "x").await,
+        store::cancel_job(&pool, new_id(), "x").await,
         Err(Error::NotFound(_))
     ));
 }
@@ -292,7 +297,7 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
     })
     .await
     .expect("fail");
-    assert_eq!(state, "queued");
+    assert_eq!(state, JobState::Queued);
     let row = job(&pool, id).await;
     assert_eq!(
         (row.error.as_deref(), row.dispatched_at),
@@ -304,7 +309,7 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
             .await
             .expect("repeat")
             .0,
-        "queued"
+        JobState::Queued
     );
 
     assert!(
@@ -337,7 +342,7 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
     })
     .await
     .expect("fail");
-    assert_eq!(state, "failed", "no attempts left");
+    assert_eq!(state, JobState::Failed, "no attempts left");
     let row = job(&pool, id).await;
     assert!(row.finished_at.is_some());
     assert_eq!(row.error.as_deref(), Some("cuda error again"));
@@ -347,7 +352,11 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
     let (state, _) = store::fail_job(&pool, &lease, "bad config", true, |_| Duration::ZERO)
         .await
         .expect("fail");
-    assert_eq!(state, "failed", "a permanent failure is not retried");
+    assert_eq!(
+        state,
+        JobState::Failed,
+        "a permanent failure is not retried"
+    );
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -361,7 +370,10 @@ async fn the_lease_reaper_requeues_expired_leases_and_fails_exhausted_ones(pool:
     tokio::time::sleep(Duration::from_millis(20)).await;
 
     let reaped = store::reap_expired_leases(&pool, 100).await.expect("reap");
-    let reaped: HashMap<Uuid, String> = reaped.into_iter().map(|r| (r.id, r.state)).collect();
+    let reaped: HashMap<JobId, &str> = reaped
+        .into_iter()
+        .map(|r| (r.id, r.state.as_str()))
+        .collect();
     assert_eq!(reaped.len(), 2, "{reaped:?}");
     assert_eq!(reaped[&retry], "queued");
     assert_eq!(reaped[&exhausted], "failed");
@@ -373,7 +385,7 @@ async fn the_lease_reaper_requeues_expired_leases_and_fails_exhausted_ones(pool:
         "requeued jobs are dispatched again at once"
     );
     assert!(job(&pool, exhausted).await.finished_at.is_some());
-    assert_eq!(job(&pool, healthy).await.state, "running");
+    assert_eq!(job(&pool, healthy).await.state, JobState::Running);
     assert_eq!(
         store::heartbeat(&pool, &retry_lease, LONG)
             .await
@@ -419,7 +431,7 @@ async fn the_reconciler_picks_queued_jobs_that_are_undispatched_or_stale_and_not
         "just dispatched"
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let stale: HashSet<Uuid> = store::take_due_for_dispatch(&pool, Duration::from_millis(10), 100)
+    let stale: HashSet<JobId> = store::take_due_for_dispatch(&pool, Duration::from_millis(10), 100)
         .await
         .expect("due")
         .into_iter()
@@ -454,7 +466,7 @@ async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool)
     let mut wanted = Vec::new();
     for i in 0..9 {
         let team = if i % 3 == 0 { "b" } else { "a" };
-        let id = Uuid::now_v7();
+        let id = new_id();
         store::insert_job(
             &pool,
             id,
@@ -469,7 +481,7 @@ async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool)
     // Jobs created in one transaction share created_at: the id breaks the tie.
     let mut tx = pool.begin().await.expect("begin");
     for _ in 0..8 {
-        let id = Uuid::now_v7();
+        let id = new_id();
         store::insert_job(&mut *tx, id, &spec(3, &[("team", "a")]))
             .await
             .expect("insert");
@@ -493,7 +505,7 @@ async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool)
             None => break,
         }
     }
-    let ids: Vec<Uuid> = seen.iter().map(|(_, id)| *id).collect();
+    let ids: Vec<JobId> = seen.iter().map(|(_, id)| *id).collect();
     assert_eq!(
         ids.iter().collect::<HashSet<_>>().len(),
         ids.len(),
@@ -508,7 +520,7 @@ async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool)
 
     claim(&pool, wanted[0], "w", LONG).await;
     let running = JobQuery {
-        states: vec!["running".into()],
+        states: vec![JobState::Running],
         labels: serde_json::json!({}),
         page_size: 50,
         after: None,
@@ -522,14 +534,14 @@ async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool)
 // ---------------------------------------------------------------------------------------------
 
 /// A classifier job that waits for `deps`.
-fn dependent_spec(deps: &[Uuid]) -> JobSpec {
+fn dependent_spec(deps: &[JobId]) -> JobSpec {
     let mut raw = spec(1, &[]).to_proto();
-    raw.depends_on = deps.iter().map(Uuid::to_string).collect();
+    raw.depends_on = deps.iter().map(JobId::to_string).collect();
     JobSpec::try_from(raw).expect("valid spec")
 }
 
 /// A CVAE job that starts from `source`'s checkpoint, also listing `deps`.
-fn transfer_spec(source: Uuid, deps: &[Uuid]) -> JobSpec {
+fn transfer_spec(source: JobId, deps: &[JobId]) -> JobSpec {
     let mut raw = dependent_spec(deps).to_proto();
     raw.experiment = Some(v1::job_spec::Experiment::CifarCvae(v1::CifarCvae {
         init: Some(v1::Initialization {
@@ -545,14 +557,14 @@ fn transfer_spec(source: Uuid, deps: &[Uuid]) -> JobSpec {
     JobSpec::try_from(raw).expect("valid spec")
 }
 
-async fn submit_spec(pool: &PgPool, spec: &JobSpec) -> (Uuid, store::JobRow) {
-    let id = Uuid::now_v7();
+async fn submit_spec(pool: &PgPool, spec: &JobSpec) -> (JobId, store::JobRow) {
+    let id = new_id();
     let row = store::insert_job(pool, id, spec).await.expect("insert");
     (id, row)
 }
 
-async fn state(pool: &PgPool, id: Uuid) -> String {
-    job(pool, id).await.state
+async fn state(pool: &PgPool, id: JobId) -> &'static str {
+    job(pool, id).await.state.as_str()
 }
 
 async fn counts(pool: &PgPool) -> (i64, i64) {
@@ -665,7 +677,7 @@ async fn a_job_with_two_dependencies_is_queued_only_after_both_succeed_even_when
             store::complete_job(&pool, &la, 0),
             store::complete_job(&pool, &lb, 0)
         );
-        let promoted: Vec<Uuid> = [ra.expect("a"), rb.expect("b")].concat();
+        let promoted: Vec<JobId> = [ra.expect("a"), rb.expect("b")].concat();
         assert_eq!(promoted, [c], "promoted exactly once");
         assert_eq!(state(&pool, c).await, "queued");
     }
@@ -683,7 +695,7 @@ async fn a_failed_dependency_fails_the_whole_waiting_chain_with_dependency_faile
     let (a_state, failed) = store::fail_job(&pool, &lease, "diverged", true, |_| Duration::ZERO)
         .await
         .expect("fail");
-    assert_eq!(a_state, "failed");
+    assert_eq!(a_state, JobState::Failed);
     assert_eq!(failed, [b, c]);
     let (b_row, c_row) = (job(&pool, b).await, job(&pool, c).await);
     assert_eq!(
@@ -767,7 +779,8 @@ async fn a_job_whose_dependencies_already_ended_starts_queued_or_already_failed(
     assert_eq!((row.state.as_str(), row.error), ("queued", None));
     let (_, row) = submit_spec(&pool, &transfer_spec(ok, &[])).await;
     assert_eq!(
-        row.state, "queued",
+        row.state,
+        JobState::Queued,
         "a transfer from a finished classifier is ready"
     );
     let (id, row) = submit_spec(&pool, &dependent_spec(&[ok, bad])).await;
@@ -799,29 +812,23 @@ async fn submit_rejects_unknown_dependencies_and_non_classifier_sources_naming_t
     let classifier = submit(&pool, 3).await;
     let (cvae, _) = submit_spec(&pool, &transfer_spec(classifier, &[])).await;
     let before = counts(&pool).await;
-    let unknown = Uuid::now_v7();
+    let unknown = new_id();
 
     let (field, message) = assert_invalid(
-        store::insert_job(
-            &pool,
-            Uuid::now_v7(),
-            &dependent_spec(&[classifier, unknown]),
-        )
-        .await,
+        store::insert_job(&pool, new_id(), &dependent_spec(&[classifier, unknown])).await,
     );
     assert_eq!(field, "spec.depends_on[1]");
     assert_eq!(message, format!("job {unknown} does not exist"));
 
-    let (field, message) = assert_invalid(
-        store::insert_job(&pool, Uuid::now_v7(), &transfer_spec(unknown, &[])).await,
-    );
+    let (field, message) =
+        assert_invalid(store::insert_job(&pool, new_id(), &transfer_spec(unknown, &[])).await);
     assert_eq!(field, "spec.cifar_cvae.init.transfer.source_job_id");
     assert_eq!(message, format!("job {unknown} does not exist"));
 
     let (field, _) = assert_invalid(
         store::insert_job(
             &pool,
-            Uuid::now_v7(),
+            new_id(),
             &transfer_spec(unknown, &[classifier, unknown]),
         )
         .await,
@@ -832,7 +839,7 @@ async fn submit_rejects_unknown_dependencies_and_non_classifier_sources_naming_t
     );
 
     let (field, message) =
-        assert_invalid(store::insert_job(&pool, Uuid::now_v7(), &transfer_spec(cvae, &[])).await);
+        assert_invalid(store::insert_job(&pool, new_id(), &transfer_spec(cvae, &[])).await);
     assert_eq!(field, "spec.cifar_cvae.init.transfer.source_job_id");
     assert!(
         message.contains("cifar_cvae") && message.contains("mnist_classifier"),
@@ -853,7 +860,7 @@ async fn submit_rejects_unknown_dependencies_and_non_classifier_sources_naming_t
 fn header(lease: &Lease, kind: &str, name: &str, epoch: i32, sha: char) -> ArtifactHeader {
     ArtifactHeader {
         lease: lease.clone(),
-        kind: kind.into(),
+        kind: ArtifactKind::parse("kind", kind).expect("a valid kind"),
         name: name.into(),
         epoch,
         size_bytes: 10,
@@ -962,7 +969,7 @@ fn resume_header(lease: &Lease, step: i64) -> ArtifactHeader {
     }
 }
 
-async fn attempts(pool: &PgPool, id: Uuid) -> Vec<(i32, String, i64, Option<String>)> {
+async fn attempts(pool: &PgPool, id: JobId) -> Vec<(i32, String, i64, Option<String>)> {
     store::attempts_of(pool, id)
         .await
         .expect("attempts")
@@ -970,10 +977,15 @@ async fn attempts(pool: &PgPool, id: Uuid) -> Vec<(i32, String, i64, Option<Stri
         .map(|a| {
             assert_eq!(
                 a.ended_at.is_none(),
-                a.outcome == "running",
+                a.outcome.as_str() == "running",
                 "only a running attempt has no end: {a:?}"
             );
-            (a.attempt, a.outcome, a.resumed_from_step, a.reason)
+            (
+                a.attempt,
+                a.outcome.as_str().to_owned(),
+                a.resumed_from_step,
+                a.reason,
+            )
         })
         .collect()
 }
@@ -1121,7 +1133,7 @@ async fn failures_and_expired_leases_count_against_max_attempts_but_hand_backs_d
     })
     .await
     .expect("fail");
-    assert_eq!(state, "queued", "one failure of two allowed");
+    assert_eq!(state, JobState::Queued, "one failure of two allowed");
     assert_eq!(
         backoff_saw,
         Some(1),
@@ -1162,7 +1174,7 @@ async fn failures_and_expired_leases_count_against_max_attempts_but_hand_backs_d
     );
 
     let unknown = Lease {
-        job_id: Uuid::now_v7(),
+        job_id: new_id(),
         ..second
     };
     assert!(matches!(
@@ -1199,7 +1211,7 @@ async fn completion_stores_the_final_step_and_a_cancellation_ends_the_running_at
         [(1, "cancelled".into(), 0, Some("wrong learning rate".into()))]
     );
     assert_eq!(job(&pool, cancelled).await.final_step, None);
-    let page = store::attempts_of_jobs(&pool, &[done, cancelled, Uuid::now_v7()])
+    let page = store::attempts_of_jobs(&pool, &[done, cancelled, new_id()])
         .await
         .expect("page");
     assert_eq!(
@@ -1220,7 +1232,7 @@ async fn when_redis_loses_its_keys_every_queued_job_is_pushed_again_at_once(pool
     let (a, b) = (submit(&pool, 3).await, submit(&pool, 3).await);
     let running = submit(&pool, 3).await;
     claim(&pool, running, "w", LONG).await;
-    let ids = |v: &[Uuid]| v.iter().map(Uuid::to_string).collect::<Vec<_>>();
+    let ids = |v: &[JobId]| v.iter().map(JobId::to_string).collect::<Vec<_>>();
 
     let first = reconcile::reconcile_queue(&pool, &d, LONG)
         .await
@@ -1303,7 +1315,7 @@ fn tuned_classifier_spec() -> JobSpec {
 
 /// A CVAE that transfers from `source`, latent 32, beta 0.5, transferred layers frozen for the
 /// first 2 epochs.
-fn tuned_transfer_spec(source: Uuid) -> JobSpec {
+fn tuned_transfer_spec(source: JobId) -> JobSpec {
     let mut raw = transfer_spec(source, &[]).to_proto();
     raw.name = "cvae-luminance".into();
     raw.training.as_mut().expect("training").seed = 3;
@@ -1387,11 +1399,11 @@ async fn job_summary_shows_each_jobs_hyper_parameters_initialisation_attempts_an
     // A random CVAE that has not run.
     let (random, _) = submit_spec(&pool, &random_cvae_spec()).await;
 
-    let summary = |id: Uuid| {
+    let summary = |id: JobId| {
         let pool = pool.clone();
         async move {
             sqlx::query("SELECT *, seed::bigint AS seed_i64 FROM job_summary WHERE id = $1")
-                .bind(id)
+                .bind(id.as_uuid())
                 .fetch_one(&pool)
                 .await
                 .expect("a summary row")
@@ -1467,7 +1479,10 @@ async fn job_summary_shows_each_jobs_hyper_parameters_initialisation_attempts_an
         Some("first_epochs")
     );
     assert_eq!(r.get::<Option<f64>, _>("init_freeze_value"), Some(2.0));
-    assert_eq!(r.get::<Option<Uuid>, _>("init_source_job_id"), Some(clf));
+    assert_eq!(
+        r.get::<Option<Uuid>, _>("init_source_job_id"),
+        Some(clf.as_uuid())
+    );
     assert_eq!(
         r.get::<Option<String>, _>("init_arm").as_deref(),
         Some("transfer/luminance/conv2/first_epochs=2")
@@ -1554,7 +1569,7 @@ async fn metric_series_lists_every_stored_point_once_with_its_job_in_step_order(
         "SELECT job_id, job_name, kind, metric, step, epoch, value FROM metric_series
          WHERE job_id = $1 AND metric = 'train/loss' ORDER BY step",
     )
-    .bind(a)
+    .bind(a.as_uuid())
     .fetch_all(&pool)
     .await
     .expect("series");
@@ -1564,7 +1579,7 @@ async fn metric_series_lists_every_stored_point_once_with_its_job_in_step_order(
             .map(|(step, epoch, value)| {
                 let (name, kind, metric) = ("mnist", "mnist_classifier", "train/loss");
                 (
-                    a,
+                    a.as_uuid(),
                     name.into(),
                     kind.into(),
                     metric.into(),
@@ -1582,7 +1597,7 @@ async fn metric_series_lists_every_stored_point_once_with_its_job_in_step_order(
     .fetch_all(&pool)
     .await
     .expect("counts");
-    assert_eq!(per_job, [(a, 4), (b, 1)]);
+    assert_eq!(per_job, [(a.as_uuid(), 4), (b.as_uuid(), 1)]);
     let recorded: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM metric_series WHERE recorded_at <= now() AND recorded_at > now() - interval '1 minute'",
     )
@@ -1632,7 +1647,7 @@ async fn artifact_files_names_each_artifacts_job_and_its_key_in_the_store(pool: 
     assert_eq!(
         rows,
         [(
-            id,
+            id.as_uuid(),
             "mnist".into(),
             "mnist_classifier".into(),
             1,

@@ -19,7 +19,9 @@ use tonic::{Status, Streaming};
 
 use super::{artifact_to_proto, AppState};
 use crate::artifacts::{ArtifactStore, Spool};
-use crate::domain::{ArtifactHeader, ArtifactQuery, ArtifactRef, MAX_UPLOAD_CHUNK_BYTES};
+use crate::domain::{
+    ArtifactHeader, ArtifactKind, ArtifactQuery, ArtifactRef, MAX_UPLOAD_CHUNK_BYTES,
+};
 use crate::error::{Error, Result};
 use crate::shutdown::Shutdown;
 use crate::store::{self, ArtifactRow};
@@ -54,7 +56,12 @@ pub(super) async fn upload(
     store::check_lease(&state.pool, lease).await?;
     let spool = receive(&mut stream, &header).await?;
 
-    let key = ArtifactStore::key(lease.job_id, lease.attempt, &header.kind, &header.name);
+    let key = ArtifactStore::key(
+        lease.job_id.as_uuid(),
+        lease.attempt,
+        header.kind.as_str(),
+        &header.name,
+    );
     let uri = state.artifacts.uri(&key);
     state.artifacts.store(&key, spool).await?;
     match store::record_artifact(&state.pool, &header, &uri).await {
@@ -93,7 +100,7 @@ pub(super) async fn upload(
 /// record points at again (an upload of the same key meanwhile) stays.
 async fn delete_pruned(state: &AppState, pruned: &[ArtifactRow]) {
     for row in pruned {
-        let key = ArtifactStore::key(row.job_id, row.attempt, &row.kind, &row.name);
+        let key = ArtifactStore::key(row.job_id.as_uuid(), row.attempt, &row.kind, &row.name);
         match store::artifact_uri_in_use(&state.pool, &row.uri).await {
             Ok(false) => match state.artifacts.delete(&key).await {
                 Ok(()) => tracing::info!(
@@ -189,7 +196,8 @@ pub(super) async fn list(
     if store::get_job(&state.pool, query.job_id).await?.is_none() {
         return Err(Error::job_not_found(query.job_id));
     }
-    let rows = store::list_artifacts(&state.pool, query.job_id, query.kind.as_deref()).await?;
+    let kind = query.kind.as_ref().map(ArtifactKind::as_str);
+    let rows = store::list_artifacts(&state.pool, query.job_id, kind).await?;
     Ok(v1::ListArtifactsResponse {
         artifacts: rows.into_iter().map(artifact_to_proto).collect(),
     })
@@ -202,7 +210,7 @@ pub(super) async fn download(
     req: v1::DownloadArtifactRequest,
 ) -> Result<ArtifactChunks> {
     let row = find(&state, ArtifactRef::try_from(req)?).await?;
-    let key = ArtifactStore::key(row.job_id, row.attempt, &row.kind, &row.name);
+    let key = ArtifactStore::key(row.job_id.as_uuid(), row.attempt, &row.kind, &row.name);
     let chunks = state.artifacts.fetch(&key).await.map_err(|e| match e {
         Error::ArtifactStore(object_store::Error::NotFound { .. }) => {
             Error::Internal(anyhow::anyhow!(
@@ -229,7 +237,7 @@ async fn find(state: &AppState, which: ArtifactRef) -> Result<ArtifactRow> {
             .await?
             .ok_or_else(|| Error::NotFound(format!("artifact {id} not found"))),
         ArtifactRef::Newest { job_id, kind } => {
-            if let Some(row) = store::newest_artifact(&state.pool, job_id, &kind).await? {
+            if let Some(row) = store::newest_artifact(&state.pool, job_id, kind.as_str()).await? {
                 return Ok(row);
             }
             if store::get_job(&state.pool, job_id).await?.is_none() {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use proto::spec::JobSpec;
 use proto::v1::{self, job_service_server::JobService};
+use proto::{JobId, JobState};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -28,14 +29,14 @@ impl JobApi {
     /// push its id. A failed push is only logged (see [`dispatch_now`]).
     async fn submit(&self, spec: Option<v1::JobSpec>) -> Result<v1::SubmitJobResponse> {
         let spec = JobSpec::try_from(spec.ok_or_else(|| Error::invalid("spec", "is required"))?)?;
-        let id = Uuid::now_v7();
+        let id = JobId::from(Uuid::now_v7());
         let row = store::insert_job(&self.state.pool, id, &spec).await?;
-        let state = state_of(&row)?;
+        let state = state_of(&row);
         tracing::info!(
             job_id = %id, attempt = row.attempt, name = %spec.name, kind = spec.experiment.kind(), state = %row.state,
             dependencies = spec.dependencies.len(), "job submitted"
         );
-        if state == v1::JobState::Queued {
+        if row.state == JobState::Queued {
             dispatch_now(&self.state, &[id]).await;
         }
         Ok(v1::SubmitJobResponse {
@@ -52,7 +53,7 @@ impl JobApi {
     async fn list(&self, req: v1::ListJobsRequest) -> Result<v1::ListJobsResponse> {
         let query = JobQuery::try_from(req)?;
         let (rows, next) = store::list_jobs(&self.state.pool, &query).await?;
-        let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+        let ids: Vec<JobId> = rows.iter().map(|r| r.id).collect();
         let mut latest = store::latest_metrics_of(&self.state.pool, &ids).await?;
         let mut attempts = store::attempts_of_jobs(&self.state.pool, &ids).await?;
         let jobs = rows
@@ -74,10 +75,10 @@ impl JobApi {
         let reason = domain::reason_text(&req.reason, "cancelled by user");
         let (row, failed) = store::cancel_job(&self.state.pool, id, &reason).await?;
         tracing::info!(job_id = %id, attempt = row.attempt, %reason, "job cancelled");
-        self.state.notifier.notify(id);
+        self.state.notifier.notify(id.as_uuid());
         for dependent in failed {
             tracing::info!(job_id = %dependent, attempt = 0, dependency = %id, "dependency cancelled");
-            self.state.notifier.notify(dependent);
+            self.state.notifier.notify(dependent.as_uuid());
         }
         let latest = store::latest_metrics(&self.state.pool, id).await?;
         let attempts = store::attempts_of(&self.state.pool, id).await?;
@@ -98,7 +99,7 @@ impl JobApi {
 }
 
 /// A job with its latest metrics, or NOT_FOUND.
-pub(super) async fn load_job(state: &AppState, id: Uuid) -> Result<v1::Job> {
+pub(super) async fn load_job(state: &AppState, id: JobId) -> Result<v1::Job> {
     let row = store::get_job(&state.pool, id)
         .await?
         .ok_or_else(|| Error::job_not_found(id))?;

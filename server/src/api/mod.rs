@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use proto::v1;
+use proto::{v1, JobId};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -68,14 +68,8 @@ fn spec_of(row: &JobRow) -> Result<v1::JobSpec> {
     })
 }
 
-fn state_of(row: &JobRow) -> Result<v1::JobState> {
-    proto::state_from_name(&row.state).ok_or_else(|| {
-        Error::Internal(anyhow::anyhow!(
-            "job {} has unknown state {:?}",
-            row.id,
-            row.state
-        ))
-    })
+fn state_of(row: &JobRow) -> v1::JobState {
+    row.state.into()
 }
 
 /// A stored job as the wire `Job`, with its latest metric values and its attempts (oldest
@@ -85,14 +79,11 @@ fn job_to_proto(
     latest: Vec<MetricPoint>,
     attempts: Vec<AttemptRow>,
 ) -> Result<v1::Job> {
-    let attempts = attempts
-        .into_iter()
-        .map(attempt_to_proto)
-        .collect::<Result<_>>()?;
+    let attempts = attempts.into_iter().map(attempt_to_proto).collect();
     Ok(v1::Job {
         id: row.id.to_string(),
         spec: Some(spec_of(&row)?),
-        state: state_of(&row)? as i32,
+        state: state_of(&row) as i32,
         attempt: row.attempt.max(0) as u32,
         worker_id: row.worker_id.unwrap_or_default(),
         created_at: Some(timestamp(row.created_at)),
@@ -108,32 +99,16 @@ fn job_to_proto(
 }
 
 /// An attempt record as the wire `Attempt`.
-fn attempt_to_proto(row: AttemptRow) -> Result<v1::Attempt> {
-    use v1::AttemptOutcome as O;
-    let outcome = match row.outcome.as_str() {
-        "running" => O::Running,
-        "succeeded" => O::Succeeded,
-        "failed" => O::Failed,
-        "lease_expired" => O::LeaseExpired,
-        "handed_back" => O::HandedBack,
-        "cancelled" => O::Cancelled,
-        other => {
-            return Err(Error::Internal(anyhow::anyhow!(
-                "attempt {} of job {} has unknown outcome {other:?}",
-                row.attempt,
-                row.job_id
-            )))
-        }
-    };
-    Ok(v1::Attempt {
+fn attempt_to_proto(row: AttemptRow) -> v1::Attempt {
+    v1::Attempt {
         attempt: row.attempt.max(0) as u32,
         worker_id: row.worker_id,
         claimed_at: Some(timestamp(row.claimed_at)),
         ended_at: row.ended_at.map(timestamp),
-        outcome: outcome as i32,
+        outcome: v1::AttemptOutcome::from(row.outcome) as i32,
         resumed_from_step: row.resumed_from_step.max(0) as u64,
         reason: row.reason.unwrap_or_default(),
-    })
+    }
 }
 
 /// An artifact record as the wire `Artifact`.
@@ -157,11 +132,12 @@ fn artifact_to_proto(row: ArtifactRow) -> v1::Artifact {
 /// Pushes the ids of jobs that just became queued, then records the push. A failed push is
 /// only logged: the jobs are safely stored as queued and undispatched, and the reconciler
 /// pushes them later.
-async fn dispatch_now(state: &AppState, ids: &[Uuid]) {
+async fn dispatch_now(state: &AppState, ids: &[JobId]) {
     if ids.is_empty() {
         return;
     }
-    match state.dispatcher.push(ids).await {
+    let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
+    match state.dispatcher.push(&uuids).await {
         Ok(()) => {
             if let Err(e) = store::mark_dispatched(&state.pool, ids).await {
                 // Harmless: the reconciler will push them once more.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures::future::select_all;
 use futures::FutureExt as _;
 use proto::sweep::SweepPlan;
-use proto::v1;
+use proto::{metric, v1, JobState, MetricName, SweepId, SweepState};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,7 +21,7 @@ use tonic::Status;
 use uuid::Uuid;
 
 use super::{dispatch_now, timestamp, AppState};
-use crate::domain::{self, is_terminal, PageToken, DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE};
+use crate::domain::{self, query::page_size, PageToken};
 use crate::error::{Error, Result};
 use crate::store::{self, SweepRow, SweepRunRow};
 use crate::summary::{summarise, SummaryRequest};
@@ -33,32 +33,14 @@ pub type SweepEvents = ReceiverStream<Result<v1::Sweep, Status>>;
 const FALLBACK_POLL: Duration = Duration::from_millis(500);
 /// Most metrics one GetSweepSummary call may name.
 const MAX_SUMMARY_METRICS: usize = 64;
+/// What GetSweepSummary summarises when the request names no metrics.
 const CVAE_METRICS: [&str; 4] = [
-    "test/neg_elbo_nats",
-    "test/bits_per_dim",
-    "test/recon",
-    "test/kl",
+    metric::TEST_NEG_ELBO_NATS,
+    metric::TEST_BITS_PER_DIM,
+    metric::TEST_RECON,
+    metric::TEST_KL,
 ];
-const CLASSIFIER_METRICS: [&str; 2] = ["test/loss", "test/accuracy"];
-
-fn parse_sweep_id(text: &str) -> Result<Uuid> {
-    if text.is_empty() {
-        return Err(Error::invalid("sweep_id", "is required"));
-    }
-    Uuid::parse_str(text)
-        .ok()
-        .filter(|_| text.len() == 36)
-        .ok_or_else(|| {
-            Error::invalid(
-                "sweep_id",
-                format!("must be a sweep id (UUID), got {text:?}"),
-            )
-        })
-}
-
-fn sweep_not_found(id: Uuid) -> Error {
-    Error::NotFound(format!("sweep {id} not found"))
-}
+const CLASSIFIER_METRICS: [&str; 2] = [metric::TEST_LOSS, metric::TEST_ACCURACY];
 
 /// Stores the sweep and its jobs (all or nothing), then dispatches the jobs that start queued.
 pub async fn submit(state: &AppState, req: v1::SubmitSweepRequest) -> Result<v1::Sweep> {
@@ -66,7 +48,7 @@ pub async fn submit(state: &AppState, req: v1::SubmitSweepRequest) -> Result<v1:
         .spec
         .ok_or_else(|| Error::invalid("spec", "is required"))?;
     let plan = SweepPlan::try_from(spec)?;
-    let id = Uuid::now_v7();
+    let id = SweepId::from(Uuid::now_v7());
     let inserted = store::insert_sweep(&state.pool, id, &plan).await?;
     tracing::info!(
         sweep_id = %id, name = %plan.name, arms = plan.arms.len(), seeds = plan.seeds.len(),
@@ -77,28 +59,28 @@ pub async fn submit(state: &AppState, req: v1::SubmitSweepRequest) -> Result<v1:
 }
 
 pub async fn get(state: &AppState, req: v1::GetSweepRequest) -> Result<v1::Sweep> {
-    let id = parse_sweep_id(&req.sweep_id)?;
+    let id = domain::parse_sweep_id("sweep_id", &req.sweep_id)?;
     load(state, id).await
 }
 
 /// The sweep with its arms, runs and counts, from one snapshot (NOT_FOUND if there is none).
-async fn load(state: &AppState, id: Uuid) -> Result<v1::Sweep> {
+async fn load(state: &AppState, id: SweepId) -> Result<v1::Sweep> {
     let (row, arms, runs) = store::sweep_snapshot(&state.pool, id)
         .await?
-        .ok_or_else(|| sweep_not_found(id))?;
-    let counts = count(runs.iter().map(|r| r.state.as_str()));
+        .ok_or_else(|| Error::sweep_not_found(id))?;
+    let counts = count(runs.iter().map(|r| r.state));
     let mut sweep = sweep_to_proto(row, &counts)?;
     sweep.arms = arms.into_iter().map(|a| a.name).collect();
     sweep.runs = runs.iter().map(run_to_proto).collect();
     Ok(sweep)
 }
 
-fn count<'a>(states: impl Iterator<Item = &'a str>) -> Vec<(String, i64)> {
-    let mut counts: Vec<(String, i64)> = Vec::new();
+fn count(states: impl Iterator<Item = JobState>) -> Vec<(JobState, i64)> {
+    let mut counts: Vec<(JobState, i64)> = Vec::new();
     for s in states {
-        match counts.iter_mut().find(|(k, _)| k == s) {
+        match counts.iter_mut().find(|(k, _)| *k == s) {
             Some((_, n)) => *n += 1,
-            None => counts.push((s.to_owned(), 1)),
+            None => counts.push((s, 1)),
         }
     }
     counts
@@ -110,29 +92,18 @@ fn run_to_proto(r: &SweepRunRow) -> v1::SweepRun {
         arm: r.arm.clone(),
         seed: r.seed,
         source: r.is_source,
-        state: job_state(&r.state) as i32,
+        state: v1::JobState::from(r.state) as i32,
     }
-}
-
-fn job_state(name: &str) -> v1::JobState {
-    proto::state_from_name(name).unwrap_or(v1::JobState::Unspecified)
 }
 
 /// The state a sweep is in, given how many of its jobs are in each state.
-fn sweep_state(row: &SweepRow, counts: &[(String, i64)]) -> v1::SweepState {
-    if row.cancelled_at.is_some() {
-        v1::SweepState::Cancelled
-    } else if counts.iter().any(|(s, n)| *n > 0 && !is_terminal(s)) {
-        v1::SweepState::Running
-    } else if counts.iter().all(|(s, n)| *n == 0 || s == "succeeded") {
-        v1::SweepState::Succeeded
-    } else {
-        v1::SweepState::Partial
-    }
+fn sweep_state(row: &SweepRow, counts: &[(JobState, i64)]) -> SweepState {
+    let present = counts.iter().filter(|(_, n)| *n > 0).map(|(s, _)| *s);
+    SweepState::derive(row.cancelled_at.is_some(), present)
 }
 
 /// A sweep without its arms and runs.
-fn sweep_to_proto(row: SweepRow, counts: &[(String, i64)]) -> Result<v1::Sweep> {
+fn sweep_to_proto(row: SweepRow, counts: &[(JobState, i64)]) -> Result<v1::Sweep> {
     let spec: v1::SweepSpec = serde_json::from_value(row.spec.clone()).map_err(|e| {
         Error::Internal(anyhow::anyhow!(
             "sweep {} has an unreadable spec: {e}",
@@ -145,7 +116,7 @@ fn sweep_to_proto(row: SweepRow, counts: &[(String, i64)]) -> Result<v1::Sweep> 
         .iter()
         .filter(|(_, n)| *n > 0)
         .map(|(s, n)| v1::StateCount {
-            state: job_state(s) as i32,
+            state: v1::JobState::from(*s) as i32,
             count: (*n).clamp(0, i64::from(u32::MAX)) as u32,
         })
         .collect();
@@ -153,7 +124,7 @@ fn sweep_to_proto(row: SweepRow, counts: &[(String, i64)]) -> Result<v1::Sweep> 
     Ok(v1::Sweep {
         sweep_id: row.id.to_string(),
         spec: Some(spec),
-        state: state as i32,
+        state: v1::SweepState::from(state) as i32,
         arms: Vec::new(),
         runs: Vec::new(),
         jobs_by_state,
@@ -162,10 +133,7 @@ fn sweep_to_proto(row: SweepRow, counts: &[(String, i64)]) -> Result<v1::Sweep> 
 }
 
 pub async fn list(state: &AppState, req: v1::ListSweepsRequest) -> Result<v1::ListSweepsResponse> {
-    let page_size = match req.page_size {
-        0 => DEFAULT_PAGE_SIZE,
-        n => n.min(MAX_PAGE_SIZE),
-    };
+    let page_size = page_size(req.page_size);
     let after = match req.page_token.as_str() {
         "" => None,
         token => Some(PageToken::decode(token).map_err(|_| {
@@ -176,7 +144,7 @@ pub async fn list(state: &AppState, req: v1::ListSweepsRequest) -> Result<v1::Li
         })?),
     };
     let (rows, next) = store::list_sweeps(&state.pool, page_size, after).await?;
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let ids: Vec<SweepId> = rows.iter().map(|r| r.id).collect();
     let mut counts = store::sweep_state_counts(&state.pool, &ids).await?;
     let sweeps = rows
         .into_iter()
@@ -196,13 +164,13 @@ pub async fn list(state: &AppState, req: v1::ListSweepsRequest) -> Result<v1::Li
 /// cancelled in its own transaction by the CancelJob store logic; a job that ends on its own
 /// meanwhile keeps its result.
 pub async fn cancel(state: &AppState, req: v1::CancelSweepRequest) -> Result<v1::Sweep> {
-    let id = parse_sweep_id(&req.sweep_id)?;
+    let id = domain::parse_sweep_id("sweep_id", &req.sweep_id)?;
     let reason = domain::reason_text(&req.reason, "sweep cancelled by user");
     let done = store::cancel_sweep(&state.pool, id, &reason)
         .await?
-        .ok_or_else(|| sweep_not_found(id))?;
+        .ok_or_else(|| Error::sweep_not_found(id))?;
     for job in done.cancelled.iter().chain(&done.dependents_failed) {
-        state.notifier.notify(*job);
+        state.notifier.notify(job.as_uuid());
     }
     let cancelled = done.cancelled.len();
     tracing::info!(sweep_id = %id, jobs = cancelled, %reason, "sweep cancelled");
@@ -212,12 +180,12 @@ pub async fn cancel(state: &AppState, req: v1::CancelSweepRequest) -> Result<v1:
 /// Sends the sweep now, then after every change of one of its jobs' states, until every job
 /// has ended (that message is the last), the client leaves, or the coordinator shuts down.
 pub async fn watch(state: Arc<AppState>, req: v1::WatchSweepRequest) -> Result<SweepEvents> {
-    let id = parse_sweep_id(&req.sweep_id)?;
+    let id = domain::parse_sweep_id("sweep_id", &req.sweep_id)?;
     // The job ids never change after submission; subscribe before the first read.
     let runs = store::sweep_runs(&state.pool, id).await?;
     let subscriptions: Vec<_> = runs
         .iter()
-        .map(|r| state.notifier.subscribe(r.job_id))
+        .map(|r| state.notifier.subscribe(r.job_id.as_uuid()))
         .collect();
     let sweep = load(&state, id).await?;
     let (tx, rx) = mpsc::channel(16);
@@ -233,7 +201,7 @@ fn all_ended(sweep: &v1::Sweep) -> bool {
     sweep
         .runs
         .iter()
-        .all(|r| v1::JobState::try_from(r.state).is_ok_and(|s| is_terminal(proto::state_name(s))))
+        .all(|r| v1::JobState::try_from(r.state).is_ok_and(v1::JobState::is_terminal))
 }
 
 /// What a watcher compares: the sweep's state and every run's state.
@@ -243,7 +211,7 @@ fn fingerprint(sweep: &v1::Sweep) -> (i32, Vec<i32>) {
 
 async fn follow(
     state: Arc<AppState>,
-    id: Uuid,
+    id: SweepId,
     mut subscriptions: Vec<crate::events::Subscription>,
     mut seen: (i32, Vec<i32>),
     tx: mpsc::Sender<Result<v1::Sweep, Status>>,
@@ -287,17 +255,8 @@ async fn follow(
     }
 }
 
-fn check_metric(field: String, name: &str) -> Result<()> {
-    let n = name.chars().count();
-    if n == 0 || n > domain::MAX_METRIC_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            field,
-            format!(
-                "must be a metric name of 1..={} printable characters",
-                domain::MAX_METRIC_NAME_CHARS
-            ),
-        ));
-    }
+fn check_metric(field: &str, name: &str) -> Result<()> {
+    MetricName::parse(field, name)?;
     Ok(())
 }
 
@@ -305,7 +264,7 @@ pub async fn summary(
     state: &AppState,
     req: v1::GetSweepSummaryRequest,
 ) -> Result<v1::SweepSummary> {
-    let id = parse_sweep_id(&req.sweep_id)?;
+    let id = domain::parse_sweep_id("sweep_id", &req.sweep_id)?;
     if req.metrics.len() > MAX_SUMMARY_METRICS {
         return Err(Error::invalid(
             "metrics",
@@ -317,7 +276,7 @@ pub async fn summary(
     }
     let mut seen = HashSet::new();
     for (i, m) in req.metrics.iter().enumerate() {
-        check_metric(format!("metrics[{i}]"), m)?;
+        check_metric(&format!("metrics[{i}]"), m)?;
         if !seen.insert(m.as_str()) {
             return Err(Error::invalid(
                 format!("metrics[{i}]"),
@@ -326,11 +285,11 @@ pub async fn summary(
         }
     }
     if !req.convergence_metric.is_empty() {
-        check_metric("convergence_metric".into(), &req.convergence_metric)?;
+        check_metric("convergence_metric", &req.convergence_metric)?;
     }
     let row = store::get_sweep(&state.pool, id)
         .await?
-        .ok_or_else(|| sweep_not_found(id))?;
+        .ok_or_else(|| Error::sweep_not_found(id))?;
     let cvae = row.kind == "cifar_cvae";
     let metrics: Vec<String> = if req.metrics.is_empty() {
         let defaults: &[&str] = if cvae {
@@ -343,8 +302,8 @@ pub async fn summary(
         req.metrics.clone()
     };
     let convergence_metric = match req.convergence_metric.as_str() {
-        "" if cvae => "test/neg_elbo_nats".to_owned(),
-        "" => "test/loss".to_owned(),
+        "" if cvae => metric::TEST_NEG_ELBO_NATS.to_owned(),
+        "" => metric::TEST_LOSS.to_owned(),
         m => m.to_owned(),
     };
     let arms = store::sweep_arms(&state.pool, id).await?;

@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::v1::{self, job_event::Event};
+use proto::JobId;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
-use uuid::Uuid;
 
 use super::{jobs::load_job, AppState};
-use crate::domain::is_terminal;
 use crate::error::Result;
 use crate::events::Subscription;
 use crate::store;
@@ -39,9 +38,9 @@ struct Cursor {
 }
 
 /// Reads the job (NOT_FOUND before any stream exists), then streams from a task of its own.
-pub async fn start(state: Arc<AppState>, id: Uuid) -> Result<JobEvents> {
+pub async fn start(state: Arc<AppState>, id: JobId) -> Result<JobEvents> {
     // Subscribe before the first read, so a change between the read and the loop is not lost.
-    let subscription = state.notifier.subscribe(id);
+    let subscription = state.notifier.subscribe(id.as_uuid());
     let seq = store::last_metric_seq(&state.pool, id).await?;
     let job = load_job(&state, id).await?;
     let (tx, rx) = mpsc::channel(16);
@@ -63,7 +62,7 @@ fn job_event(job: v1::Job) -> v1::JobEvent {
 }
 
 fn job_is_terminal(job: &v1::Job) -> bool {
-    v1::JobState::try_from(job.state).is_ok_and(|s| is_terminal(proto::state_name(s)))
+    v1::JobState::try_from(job.state).is_ok_and(v1::JobState::is_terminal)
 }
 
 type Sender = mpsc::Sender<Result<v1::JobEvent, Status>>;
@@ -71,7 +70,7 @@ type Sender = mpsc::Sender<Result<v1::JobEvent, Status>>;
 /// Sends events until the job ends, the client leaves, or the coordinator shuts down.
 async fn follow(
     state: Arc<AppState>,
-    id: Uuid,
+    id: JobId,
     mut subscription: Subscription,
     mut cursor: Cursor,
     tx: Sender,
@@ -108,7 +107,7 @@ enum Step {
 /// Sends what changed since the cursor. The job is read before the points: a job seen in a
 /// terminal state can get no more points (worker writes need a running lease), so the points
 /// read afterwards are complete and the terminal Job event can safely be the last.
-async fn catch_up(state: &AppState, id: Uuid, cursor: &mut Cursor, tx: &Sender) -> Result<Step> {
+async fn catch_up(state: &AppState, id: JobId, cursor: &mut Cursor, tx: &Sender) -> Result<Step> {
     let job = load_job(state, id).await?;
     loop {
         let points = store::metrics_after(&state.pool, id, cursor.seq, BATCH_POINTS).await?;

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use proto::v1::{self, worker_service_server::WorkerService};
+use proto::{AttemptOutcome, JobState};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{artifact_to_proto, artifacts, dispatch_now, spec_of, timestamp, AppState};
@@ -43,7 +44,7 @@ impl WorkerApi {
             resume_from_step = resume_from.as_ref().map_or(0, |a| a.step),
             waited_ms = waited.as_millis() as u64, "job claimed"
         );
-        self.state.notifier.notify(id);
+        self.state.notifier.notify(id.as_uuid());
         Ok(v1::ClaimJobResponse {
             claimed: true,
             lease: Some(v1::JobLease {
@@ -70,7 +71,7 @@ impl WorkerApi {
         let report = MetricsReport::try_from(req)?;
         let stored = store::record_metrics(&self.state.pool, &report.lease, &report.points).await?;
         if stored > 0 {
-            self.state.notifier.notify(report.lease.job_id);
+            self.state.notifier.notify(report.lease.job_id.as_uuid());
         }
         Ok(v1::ReportMetricsResponse {
             stored: u32::try_from(stored).unwrap_or(u32::MAX),
@@ -81,11 +82,11 @@ impl WorkerApi {
         let Completion { lease, final_step } = Completion::try_from(req)?;
         let queued = store::complete_job(&self.state.pool, &lease, final_step).await?;
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, final_step, "job succeeded");
-        self.state.metrics.finished("succeeded");
-        self.state.notifier.notify(lease.job_id);
+        self.state.metrics.finished(JobState::Succeeded.as_str());
+        self.state.notifier.notify(lease.job_id.as_uuid());
         for dependent in &queued {
             tracing::info!(job_id = %dependent, attempt = 0, dependency = %lease.job_id, "dependencies succeeded; job queued");
-            self.state.notifier.notify(*dependent);
+            self.state.notifier.notify(dependent.as_uuid());
         }
         dispatch_now(&self.state, &queued).await;
         Ok(v1::CompleteJobResponse {})
@@ -104,15 +105,16 @@ impl WorkerApi {
         )
         .await?;
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, %state, %reason, "attempt failed");
-        self.state.metrics.attempt_ended(&state, "failed");
-        self.state.notifier.notify(lease.job_id);
+        self.state
+            .metrics
+            .attempt_ended(state.as_str(), AttemptOutcome::Failed.as_str());
+        self.state.notifier.notify(lease.job_id.as_uuid());
         for dependent in failed {
             tracing::info!(job_id = %dependent, attempt = 0, dependency = %lease.job_id, "dependency failed");
-            self.state.notifier.notify(dependent);
+            self.state.notifier.notify(dependent.as_uuid());
         }
-        let state = proto::state_from_name(&state).unwrap_or(v1::JobState::Unspecified);
         Ok(v1::FailJobResponse {
-            state: state as i32,
+            state: v1::JobState::from(state) as i32,
         })
     }
 
@@ -126,10 +128,10 @@ impl WorkerApi {
             job_id = %lease.job_id, attempt = lease.attempt, worker = %lease.worker_id, %reason,
             "job handed back"
         );
-        self.state.notifier.notify(lease.job_id);
+        self.state.notifier.notify(lease.job_id.as_uuid());
         dispatch_now(&self.state, &[lease.job_id]).await;
         Ok(v1::ReleaseJobResponse {
-            state: v1::JobState::Queued as i32,
+            state: v1::JobState::from(JobState::Queued) as i32,
         })
     }
 }
