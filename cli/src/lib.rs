@@ -19,6 +19,8 @@
 pub mod args;
 pub mod client;
 pub mod commands;
+#[cfg(test)]
+mod fixtures;
 pub mod format;
 pub mod markdown;
 pub mod output;

@@ -290,7 +290,7 @@ baseline's final mean ({}), and the same step per seed.\n",
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::report::fixtures::sweep_and_summary;
+    use crate::fixtures::sweep_and_summary;
 
     #[test]
     fn the_report_has_tables_figures_samples_verdicts_and_missing_runs() {

@@ -286,15 +286,7 @@ pub fn sweep_runs_table(sweep: &v1::Sweep) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn point(name: &str, step: u64, epoch: u32, value: f64) -> v1::MetricPoint {
-        v1::MetricPoint {
-            name: name.into(),
-            step,
-            epoch,
-            value,
-        }
-    }
+    use crate::fixtures::point;
 
     #[test]
     fn a_table_aligns_its_columns_without_trailing_blanks() {
