@@ -1,9 +1,15 @@
 //! Renders command results for people (aligned tables), spreadsheets (CSV) and scripts (the
-//! proto's JSON mapping).
+//! proto's JSON mapping), and prints them ([`print`]).
 //!
-//! Pure formatting: no network, no terminal detection.
+//! Formatting only: no network, no terminal detection, and no use of the watching or report
+//! modules (the pieces they share with the tables are in [`crate::format`]).
 
+use std::io::Write;
+
+use proto::metric::TRAIN_LOSS;
 use proto::v1;
+
+use crate::format::{counts_text, number, sweep_state_name, timestamp};
 
 /// How a read command prints its result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -95,28 +101,24 @@ pub fn json<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_string_pretty(value).expect("proto messages always serialise to JSON") + "\n"
 }
 
-/// A timestamp in RFC 3339 (UTC), or `-` when unset.
-pub fn timestamp(ts: Option<&proto::Timestamp>) -> String {
-    match ts {
-        // pbjson's Timestamp serialises as an RFC 3339 string.
-        Some(ts) => serde_json::to_value(ts)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_else(|| "-".into()),
-        None => "-".into(),
+/// JSON as the proto mapping, or the table in the chosen text format.
+pub fn render<T: serde::Serialize>(
+    out: Output,
+    value: &T,
+    table: impl FnOnce() -> Table,
+) -> String {
+    match out {
+        Output::Json => json(value),
+        other => table().render(other),
     }
 }
 
-/// A metric value: integers without a fraction, others with up to 6 significant digits.
-pub fn number(value: f64) -> String {
-    if value.is_finite() && value == value.trunc() && value.abs() < 1e15 {
-        format!("{value:.0}")
-    } else if value != 0.0 && (value.abs() >= 1e6 || value.abs() < 1e-3) {
-        format!("{value:.5e}")
-    } else {
-        let s = format!("{value:.6}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
-    }
+/// Writes a result to stdout.
+pub fn print(text: &str) {
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (`trainq list | head`) is not an error worth a panic.
+    let _ = out.write_all(text.as_bytes());
+    let _ = out.flush();
 }
 
 pub fn state(job: &v1::Job) -> &'static str {
@@ -136,7 +138,7 @@ pub fn jobs_table(jobs: &[v1::Job]) -> Table {
         let loss = job
             .latest_metrics
             .iter()
-            .find(|m| m.name == "train/loss")
+            .find(|m| m.name == TRAIN_LOSS)
             .map_or("-".into(), |m| number(m.value));
         t.push(vec![
             job.id.clone(),
@@ -224,7 +226,7 @@ pub fn artifacts_table(artifacts: &[v1::Artifact]) -> Table {
 }
 
 fn sweep_state(sweep: &v1::Sweep) -> &'static str {
-    crate::report::sweep_state_name(sweep.state())
+    sweep_state_name(sweep.state())
 }
 
 /// Sweeps as rows: id, name, state, arms, seeds, jobs by state, created.
@@ -238,7 +240,7 @@ pub fn sweeps_table(sweeps: &[v1::Sweep]) -> Table {
             sweep_state(s).into(),
             s.arms.len().to_string(),
             spec.map_or(0, |p| p.seeds.len()).to_string(),
-            crate::watch::counts_text(&s.jobs_by_state),
+            counts_text(&s.jobs_by_state),
             timestamp(s.created_at.as_ref()),
         ]);
     }
@@ -263,7 +265,7 @@ pub fn sweep_table(sweep: &v1::Sweep) -> Table {
     row("arms", sweep.arms.join(", "));
     let seeds: Vec<String> = spec.seeds.iter().map(|s| s.to_string()).collect();
     row("seeds", seeds.join(", "));
-    row("jobs", crate::watch::counts_text(&sweep.jobs_by_state));
+    row("jobs", counts_text(&sweep.jobs_by_state));
     t
 }
 
@@ -284,15 +286,7 @@ pub fn sweep_runs_table(sweep: &v1::Sweep) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn point(name: &str, step: u64, epoch: u32, value: f64) -> v1::MetricPoint {
-        v1::MetricPoint {
-            name: name.into(),
-            step,
-            epoch,
-            value,
-        }
-    }
+    use crate::fixtures::point;
 
     #[test]
     fn a_table_aligns_its_columns_without_trailing_blanks() {
@@ -329,15 +323,6 @@ mod tests {
              train/loss     1      20    0.123457\n\
              test/accuracy  1      4     0.9\n"
         );
-    }
-
-    #[test]
-    fn numbers_are_short_but_keep_their_magnitude() {
-        assert_eq!(number(3.0), "3");
-        assert_eq!(number(0.5), "0.5");
-        assert_eq!(number(1234.5678), "1234.5678");
-        assert_eq!(number(0.0001234), "1.23400e-4");
-        assert_eq!(number(f64::NAN), "NaN");
     }
 
     #[test]

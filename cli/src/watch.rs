@@ -11,11 +11,13 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use proto::metric::{TRAIN_IMAGES_PER_S, TRAIN_LOSS};
 use proto::v1;
 use tokio_stream::StreamExt;
 
 use crate::client::{exit, CliError, Client};
-use crate::output::number;
+use crate::format::{counts_text, number, sweep_state_name};
+use crate::output::Output;
 
 /// Training-set sizes of the built-in data sets.
 pub const MNIST_TRAIN_EXAMPLES: u64 = 60_000;
@@ -72,8 +74,8 @@ impl Progress {
                 self.epoch = self.epoch.max(p.epoch);
             }
             match p.name.as_str() {
-                "train/loss" => self.loss = Some(p.value),
-                "train/images_per_s" => self.images_per_s = Some(p.value),
+                TRAIN_LOSS => self.loss = Some(p.value),
+                TRAIN_IMAGES_PER_S => self.images_per_s = Some(p.value),
                 _ => {}
             }
         }
@@ -92,11 +94,6 @@ impl Progress {
     }
 }
 
-fn is_terminal(state: v1::JobState) -> bool {
-    use v1::JobState::*;
-    matches!(state, Succeeded | Failed | Cancelled)
-}
-
 /// How progress is shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Display {
@@ -111,6 +108,15 @@ impl Display {
             Display::Bars
         } else {
             Display::Lines
+        }
+    }
+
+    /// The display of a command's watch: none for JSON (only the result is printed), else
+    /// [`Display::auto`].
+    pub fn for_output(out: Output) -> Self {
+        match out {
+            Output::Json => Display::Quiet,
+            _ => Display::auto(),
         }
     }
 }
@@ -198,11 +204,11 @@ async fn watch_one(
             }
             (None, Display::Lines) => {
                 // The end gets its own line below.
-                if last_state != Some(progress.state) && !is_terminal(progress.state) {
+                if last_state != Some(progress.state) && !progress.state.is_terminal() {
                     println!("{id} {}: {state}", progress.name);
                     last_state = Some(progress.state);
                 }
-                if progress.step > 0 && !is_terminal(progress.state) {
+                if progress.step > 0 && !progress.state.is_terminal() {
                     let total = progress
                         .total
                         .map_or("?".into(), |t| t.max(progress.step).to_string());
@@ -225,12 +231,12 @@ async fn watch_one(
             }
             _ => {}
         }
-        if is_terminal(progress.state) {
+        if progress.state.is_terminal() {
             break;
         }
     }
     let job = match last {
-        Some(job) if is_terminal(job.state()) => job,
+        Some(job) if job.state().is_terminal() => job,
         _ => {
             return Err(CliError::new(
                 exit::SERVER,
@@ -259,24 +265,13 @@ pub fn exit_code(jobs: &[v1::Job]) -> u8 {
     }
 }
 
-/// Jobs by state as `3 succeeded, 1 running` (in the order of the states).
-pub fn counts_text(counts: &[v1::StateCount]) -> String {
-    let mut sorted: Vec<&v1::StateCount> = counts.iter().collect();
-    sorted.sort_by_key(|c| c.state);
-    let parts: Vec<String> = sorted
-        .iter()
-        .map(|c| format!("{} {}", c.count, proto::state_name(c.state())))
-        .collect();
-    if parts.is_empty() {
-        "no jobs".into()
-    } else {
-        parts.join(", ")
-    }
-}
-
 /// Jobs of a sweep that have ended.
 pub fn sweep_ended(sweep: &v1::Sweep) -> usize {
-    sweep.runs.iter().filter(|r| is_terminal(r.state())).count()
+    sweep
+        .runs
+        .iter()
+        .filter(|r| r.state().is_terminal())
+        .count()
 }
 
 /// Whether every job of the sweep has ended.
@@ -356,7 +351,7 @@ pub async fn watch_sweep(
     };
     let end = format!(
         "{}: {}",
-        crate::report::sweep_state_name(sweep.state()),
+        sweep_state_name(sweep.state()),
         counts_text(&sweep.jobs_by_state)
     );
     match (&bar, display) {

@@ -8,8 +8,6 @@
 //! stage are validated with [`SOURCE_PLACEHOLDER`] as their source; the coordinator, which
 //! assigns the source jobs' ids, passes the real id to [`SweepPlan::run_spec`].
 //!
-//! Also the Student-t quantile the sweep summary's confidence intervals use ([`t_975`]).
-//!
 //! Must not know about Postgres, Redis or libtorch: pure functions only.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -754,97 +752,6 @@ pub fn random_init(spec: &JobSpec) -> bool {
     match &spec.experiment {
         crate::spec::Experiment::CifarCvae(c) => c.init == Init::Random,
         crate::spec::Experiment::MnistClassifier => true,
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Statistics
-// ---------------------------------------------------------------------------------------------
-
-/// The normal distribution's 97.5% quantile: the limit of [`t_975`] as df grows.
-pub const Z_975: f64 = 1.959963984540054;
-
-/// P(|T| <= t) for Student's t with `df` (>= 1) degrees of freedom, by the finite series of
-/// Abramowitz & Stegun 26.7.3 (exact for integer df).
-fn t_two_sided_cdf(t: f64, df: u32) -> f64 {
-    let theta = (t / f64::from(df).sqrt()).atan();
-    let (s, c) = theta.sin_cos();
-    let c2 = c * c;
-    if df % 2 == 1 {
-        // (2/pi)[theta + sin(theta)(cos + 2/3 cos^3 + 2*4/(3*5) cos^5 + ...)], up to cos^(df-2).
-        let mut sum = 0.0;
-        if df > 1 {
-            let mut term = c;
-            sum = term;
-            let mut k = 3;
-            while k < df {
-                term *= c2 * f64::from(k - 1) / f64::from(k);
-                sum += term;
-                k += 2;
-            }
-        }
-        2.0 / std::f64::consts::PI * (theta + s * sum)
-    } else {
-        // sin(theta)[1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...], up to cos^(df-2).
-        let mut term = 1.0;
-        let mut sum = 1.0;
-        let mut k = 2;
-        while k <= df - 2 {
-            term *= c2 * f64::from(k - 1) / f64::from(k);
-            sum += term;
-            k += 2;
-        }
-        s * sum
-    }
-}
-
-/// The 97.5% quantile of Student's t with `df` degrees of freedom (the factor of a two-sided
-/// 95% interval): bisection on the exact CDF for df <= 100, the normal quantile beyond (as in
-/// the `student_t_975` table of migration 0005).
-pub fn t_975(df: u32) -> f64 {
-    assert!(df >= 1, "Student's t needs at least one degree of freedom");
-    if df > 100 {
-        return Z_975;
-    }
-    let (mut lo, mut hi) = (0.0_f64, 100.0_f64);
-    for _ in 0..200 {
-        let mid = 0.5 * (lo + hi);
-        if t_two_sided_cdf(mid, df) < 0.95 {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-        if hi - lo <= f64::EPSILON * hi {
-            break;
-        }
-    }
-    0.5 * (lo + hi)
-}
-
-/// Statistics of one quantity over seeds, as the wire `Stat`: n, mean, sample sd (n - 1) and
-/// the two-sided 95% Student-t interval of the mean; sd and the interval only with n >= 2.
-pub fn stat(values: &[f64]) -> v1::Stat {
-    let n = values.len();
-    if n == 0 {
-        return v1::Stat::default();
-    }
-    let mean = values.iter().sum::<f64>() / n as f64;
-    if n < 2 {
-        return v1::Stat {
-            n: 1,
-            mean,
-            ..Default::default()
-        };
-    }
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
-    let sd = var.sqrt();
-    let half = t_975((n - 1) as u32) * sd / (n as f64).sqrt();
-    v1::Stat {
-        n: n as u32,
-        mean,
-        sd: Some(sd),
-        ci_low: Some(mean - half),
-        ci_high: Some(mean + half),
     }
 }
 

@@ -7,7 +7,7 @@
 //!   epoch 1 (the end of the first epoch); its **final** value: its point with the highest step;
 //! - statistics are over the arm's succeeded runs that have the value: n, mean, sample sd
 //!   (n - 1), and the 95% interval mean -/+ t(0.975, n - 1) * sd / sqrt(n); n < 2 gives no sd
-//!   and no interval ([`proto::sweep::stat`]);
+//!   and no interval ([`stats::stat`]);
 //! - the **paired difference** is arm minus baseline for each seed where both runs succeeded
 //!   (and have the value), then the same statistics;
 //! - **convergence**: the target is the baseline's final mean of the convergence metric. A
@@ -21,8 +21,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use proto::sweep::stat;
 use proto::{v1, JobId, JobState, SweepId};
+use stats::stat;
 
 use crate::domain::MetricPoint;
 use crate::store::{SweepArmRow, SweepRunRow};
@@ -65,7 +65,7 @@ fn series(points: &[MetricPoint], name: &str) -> Series {
 }
 
 fn some_stat(values: &[f64]) -> Option<v1::Stat> {
-    Some(stat(values))
+    Some(stat(values).into())
 }
 
 /// Builds the summary. `points` holds the points of the succeeded runs (by job id).
@@ -193,9 +193,9 @@ pub fn summarise(
                 .collect();
             summary.seeds_not_converged =
                 (seeds_succeeded - reached.len().min(seeds_succeeded)) as u32;
-            summary.convergence_step_per_seed = Some(stat(&reached));
+            summary.convergence_step_per_seed = Some(stat(&reached).into());
         } else {
-            summary.convergence_step_per_seed = Some(stat(&[]));
+            summary.convergence_step_per_seed = Some(stat(&[]).into());
         }
         out.push(summary);
     }

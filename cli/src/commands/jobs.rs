@@ -1,0 +1,149 @@
+//! `trainq submit`, `list`, `get` and `cancel`: one job at a time, or a page of them.
+//!
+//! Spec files are read and validated by [`crate::specfile`] before anything is sent; this module
+//! must not validate specs itself.
+
+use std::collections::HashMap;
+
+use proto::v1;
+
+use crate::args::{ListArgs, SubmitArgs};
+use crate::client::{exit, CliError, Client};
+use crate::output::{self, print, render, Output};
+use crate::specfile;
+use crate::watch;
+
+fn load_spec(args: &SubmitArgs) -> Result<proto::spec::JobSpec, CliError> {
+    specfile::load(&args.file, args.format).map_err(|e| CliError::usage(e.to_string()))
+}
+
+/// `trainq submit --dry-run`: the validated spec as JSON, without a coordinator.
+pub fn dry_run(args: &SubmitArgs) -> Result<u8, CliError> {
+    let spec = load_spec(args)?;
+    print(&output::json(&spec.to_proto()));
+    Ok(exit::OK)
+}
+
+/// `trainq submit`: prints the job id; with `--wait`, watches the job to its end.
+pub async fn submit(c: &Client, args: &SubmitArgs, out: Output) -> Result<u8, CliError> {
+    let spec = load_spec(args)?;
+    let what = format!("submit {}", args.file.display());
+    let resp = c
+        .clone()
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(spec.to_proto()),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&what, &s))?
+        .into_inner();
+    if out == Output::Json {
+        print(&output::json(&resp));
+    } else {
+        eprintln!(
+            "submitted {} ({}) as {}",
+            spec.name,
+            proto::state_name(resp.state()),
+            resp.job_id
+        );
+        print(&format!("{}\n", resp.job_id));
+    }
+    if !args.wait {
+        return Ok(exit::OK);
+    }
+    let display = watch::Display::for_output(out);
+    let done = watch::watch(c, std::slice::from_ref(&resp.job_id), display).await?;
+    Ok(watch::exit_code(&done))
+}
+
+/// `unknown state "x": use waiting, queued, running, succeeded, failed or cancelled`
+fn unknown_state(given: &str) -> CliError {
+    let names: Vec<&str> = proto::JobState::ALL.iter().map(|s| s.as_str()).collect();
+    let (last, rest) = names.split_last().expect("there are job states");
+    CliError::usage(format!(
+        "unknown state {given:?}: use {} or {last}",
+        rest.join(", ")
+    ))
+}
+
+/// `trainq list`: one page, or every page with `--all`.
+pub async fn list(c: &Client, args: &ListArgs, out: Output) -> Result<u8, CliError> {
+    let mut states = Vec::new();
+    for s in &args.states {
+        let state =
+            proto::state_from_name(&s.to_ascii_lowercase()).ok_or_else(|| unknown_state(s))?;
+        states.push(state as i32);
+    }
+    let mut labels = HashMap::new();
+    for l in &args.labels {
+        let (k, v) = l
+            .split_once('=')
+            .ok_or_else(|| CliError::usage(format!("label {l:?} is not key=value")))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    let mut jobs = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let resp = c
+            .clone()
+            .list_jobs(v1::ListJobsRequest {
+                states: states.clone(),
+                labels: labels.clone(),
+                page_size: args.limit,
+                page_token: page_token.clone(),
+            })
+            .await
+            .map_err(|s| CliError::from_status("list", &s))?
+            .into_inner();
+        jobs.extend(resp.jobs);
+        if !args.all || resp.next_page_token.is_empty() {
+            break;
+        }
+        page_token = resp.next_page_token;
+    }
+    print(&render(out, &jobs, || output::jobs_table(&jobs)));
+    Ok(exit::OK)
+}
+
+/// `trainq get`: one job's fields and latest metrics.
+pub async fn get(c: &Client, job: &str, out: Output) -> Result<u8, CliError> {
+    let job = c
+        .clone()
+        .get_job(v1::GetJobRequest {
+            job_id: job.to_string(),
+        })
+        .await
+        .map_err(|s| CliError::from_status(&format!("get {job}"), &s))?
+        .into_inner();
+    print(&render(out, &job, || output::job_table(&job)));
+    Ok(exit::OK)
+}
+
+/// `trainq cancel`: prints the job as the cancellation left it.
+pub async fn cancel(c: &Client, job: &str, reason: String, out: Output) -> Result<u8, CliError> {
+    let job = c
+        .clone()
+        .cancel_job(v1::CancelJobRequest {
+            job_id: job.to_string(),
+            reason,
+        })
+        .await
+        .map_err(|s| CliError::from_status(&format!("cancel {job}"), &s))?
+        .into_inner();
+    print(&render(out, &job, || output::job_table(&job)));
+    Ok(exit::OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_state_names_every_state() {
+        let err = unknown_state("done");
+        assert_eq!(err.code, exit::USAGE);
+        assert_eq!(
+            err.message,
+            "unknown state \"done\": use waiting, queued, running, succeeded, failed or cancelled"
+        );
+    }
+}
