@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The project's test command: builds every binary, then runs every test of the workspace (unit,
-# store and dispatch tests against the real Postgres and Redis, and the system tests that start
-# the real coordinator and worker binaries and use the real grpcurl).
+# The project's test command: checks formatting and clippy, builds every binary, then runs every
+# test of the workspace (unit, store and dispatch tests against the real Postgres and Redis, and
+# the system tests that start the real coordinator and worker binaries and use the real grpcurl).
 # Needs: scripts/setup.sh done once; Postgres on 127.0.0.1:5432 (trust auth) and Redis on
 # 127.0.0.1:6379 running. Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
@@ -11,13 +11,24 @@ if [ ! -e .tools/libtorch ] && [ -z "${LIBTORCH:-}" ]; then
   echo "libtorch not set up: run scripts/setup.sh first" >&2
   exit 1
 fi
-# #[sqlx::test] makes a fresh database per store test through this server.
-export DATABASE_URL="${TRAINQ_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
-# Tests that train use one libtorch thread each; cargo runs test binaries one after another.
+# The test services, one set of variables (the `tests` crate reads them; see tests/src/lib.rs).
+export TRAINQ_TEST_DATABASE_URL="${TRAINQ_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+export TRAINQ_TEST_REDIS_URL="${TRAINQ_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+# The same servers under the names that #[sqlx::test] (a fresh database per store test) and the
+# dispatcher's unit tests read.
+export DATABASE_URL="$TRAINQ_TEST_DATABASE_URL"
+export REDIS_URL="$TRAINQ_TEST_REDIS_URL"
 t0=$(date +%s)
-cargo build --workspace --bins
+cargo fmt --all --check
 t1=$(date +%s)
-echo "[test.sh] build: $((t1 - t0)) s"
-cargo test --workspace "$@"
+echo "[test.sh] fmt: $((t1 - t0)) s"
+cargo clippy --workspace --all-targets -- -D warnings
 t2=$(date +%s)
-echo "[test.sh] tests: $((t2 - t1)) s"
+echo "[test.sh] clippy: $((t2 - t1)) s"
+# Tests that train use one libtorch thread each; cargo runs test binaries one after another.
+cargo build --workspace --bins
+t3=$(date +%s)
+echo "[test.sh] build: $((t3 - t2)) s"
+cargo test --workspace "$@"
+t4=$(date +%s)
+echo "[test.sh] tests: $((t4 - t3)) s"

@@ -27,8 +27,9 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::locate::{binary, shared_data_dir, workspace_root};
+use crate::proc::{free_port, Proc};
 use crate::services::{PrivatePostgres, PrivateRedis};
-use crate::{binary, free_port, shared_data_dir, workspace_root, Proc};
 
 /// A parsed compose file.
 #[derive(Debug, Clone)]

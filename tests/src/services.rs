@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::{free_port, Proc};
+use crate::proc::{free_port, Proc};
 
 /// Where the PostgreSQL server binaries are: $TRAINQ_PG_BIN, the PATH, or the Debian folders.
 fn postgres_bin(name: &str) -> PathBuf {
@@ -149,7 +149,7 @@ impl PrivatePostgres {
         self.port
     }
 
-    /// The server's URL without a database (the form of `TRAINQ_TEST_POSTGRES`).
+    /// The server's URL without a database (the form [`crate::TestEnv::on`] takes).
     pub fn server_url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}", self.port)
     }

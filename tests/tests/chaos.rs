@@ -638,7 +638,7 @@ impl World {
             if job.state() == JobState::Succeeded {
                 completed += 1;
             } else {
-                if !is_terminal(job.state()) {
+                if !job.state().is_terminal() {
                     lost += 1;
                 }
                 self.check(false, || {

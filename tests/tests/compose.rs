@@ -202,7 +202,7 @@ async fn the_compose_stack_is_healthy_with_auth_on_and_worker_cpu_trains_a_job()
             .await
             .expect("get")
             .into_inner();
-        if tests::is_terminal(job.state()) {
+        if job.state().is_terminal() {
             break job;
         }
         assert!(

@@ -134,7 +134,7 @@ async fn wait_state(
             .await?
             .into_inner();
         if (job.state() == state && (!with_metrics || !job.latest_metrics.is_empty()))
-            || is_terminal(job.state())
+            || job.state().is_terminal()
         {
             return Ok(());
         }

@@ -1,13 +1,10 @@
-//! Service tests of bearer-token auth and TLS: `server::run` in-process on 127.0.0.1:0 with
-//! tokens configured, each test with a database of its own (created by the server, dropped at
-//! the end), called through the generated tonic clients with and without tokens.
+//! Bearer-token auth and TLS: [`AuthServer`] runs `server::run` in-process on 127.0.0.1:0 with
+//! tokens configured (and TLS for one test), called through the generated clients with and
+//! without tokens; Redis may be up or not. Every server of this test binary logs into one
+//! captured buffer (the process's global subscriber, at DEBUG), which the log test searches for
+//! tokens.
 //!
-//! Needs DATABASE_URL (any database on the server, for example
-//! postgres://postgres@127.0.0.1:5432/postgres); Redis at REDIS_URL may be up or not.
-
-mod common;
-
-use common::{redis_url, wait_until_serving, Cleanup, WAIT};
+//! Must not wait for a server before its test chose the channel (plaintext or TLS) to wait on.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -16,6 +13,7 @@ use clap::Parser as _;
 use proto::v1::worker_service_client::WorkerServiceClient;
 use proto::v1::{self, job_service_client::JobServiceClient};
 use server::Config;
+use tests::{redis_url, wait_until_serving, Cleanup, WAIT};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
@@ -23,6 +21,8 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
+
+use crate::helpers::spawn;
 
 /// Everything every server in this test binary logs, at DEBUG and above (tokio tasks run on
 /// other threads, so the subscriber is the global one).
@@ -89,7 +89,7 @@ impl Tokens {
 }
 
 /// A coordinator running in this process; its database and Redis keys are removed on drop.
-struct TestServer {
+struct AuthServer {
     addr: std::net::SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
@@ -97,7 +97,7 @@ struct TestServer {
     _artifacts: tempfile::TempDir,
 }
 
-impl TestServer {
+impl AuthServer {
     async fn start(flags: &[String]) -> Self {
         captured_log();
         let artifacts = tempfile::tempdir().expect("artifact dir");
@@ -105,7 +105,7 @@ impl TestServer {
         let mut args: Vec<String> = vec![
             "trainq-server".into(),
             "--database-url".into(),
-            cleanup.db_url(),
+            cleanup.database_url(),
             "--redis-url".into(),
             redis_url(),
             "--redis-prefix".into(),
@@ -117,15 +117,8 @@ impl TestServer {
         ];
         args.extend_from_slice(flags);
         let config = Config::try_parse_from(args).expect("valid flags");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(server::run(config, listener, async {
-            let _ = stopped.await;
-        }));
-        TestServer {
+        let (addr, stop, task) = spawn(config).await;
+        AuthServer {
             addr,
             stop: Some(stop),
             task: Some(task),
@@ -192,7 +185,7 @@ fn code(result: Result<(), Status>) -> Option<Code> {
 #[tokio::test]
 async fn calls_without_a_token_or_with_an_unknown_one_are_unauthenticated_on_both_services() {
     let tokens = Tokens::new();
-    let server = TestServer::start(&tokens.flags()).await;
+    let server = AuthServer::start(&tokens.flags()).await;
     let channel = server.plaintext();
     wait_until_serving(channel.clone()).await;
 
@@ -218,7 +211,7 @@ async fn calls_without_a_token_or_with_an_unknown_one_are_unauthenticated_on_bot
 #[tokio::test]
 async fn a_token_of_the_other_role_is_permission_denied_and_the_right_one_is_let_through() {
     let tokens = Tokens::new();
-    let server = TestServer::start(&tokens.flags()).await;
+    let server = AuthServer::start(&tokens.flags()).await;
     let channel = server.plaintext();
     wait_until_serving(channel.clone()).await;
     let client = format!("Bearer {}", tokens.client);
@@ -262,7 +255,7 @@ async fn health_and_reflection_answer_without_a_token() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
 
-    let server = TestServer::start(&Tokens::new().flags()).await;
+    let server = AuthServer::start(&Tokens::new().flags()).await;
     let channel = server.plaintext();
     wait_until_serving(channel.clone()).await;
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
@@ -310,7 +303,7 @@ async fn tokens_never_appear_in_the_server_log() {
         .nth(1)
         .expect("two client tokens")
         .to_string();
-    let server = TestServer::start(&flags).await;
+    let server = AuthServer::start(&flags).await;
     let channel = server.plaintext();
     wait_until_serving(channel.clone()).await;
     let client = format!("Bearer {}", tokens.client);
@@ -362,7 +355,7 @@ async fn over_tls_a_client_that_trusts_the_certificate_connects_and_a_plaintext_
         "--tls-key".into(),
         key.display().to_string(),
     ]);
-    let server = TestServer::start(&flags).await;
+    let server = AuthServer::start(&flags).await;
     let tls = Endpoint::from_shared(format!("https://localhost:{}", server.addr.port()))
         .expect("uri")
         .tls_config(
