@@ -13,8 +13,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::artifacts::S3Settings;
-use crate::auth::Secret;
-pub use proto::ops::MetricsListen;
+pub use proto::ops::{MetricsListen, Secret};
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
@@ -104,6 +103,9 @@ pub struct Config {
     pub client_tokens: Vec<Secret>,
 
     /// Tokens (comma-separated) that may call `trainq.v1.WorkerService` (workers' `--token`).
+    /// `ID=TOKEN` binds a token to worker id `ID`: claims and writes with it for any other
+    /// worker id are PERMISSION_DENIED (the worker must then run with `--worker-id ID`). A plain
+    /// `TOKEN` may act as any worker.
     #[arg(
         long,
         env = "TRAINQ_WORKER_TOKENS",
@@ -116,7 +118,7 @@ pub struct Config {
     #[arg(long, env = "TRAINQ_CLIENT_TOKENS_FILE")]
     pub client_tokens_file: Option<PathBuf>,
 
-    /// A file of more worker tokens, one per line.
+    /// A file of more worker tokens, one per line (`TOKEN` or `ID=TOKEN`).
     #[arg(long, env = "TRAINQ_WORKER_TOKENS_FILE")]
     pub worker_tokens_file: Option<PathBuf>,
 
@@ -128,6 +130,11 @@ pub struct Config {
     /// The private key (PEM) of `--tls-cert`.
     #[arg(long, env = "TRAINQ_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+
+    /// Leave Nagle's algorithm on for accepted gRPC connections (TCP_NODELAY off). Only for
+    /// measuring: with it, small responses can stall for a delayed ACK (about 40 ms).
+    #[arg(long, env = "TRAINQ_NO_TCP_NODELAY")]
+    pub no_tcp_nodelay: bool,
 
     /// Where Prometheus scrapes `GET /metrics` (HTTP), or `off`.
     #[arg(long, env = "TRAINQ_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
@@ -185,6 +192,7 @@ mod tests {
         assert_eq!(c.db_wait(), Duration::from_secs(60));
         assert!(Config::try_parse_from(["trainq-server", "--log-format", "xml"]).is_err());
         assert!(c.client_tokens.is_empty() && c.worker_tokens.is_empty());
+        assert!(!c.no_tcp_nodelay, "TCP_NODELAY is on by default");
         assert_eq!(
             c.metrics_listen,
             MetricsListen::At("0.0.0.0:9091".parse().expect("address"))
@@ -202,11 +210,12 @@ mod tests {
             "--client-tokens",
             "alpha-secret,beta-secret",
             "--worker-tokens",
-            "gamma-secret",
+            "gamma-secret,gpu-0=delta-secret",
         ])
         .expect("valid flags");
         assert_eq!(c.client_tokens.len(), 2);
         assert_eq!(c.worker_tokens[0].expose(), "gamma-secret");
+        assert_eq!(c.worker_tokens[1].expose(), "gpu-0=delta-secret");
         let shown = format!("{c:?}");
         assert!(!shown.contains("-secret"), "{shown}");
         assert!(Config::try_parse_from(["trainq-server", "--tls-cert", "c.pem"]).is_err());

@@ -14,6 +14,7 @@
 use std::task::{Context, Poll};
 
 use futures::TryFutureExt as _;
+use percent_encoding::percent_decode;
 use proto::spec::FieldViolation;
 use tonic::codegen::http;
 use tonic::server::NamedService;
@@ -32,6 +33,9 @@ pub enum Error {
     /// a finished job.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this (a worker token bound to another worker id).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Postgres cannot be reached or the pool is exhausted; the client may retry.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
@@ -162,10 +166,11 @@ fn oversized_is_resource_exhausted(mut response: HttpResponse) -> HttpResponse {
         .get("grpc-status")
         .is_some_and(|v| v.as_bytes() == b"11");
     // grpc-message is percent-encoded.
-    let oversized = headers
-        .get("grpc-message")
-        .and_then(|m| m.to_str().ok())
-        .is_some_and(|m| m.replace("%20", " ").contains("message length too large"));
+    let oversized = headers.get("grpc-message").is_some_and(|m| {
+        percent_decode(m.as_bytes())
+            .decode_utf8_lossy()
+            .contains("message length too large")
+    });
     if out_of_range && oversized {
         headers.insert("grpc-status", http::HeaderValue::from_static("8"));
     }
@@ -178,6 +183,7 @@ impl From<Error> for Status {
             Error::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             Error::NotFound(m) => Status::not_found(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
+            Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::Unavailable(ref source) => {
                 tracing::warn!(error = %source, "database unavailable");
                 Status::unavailable("database unavailable, retry later")
@@ -215,6 +221,10 @@ mod tests {
         assert_eq!(
             Status::from(Error::FailedPrecondition("stale attempt".into())).code(),
             Code::FailedPrecondition
+        );
+        assert_eq!(
+            Status::from(Error::PermissionDenied("bound to another worker".into())).code(),
+            Code::PermissionDenied
         );
         assert_eq!(
             Status::from(Error::from(sqlx::Error::PoolTimedOut)).code(),
@@ -335,6 +345,14 @@ mod unavailable_tests {
             "Error,%20decoded%20message%20length%20too%20large:%20found%209000000%20bytes",
         );
         assert_eq!(status_of(oversized_is_resource_exhausted(oversized)), "8");
+        // Any escape, not only %20, is decoded.
+        let escaped = response(
+            "11",
+            "Error%2C%20decoded%20message%20length%20too%20large%3A%20found%209000000%20bytes",
+        );
+        assert_eq!(status_of(oversized_is_resource_exhausted(escaped)), "8");
+        let spaced = response("11", "message%20length%20too%20large%0A");
+        assert_eq!(status_of(oversized_is_resource_exhausted(spaced)), "8");
         let other = response("11", "step%20out%20of%20range");
         assert_eq!(status_of(oversized_is_resource_exhausted(other)), "11");
         let not_found = response("5", "message%20length%20too%20large");

@@ -33,6 +33,7 @@ pub mod store;
 pub mod summary;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,8 +44,8 @@ use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{PgPool, Postgres};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
 
 pub use config::Config;
 
@@ -63,6 +64,12 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest start-up waits for Redis to say whether it lost its keys.
 const REDIS_CHECK_AT_START: Duration = Duration::from_secs(1);
+/// Idle time before the kernel probes an accepted connection.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// How often the server pings a client over HTTP/2, and how long it waits for the answer
+/// before it closes the connection.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Prepares the database (creating and migrating it), starts the background loops and serves
 /// gRPC on `listener` until `shutdown` resolves; then reports NOT_SERVING, stops accepting,
@@ -113,6 +120,8 @@ async fn serve_until(
         ),
     };
     let metrics = Arc::new(Metrics::new());
+    let exposure = Exposure::of(&tokens, &listener)?;
+    exposure.report(&metrics);
     let Some(pool) = connect_database(&config, signal.clone()).await? else {
         return Ok(()); // shut down before Postgres came up
     };
@@ -173,7 +182,11 @@ async fn serve_until(
         shutdown: signal.clone(),
         metrics,
     });
-    let guards = Guards { tokens, tls };
+    let guards = Guards {
+        tokens,
+        tls,
+        nodelay: !config.no_tcp_nodelay,
+    };
     let served = serve_grpc(state, guards, listener, signal).await;
     for task in background {
         if let Err(e) = task.await {
@@ -189,6 +202,41 @@ async fn serve_until(
 struct Guards {
     tokens: Arc<auth::Tokens>,
     tls: Option<tonic::transport::ServerTlsConfig>,
+    /// TCP_NODELAY on accepted connections (off only to measure its effect).
+    nodelay: bool,
+}
+
+/// How exposed the gRPC endpoint is: auth on or off, and the address it listens on.
+struct Exposure {
+    auth_enabled: bool,
+    addr: SocketAddr,
+}
+
+impl Exposure {
+    fn of(tokens: &auth::Tokens, listener: &TcpListener) -> anyhow::Result<Self> {
+        Ok(Self {
+            auth_enabled: tokens.enabled(),
+            addr: listener.local_addr().context("listener has no address")?,
+        })
+    }
+
+    /// Auth off on an address other hosts can reach: every call is allowed from anywhere.
+    fn insecure(&self) -> bool {
+        !self.auth_enabled && !self.addr.ip().is_loopback()
+    }
+
+    /// Sets the gauges, and warns when the endpoint is open to other hosts without auth.
+    fn report(&self, metrics: &Metrics) {
+        metrics.exposure(self.auth_enabled, self.insecure());
+        if self.insecure() {
+            tracing::warn!(
+                addr = %self.addr,
+                "auth is off while listening on a non-loopback address: anyone who can reach it \
+                 may submit, cancel and claim jobs; configure --client-tokens and --worker-tokens \
+                 or listen on 127.0.0.1"
+            );
+        }
+    }
 }
 
 /// Serves the two trainq services, gRPC health and reflection (v1 and v1alpha, so older grpcurl
@@ -211,8 +259,16 @@ async fn serve_grpc(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     let addr = listener.local_addr().context("listener has no address")?;
-    tracing::info!(%addr, "serving gRPC");
-    let mut builder = tonic::transport::Server::builder();
+    tracing::info!(%addr, nodelay = guards.nodelay, "serving gRPC");
+    // TCP_NODELAY: without it a response written in more than one segment (headers, then data
+    // and trailers) waits for the client's delayed ACK, about 40 ms. Keep-alive probes find
+    // peers that vanished without closing; HTTP/2 pings do the same for idle streams (WatchJob).
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(guards.nodelay))
+        .with_keepalive(Some(TCP_KEEPALIVE));
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
     if let Some(tls) = guards.tls {
         builder = builder.tls_config(tls).context("configuring TLS")?;
     }
@@ -250,7 +306,7 @@ async fn serve_grpc(
             ),
             worker_guard,
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             signal.wait().await;
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)

@@ -8,10 +8,17 @@
 //! outage answers quickly with the last known values and `trainq_store_up` /
 //! `trainq_redis_up` at 0.
 //!
+//! `trainq_rpc_duration_seconds` is labelled only with the services' own method names, read
+//! from their descriptor sets ([`KnownMethods`]): a path a client made up is `unknown`, whether
+//! the call was refused by auth, unimplemented, or anything else, so clients cannot create
+//! series. `trainq_auth_enabled` and `trainq_insecure_listen` show how exposed the coordinator
+//! is (auth off on a non-loopback address).
+//!
 //! Every coordinator has its own registry (no process-wide default), so several coordinators in
 //! one test process do not mix their numbers. Must not make a request fail: recording is
 //! infallible and scraping only reads.
 
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -22,22 +29,14 @@ use prometheus::{
     Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+use prost::Message as _;
+use proto::JobState;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
 use crate::dispatch::Dispatcher;
 use crate::shutdown::Shutdown;
 use crate::store;
-
-/// Every job state, so that each has a series (0 when no job is in it) from the first scrape.
-const STATES: [&str; 6] = [
-    "waiting",
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-];
 
 /// How long a scrape waits for Postgres or Redis before it reports the last known values.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -54,6 +53,9 @@ pub struct Metrics {
     retries: IntCounterVec,
     jobs_finished: IntCounterVec,
     rpc_duration: HistogramVec,
+    auth_enabled: IntGauge,
+    insecure_listen: IntGauge,
+    methods: KnownMethods,
 }
 
 impl Metrics {
@@ -129,6 +131,16 @@ impl Metrics {
             &["service", "method", "code"],
         )
         .expect("valid metric");
+        let auth_enabled = IntGauge::new(
+            "trainq_auth_enabled",
+            "1 when bearer tokens are required (any token configured), 0 when every call is allowed.",
+        )
+        .expect("valid metric");
+        let insecure_listen = IntGauge::new(
+            "trainq_insecure_listen",
+            "1 when auth is off while gRPC listens on a non-loopback address, else 0.",
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(queue_depth.clone()),
@@ -139,13 +151,16 @@ impl Metrics {
             Box::new(retries.clone()),
             Box::new(jobs_finished.clone()),
             Box::new(rpc_duration.clone()),
+            Box::new(auth_enabled.clone()),
+            Box::new(insecure_listen.clone()),
         ] {
             registry
                 .register(collector)
                 .expect("metric names are unique");
         }
-        for state in STATES {
-            jobs.with_label_values(&[state]).set(0);
+        // Every job state has a series (0 when no job is in it) from the first scrape.
+        for state in JobState::ALL {
+            jobs.with_label_values(&[state.as_str()]).set(0);
         }
         for cause in ["failed", "lease_expired"] {
             retries.with_label_values(&[cause]).reset();
@@ -161,7 +176,17 @@ impl Metrics {
             retries,
             jobs_finished,
             rpc_duration,
+            auth_enabled,
+            insecure_listen,
+            methods: KnownMethods::served(),
         }
+    }
+
+    /// Records how exposed the gRPC endpoint is: whether auth is on, and whether it is off while
+    /// listening on a non-loopback address.
+    pub fn exposure(&self, auth_enabled: bool, insecure_listen: bool) {
+        self.auth_enabled.set(i64::from(auth_enabled));
+        self.insecure_listen.set(i64::from(insecure_listen));
     }
 
     /// A worker claimed a job that had been ready for `waited`.
@@ -172,7 +197,7 @@ impl Metrics {
     /// An attempt ended with the job in `state`: `queued` again is a retry (`cause` says why),
     /// a final state counts as finished.
     pub fn attempt_ended(&self, state: &str, cause: &str) {
-        if state == "queued" {
+        if JobState::from_name(state) == Some(JobState::Queued) {
             self.retries.with_label_values(&[cause]).inc();
         } else {
             self.finished(state);
@@ -193,12 +218,10 @@ impl Metrics {
     pub async fn scrape(&self, pool: &PgPool, dispatcher: &Dispatcher) -> String {
         match tokio::time::timeout(SCRAPE_TIMEOUT, store::count_jobs_by_state(pool)).await {
             Ok(Ok(counts)) => {
-                for state in STATES {
-                    let n = counts
-                        .iter()
-                        .find(|(s, _)| s.as_str() == state)
-                        .map_or(0, |c| c.1);
-                    self.jobs.with_label_values(&[state]).set(n);
+                for &state in JobState::ALL {
+                    let name = state.as_str();
+                    let n = counts.iter().find(|(s, _)| *s == state).map_or(0, |c| c.1);
+                    self.jobs.with_label_values(&[name]).set(n);
                 }
                 self.store_up.set(1);
             }
@@ -232,7 +255,7 @@ impl Metrics {
     }
 
     fn rpc_done(&self, path: &str, code: &str, took: Duration) {
-        let (service, method) = rpc_labels(path, code);
+        let (service, method) = self.methods.labels(path);
         self.rpc_duration
             .with_label_values(&[service, method, code])
             .observe(took.as_secs_f64());
@@ -245,18 +268,63 @@ impl Default for Metrics {
     }
 }
 
-/// The service and method labels of a gRPC path (`/package.Service/Method`). Paths come from
-/// clients, so a call the server does not implement (UNIMPLEMENTED, code 12) is labelled
-/// `unknown` instead of creating a series per made-up name.
-fn rpc_labels<'a>(path: &'a str, code: &str) -> (&'a str, &'a str) {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    match (parts.next(), parts.next()) {
-        (Some(service), Some(method))
-            if code != "12" && !service.is_empty() && !method.is_empty() =>
-        {
-            (service, method)
+/// The gRPC methods the coordinator serves, by service, from the services' own encoded file
+/// descriptor sets (trainq, health, reflection v1 and v1alpha).
+#[derive(Debug, Clone, Default)]
+pub struct KnownMethods {
+    services: HashMap<String, HashSet<String>>,
+}
+
+impl KnownMethods {
+    /// Every method of every service the coordinator registers.
+    pub fn served() -> Self {
+        Self::from_descriptor_sets(&[
+            proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ])
+    }
+
+    /// The methods of every service in `sets` (encoded `FileDescriptorSet`s; one that does not
+    /// decode adds nothing).
+    pub fn from_descriptor_sets(sets: &[&[u8]]) -> Self {
+        let mut services: HashMap<String, HashSet<String>> = HashMap::new();
+        for set in sets {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(*set) else {
+                tracing::warn!("metrics: a descriptor set does not decode");
+                continue;
+            };
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for service in file.service {
+                    let name = match (package.as_str(), service.name.as_deref()) {
+                        (_, None) => continue,
+                        ("", Some(name)) => name.to_owned(),
+                        (package, Some(name)) => format!("{package}.{name}"),
+                    };
+                    services
+                        .entry(name)
+                        .or_default()
+                        .extend(service.method.into_iter().filter_map(|m| m.name));
+                }
+            }
         }
-        _ => ("unknown", "unknown"),
+        Self { services }
+    }
+
+    /// The service and method labels of a gRPC path (`/package.Service/Method`): the names
+    /// themselves when the service has that method, `("unknown", "unknown")` otherwise. Paths
+    /// come from clients; label values must not.
+    pub fn labels(&self, path: &str) -> (&str, &str) {
+        let known = path
+            .strip_prefix('/')
+            .and_then(|p| p.split_once('/'))
+            .and_then(|(service, method)| {
+                let (service, methods) = self.services.get_key_value(service)?;
+                Some((service.as_str(), methods.get(method)?.as_str()))
+            });
+        known.unwrap_or(("unknown", "unknown"))
     }
 }
 
@@ -356,16 +424,81 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rpc_paths_become_service_and_method_labels() {
+    fn rpc_paths_become_service_and_method_labels_only_when_served() {
+        let m = KnownMethods::served();
         assert_eq!(
-            rpc_labels("/trainq.v1.JobService/SubmitJob", "0"),
+            m.labels("/trainq.v1.JobService/SubmitJob"),
             ("trainq.v1.JobService", "SubmitJob")
         );
         assert_eq!(
-            rpc_labels("/trainq.v1.JobService/MadeUp", "12"),
-            ("unknown", "unknown")
+            m.labels("/trainq.v1.WorkerService/ClaimJob"),
+            ("trainq.v1.WorkerService", "ClaimJob")
         );
-        assert_eq!(rpc_labels("/nonsense", "0"), ("unknown", "unknown"));
+        assert_eq!(
+            m.labels("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health", "Check")
+        );
+        assert_eq!(
+            m.labels("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            (
+                "grpc.reflection.v1.ServerReflection",
+                "ServerReflectionInfo"
+            )
+        );
+        assert_eq!(
+            m.labels("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            (
+                "grpc.reflection.v1alpha.ServerReflection",
+                "ServerReflectionInfo"
+            )
+        );
+        // Made-up names are unknown whatever the call's outcome (auth refuses them first).
+        for path in [
+            "/trainq.v1.JobService/MadeUp",
+            "/trainq.v1.WorkerService/SubmitJob",
+            "/made.Up/Method",
+            "/nonsense",
+            "trainq.v1.JobService/SubmitJob",
+            "/trainq.v1.JobService/SubmitJob/extra",
+            "",
+        ] {
+            assert_eq!(m.labels(path), ("unknown", "unknown"), "{path}");
+        }
+    }
+
+    #[test]
+    fn a_refused_made_up_method_does_not_become_a_series() {
+        let m = Metrics::new();
+        for made_up in ["A1", "B2", "C3"] {
+            // 16: UNAUTHENTICATED, what auth answers before the method is resolved.
+            m.rpc_done(
+                &format!("/trainq.v1.JobService/{made_up}"),
+                "16",
+                Duration::from_millis(1),
+            );
+        }
+        let text = m.render();
+        assert!(!text.contains("A1") && !text.contains("C3"), "{text}");
+        assert!(
+            text.contains(
+                "trainq_rpc_duration_seconds_count{code=\"16\",method=\"unknown\",service=\"unknown\"} 3"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn exposure_gauges_show_auth_and_insecure_listening() {
+        let m = Metrics::new();
+        let text = m.render();
+        assert!(text.contains("trainq_auth_enabled 0"), "{text}");
+        m.exposure(false, true);
+        let text = m.render();
+        assert!(text.contains("trainq_insecure_listen 1"), "{text}");
+        m.exposure(true, false);
+        let text = m.render();
+        assert!(text.contains("trainq_auth_enabled 1"), "{text}");
+        assert!(text.contains("trainq_insecure_listen 0"), "{text}");
     }
 
     #[test]

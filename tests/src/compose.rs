@@ -10,6 +10,8 @@
 //! container paths of the services' volumes (`/artifacts`, `/data`) name folders of the stack's
 //! temp dir (`/data` the real MNIST of [`crate::shared_data_dir`] by default). So a test of the
 //! stack checks the file's settings (tokens, auth, healthcheck, worker settings), not Docker.
+//! (The private Postgres trusts local connections: the file's `POSTGRES_PASSWORD` reaches the
+//! coordinator's `DATABASE_URL`, but only the real `postgres` image enforces it.)
 //!
 //! Must not start Docker or touch the machine's shared Postgres and Redis. Which binary a service
 //! runs comes from its `build.dockerfile` (docker/server.Dockerfile: trainq-server,
@@ -207,6 +209,14 @@ impl Service<'_> {
             .and_then(scalar)
     }
 
+    /// `ports:` in the short form (`[HOST_IP:]HOST_PORT:CONTAINER_PORT`), interpolated.
+    pub fn ports(&self, vars: &HashMap<String, String>) -> anyhow::Result<Vec<String>> {
+        self.sequence("ports")
+            .iter()
+            .map(|p| interpolate(p, vars).with_context(|| format!("service {} ports", self.name)))
+            .collect()
+    }
+
     /// `volumes:` in the short form `source:target[:mode]`, as (source, target) pairs.
     pub fn volumes(&self) -> Vec<(String, String)> {
         self.sequence("volumes")
@@ -364,10 +374,13 @@ pub struct ComposeOptions {
 }
 
 impl ComposeOptions {
-    /// The given services, no variables (every default of the file), the shared MNIST as /data.
+    /// The given services, the shared MNIST as /data, and one variable: a fresh
+    /// `POSTGRES_PASSWORD` (which the file requires, as the `.env` its first line makes would
+    /// give it); every other setting is the file's default.
     pub fn services(services: &[&str]) -> Self {
+        let password = format!("pw{}", uuid::Uuid::new_v4().simple());
         Self {
-            vars: HashMap::new(),
+            vars: HashMap::from([("POSTGRES_PASSWORD".to_string(), password)]),
             services: services.iter().map(|s| s.to_string()).collect(),
             data_dir: shared_data_dir(),
             healthy_within: Duration::from_secs(60),
@@ -416,6 +429,8 @@ pub struct ComposeStack {
     healthcheck: Option<Vec<String>>,
     grpc_port: u16,
     coordinator: String,
+    /// The `${...}` variables the stack was started with.
+    vars: HashMap<String, String>,
 }
 
 impl ComposeStack {
@@ -449,6 +464,11 @@ impl ComposeStack {
         // Compose service addresses and the containers' own listen addresses.
         let local = |port: u16| format!("127.0.0.1:{port}");
         let mut rewrites = vec![
+            // `@postgres:5432` first, so a password in a URL is never taken for the host.
+            (
+                "@postgres:5432".to_string(),
+                format!("@{}", local(postgres.port())),
+            ),
             ("postgres:5432".to_string(), local(postgres.port())),
             ("redis:6379".to_string(), local(redis.port())),
             (format!("{coordinator}:50051"), local(grpc_port)),
@@ -479,6 +499,7 @@ impl ComposeStack {
             healthcheck: None,
             grpc_port,
             coordinator: coordinator.clone(),
+            vars: opts.vars.clone(),
         };
         for name in &opts.services {
             let service = file.service(name)?;
@@ -573,6 +594,11 @@ impl ComposeStack {
     /// The first of the coordinator's worker tokens (`TRAINQ_WORKER_TOKENS`).
     pub fn worker_token(&self) -> Option<String> {
         first_token(self.coordinator_env().get("TRAINQ_WORKER_TOKENS"))
+    }
+
+    /// The `POSTGRES_PASSWORD` the stack was started with (the file requires one).
+    pub fn postgres_password(&self) -> Option<String> {
+        self.vars.get("POSTGRES_PASSWORD").cloned()
     }
 
     /// The coordinator's `DATABASE_URL`, on the private Postgres (for SQL checks).

@@ -3,6 +3,9 @@
 //! binaries with exactly the file's environment (tests::compose::ComposeStack), come up healthy
 //! by the file's own healthcheck, with auth on, and train a tiny job on worker-cpu.
 //!
+//! The file publishes ports on 127.0.0.1 unless TRAINQ_BIND_ADDR says otherwise, and Postgres
+//! has password auth with a password that only the environment (.env) supplies.
+//!
 //! docker-compose missing is a loud failure naming the fix (.ci/run installs it), never a skip.
 
 use std::collections::{BTreeMap, HashMap};
@@ -56,9 +59,12 @@ fn service_names(config: &str) -> Vec<String> {
         .collect()
 }
 
+/// The variables every `docker-compose config` here needs: the file has no default password.
+const PASSWORD: (&str, &str) = ("POSTGRES_PASSWORD", "0123abcd-test-password");
+
 #[test]
 fn docker_compose_config_accepts_the_file_with_and_without_the_cpu_profile() {
-    let (ok, stdout, stderr) = docker_compose(&["config"], &[]);
+    let (ok, stdout, stderr) = docker_compose(&["config"], &[PASSWORD]);
     assert!(ok, "docker-compose config failed:\n{stderr}{stdout}");
     let names = service_names(&stdout);
     for service in ["postgres", "redis", "coordinator", "worker"] {
@@ -67,7 +73,7 @@ fn docker_compose_config_accepts_the_file_with_and_without_the_cpu_profile() {
             "{service} missing: {names:?}"
         );
     }
-    let (ok, stdout, stderr) = docker_compose(&["--profile", "cpu", "config"], &[]);
+    let (ok, stdout, stderr) = docker_compose(&["--profile", "cpu", "config"], &[PASSWORD]);
     assert!(
         ok,
         "docker-compose --profile cpu config failed:\n{stderr}{stdout}"
@@ -89,12 +95,13 @@ fn docker_compose_config_accepts_the_file_with_and_without_the_cpu_profile() {
 fn the_parsed_environment_matches_docker_compose_config() {
     let file = ComposeFile::workspace().expect("docker-compose.yml parses");
     let set = [
+        PASSWORD,
         ("TRAINQ_CLIENT_TOKEN", "c-token"),
         ("TRAINQ_WORKER_TOKEN", "w-token"),
         ("RUST_LOG", "debug"),
         ("TRAINQ_TORCH_THREADS", "2"),
     ];
-    for vars in [&[][..], &set[..]] {
+    for vars in [&[PASSWORD][..], &set[..]] {
         let (ok, stdout, stderr) = docker_compose(&["--profile", "cpu", "config"], vars);
         assert!(ok, "{stderr}");
         let config: serde_yaml::Value = serde_yaml::from_str(&stdout).expect("yaml");
@@ -102,7 +109,7 @@ fn the_parsed_environment_matches_docker_compose_config() {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        for service in ["coordinator", "worker", "worker-cpu"] {
+        for service in ["postgres", "coordinator", "worker", "worker-cpu"] {
             let ours = file
                 .service(service)
                 .expect("service")
@@ -115,9 +122,8 @@ fn the_parsed_environment_matches_docker_compose_config() {
         }
     }
     let coordinator = file.service("coordinator").expect("coordinator");
-    let env = coordinator
-        .environment(&HashMap::new())
-        .expect("interpolates");
+    let password = HashMap::from([(PASSWORD.0.to_string(), PASSWORD.1.to_string())]);
+    let env = coordinator.environment(&password).expect("interpolates");
     assert!(
         !env["TRAINQ_CLIENT_TOKENS"].is_empty(),
         "auth is on by default"
@@ -127,13 +133,108 @@ fn the_parsed_environment_matches_docker_compose_config() {
         "auth is on by default"
     );
     let health = coordinator
-        .healthcheck(&HashMap::new())
+        .healthcheck(&password)
         .expect("healthcheck")
         .expect("the coordinator has a healthcheck");
     assert_eq!(&health[..2], ["trainq", "health"], "{health:?}");
     assert_eq!(
         file.service("worker-cpu").expect("worker-cpu").profiles(),
         ["cpu"]
+    );
+}
+
+/// The published host side of every port of every service, from `docker-compose config` (short
+/// `IP:HOST:CONTAINER` strings, or the long form newer versions print).
+fn published_ips(config: &str) -> Vec<(String, String)> {
+    let doc: serde_yaml::Value = serde_yaml::from_str(config).expect("config prints YAML");
+    let mut ips = Vec::new();
+    for (name, service) in doc["services"].as_mapping().expect("services") {
+        let name = name.as_str().unwrap_or_default().to_string();
+        for port in service["ports"].as_sequence().into_iter().flatten() {
+            let ip = match port {
+                serde_yaml::Value::String(short) => {
+                    let parts: Vec<&str> = short.split(':').collect();
+                    if parts.len() == 3 {
+                        parts[0].to_string()
+                    } else {
+                        String::new()
+                    }
+                }
+                long => long["host_ip"].as_str().unwrap_or_default().to_string(),
+            };
+            ips.push((name.clone(), ip));
+        }
+    }
+    ips
+}
+
+#[test]
+fn ports_are_published_on_loopback_unless_trainq_bind_addr_says_otherwise() {
+    let (ok, stdout, stderr) = docker_compose(&["--profile", "cpu", "config"], &[PASSWORD]);
+    assert!(ok, "{stderr}");
+    let ips = published_ips(&stdout);
+    for service in ["postgres", "coordinator"] {
+        assert!(
+            ips.iter().any(|(s, _)| s == service),
+            "{service} publishes nothing: {ips:?}"
+        );
+    }
+    assert!(
+        ips.iter().all(|(_, ip)| ip == "127.0.0.1"),
+        "every published port is on 127.0.0.1 by default: {ips:?}\n{stdout}"
+    );
+    let (ok, stdout, stderr) =
+        docker_compose(&["config"], &[PASSWORD, ("TRAINQ_BIND_ADDR", "0.0.0.0")]);
+    assert!(ok, "{stderr}");
+    let ips = published_ips(&stdout);
+    assert!(
+        !ips.is_empty() && ips.iter().all(|(_, ip)| ip == "0.0.0.0"),
+        "{ips:?}"
+    );
+    // Our reading of the file agrees.
+    let file = ComposeFile::workspace().expect("docker-compose.yml parses");
+    let ports = file
+        .service("postgres")
+        .expect("postgres")
+        .ports(&HashMap::new())
+        .expect("interpolates");
+    assert_eq!(ports, ["127.0.0.1:5432:5432"]);
+}
+
+#[test]
+fn postgres_has_password_auth_and_the_password_comes_only_from_the_environment() {
+    // No password: docker-compose refuses the file, naming the variable.
+    let (ok, stdout, stderr) = docker_compose(&["config"], &[]);
+    assert!(!ok, "config without POSTGRES_PASSWORD succeeded:\n{stdout}");
+    assert!(stderr.contains("POSTGRES_PASSWORD"), "{stderr}");
+    let file = ComposeFile::workspace().expect("docker-compose.yml parses");
+    let postgres = file.service("postgres").expect("postgres");
+    let coordinator = file.service("coordinator").expect("coordinator");
+    assert!(postgres.environment(&HashMap::new()).is_err());
+    assert!(coordinator.environment(&HashMap::new()).is_err());
+
+    // With one: Postgres gets it, with no trust auth, and the coordinator's URL carries it.
+    let (ok, stdout, stderr) = docker_compose(&["config"], &[PASSWORD]);
+    assert!(ok, "{stderr}");
+    let config: serde_yaml::Value = serde_yaml::from_str(&stdout).expect("yaml");
+    let env: BTreeMap<String, String> =
+        serde_yaml::from_value(config["services"]["postgres"]["environment"].clone())
+            .expect("environment is a map of strings");
+    assert_eq!(
+        env.get("POSTGRES_PASSWORD").map(String::as_str),
+        Some(PASSWORD.1)
+    );
+    assert!(
+        !env.contains_key("POSTGRES_HOST_AUTH_METHOD"),
+        "no trust (or other) auth override: {env:?}"
+    );
+    assert!(!stdout.contains("trust"), "{stdout}");
+    let url = config["services"]["coordinator"]["environment"]["DATABASE_URL"]
+        .as_str()
+        .expect("DATABASE_URL");
+    assert_eq!(
+        url,
+        format!("postgres://postgres:{}@postgres:5432/trainq", PASSWORD.1)
     );
 }
 
@@ -166,6 +267,15 @@ async fn the_compose_stack_is_healthy_with_auth_on_and_worker_cpu_trains_a_job()
         .is_dir());
     assert!(
         stack.database_url().contains("127.0.0.1:"),
+        "{}",
+        stack.database_url()
+    );
+    // The password the stack was given (as .env would) is in the coordinator's DATABASE_URL.
+    let password = stack.postgres_password().expect("ComposeOptions sets one");
+    assert!(
+        stack
+            .database_url()
+            .starts_with(&format!("postgres://postgres:{password}@127.0.0.1:")),
         "{}",
         stack.database_url()
     );

@@ -167,6 +167,10 @@ async fn every_readme_command_runs_against_the_compose_stack_with_auth_on() {
     std::os::unix::fs::symlink(workspace_root().join("examples"), work.join("examples"))
         .expect("link examples");
     std::fs::write(work.join("readme.sh"), &script).expect("write the script");
+    // The .env the quick start's first command writes (the README reads the password from it).
+    let password = stack.postgres_password().expect("ComposeOptions sets one");
+    std::fs::write(work.join(".env"), format!("POSTGRES_PASSWORD={password}\n"))
+        .expect("write .env");
     let bin_dir = binary("trainq").parent().expect("bin dir").to_path_buf();
     let grpcurl_dir = grpcurl().parent().expect("grpcurl dir").to_path_buf();
     let path = std::env::join_paths([

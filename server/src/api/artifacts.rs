@@ -19,6 +19,7 @@ use tonic::{Status, Streaming};
 
 use super::{artifact_to_proto, AppState};
 use crate::artifacts::{ArtifactStore, Spool};
+use crate::auth::{check_acting_as, BoundWorker};
 use crate::domain::{
     ArtifactHeader, ArtifactKind, ArtifactQuery, ArtifactRef, MAX_UPLOAD_CHUNK_BYTES,
 };
@@ -36,6 +37,7 @@ const DOWNLOAD_BUFFER: usize = 4;
 pub(super) async fn upload(
     state: &AppState,
     mut stream: Streaming<v1::UploadArtifactChunk>,
+    bound: Option<&BoundWorker>,
 ) -> Result<v1::Artifact> {
     let header = match next_part(&mut stream).await? {
         Some(Some(Part::Header(h))) => ArtifactHeader::try_from(h)?,
@@ -53,6 +55,7 @@ pub(super) async fn upload(
         }
     };
     let lease = &header.lease;
+    check_acting_as(bound, &lease.worker_id)?;
     store::check_lease(&state.pool, lease).await?;
     let spool = receive(&mut stream, &header).await?;
 

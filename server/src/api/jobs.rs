@@ -9,7 +9,7 @@ use proto::{JobId, JobState};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::{artifacts, dispatch_now, job_to_proto, state_of, sweeps, watch, AppState};
+use super::{artifacts, dispatch_now, job_to_proto, load_job, state_of, sweeps, watch, AppState};
 use crate::domain::{self, parse_job_id, JobQuery, MetricsQuery};
 use crate::error::{Error, Result};
 use crate::store;
@@ -96,16 +96,6 @@ impl JobApi {
             points: points.into_iter().map(Into::into).collect(),
         })
     }
-}
-
-/// A job with its latest metrics, or NOT_FOUND.
-pub(super) async fn load_job(state: &AppState, id: JobId) -> Result<v1::Job> {
-    let row = store::get_job(&state.pool, id)
-        .await?
-        .ok_or_else(|| Error::job_not_found(id))?;
-    let latest = store::latest_metrics(&state.pool, id).await?;
-    let attempts = store::attempts_of(&state.pool, id).await?;
-    job_to_proto(row, latest, attempts)
 }
 
 #[tonic::async_trait]

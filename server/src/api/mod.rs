@@ -8,6 +8,7 @@
 //! do), and must not fail a request because Redis is down.
 
 mod artifacts;
+mod follow;
 mod jobs;
 mod sweeps;
 mod watch;
@@ -96,6 +97,16 @@ fn job_to_proto(
         failed_attempts: row.failed_attempts.max(0) as u32,
         final_step: row.final_step.unwrap_or(0).max(0) as u64,
     })
+}
+
+/// A job with its latest metrics, or NOT_FOUND.
+async fn load_job(state: &AppState, id: JobId) -> Result<v1::Job> {
+    let row = store::get_job(&state.pool, id)
+        .await?
+        .ok_or_else(|| Error::job_not_found(id))?;
+    let latest = store::latest_metrics(&state.pool, id).await?;
+    let attempts = store::attempts_of(&state.pool, id).await?;
+    job_to_proto(row, latest, attempts)
 }
 
 /// An attempt record as the wire `Attempt`.

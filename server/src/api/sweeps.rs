@@ -8,18 +8,15 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
 
-use futures::future::select_all;
-use futures::FutureExt as _;
 use proto::sweep::SweepPlan;
 use proto::{metric, v1, JobState, MetricName, SweepId, SweepState};
 use tokio::sync::mpsc;
-use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use uuid::Uuid;
 
+use super::follow::{self, Sender, Step, Watcher};
 use super::{dispatch_now, timestamp, AppState};
 use crate::domain::{self, query::page_size, PageToken};
 use crate::error::{Error, Result};
@@ -29,8 +26,6 @@ use crate::summary::{summarise, SummaryRequest};
 /// The stream type WatchSweep returns.
 pub type SweepEvents = ReceiverStream<Result<v1::Sweep, Status>>;
 
-/// How often a sweep watcher re-reads Postgres without being poked.
-const FALLBACK_POLL: Duration = Duration::from_millis(500);
 /// Most metrics one GetSweepSummary call may name.
 const MAX_SUMMARY_METRICS: usize = 64;
 /// What GetSweepSummary summarises when the request names no metrics.
@@ -188,11 +183,13 @@ pub async fn watch(state: Arc<AppState>, req: v1::WatchSweepRequest) -> Result<S
         .map(|r| state.notifier.subscribe(r.job_id.as_uuid()))
         .collect();
     let sweep = load(&state, id).await?;
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(follow::STREAM_BUFFER);
     let ended = all_ended(&sweep);
     let seen = fingerprint(&sweep);
     if tx.send(Ok(sweep)).await.is_ok() && !ended {
-        tokio::spawn(follow(state, id, subscriptions, seen, tx));
+        let shutdown = state.shutdown.clone();
+        let watcher = SweepWatcher { state, id, seen };
+        follow::spawn(watcher, subscriptions, shutdown, tx);
     }
     Ok(ReceiverStream::new(rx))
 }
@@ -201,7 +198,7 @@ fn all_ended(sweep: &v1::Sweep) -> bool {
     sweep
         .runs
         .iter()
-        .all(|r| v1::JobState::try_from(r.state).is_ok_and(v1::JobState::is_terminal))
+        .all(|r| v1::JobState::try_from(r.state).is_ok_and(|s| s.is_terminal()))
 }
 
 /// What a watcher compares: the sweep's state and every run's state.
@@ -209,49 +206,28 @@ fn fingerprint(sweep: &v1::Sweep) -> (i32, Vec<i32>) {
     (sweep.state, sweep.runs.iter().map(|r| r.state).collect())
 }
 
-async fn follow(
+/// One WatchSweep stream's reading side: sends the sweep when its fingerprint changed.
+struct SweepWatcher {
     state: Arc<AppState>,
     id: SweepId,
-    mut subscriptions: Vec<crate::events::Subscription>,
-    mut seen: (i32, Vec<i32>),
-    tx: mpsc::Sender<Result<v1::Sweep, Status>>,
-) {
-    let mut shutdown = state.shutdown.clone();
-    let mut poll = tokio::time::interval(FALLBACK_POLL);
-    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        let changed = async {
-            if subscriptions.is_empty() {
-                std::future::pending::<()>().await;
-            } else {
-                select_all(subscriptions.iter_mut().map(|s| s.changed().boxed())).await;
-            }
-        };
-        tokio::select! {
-            _ = tx.closed() => return,
-            _ = shutdown.wait() => {
-                let _ = tx.send(Err(Status::unavailable("coordinator is shutting down, watch again"))).await;
-                return;
-            }
-            _ = changed => {}
-            _ = poll.tick() => {}
-        }
-        let sweep = match load(&state, id).await {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-        };
+    seen: (i32, Vec<i32>),
+}
+
+impl Watcher for SweepWatcher {
+    type Event = v1::Sweep;
+
+    async fn look(&mut self, tx: &Sender<v1::Sweep>) -> Result<Step> {
+        let sweep = load(&self.state, self.id).await?;
         let now = fingerprint(&sweep);
-        if now == seen {
-            continue;
+        if now == self.seen {
+            return Ok(Step::Continue);
         }
-        seen = now;
+        self.seen = now;
         let ended = all_ended(&sweep);
         if tx.send(Ok(sweep)).await.is_err() || ended {
-            return;
+            return Ok(Step::Done);
         }
+        Ok(Step::Continue)
     }
 }
 

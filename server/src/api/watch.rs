@@ -1,31 +1,30 @@
 //! WatchJob: a server stream of one job's state changes and new metric points.
 //!
 //! The stream sends the job as it is now, then, whenever the notifier pokes it or the fallback
-//! poll fires, the metric points stored since its cursor (`metric_points.seq`) and the job again
-//! if its state or attempt changed. It ends after the event that shows a terminal state, when
-//! the client goes away, or (with UNAVAILABLE) when the coordinator shuts down.
+//! poll fires (the loop in [`super::follow`]), the metric points stored since its cursor
+//! (`metric_points.seq`) and the job again if its state or attempt changed. It ends after the
+//! event that shows a terminal state, when the client goes away, or (with UNAVAILABLE) when the
+//! coordinator shuts down.
+//!
+//! Must not write anything, and must not send a Job event after the one that shows a terminal
+//! state.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use proto::v1::{self, job_event::Event};
 use proto::JobId;
 use tokio::sync::mpsc;
-use tokio::time::MissedTickBehavior;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{jobs::load_job, AppState};
+use super::follow::{self, Sender, Step, Watcher};
+use super::{load_job, AppState};
 use crate::error::Result;
-use crate::events::Subscription;
 use crate::store;
 
 /// The stream type WatchJob returns.
 pub type JobEvents = ReceiverStream<Result<v1::JobEvent, Status>>;
 
-/// How often a watcher re-reads Postgres without being poked: covers changes made by another
-/// coordinator, and any notification this one missed.
-const FALLBACK_POLL: Duration = Duration::from_millis(500);
 /// Most points in one MetricBatch event.
 const BATCH_POINTS: i64 = 1000;
 
@@ -43,14 +42,16 @@ pub async fn start(state: Arc<AppState>, id: JobId) -> Result<JobEvents> {
     let subscription = state.notifier.subscribe(id.as_uuid());
     let seq = store::last_metric_seq(&state.pool, id).await?;
     let job = load_job(&state, id).await?;
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = mpsc::channel(follow::STREAM_BUFFER);
     let cursor = Cursor {
         seq,
         seen: (job.state, job.attempt),
     };
     let ended = job_is_terminal(&job);
     if tx.send(Ok(job_event(job))).await.is_ok() && !ended {
-        tokio::spawn(follow(state, id, subscription, cursor, tx));
+        let shutdown = state.shutdown.clone();
+        let watcher = JobWatcher { state, id, cursor };
+        follow::spawn(watcher, vec![subscription], shutdown, tx);
     }
     Ok(ReceiverStream::new(rx))
 }
@@ -62,52 +63,33 @@ fn job_event(job: v1::Job) -> v1::JobEvent {
 }
 
 fn job_is_terminal(job: &v1::Job) -> bool {
-    v1::JobState::try_from(job.state).is_ok_and(v1::JobState::is_terminal)
+    v1::JobState::try_from(job.state).is_ok_and(|s| s.is_terminal())
 }
 
-type Sender = mpsc::Sender<Result<v1::JobEvent, Status>>;
-
-/// Sends events until the job ends, the client leaves, or the coordinator shuts down.
-async fn follow(
+/// One WatchJob stream's reading side.
+struct JobWatcher {
     state: Arc<AppState>,
     id: JobId,
-    mut subscription: Subscription,
-    mut cursor: Cursor,
-    tx: Sender,
-) {
-    let mut shutdown = state.shutdown.clone();
-    let mut poll = tokio::time::interval(FALLBACK_POLL);
-    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tx.closed() => return,
-            _ = shutdown.wait() => {
-                let _ = tx.send(Err(Status::unavailable("coordinator is shutting down, watch again"))).await;
-                return;
-            }
-            _ = subscription.changed() => {}
-            _ = poll.tick() => {}
-        }
-        match catch_up(&state, id, &mut cursor, &tx).await {
-            Ok(Step::Continue) => {}
-            Ok(Step::Done) => return,
-            Err(e) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
-        }
-    }
+    cursor: Cursor,
 }
 
-enum Step {
-    Continue,
-    Done,
+impl Watcher for JobWatcher {
+    type Event = v1::JobEvent;
+
+    async fn look(&mut self, tx: &Sender<v1::JobEvent>) -> Result<Step> {
+        catch_up(&self.state, self.id, &mut self.cursor, tx).await
+    }
 }
 
 /// Sends what changed since the cursor. The job is read before the points: a job seen in a
 /// terminal state can get no more points (worker writes need a running lease), so the points
 /// read afterwards are complete and the terminal Job event can safely be the last.
-async fn catch_up(state: &AppState, id: JobId, cursor: &mut Cursor, tx: &Sender) -> Result<Step> {
+async fn catch_up(
+    state: &AppState,
+    id: JobId,
+    cursor: &mut Cursor,
+    tx: &Sender<v1::JobEvent>,
+) -> Result<Step> {
     let job = load_job(state, id).await?;
     loop {
         let points = store::metrics_after(&state.pool, id, cursor.seq, BATCH_POINTS).await?;

@@ -2,7 +2,9 @@
 //! upload and download artifacts.
 //!
 //! Every call but ClaimJob carries a lease; the store refuses writes from a lease that is no
-//! longer current. "Not claimed" and "stop running" are answers, not errors.
+//! longer current. "Not claimed" and "stop running" are answers, not errors. With a worker
+//! token bound to a worker id, a claim or write for another worker id is refused
+//! ([`crate::auth::check_acting_as`]).
 
 use std::sync::Arc;
 
@@ -11,6 +13,7 @@ use proto::{AttemptOutcome, JobState};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{artifact_to_proto, artifacts, dispatch_now, spec_of, timestamp, AppState};
+use crate::auth;
 use crate::domain::{self, parse_job_id, parse_worker_id, Completion, Lease, MetricsReport};
 use crate::error::Result;
 use crate::store;
@@ -136,58 +139,78 @@ impl WorkerApi {
     }
 }
 
+/// The request, if its token may act as the worker whose lease it carries (see
+/// [`auth::check_acting_as`]).
+fn acting_as_lease_holder<T>(
+    request: Request<T>,
+    lease: impl Fn(&T) -> Option<&v1::JobLease>,
+) -> Result<T> {
+    let bound = auth::bound_worker(&request);
+    let req = request.into_inner();
+    let worker_id = lease(&req).map_or("", |l| l.worker_id.as_str());
+    auth::check_acting_as(bound.as_ref(), worker_id)?;
+    Ok(req)
+}
+
 #[tonic::async_trait]
 impl WorkerService for WorkerApi {
     async fn claim_job(
         &self,
         request: Request<v1::ClaimJobRequest>,
     ) -> Result<Response<v1::ClaimJobResponse>, Status> {
-        Ok(Response::new(self.claim(request.into_inner()).await?))
+        let bound = auth::bound_worker(&request);
+        let req = request.into_inner();
+        auth::check_acting_as(bound.as_ref(), &req.worker_id)?;
+        Ok(Response::new(self.claim(req).await?))
     }
 
     async fn heartbeat(
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::HeartbeatResponse>, Status> {
-        Ok(Response::new(
-            WorkerApi::heartbeat(self, request.into_inner()).await?,
-        ))
+        let req = acting_as_lease_holder(request, |r| r.lease.as_ref())?;
+        Ok(Response::new(WorkerApi::heartbeat(self, req).await?))
     }
 
     async fn report_metrics(
         &self,
         request: Request<v1::ReportMetricsRequest>,
     ) -> Result<Response<v1::ReportMetricsResponse>, Status> {
-        Ok(Response::new(self.report(request.into_inner()).await?))
+        let req = acting_as_lease_holder(request, |r| r.lease.as_ref())?;
+        Ok(Response::new(self.report(req).await?))
     }
 
     async fn complete_job(
         &self,
         request: Request<v1::CompleteJobRequest>,
     ) -> Result<Response<v1::CompleteJobResponse>, Status> {
-        Ok(Response::new(self.complete(request.into_inner()).await?))
+        let req = acting_as_lease_holder(request, |r| r.lease.as_ref())?;
+        Ok(Response::new(self.complete(req).await?))
     }
 
     async fn fail_job(
         &self,
         request: Request<v1::FailJobRequest>,
     ) -> Result<Response<v1::FailJobResponse>, Status> {
-        Ok(Response::new(self.fail(request.into_inner()).await?))
+        let req = acting_as_lease_holder(request, |r| r.lease.as_ref())?;
+        Ok(Response::new(self.fail(req).await?))
     }
 
     async fn release_job(
         &self,
         request: Request<v1::ReleaseJobRequest>,
     ) -> Result<Response<v1::ReleaseJobResponse>, Status> {
-        Ok(Response::new(self.release(request.into_inner()).await?))
+        let req = acting_as_lease_holder(request, |r| r.lease.as_ref())?;
+        Ok(Response::new(self.release(req).await?))
     }
 
     async fn upload_artifact(
         &self,
         request: Request<Streaming<v1::UploadArtifactChunk>>,
     ) -> Result<Response<v1::Artifact>, Status> {
+        let bound = auth::bound_worker(&request);
         Ok(Response::new(
-            artifacts::upload(&self.state, request.into_inner()).await?,
+            artifacts::upload(&self.state, request.into_inner(), bound.as_ref()).await?,
         ))
     }
 

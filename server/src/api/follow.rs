@@ -1,0 +1,164 @@
+//! The one follow loop behind WatchJob and WatchSweep: wait for a notification of any watched
+//! job or for the fallback poll, let the watcher send what changed, and stop when it says so,
+//! when the client goes away, or (with UNAVAILABLE) when the coordinator shuts down.
+//!
+//! Must not read Postgres or know what a job or a sweep is: a [`Watcher`] does the reading and
+//! decides what to send. The poll interval lives here and only here.
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::future::select_all;
+use futures::FutureExt as _;
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+use tonic::Status;
+
+use crate::error::Result;
+use crate::events::Subscription;
+use crate::shutdown::Shutdown;
+
+/// How often a watcher re-reads Postgres without being poked: covers changes made by another
+/// coordinator, and any notification this one missed.
+pub(super) const FALLBACK_POLL: Duration = Duration::from_millis(500);
+
+/// Room for events the client has not read yet, per stream.
+pub(super) const STREAM_BUFFER: usize = 16;
+
+/// Where a stream's messages go.
+pub(super) type Sender<T> = mpsc::Sender<Result<T, Status>>;
+
+/// Whether a watcher goes on after a look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Step {
+    Continue,
+    /// The watched thing ended (its last message is sent) or the client left.
+    Done,
+}
+
+/// One stream's reading side: what to send when it is time to look again.
+pub(super) trait Watcher: Send + 'static {
+    type Event: Send + 'static;
+
+    /// Reads what changed since the last look and sends it.
+    fn look(&mut self, tx: &Sender<Self::Event>) -> impl Future<Output = Result<Step>> + Send;
+}
+
+/// Follows on a task of its own until the watcher is done, the client goes away, or the
+/// coordinator shuts down. `subscriptions` are taken before the first read by the caller, so
+/// that a change between that read and this loop is not lost.
+pub(super) fn spawn<W: Watcher>(
+    watcher: W,
+    subscriptions: Vec<Subscription>,
+    shutdown: Shutdown,
+    tx: Sender<W::Event>,
+) {
+    tokio::spawn(follow(watcher, subscriptions, shutdown, tx));
+}
+
+async fn follow<W: Watcher>(
+    mut watcher: W,
+    mut subscriptions: Vec<Subscription>,
+    mut shutdown: Shutdown,
+    tx: Sender<W::Event>,
+) {
+    let mut poll = tokio::time::interval(FALLBACK_POLL);
+    poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let changed = async {
+            if subscriptions.is_empty() {
+                std::future::pending::<()>().await;
+            } else {
+                select_all(subscriptions.iter_mut().map(|s| s.changed().boxed())).await;
+            }
+        };
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = shutdown.wait() => {
+                let _ = tx.send(Err(Status::unavailable("coordinator is shutting down, watch again"))).await;
+                return;
+            }
+            _ = changed => {}
+            _ = poll.tick() => {}
+        }
+        match watcher.look(&tx).await {
+            Ok(Step::Continue) => {}
+            Ok(Step::Done) => return,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Notifier;
+    use crate::shutdown;
+    use uuid::Uuid;
+
+    /// Counts its looks and stops after `stop_after`.
+    struct Counter {
+        looks: u32,
+        stop_after: u32,
+    }
+
+    impl Watcher for Counter {
+        type Event = u32;
+
+        async fn look(&mut self, tx: &Sender<u32>) -> Result<Step> {
+            self.looks += 1;
+            let _ = tx.send(Ok(self.looks)).await;
+            Ok(if self.looks >= self.stop_after {
+                Step::Done
+            } else {
+                Step::Continue
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_notification_wakes_the_watcher_the_poll_covers_the_rest_and_done_ends_the_stream() {
+        let notifier = Notifier::new();
+        let id = Uuid::now_v7();
+        let (_trigger, signal) = shutdown::channel();
+        let (tx, mut rx) = mpsc::channel(STREAM_BUFFER);
+        let watcher = Counter {
+            looks: 0,
+            stop_after: 3,
+        };
+        spawn(watcher, vec![notifier.subscribe(id)], signal, tx);
+        let look = |m: Option<Result<u32, Status>>| m.and_then(|r| r.ok());
+        // The first look comes at once (the poll's first tick).
+        let first = tokio::time::timeout(FALLBACK_POLL / 2, rx.recv()).await;
+        assert_eq!(look(first.expect("at once")), Some(1));
+        // A notification wakes it long before the next poll.
+        notifier.notify(id);
+        let second = tokio::time::timeout(FALLBACK_POLL / 2, rx.recv()).await;
+        assert_eq!(look(second.expect("woken by the notifier")), Some(2));
+        // Without one, the poll does; that look is the last.
+        let third = tokio::time::timeout(FALLBACK_POLL * 4, rx.recv()).await;
+        assert_eq!(look(third.expect("woken by the poll")), Some(3));
+        assert!(rx.recv().await.is_none(), "done ends the stream");
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_the_stream_with_unavailable() {
+        let (trigger, signal) = shutdown::channel();
+        let (tx, mut rx) = mpsc::channel(STREAM_BUFFER);
+        let watcher = Counter {
+            looks: 0,
+            stop_after: u32::MAX,
+        };
+        trigger.fire();
+        spawn(watcher, Vec::new(), signal, tx);
+        let mut last = None;
+        while let Some(m) = rx.recv().await {
+            last = Some(m);
+        }
+        let status = last.expect("a message").expect_err("an error");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+    }
+}
