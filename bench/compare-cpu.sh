@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training throughput of trainq's step next to the PyTorch eager reference
-# (../shared/bench/torch_reference.py), in one run on this machine, alternating the two so load
+# (bench/torch_reference.py), in one run on this machine, alternating the two so load
 # affects both alike. Prints a Markdown table of every round and the medians.
 # Usage: bench/compare-cpu.sh [model: mnist|cvae] [batch size] [steps] [rounds]
 set -euo pipefail
@@ -8,10 +8,10 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 model="${1:-mnist}" bs="${2:-128}" steps="${3:-30}" rounds="${4:-3}"
 bin="${CARGO_TARGET_DIR:-$root/target}/release/trainq-worker"
 [ -x "$bin" ] || (cd "$root" && cargo build --release -p worker --bin trainq-worker)
-ref="${TRAINQ_REFERENCE:-$root/../shared/bench/torch_reference.py}"
+ref="${TRAINQ_REFERENCE:-$root/bench/torch_reference.py}"
 for _ in $(seq "$rounds"); do
   "$bin" bench --model "$model" --batch-sizes "$bs" --steps "$steps" --device cpu 2>/dev/null
-  "$root/.tools/python" "$ref" --model "$model" --device cpu --batch-sizes "$bs" --steps "$steps"
+  "$root/.tools/python" "$ref" --model "$model" --device cpu --batch-size "$bs" --steps "$steps"
 done | "$root/.tools/python" -c '
 import json, statistics, sys
 rows = [json.loads(l) for l in sys.stdin if l.startswith("{")]

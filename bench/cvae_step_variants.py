@@ -6,10 +6,10 @@ Run: .tools/python bench/cvae_step_variants.py
 """
 import os
 import sys, time, torch, torch.nn.functional as F
-sys.path.insert(0, os.environ.get('TRAINQ_REFERENCE_DIR', os.path.join(os.path.dirname(__file__), '../../shared/bench'))); import torch_reference as R
+sys.path.insert(0, os.environ.get('TRAINQ_REFERENCE_DIR', os.path.dirname(os.path.abspath(__file__)))); import torch_reference as R
 torch.manual_seed(0)
 bs=128; n=8192
-m=R.CVAE(); data=torch.rand(n,3,32,32); y=torch.randint(100,(n,))
+m=R.Cvae(); data=torch.rand(n,3,32,32); y=torch.randint(100,(n,))
 eye=torch.eye(100)
 opt=torch.optim.Adam(m.parameters(),1e-3)
 x=torch.empty(bs,3,32,32); yy=torch.empty(bs,dtype=torch.long); cond=torch.empty(bs,100); eps=torch.empty(bs,20)
@@ -31,7 +31,7 @@ def step(i, mode):
         rec,kl=fwd(x,cond,eps); loss=(rec+kl*1.0)/bs; loss.backward(); opt.step()
         with torch.no_grad(): rs.add_(rec); ks.add_(kl)
     else:
-        loss=m(data[idx[0]:idx[0]+bs], F.one_hot(y[idx[0]:idx[0]+bs],100).float()); opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
+        loss=m.loss(data[idx[0]:idx[0]+bs], F.one_hot(y[idx[0]:idx[0]+bs],100).float()); opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
 for mode in ['ref','trainq','ref','trainq']:
     for i in range(10): step(i,mode)
     t=time.perf_counter()

@@ -10,10 +10,10 @@
 
 use std::path::Path;
 
+use ::client::connect::{BearerToken, WithoutCa};
 use proto::v1::job_service_client::JobServiceClient;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -71,41 +71,13 @@ impl CliError {
     }
 }
 
-/// Adds the bearer token to every request.
-#[derive(Clone)]
-pub struct Auth(Option<MetadataValue<Ascii>>);
-
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
-            "Auth(<token>)"
-        } else {
-            "Auth(none)"
-        })
-    }
-}
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            req.metadata_mut().insert("authorization", value.clone());
-        }
-        Ok(req)
-    }
-}
+/// Adds the bearer token to every request (the shared interceptor; never shown in `Debug`).
+pub type Auth = BearerToken;
 
 pub type Client = JobServiceClient<InterceptedService<Channel, Auth>>;
 
 /// `localhost:50051` becomes `http://localhost:50051` (`https://` when `tls` is set).
-pub fn normalise_url(server: &str, tls: bool) -> String {
-    if server.contains("://") {
-        server.to_string()
-    } else if tls {
-        format!("https://{server}")
-    } else {
-        format!("http://{server}")
-    }
-}
+pub use ::client::connect::normalise_url;
 
 /// Where the coordinator is and how to reach it: the options every command shares.
 #[derive(Debug, Clone, Copy)]
@@ -125,32 +97,10 @@ impl Target<'_> {
     /// The endpoint, with TLS when the URL is `https://`: trusting the CA file when one is
     /// given, else the webpki roots. Bad addresses and unreadable CA files are usage errors.
     pub fn endpoint(&self) -> Result<Endpoint, CliError> {
-        let url = self.url();
-        let mut endpoint = Endpoint::from_shared(url.clone())
-            .map_err(|e| CliError::usage(format!("bad server address {url:?}: {e}")))?
-            .connect_timeout(std::time::Duration::from_secs(10));
-        if url.starts_with("https://") {
-            // Other dependencies may enable rustls's aws-lc-rs as well: choose ring explicitly.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let tls = match self.tls_ca {
-                Some(ca) => {
-                    let pem = std::fs::read(ca).map_err(|e| {
-                        CliError::usage(format!("reading the TLS CA {}: {e}", ca.display()))
-                    })?;
-                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
-                }
-                None => ClientTlsConfig::new().with_webpki_roots(),
-            };
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| CliError::usage(format!("configuring TLS for {url}: {e}")))?;
-        } else if let Some(ca) = self.tls_ca {
-            return Err(CliError::usage(format!(
-                "--tls-ca {} given for the plaintext address {url}: use https://",
-                ca.display()
-            )));
-        }
-        Ok(endpoint)
+        let endpoint =
+            ::client::connect::endpoint(&self.url(), self.tls_ca, WithoutCa::WebpkiRoots)
+                .map_err(|e| CliError::usage(e.to_string()))?;
+        Ok(endpoint.connect_timeout(std::time::Duration::from_secs(10)))
     }
 
     /// A connected channel; an unreachable coordinator is exit code 4.
@@ -182,14 +132,7 @@ fn unreachable(url: &str, e: &tonic::transport::Error) -> CliError {
 }
 
 fn bearer(token: Option<&str>) -> Result<Auth, CliError> {
-    match token.filter(|t| !t.is_empty()) {
-        Some(t) => Ok(Auth(Some(
-            format!("Bearer {t}")
-                .parse::<MetadataValue<Ascii>>()
-                .map_err(|_| CliError::usage("the token must be printable ASCII"))?,
-        ))),
-        None => Ok(Auth(None)),
-    }
+    BearerToken::new(token).map_err(|e| CliError::usage(e.to_string()))
 }
 
 /// Connects to the coordinator's JobService; an unreachable one is exit code 4.
@@ -242,8 +185,7 @@ mod tests {
 
     #[test]
     fn the_token_goes_into_the_authorization_header_and_not_into_debug_output() {
-        let value = "Bearer s3cret".parse().expect("ascii");
-        let mut auth = Auth(Some(value));
+        let mut auth = bearer(Some("s3cret")).expect("ascii");
         assert!(!format!("{auth:?}").contains("s3cret"));
         let req = auth.call(tonic::Request::new(())).expect("intercepted");
         assert_eq!(

@@ -1,5 +1,5 @@
 //! `trainq-worker bench`: training throughput of the seed models on random data kept on the
-//! device, printed as JSON lines in the format of ../shared/bench/torch_reference.py so the two
+//! device, printed as JSON lines in the format of bench/torch_reference.py so the two
 //! can be compared side by side (run both in the same command on the same machine).
 //!
 //! It times the very step the trainer runs ([`crate::train::Task::step`]), after warm-up steps,
@@ -11,46 +11,11 @@ use std::time::Instant;
 use anyhow::Context;
 use tch::{Device, Kind, Tensor};
 
-use crate::config::TrainerArgs;
-use crate::cvae::{CvaeConfig, CvaeData, CvaeTask};
+use crate::config::{BenchArgs, BenchModel};
 use crate::data::MnistTensors;
-use crate::train::{seeded, sync_device, ClassifierTask, Task};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BenchModel {
-    /// The seed's MNISTClassifier on 1x28x28 images.
-    Mnist,
-    /// The seed's CVAE_CIFAR100 (latent 20, beta 1, random init) on 3x32x32 images with one of
-    /// 100 labels.
-    Cvae,
-}
-
-impl BenchModel {
-    pub fn name(self) -> &'static str {
-        match self {
-            BenchModel::Mnist => "mnist",
-            BenchModel::Cvae => "cvae",
-        }
-    }
-}
-
-#[derive(Debug, clap::Args)]
-pub struct BenchArgs {
-    /// Which seed model to train.
-    #[arg(long, value_enum, default_value = "mnist")]
-    pub model: BenchModel,
-    /// Batch sizes to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "128,256")]
-    pub batch_sizes: Vec<i64>,
-    /// Timed optimiser steps per batch size.
-    #[arg(long, default_value_t = 30)]
-    pub steps: u32,
-    /// Untimed steps first (allocator, kernel selection).
-    #[arg(long, default_value_t = 10)]
-    pub warmup: u32,
-    #[command(flatten)]
-    pub trainer: TrainerArgs,
-}
+use crate::train::classifier::ClassifierTask;
+use crate::train::cvae::{CvaeConfig, CvaeData, CvaeTask};
+use crate::train::{seeded, sync_device, Task};
 
 /// One measured configuration.
 #[derive(Debug, Clone, PartialEq)]

@@ -4,7 +4,7 @@
 //! The bytes follow the shared contract (GUIDE §3): one entry per `VarStore` variable under its
 //! seed module name (`conv1.weight`, ..., `fc_sigma.bias`, ...), f32, contiguous, little-endian,
 //! so `Module().load_state_dict(safetensors.torch.load_file(path))` works on the reference
-//! classes in ../shared/bench/torch_reference.py. Written in memory (no temporary file), because a
+//! classes in bench/torch_reference.py. Written in memory (no temporary file), because a
 //! checkpoint travels as an artifact to the coordinator, not to a local path.
 //!
 //! A training state (artifact kind `resume`) is a safetensors file too: the model under `model.`,
@@ -267,17 +267,16 @@ mod tests {
         path
     }
 
-    /// `../shared/bench/torch_reference.py`: `$TRAINQ_REFERENCE` or next to the workspace.
+    /// The repository's `bench/torch_reference.py`, or `$TRAINQ_REFERENCE`.
     fn reference() -> std::path::PathBuf {
         let path = std::env::var_os("TRAINQ_REFERENCE")
             .map(std::path::PathBuf::from)
             .unwrap_or_else(|| {
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                    .join("../../shared/bench/torch_reference.py")
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/torch_reference.py")
             });
         assert!(
             path.exists(),
-            "{} is missing: set TRAINQ_REFERENCE to ../shared/bench/torch_reference.py",
+            "{} is missing: set TRAINQ_REFERENCE to bench/torch_reference.py",
             path.display()
         );
         path
@@ -292,23 +291,23 @@ ref = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ref)
 torch.manual_seed(0)
 
-clf = ref.MNISTClassifier()
+clf = ref.MnistClassifier()
 clf.load_state_dict(load_file(sys.argv[2]))  # strict: every name and shape must match
 io = load_file(sys.argv[3])
 x, logits = io["x"], io["logits"]
 y = torch.tensor([1, 7])
 with torch.no_grad():
-    loss = clf(x, y)
+    loss = clf.loss(x, y)
 assert torch.isfinite(loss), loss
 want = F.cross_entropy(logits, y)
 assert torch.allclose(loss, want, rtol=1e-4, atol=1e-5), (loss, want)
 
-cvae = ref.CVAE(latent=20)
+cvae = ref.Cvae(latent_dim=20)
 cvae.load_state_dict(load_file(sys.argv[4]))
 io = load_file(sys.argv[5])
 x, cond = io["x"], io["cond"]
 with torch.no_grad():
-    loss = cvae(x, cond)
+    loss = cvae.loss(x, cond)
     assert torch.isfinite(loss), loss
     h = F.relu(F.max_pool2d(cvae.conv1(x), 2))
     h = F.relu(F.max_pool2d(cvae.conv2(h), 2))

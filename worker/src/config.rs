@@ -1,13 +1,14 @@
 //! Command-line and environment configuration of the worker binary (clap derive).
 //!
 //! One struct per subcommand; [`TrainerArgs`] is shared by every subcommand that trains.
-//! Must not do any work beyond parsing: `main` turns these into the config of each module.
+//! Must not do any work beyond parsing: `main` turns these into the config of each module. The
+//! subcommands' modules (`standalone`, `bench`) depend on this one, never the other way round.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::train::TrainerConfig;
+use crate::train::trainer::TrainerConfig;
 
 /// trainq worker: trains experiment jobs with libtorch.
 #[derive(Debug, Parser)]
@@ -31,10 +32,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run one job spec (JSON, the proto's JSON mapping) by itself, with no coordinator or Redis,
     /// printing its metrics as it goes.
-    Run(crate::standalone::RunArgs),
-    /// Measure training throughput of the seed models on random data (prints JSON lines like
-    /// ../shared/bench/torch_reference.py).
-    Bench(crate::bench::BenchArgs),
+    Run(RunArgs),
+    /// Measure training throughput of the seed models on random data (prints JSON lines in the
+    /// format of bench/torch_reference.py, the PyTorch reference in this repository).
+    Bench(BenchArgs),
     /// Write a synthetic CIFAR-100 set in the official binary format, with learnable class
     /// structure, to `<OUT>/cifar-100-binary/` (for tests and machines without the real set).
     GenCifar(crate::data::synth::GenArgs),
@@ -84,6 +85,66 @@ pub struct ServeArgs {
 }
 
 pub use proto::ops::{MetricsListen, Secret};
+
+/// `trainq-worker run`: one spec with no coordinator.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The job spec: trainq.v1.JobSpec in the proto's JSON mapping (`-` reads standard input).
+    pub spec: PathBuf,
+    /// Print one JSON object per metric point, and a JSON summary, instead of table lines.
+    #[arg(long)]
+    pub json: bool,
+    /// Artifacts (checkpoints `epoch-NNN.safetensors`, `samples.png`, ...) are written here.
+    #[arg(long, default_value = "./trainq-run")]
+    pub out: PathBuf,
+    /// The source checkpoint (safetensors) of a transfer spec: an MNIST classifier's
+    /// `epoch-NNN.safetensors`.
+    #[arg(long)]
+    pub source_checkpoint: Option<PathBuf>,
+    /// Resume from a training state (`step-NNNNNNNNN.safetensors`, written into --out by an
+    /// earlier run of the same spec, or downloaded as a job's `resume` artifact).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+}
+
+/// `trainq-worker bench`: throughput of a seed model on random data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchModel {
+    /// The seed's MNISTClassifier on 1x28x28 images.
+    Mnist,
+    /// The seed's CVAE_CIFAR100 (latent 20, beta 1, random init) on 3x32x32 images with one of
+    /// 100 labels.
+    Cvae,
+}
+
+impl BenchModel {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchModel::Mnist => "mnist",
+            BenchModel::Cvae => "cvae",
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Which seed model to train.
+    #[arg(long, value_enum, default_value = "mnist")]
+    pub model: BenchModel,
+    /// Batch sizes to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,256")]
+    pub batch_sizes: Vec<i64>,
+    /// Timed optimiser steps per batch size.
+    #[arg(long, default_value_t = 30)]
+    pub steps: u32,
+    /// Untimed steps first (allocator, kernel selection).
+    #[arg(long, default_value_t = 10)]
+    pub warmup: u32,
+    #[command(flatten)]
+    pub trainer: TrainerArgs,
+}
 
 /// Where and how training runs. Shared by `serve`, `run` and `bench`.
 #[derive(Debug, Clone, Args)]

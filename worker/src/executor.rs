@@ -13,7 +13,8 @@ use std::sync::Arc;
 use proto::spec::JobSpec;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::train::{Event, JobInputs, Outcome, TrainError, Trainer, TrainerConfig};
+use crate::train::trainer::{Trainer, TrainerConfig};
+use crate::train::{Event, JobInputs, Outcome, TrainError};
 
 /// One job handed to the executor.
 pub struct Assignment {

@@ -7,8 +7,9 @@
 //! - [`data`]: data sets (MNIST, CIFAR-100, download and verification), kept on the training
 //!   device.
 //! - [`model`]: the seed's models with stable parameter names.
-//! - [`cvae`]: the CIFAR-100 CVAE as a training task; [`transfer`]: starting it from a trained
-//!   MNIST classifier's conv layers; [`checkpoint`]: models as safetensors bytes; [`images`]:
+//!   Its tasks: `train::classifier`, `train::cvae` (the CIFAR-100 CVAE), and `train::transfer`
+//!   (starting the CVAE from a trained MNIST classifier's conv layers).
+//! - [`checkpoint`]: models as safetensors bytes; [`images`]:
 //!   PNG image grids; [`optim`]: Adam, AdamW and SGD with a state that training states save.
 //! - [`metrics`]: Prometheus metrics on `/metrics` (throughput, job ends, GPU memory).
 //! - [`standalone`]: runs one spec with no coordinator; [`bench`]: throughput benchmark.
@@ -19,15 +20,12 @@ pub mod agent;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
-pub mod cvae;
 pub mod data;
 pub mod dispatch;
 pub mod executor;
 pub mod images;
-pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod optim;
 pub mod standalone;
 pub mod train;
-pub mod transfer;

@@ -1,8 +1,11 @@
 //! trainq-worker: thin main. Parses the command line, sets up logging and hands over to the
 //! module that does the work: `agent` (serve), `standalone` (run) or `bench`.
+//!
+//! Must not hold logic of its own: signal and logging set-up come from the `client` crate.
 
 use clap::Parser;
 
+use client::logging::{Format, Output};
 use worker::config::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
@@ -17,7 +20,12 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn serve(args: worker::config::ServeArgs) -> anyhow::Result<()> {
-    worker::logging::init(&args.log_format);
+    // Anything but `json` is text, as before.
+    let format = args.log_format.parse().unwrap_or(Format::Text);
+    client::logging::init(format, Output::Stderr);
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(worker::agent::serve(args, worker::agent::shutdown_signal()))
+    runtime.block_on(async {
+        let shutdown = client::shutdown::on_signal()?;
+        worker::agent::serve(args, shutdown).await
+    })
 }

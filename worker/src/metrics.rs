@@ -18,7 +18,9 @@ use prometheus::{
 };
 use tokio::net::TcpListener;
 
-use crate::train::{names as metric_names, Event};
+use proto::metric as metric_names;
+
+use crate::train::Event;
 
 /// The worker's metrics.
 pub struct Metrics {

@@ -1,4 +1,4 @@
-//! The seed document's models (../shared/seed/000_3d3eca26d24ab1f5.txt): its `MNISTClassifier`
+//! The seed document's models (its code examples 1 and 3): its `MNISTClassifier`
 //! and its `CVAE_CIFAR100`, with parameter names that are the shared checkpoint contract
 //! (`conv1.weight`, `conv1.bias`, ..., `fc_sigma.*`, `conv_dec3.*`) exactly as the PyTorch
 //! modules name them, so a checkpoint loads into the reference classes and back.

@@ -15,30 +15,10 @@ use std::time::Instant;
 use anyhow::Context;
 use proto::spec::JobSpec;
 
-use crate::config::TrainerArgs;
-use crate::train::{names, Event, JobInputs, Metric, Outcome, TrainError, Trainer};
-
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// The job spec: trainq.v1.JobSpec in the proto's JSON mapping (`-` reads standard input).
-    pub spec: PathBuf,
-    /// Print one JSON object per metric point, and a JSON summary, instead of table lines.
-    #[arg(long)]
-    pub json: bool,
-    /// Artifacts (checkpoints `epoch-NNN.safetensors`, `samples.png`, ...) are written here.
-    #[arg(long, default_value = "./trainq-run")]
-    pub out: PathBuf,
-    /// The source checkpoint (safetensors) of a transfer spec: an MNIST classifier's
-    /// `epoch-NNN.safetensors`.
-    #[arg(long)]
-    pub source_checkpoint: Option<PathBuf>,
-    /// Resume from a training state (`step-NNNNNNNNN.safetensors`, written into --out by an
-    /// earlier run of the same spec, or downloaded as a job's `resume` artifact).
-    #[arg(long)]
-    pub resume: Option<PathBuf>,
-    #[command(flatten)]
-    pub trainer: TrainerArgs,
-}
+use crate::config::RunArgs;
+use crate::train::trainer::Trainer;
+use crate::train::{Event, JobInputs, Metric, Outcome, TrainError};
+use proto::metric;
 
 /// Reads the spec, trains it on this thread and prints its metrics to standard output.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -105,9 +85,9 @@ fn run_spec(
             Event::Metrics(batch) => {
                 for m in &batch {
                     match m.name.as_str() {
-                        names::TRAIN_IMAGES_PER_S => images_per_s.push(m.value),
-                        names::TEST_ACCURACY => last_accuracy = Some(m.value),
-                        names::TEST_NEG_ELBO_NATS => last_neg_elbo = Some(m.value),
+                        metric::TRAIN_IMAGES_PER_S => images_per_s.push(m.value),
+                        metric::TEST_ACCURACY => last_accuracy = Some(m.value),
+                        metric::TEST_NEG_ELBO_NATS => last_neg_elbo = Some(m.value),
                         _ => {}
                     }
                 }
@@ -190,7 +170,7 @@ pub fn format_batch(batch: &[Metric], json: bool) -> Vec<String> {
             current = Some((m.epoch, m.step));
             lines.push(format!("epoch {}  step {}", m.epoch, m.step));
         }
-        let value = if m.name == names::TRAIN_IMAGES_PER_S {
+        let value = if m.name == metric::TRAIN_IMAGES_PER_S {
             format!("{:.0}", m.value)
         } else {
             format!("{:.4}", m.value)
@@ -205,8 +185,9 @@ pub fn format_batch(batch: &[Metric], json: bool) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TrainerArgs;
     use crate::data::test_data_dir;
-    use crate::train::TrainerConfig;
+    use crate::train::trainer::TrainerConfig;
 
     #[test]
     fn a_batch_prints_as_one_table_line_per_step_or_json_points() {

@@ -31,7 +31,7 @@ use super::DataError;
 pub const DIR_NAME: &str = "cifar-100-binary";
 /// The archive mirrors serve, and the name a user may place it under in the data dir.
 pub const ARCHIVE_NAME: &str = "cifar-100-binary.tar.gz";
-/// MD5 of the official archive (../shared/data/README.md).
+/// MD5 of the official archive (as published with it).
 pub const ARCHIVE_MD5: &str = "03b5dce01913d631647c71ecec9e9cb8";
 pub const TRAIN_FILE: &str = "train.bin";
 pub const TEST_FILE: &str = "test.bin";

@@ -38,7 +38,7 @@ pub enum Content {
 pub struct MnistFile {
     /// The name mirrors serve it under (gzip). The raw file may be stored without `.gz`.
     pub name: &'static str,
-    /// sha256 of the decompressed content (../shared/data/README.md).
+    /// sha256 of the decompressed content (the files as published).
     pub sha256: &'static str,
     pub records: usize,
     pub content: Content,

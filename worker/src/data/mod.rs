@@ -1,8 +1,8 @@
 //! Data sets for training: reading and verifying them on the host, downloading missing ones, and
 //! keeping them on the training device as ready tensors.
 //!
-//! - [`mnist`]: the MNIST IDX files (raw or gzip), checked against the decompressed sha256 of
-//!   `../shared/data/README.md`, turned into `f32 [N,1,28,28]` images in `[0,1]` and `i64 [N]`
+//! - [`mnist`]: the MNIST IDX files (raw or gzip), checked against the published sha256 of the
+//!   decompressed files, turned into `f32 [N,1,28,28]` images in `[0,1]` and `i64 [N]`
 //!   labels.
 //! - [`cifar`]: CIFAR-100's official binary version (`cifar-100-binary/{train,test}.bin`), turned
 //!   into `f32 [N,3,32,32]` images in `[0,1]`, fine and coarse labels `i64 [N]`; a missing set is
@@ -127,7 +127,7 @@ impl DataError {
     }
 }
 
-/// Data sets already loaded onto a device, shared by every job of one [`crate::train::Trainer`].
+/// Data sets already loaded onto a device, shared by every job of one [`crate::train::trainer::Trainer`].
 ///
 /// Lives on the training thread (tensors are not shared across threads). Loading happens on first
 /// use; later jobs get shallow clones of the same device tensors.
@@ -206,7 +206,7 @@ pub(crate) fn test_data_dir() -> PathBuf {
     assert!(
         probe.exists(),
         "test data missing: {} does not exist; set TRAINQ_TEST_DATA_DIR to a folder holding \
-         mnist/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz (see ../shared/data/README.md)",
+         mnist/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte.gz ",
         probe.display()
     );
     dir

@@ -1,5 +1,5 @@
 //! Transfer initialisation: a CVAE that starts from a trained MNIST classifier's conv layers, as
-//! the seed document discusses (../shared/seed/000_3d3eca26d24ab1f5.txt).
+//! the seed document discusses.
 //!
 //! [`SourceLayers::from_checkpoint`] reads the classifier's checkpoint and GUARDS the shapes first:
 //! `conv1.weight [32,1,3,3]`, `conv1.bias [32]`, `conv2.weight [64,32,3,3]`, `conv2.bias [64]`. A
@@ -18,9 +18,9 @@ use std::collections::BTreeMap;
 use proto::spec::{Conv1Adaptation, Freeze, Transfer};
 use tch::{Kind, TchError, Tensor};
 
+use super::event::TrainError;
 use crate::checkpoint;
 use crate::model::Cvae;
-use crate::train::TrainError;
 
 /// The classifier tensors a transfer may use, with the shapes the seed's MNISTClassifier gives
 /// them.

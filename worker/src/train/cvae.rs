@@ -7,9 +7,9 @@
 //! noise in place into a fixed buffer, and adds the batch's reconstruction and KL sums to device
 //! accumulators; nothing is read back to the host until [`Task::take_window`].
 //!
-//! Randomness: initial weights are drawn under the job's seed ([`crate::train::seeded`]).
+//! Randomness: initial weights are drawn under the job's seed ([`super::seeded`]).
 //! Per-step noise draws from libtorch's process-wide generator without reseeding it (under the
-//! lock, [`crate::train::unseeded`], so it never lands inside another job's seeded section): an
+//! lock, [`super::unseeded`], so it never lands inside another job's seeded section): an
 //! executor runs one job at a time, and that generator was last seeded by the epoch's permutation,
 //! so a run is reproducible on its own. (Tests training CVAEs in parallel threads of one process
 //! interleave their noise draws, which changes their values, not their validity; a resumed run
@@ -18,16 +18,15 @@
 //!
 //! Must not do I/O or know about jobs and the network; must not panic on bad shapes (`f_*` ops).
 
+use proto::metric;
 use proto::spec::{Cvae as CvaeSpec, Init, Optimizer};
 use tch::{nn, Kind, Reduction, TchError, Tensor};
 
+use super::transfer::{self, FreezePlan, SourceLayers};
+use super::{build_optimizer_with, seeded, unseeded, ArtifactFile, DeviceSums, Task, TrainError};
 use crate::images;
 use crate::model::Cvae;
 use crate::optim;
-use crate::train::{
-    build_optimizer_with, names, seeded, unseeded, ArtifactFile, DeviceSums, Task, TrainError,
-};
-use crate::transfer::{self, FreezePlan, SourceLayers};
 
 /// Seed of the noise evaluation uses (the same for every epoch and every job).
 pub const EVAL_NOISE_SEED: i64 = 0x5EED_E7A1;
@@ -279,9 +278,9 @@ impl Task for CvaeTask {
         let (recon, kl) = (recon / images, kl / images);
         self.window_steps = 0;
         Ok(vec![
-            (names::TRAIN_LOSS, recon + self.beta * kl),
-            (names::TRAIN_RECON, recon),
-            (names::TRAIN_KL, kl),
+            (metric::TRAIN_LOSS, recon + self.beta * kl),
+            (metric::TRAIN_RECON, recon),
+            (metric::TRAIN_KL, kl),
         ])
     }
 
@@ -307,14 +306,14 @@ impl Task for CvaeTask {
         let (recon, kl) = (recon / n as f64, kl / n as f64);
         let neg_elbo = recon + kl;
         Ok(vec![
-            (names::TEST_LOSS, recon + self.beta * kl),
-            (names::TEST_NEG_ELBO_NATS, neg_elbo),
+            (metric::TEST_LOSS, recon + self.beta * kl),
+            (metric::TEST_NEG_ELBO_NATS, neg_elbo),
             (
-                names::TEST_BITS_PER_DIM,
+                metric::TEST_BITS_PER_DIM,
                 neg_elbo / (Cvae::DIMS as f64 * std::f64::consts::LN_2),
             ),
-            (names::TEST_RECON, recon),
-            (names::TEST_KL, kl),
+            (metric::TEST_RECON, recon),
+            (metric::TEST_KL, kl),
         ])
     }
 
@@ -583,12 +582,12 @@ mod tests {
         let window: BTreeMap<&str, f64> = task.take_window().expect("window").into_iter().collect();
         assert_eq!(
             window.keys().copied().collect::<Vec<_>>(),
-            vec![names::TRAIN_KL, names::TRAIN_LOSS, names::TRAIN_RECON]
+            vec![metric::TRAIN_KL, metric::TRAIN_LOSS, metric::TRAIN_RECON]
         );
         let (l, r, k) = (
-            window[names::TRAIN_LOSS],
-            window[names::TRAIN_RECON],
-            window[names::TRAIN_KL],
+            window[metric::TRAIN_LOSS],
+            window[metric::TRAIN_RECON],
+            window[metric::TRAIN_KL],
         );
         assert!((l - (r + beta * k)).abs() < 1e-6 * l, "{window:?}");
         // BCE of 3072 values against random targets, near ln 2 each at the start.
@@ -598,12 +597,12 @@ mod tests {
         let eval: BTreeMap<&str, f64> = task.evaluate().expect("eval").into_iter().collect();
         let again: BTreeMap<&str, f64> = task.evaluate().expect("eval").into_iter().collect();
         assert_eq!(eval, again, "evaluation noise is fixed");
-        let nelbo = eval[names::TEST_NEG_ELBO_NATS];
-        assert!((nelbo - (eval[names::TEST_RECON] + eval[names::TEST_KL])).abs() < 1e-9 * nelbo);
+        let nelbo = eval[metric::TEST_NEG_ELBO_NATS];
+        assert!((nelbo - (eval[metric::TEST_RECON] + eval[metric::TEST_KL])).abs() < 1e-9 * nelbo);
         let bpd = nelbo / (3072.0 * std::f64::consts::LN_2);
-        assert!((eval[names::TEST_BITS_PER_DIM] - bpd).abs() < 1e-12);
-        let loss = eval[names::TEST_RECON] + beta * eval[names::TEST_KL];
-        assert!((eval[names::TEST_LOSS] - loss).abs() < 1e-9 * loss);
+        assert!((eval[metric::TEST_BITS_PER_DIM] - bpd).abs() < 1e-12);
+        let loss = eval[metric::TEST_RECON] + beta * eval[metric::TEST_KL];
+        assert!((eval[metric::TEST_LOSS] - loss).abs() < 1e-9 * loss);
     }
 
     #[test]
