@@ -1,7 +1,7 @@
 //! The seed's experiments end to end, on CPU at small sizes: the MNIST classifier on real MNIST,
 //! then a transfer CVAE (waiting on it) and a random CVAE on generated CIFAR-100-format data,
 //! through the real coordinator and worker; checkpoints checked in Python against the classes of
-//! ../shared/bench/torch_reference.py.
+//! bench/torch_reference.py.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -62,7 +62,7 @@ fn python() -> PathBuf {
 }
 
 fn reference_script() -> PathBuf {
-    let p = workspace_root().join("../shared/bench/torch_reference.py");
+    let p = workspace_root().join("bench/torch_reference.py");
     assert!(p.exists(), "{} missing", p.display());
     p
 }
@@ -75,10 +75,10 @@ import importlib.util, sys
 import torch, safetensors.torch as st
 spec = importlib.util.spec_from_file_location("ref", sys.argv[1]); ref = importlib.util.module_from_spec(spec); spec.loader.exec_module(ref)
 clf = st.load_file(sys.argv[2]); e1 = st.load_file(sys.argv[3]); fin = st.load_file(sys.argv[4])
-m = ref.MNISTClassifier(); m.load_state_dict(clf, strict=True)
+m = ref.MnistClassifier(); m.load_state_dict(clf, strict=True)
 for sd in (e1, fin):
-    c = ref.CVAE(); c.load_state_dict(sd, strict=True)
-    c(torch.rand(2, 3, 32, 32), torch.nn.functional.one_hot(torch.tensor([1, 2]), 100).float())
+    c = ref.Cvae(); c.load_state_dict(sd, strict=True)
+    c.loss(torch.rand(2, 3, 32, 32), torch.nn.functional.one_hot(torch.tensor([1, 2]), 100).float())
 assert clf["conv1.weight"].shape == (32, 1, 3, 3) and e1["conv1.weight"].shape == (32, 3, 3, 3)
 assert torch.equal(e1["conv2.weight"], clf["conv2.weight"]) and torch.equal(e1["conv2.bias"], clf["conv2.bias"])
 for ch in range(3):
