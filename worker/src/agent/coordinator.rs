@@ -67,8 +67,8 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    #[test]
-    fn the_worker_token_stays_out_of_debug_output_and_https_needs_a_ca() {
+    #[tokio::test]
+    async fn the_worker_token_stays_out_of_debug_output_and_https_needs_a_ca() {
         let cli = crate::config::Cli::parse_from([
             "trainq-worker",
             "--coordinator",
