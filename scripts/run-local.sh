@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the coordinator and one worker against the local Postgres and Redis (the defaults of
-# ../shared/GUIDE.md), until Ctrl-C. Builds release binaries first if they are missing.
+# Runs the coordinator and one worker against the local Postgres and Redis (the defaults in
+# ARCHITECTURE.md's shared contract), until Ctrl-C. Builds release binaries first if they are missing.
 # Every setting can be changed through the environment (DATABASE_URL, REDIS_URL, TRAINQ_DATA_DIR,
 # TRAINQ_DEVICE, ...); see `trainq-server --help` and `trainq-worker --help`.
 set -euo pipefail
