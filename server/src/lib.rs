@@ -38,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use client::retry::{BackoffBuilder as _, ExponentialBuilder};
 use proto::v1::job_service_server::JobServiceServer;
 use proto::v1::worker_service_server::WorkerServiceServer;
 use sqlx::migrate::MigrateDatabase;
@@ -260,12 +261,7 @@ async fn serve_grpc(
     };
     let addr = listener.local_addr().context("listener has no address")?;
     tracing::info!(%addr, nodelay = guards.nodelay, "serving gRPC");
-    // TCP_NODELAY: without it a response written in more than one segment (headers, then data
-    // and trailers) waits for the client's delayed ACK, about 40 ms. Keep-alive probes find
-    // peers that vanished without closing; HTTP/2 pings do the same for idle streams (WatchJob).
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(guards.nodelay))
-        .with_keepalive(Some(TCP_KEEPALIVE));
+    let incoming = incoming(listener, guards.nodelay);
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
@@ -320,12 +316,27 @@ async fn serve_grpc(
         .context("gRPC server failed")
 }
 
+/// The accepted connections of the gRPC listener. TCP_NODELAY: without it a response written in
+/// more than one segment (headers, then data and trailers) waits for the client's delayed ACK,
+/// about 40 ms (`trainq-rpc-latency` shows it). Keep-alive probes find peers that vanished
+/// without closing; HTTP/2 pings (set on the server) do the same for idle streams (WatchJob).
+fn incoming(listener: tokio::net::TcpListener, nodelay: bool) -> TcpIncoming {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(nodelay))
+        .with_keepalive(Some(TCP_KEEPALIVE))
+}
+
 /// Creates the database if missing, connects and migrates, retrying with backoff (a log line
 /// per failure) while Postgres cannot be reached, for at most `--db-wait-ms`. `None` if the
 /// shutdown signal fired first.
 async fn connect_database(config: &Config, mut signal: Shutdown) -> anyhow::Result<Option<PgPool>> {
     let deadline = tokio::time::Instant::now() + config.db_wait();
-    let mut delay = Duration::from_millis(250);
+    let mut delays = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(250))
+        .with_factor(2.0)
+        .with_max_delay(MAX_CONNECT_BACKOFF)
+        .without_max_times()
+        .build();
     loop {
         let e = match prepare_database(&config.database_url, config.db_acquire_timeout()).await {
             Ok(pool) => return Ok(Some(pool)),
@@ -339,13 +350,12 @@ async fn connect_database(config: &Config, mut signal: Shutdown) -> anyhow::Resu
                 config.db_wait_ms
             )));
         }
-        let pause = delay.min(left);
+        let pause = delays.next().unwrap_or(MAX_CONNECT_BACKOFF).min(left);
         tracing::warn!(error = %format!("{e:#}"), retry_in = ?pause, "postgres is not reachable yet");
         tokio::select! {
             _ = signal.wait() => return Ok(None),
             _ = tokio::time::sleep(pause) => {}
         }
-        delay = (delay * 2).min(MAX_CONNECT_BACKOFF);
     }
 }
 
@@ -394,4 +404,32 @@ async fn prepare_database(url: &str, acquire_timeout: Duration) -> Result<PgPool
     })?;
     tracing::info!("database ready");
     Ok(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt as _;
+
+    use super::incoming;
+
+    /// The socket the server accepted for one client connection, with `nodelay` as configured.
+    async fn accepted(nodelay: bool) -> tokio::net::TcpStream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut incoming = incoming(listener, nodelay);
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        incoming
+            .next()
+            .await
+            .expect("a connection")
+            .expect("accepted")
+    }
+
+    #[tokio::test]
+    async fn accepted_grpc_connections_have_tcp_nodelay_unless_switched_off_for_measuring() {
+        assert!(accepted(true).await.nodelay().expect("getsockopt"));
+        assert!(!accepted(false).await.nodelay().expect("getsockopt"));
+    }
 }

@@ -30,7 +30,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use prost::Message as _;
-use proto::JobState;
+use proto::{AttemptOutcome, JobState};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 
@@ -162,8 +162,8 @@ impl Metrics {
         for state in JobState::ALL {
             jobs.with_label_values(&[state.as_str()]).set(0);
         }
-        for cause in ["failed", "lease_expired"] {
-            retries.with_label_values(&[cause]).reset();
+        for cause in [AttemptOutcome::Failed, AttemptOutcome::LeaseExpired] {
+            retries.with_label_values(&[cause.as_str()]).reset();
         }
         Self {
             registry,

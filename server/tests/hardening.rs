@@ -1,6 +1,6 @@
 //! Service tests of the coordinator's hardening (issue 17): metric labels that clients cannot
 //! invent, the exposure gauges and warning when auth is off on a non-loopback address, worker
-//! tokens bound to worker ids, and TCP_NODELAY on accepted gRPC connections.
+//! tokens bound to worker ids. (TCP_NODELAY on accepted connections is a unit test in lib.rs.)
 //!
 //! `server::run` in-process, each test with a database of its own (created by the server,
 //! dropped at the end). Needs DATABASE_URL (any database on the server, for example
@@ -9,7 +9,6 @@
 use tests::{free_port, redis_url, wait_until_serving, Cleanup, WAIT};
 
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
 
 use clap::Parser as _;
 use proto::v1::upload_artifact_chunk::Part;
@@ -547,40 +546,5 @@ async fn an_unbound_worker_token_claims_for_any_worker_id() {
         .expect("claim")
         .into_inner();
     assert!(claim.claimed);
-    server.stop().await;
-}
-
-/// Sequential small unary calls over one connection: each should take well under the ~40 ms a
-/// delayed ACK costs when Nagle's algorithm holds back the second segment of a response.
-async fn median_call(server: &TestServer, token: &str, calls: usize) -> Duration {
-    let channel = Endpoint::from_shared(format!("http://127.0.0.1:{}", server.addr.port()))
-        .expect("uri")
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .expect("connect");
-    let mut jobs = JobServiceClient::new(channel);
-    let mut took = Vec::with_capacity(calls);
-    for _ in 0..calls {
-        let started = Instant::now();
-        jobs.list_jobs(bearer(v1::ListJobsRequest::default(), token))
-            .await
-            .expect("list");
-        took.push(started.elapsed());
-    }
-    took.sort();
-    took[took.len() / 2]
-}
-
-#[tokio::test]
-async fn accepted_grpc_connections_have_tcp_nodelay_so_small_calls_do_not_stall() {
-    let client = unique("client");
-    let flags = vec!["--client-tokens".into(), client.clone()];
-    let server = TestServer::start("127.0.0.1:0", &flags).await;
-    let median = median_call(&server, &client, 40).await;
-    assert!(
-        median < Duration::from_millis(25),
-        "median ListJobs took {median:?}: a delayed-ACK stall (TCP_NODELAY off?)"
-    );
     server.stop().await;
 }

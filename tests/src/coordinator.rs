@@ -111,8 +111,14 @@ impl TestEnv {
         data_dir: &Path,
         extra: &[&str],
     ) -> Proc {
+        self.start_worker_at(&coordinator.url(), name, data_dir, extra)
+    }
+
+    /// Starts a CPU worker with one torch thread that reaches the coordinator at `url` (for
+    /// example through a [`crate::proxy::Throttle`]).
+    pub fn start_worker_at(&self, url: &str, name: &str, data_dir: &Path, extra: &[&str]) -> Proc {
         let mut cmd = Command::new(binary("trainq-worker"));
-        cmd.args(["--coordinator", &coordinator.url()])
+        cmd.args(["--coordinator", url])
             .args(["--redis-url", &self.redis])
             .args(["--redis-prefix", &self.redis_prefix])
             .args(["--worker-id", name])

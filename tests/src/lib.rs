@@ -35,6 +35,7 @@ mod health;
 mod helpers;
 mod locate;
 mod proc;
+pub mod proxy;
 pub mod services;
 mod slot;
 
