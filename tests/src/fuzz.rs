@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, BufMut};
 use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor};
-use proto::v1;
+use proto::{v1, JobState};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
@@ -225,12 +225,12 @@ impl Fixture {
             .into_inner()
             .sweep_id;
         let all = [
-            ("waiting", &waiting),
-            ("queued", &queued),
-            ("running", &running),
-            ("succeeded", &succeeded),
-            ("failed", &failed),
-            ("cancelled", &cancelled),
+            (JobState::Waiting, &waiting),
+            (JobState::Queued, &queued),
+            (JobState::Running, &running),
+            (JobState::Succeeded, &succeeded),
+            (JobState::Failed, &failed),
+            (JobState::Cancelled, &cancelled),
         ];
         let mut leases = vec![run_lease, done_lease, fail_lease];
         for (_, id) in &all {
@@ -243,7 +243,7 @@ impl Fixture {
         Ok(Fixture {
             jobs: all
                 .iter()
-                .map(|(s, id)| ((*s).to_owned(), (*id).clone()))
+                .map(|(s, id)| (s.as_str().to_owned(), (*id).clone()))
                 .collect(),
             leases,
             sweeps: vec![sweep],

@@ -50,9 +50,9 @@ pub enum JobEnd {
 impl JobEnd {
     fn label(self) -> &'static str {
         match self {
-            JobEnd::Succeeded => "succeeded",
-            JobEnd::Failed => "failed",
-            JobEnd::HandedBack => "handed_back",
+            JobEnd::Succeeded => proto::AttemptOutcome::Succeeded.as_str(),
+            JobEnd::Failed => proto::AttemptOutcome::Failed.as_str(),
+            JobEnd::HandedBack => proto::AttemptOutcome::HandedBack.as_str(),
             JobEnd::Abandoned => "abandoned",
         }
     }

@@ -117,9 +117,9 @@ fn run_spec(
     let mean = (!images_per_s.is_empty())
         .then(|| images_per_s.iter().sum::<f64>() / images_per_s.len() as f64);
     let outcome = match &result {
-        Ok(Outcome::Succeeded { .. }) => "succeeded",
+        Ok(Outcome::Succeeded { .. }) => proto::JobState::Succeeded.as_str(),
         Ok(Outcome::Stopped { .. }) => "stopped",
-        Err(_) => "failed",
+        Err(_) => proto::JobState::Failed.as_str(),
     };
     let summary = if json {
         serde_json::json!({

@@ -55,8 +55,11 @@ pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_REASON_CHARS: usize = 4096;
 
 /// A free-text reason cut to [`MAX_REASON_CHARS`] (a worker's stack trace may be long; the
-/// start is what matters), or `default` when empty.
+/// start is what matters), or `default` when empty. A reason is only a record, so U+0000, which
+/// Postgres text cannot hold, is dropped rather than refused (a cancel or failure is never lost
+/// to it).
 pub fn reason_text(text: &str, default: &str) -> String {
+    let text = text.replace('\0', "");
     let text = text.trim();
     if text.is_empty() {
         return default.to_owned();
@@ -137,6 +140,15 @@ pub(crate) fn invalid_field<T: std::fmt::Debug>(r: Result<T>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reason_loses_its_nul_characters_and_keeps_the_rest() {
+        assert_eq!(reason_text("stop\0 now\0", "x"), "stop now");
+        assert_eq!(
+            reason_text("\0\0", "cancelled by user"),
+            "cancelled by user"
+        );
+    }
 
     #[test]
     fn a_dependency_failure_names_the_job_and_its_state() {

@@ -249,3 +249,35 @@ async fn oversized_and_malformed_requests_are_refused_naming_the_limit_and_the_s
     assert_eq!(get(&mut jobs, &id).await.state(), v1::JobState::Running);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_reason_holding_nul_still_cancels_or_fails_the_job_with_the_nul_dropped() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let mut workers = server.workers();
+    let cancelled = submit(&mut jobs, valid_spec()).await;
+    let job = jobs
+        .cancel_job(v1::CancelJobRequest {
+            job_id: cancelled.clone(),
+            reason: "stop\0 now".into(),
+        })
+        .await
+        .expect("a NUL in the reason is not INTERNAL")
+        .into_inner();
+    assert_eq!(job.state(), v1::JobState::Cancelled);
+    assert_eq!(job.error, "stop now");
+    let failed = submit(&mut jobs, valid_spec()).await;
+    let lease = claim(&mut workers, &failed).await;
+    workers
+        .fail_job(v1::FailJobRequest {
+            lease: Some(lease),
+            reason: "bad\0 input".into(),
+            permanent: true,
+        })
+        .await
+        .expect("a NUL in a failure reason is not INTERNAL");
+    let job = get(&mut jobs, &failed).await;
+    assert_eq!(job.state(), v1::JobState::Failed);
+    assert!(job.error.contains("bad input"), "{}", job.error);
+    server.stop().await;
+}
