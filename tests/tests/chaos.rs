@@ -8,7 +8,7 @@
 //! | `worker-sigkill`      | SIGKILL of a worker mid-training, after its job stored a `resume` state |
 //! | `redis-flushall`      | FLUSHALL, then the Redis server is killed and started empty          |
 //! | `coordinator-restart` | SIGKILL of the coordinator, started again on the same port           |
-//! | `postgres-restart`    | `pg_ctl stop -m fast`, 5 s down, started again; a client keeps submitting |
+//! | `postgres-restart`    | `pg_ctl stop -m fast`, 7 s down, started again; a client keeps submitting |
 //! | `worker-race`         | no fault: two workers race for the same ids (each pushed 4 times)    |
 //! | `worker-sigterm`      | SIGTERM of a worker mid-training: it hands its job back              |
 //!
@@ -1070,9 +1070,12 @@ async fn coordinator_restart(svc: &mut Services) -> (Row, Vec<String>) {
     .await
 }
 
-/// (d) Postgres stopped (fast) for 5 s and started again while workers train and a client keeps
-/// submitting. The outage is longer than the coordinator's database acquire timeout (3 s) and the
-/// lease timeout (3 s): submissions must be refused with UNAVAILABLE (and nothing else) while it
+/// How long the postgres-restart scenario keeps Postgres down.
+const OUTAGE_S: u64 = 7;
+
+/// (d) Postgres stopped (fast) for [`OUTAGE_S`] s and started again while workers train and a
+/// client keeps submitting. The outage is longer than the coordinator's database acquire timeout
+/// (3 s) and the lease timeout (3 s): submissions must be refused with UNAVAILABLE (and nothing else) while it
 /// lasts, every acknowledged job must exist, and running jobs must keep their leases (the reaper
 /// waits for the workers' heartbeats after the outage).
 async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
@@ -1112,7 +1115,13 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
         .unwrap_or_else(|e| panic!("stopping the private Postgres: {e:#}\n{}", svc.pg.log()));
     // Points stored while `pg_ctl stop` was closing connections predate the outage.
     let stopped = now_s();
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Long enough that a refusal is certain whatever the submitter's phase: a submission caught
+    // in flight by the stop may hold the client for the whole acquire timeout (3 s, in its
+    // post-commit dispatch record) and then sleep 0.5 s; the next one starts at most 3.5 s into
+    // the outage and must be refused 3 s later, before Postgres returns. (With 5 s this check
+    // depended on where the stop fell in the submitter's 500 ms rhythm, which TCP_NODELAY's
+    // faster calls moved onto the stop itself.)
+    tokio::time::sleep(Duration::from_secs(OUTAGE_S)).await;
     tokio::task::block_in_place(|| svc.pg.start()).unwrap_or_else(|e| {
         panic!(
             "starting the private Postgres again: {e:#}\n{}",
@@ -1141,7 +1150,7 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
         format!("submissions never acknowledged: {errors:?}")
     });
     w.check(unavailable >= 1, || {
-        "no submission was refused with UNAVAILABLE during a 5 s Postgres outage".to_string()
+        format!("no submission was refused with UNAVAILABLE during a {OUTAGE_S} s Postgres outage")
     });
     w.check(other.is_empty(), || {
         format!("submissions during the Postgres outage were refused with codes other than UNAVAILABLE: {other:?}")
