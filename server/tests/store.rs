@@ -1689,3 +1689,33 @@ async fn every_results_view_and_each_of_its_columns_is_documented_in_the_databas
     .expect("views");
     assert_eq!(views, 3);
 }
+
+#[sqlx::test(migrations = "../migrations")]
+async fn looking_an_artifact_up_by_its_uri_uses_an_index(pool: PgPool) {
+    let indexed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_indexes WHERE tablename = 'artifacts'
+                        AND indexdef LIKE '%(uri)%')",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("pg_indexes");
+    assert!(indexed, "artifacts.uri has no index");
+    // And the planner takes it for the store's lookup even on a small table.
+    let mut tx = pool.begin().await.expect("tx");
+    sqlx::query("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .expect("set");
+    let plan: Vec<String> =
+        sqlx::query_scalar("EXPLAIN SELECT EXISTS (SELECT 1 FROM artifacts WHERE uri = 'x')")
+            .fetch_all(&mut *tx)
+            .await
+            .expect("explain");
+    assert!(
+        plan.iter().any(|l| l.contains("artifacts_uri_idx")),
+        "{plan:?}"
+    );
+    assert!(!store::artifact_uri_in_use(&pool, "file:///nothing")
+        .await
+        .expect("lookup"));
+}
