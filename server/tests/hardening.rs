@@ -8,8 +8,6 @@
 
 use tests::{free_port, redis_url, wait_until_serving, Cleanup, WAIT};
 
-use std::sync::{Arc, Mutex, OnceLock};
-
 use clap::Parser as _;
 use proto::v1::upload_artifact_chunk::Part;
 use proto::v1::worker_service_client::WorkerServiceClient;
@@ -24,41 +22,6 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
-/// Everything every server in this test binary logs (the subscriber is the global one).
-fn captured_log() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::INFO)
-            .with_ansi(false)
-            .with_writer(move || Sink(sink.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        buffer
-    })
-}
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn log_text() -> String {
-    String::from_utf8_lossy(&captured_log().lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-}
-
 /// A coordinator running in this process with its metrics endpoint on a port of its own.
 struct TestServer {
     addr: std::net::SocketAddr,
@@ -72,7 +35,7 @@ struct TestServer {
 impl TestServer {
     /// Listens on `listen` (an IP with port 0) with `flags` added.
     async fn start(listen: &str, flags: &[String]) -> Self {
-        captured_log();
+        tests::logcapture::capture_log();
         let artifacts = tempfile::tempdir().expect("artifact dir");
         let cleanup = Cleanup::new();
         let metrics_port = free_port();
@@ -252,12 +215,16 @@ async fn auth_off_on_a_non_loopback_address_warns_and_shows_in_the_gauges() {
     assert_eq!(series(&text, "trainq_auth_enabled"), Some(0.0), "{text}");
     assert_eq!(series(&text, "trainq_insecure_listen"), Some(1.0), "{text}");
     let port = open.addr.port();
-    let warned = log_text().lines().any(|l| {
+    let warned = tests::logcapture::captured_log().lines().any(|l| {
         l.contains("WARN")
             && l.contains("auth is off while listening on a non-loopback address")
             && l.contains(&format!("0.0.0.0:{port}"))
     });
-    assert!(warned, "no warning for 0.0.0.0:{port}:\n{}", log_text());
+    assert!(
+        warned,
+        "no warning for 0.0.0.0:{port}:\n{}",
+        tests::logcapture::captured_log()
+    );
     open.stop().await;
 
     // Auth off on loopback: only reachable from this host.
@@ -267,11 +234,11 @@ async fn auth_off_on_a_non_loopback_address_warns_and_shows_in_the_gauges() {
     assert_eq!(series(&text, "trainq_insecure_listen"), Some(0.0), "{text}");
     let port = local.addr.port();
     assert!(
-        !log_text()
+        !tests::logcapture::captured_log()
             .lines()
             .any(|l| l.contains("non-loopback") && l.contains(&format!("127.0.0.1:{port}"))),
         "{}",
-        log_text()
+        tests::logcapture::captured_log()
     );
     local.stop().await;
 

@@ -34,6 +34,7 @@ pub mod fuzz;
 mod health;
 mod helpers;
 mod locate;
+pub mod logcapture;
 mod proc;
 pub mod proxy;
 pub mod services;

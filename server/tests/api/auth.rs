@@ -7,7 +7,6 @@
 //! Must not wait for a server before its test chose the channel (plaintext or TLS) to wait on.
 
 use std::io::Write as _;
-use std::sync::{Arc, Mutex, OnceLock};
 
 use clap::Parser as _;
 use proto::v1::worker_service_client::WorkerServiceClient;
@@ -23,42 +22,6 @@ use tonic::{Code, Request, Status};
 use uuid::Uuid;
 
 use crate::helpers::spawn;
-
-/// Everything every server in this test binary logs, at DEBUG and above (tokio tasks run on
-/// other threads, so the subscriber is the global one).
-fn captured_log() -> &'static Arc<Mutex<Vec<u8>>> {
-    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOG.get_or_init(|| {
-        let buffer = Arc::new(Mutex::new(Vec::new()));
-        let sink = buffer.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .with_writer(move || Sink(sink.clone()))
-            .finish();
-        tracing::subscriber::set_global_default(subscriber).expect("one global subscriber");
-        buffer
-    })
-}
-
-struct Sink(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Sink {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn log_text() -> String {
-    String::from_utf8_lossy(&captured_log().lock().unwrap_or_else(|p| p.into_inner())).into_owned()
-}
 
 /// Tokens unique to one test, so checks of the shared log see only this test's.
 struct Tokens {
@@ -99,7 +62,7 @@ struct AuthServer {
 
 impl AuthServer {
     async fn start(flags: &[String]) -> Self {
-        captured_log();
+        tests::logcapture::capture_log();
         let artifacts = tempfile::tempdir().expect("artifact dir");
         let cleanup = Cleanup::new();
         let mut args: Vec<String> = vec![
@@ -315,7 +278,7 @@ async fn tokens_never_appear_in_the_server_log() {
     }
     server.stop().await;
 
-    let log = log_text();
+    let log = tests::logcapture::captured_log();
     assert!(
         log.contains("auth: on (2 client, 1 worker tokens)"),
         "start-up line missing:\n{log}"
