@@ -86,6 +86,31 @@ pub struct Config {
     #[arg(long, env = "TRAINQ_ARTIFACTS", default_value = "file://./artifacts")]
     pub artifacts: String,
 
+    /// Most WatchJob and WatchSweep streams open at once, from every client together; past it a
+    /// watch call is refused with RESOURCE_EXHAUSTED (the other RPCs are not affected).
+    #[arg(long, env = "TRAINQ_MAX_WATCHERS", default_value_t = crate::api::limits::DEFAULT_MAX_WATCHERS)]
+    pub max_watchers: u32,
+
+    /// Most WatchJob and WatchSweep streams one client connection may hold open at once.
+    #[arg(
+        long,
+        env = "TRAINQ_MAX_WATCHERS_PER_CONNECTION",
+        default_value_t = crate::api::limits::DEFAULT_MAX_WATCHERS_PER_CONNECTION
+    )]
+    pub max_watchers_per_connection: u32,
+
+    /// HTTP/2 streams (calls in flight, watch streams included) one client connection may have
+    /// open at once; the client queues the rest.
+    #[arg(long, env = "TRAINQ_MAX_STREAMS_PER_CONNECTION", default_value_t = 256)]
+    pub max_streams_per_connection: u32,
+
+    /// How many checkpoints each job keeps: the newest N by step, which include the final one of
+    /// a job that succeeded; older ones are deleted (record and object) as new ones arrive. 0
+    /// keeps every checkpoint. Training states (resume) are kept apart from this: the newest
+    /// two while a job runs, none once it succeeded.
+    #[arg(long, env = "TRAINQ_KEEP_CHECKPOINTS", default_value_t = crate::domain::DEFAULT_KEPT_CHECKPOINTS)]
+    pub keep_checkpoints: u32,
+
     /// S3 settings that override the AWS variables: not a flag, for embedding and tests (which
     /// must not change the process-wide environment).
     #[arg(skip)]

@@ -36,6 +36,10 @@ pub enum Error {
     /// The caller may not do this (a worker token bound to another worker id).
     #[error("{0}")]
     PermissionDenied(String),
+    /// A limit on what the coordinator holds open at once (watchers) is reached; the client may
+    /// retry later or elsewhere.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Postgres cannot be reached or the pool is exhausted; the client may retry.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
@@ -184,6 +188,7 @@ impl From<Error> for Status {
             Error::NotFound(m) => Status::not_found(m),
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
+            Error::ResourceExhausted(m) => Status::resource_exhausted(m),
             Error::Unavailable(ref source) => {
                 tracing::warn!(error = %source, "database unavailable");
                 Status::unavailable("database unavailable, retry later")

@@ -3,7 +3,8 @@
 //! Whoever changes a job in this process (the api after a write, the lease reaper) calls
 //! [`Notifier::notify`]; every WatchJob stream of that job wakes up and re-reads Postgres. A
 //! notification carries no data, only "look again", so a missed or merged one costs at most one
-//! fallback poll: watchers also poll, because another coordinator may have made the change.
+//! round of the change poller ([`crate::changes`]), which also notifies for changes another
+//! coordinator made.
 //!
 //! Must not hold job state (Postgres is the truth) and must not block: notify never waits.
 
@@ -49,6 +50,11 @@ impl Notifier {
     /// How many jobs have watchers right now (entries are removed with their last watcher).
     pub fn watched_jobs(&self) -> usize {
         self.lock().len()
+    }
+
+    /// The jobs that have watchers right now.
+    pub fn watched(&self) -> Vec<Uuid> {
+        self.lock().keys().copied().collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<u64>>> {

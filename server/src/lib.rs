@@ -9,7 +9,8 @@
 //! - [`artifacts`]: the artifact store (local files or S3), the only module that touches it.
 //! - [`api`]: the `JobService` and `WorkerService` implementations.
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
-//! - [`events`]: in-process job change notifications for WatchJob.
+//! - [`events`]: in-process job change notifications for WatchJob and WatchSweep.
+//! - [`changes`]: the change poller, which notifies for changes made elsewhere.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`reconcile`]: the reconciler (re-dispatch) and the lease reaper.
 //! - [`shutdown`]: the signal that stops everything.
@@ -21,6 +22,7 @@
 pub mod api;
 pub mod artifacts;
 pub mod auth;
+pub mod changes;
 pub mod config;
 pub mod dispatch;
 pub mod domain;
@@ -71,6 +73,11 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// before it closes the connection.
 const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Connections in the database pool.
+const POOL_CONNECTIONS: u32 = 16;
+/// Of those, how many watcher reads may hold at once: the other half always serves the other
+/// RPCs, however many watchers wake together.
+const WATCH_READ_CONNECTIONS: u32 = POOL_CONNECTIONS / 2;
 
 /// Prepares the database (creating and migrating it), starts the background loops and serves
 /// gRPC on `listener` until `shutdown` resolves; then reports NOT_SERVING, stops accepting,
@@ -173,6 +180,11 @@ async fn serve_until(
         },
         signal.clone(),
     ));
+    background.push(changes::spawn(
+        pool.clone(),
+        notifier.clone(),
+        signal.clone(),
+    ));
     let state = Arc::new(AppState {
         pool: pool.clone(),
         dispatcher,
@@ -182,11 +194,20 @@ async fn serve_until(
         retry_backoff: config.retry_backoff(),
         shutdown: signal.clone(),
         metrics,
+        retention: store::Retention {
+            checkpoints: config.keep_checkpoints,
+        },
+        watch_limits: api::limits::WatchLimits::new(api::limits::WatchLimitsConfig {
+            max_watchers: config.max_watchers,
+            max_watchers_per_connection: config.max_watchers_per_connection,
+            concurrent_reads: WATCH_READ_CONNECTIONS,
+        }),
     });
     let guards = Guards {
         tokens,
         tls,
         nodelay: !config.no_tcp_nodelay,
+        max_streams: config.max_streams_per_connection,
     };
     let served = serve_grpc(state, guards, listener, signal).await;
     for task in background {
@@ -205,6 +226,8 @@ struct Guards {
     tls: Option<tonic::transport::ServerTlsConfig>,
     /// TCP_NODELAY on accepted connections (off only to measure its effect).
     nodelay: bool,
+    /// HTTP/2 streams one client connection may have open at once.
+    max_streams: u32,
 }
 
 /// How exposed the gRPC endpoint is: auth on or off, and the address it listens on.
@@ -264,7 +287,8 @@ async fn serve_grpc(
     let incoming = incoming(listener, guards.nodelay);
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(HTTP2_KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT));
+        .http2_keepalive_timeout(Some(HTTP2_KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(guards.max_streams));
     if let Some(tls) = guards.tls {
         builder = builder.tls_config(tls).context("configuring TLS")?;
     }
@@ -392,7 +416,7 @@ async fn prepare_database(url: &str, acquire_timeout: Duration) -> Result<PgPool
     // connection is pinged before it is handed out, so connections that died with a Postgres
     // restart are replaced instead of failing the call: the pool recovers by itself.
     let pool = PgPoolOptions::new()
-        .max_connections(16)
+        .max_connections(POOL_CONNECTIONS)
         .acquire_timeout(acquire_timeout)
         .test_before_acquire(true)
         .connect(url)

@@ -145,7 +145,8 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
     assert_eq!(
         store::record_metrics(&pool, &second, &[pt("train/loss", 1, 1.0)])
             .await
-            .expect("report"),
+            .expect("report")
+            .stored,
         1
     );
     store::complete_job(&pool, &second, 0)
@@ -185,44 +186,37 @@ async fn metric_points_are_stored_once_per_name_and_step_and_latest_keeps_the_hi
         pt("train/loss", 2, 1.5),
         pt("test/accuracy", 2, 0.9),
     ];
-    assert_eq!(
-        store::record_metrics(&pool, &lease, &first)
-            .await
-            .expect("report"),
-        3
-    );
-    // A retried batch, with one changed value: nothing new is stored, the first value stays.
-    let again = [pt("train/loss", 2, 99.0), pt("train/loss", 1, 2.0)];
-    assert_eq!(
-        store::record_metrics(&pool, &lease, &again)
-            .await
-            .expect("report"),
-        0
-    );
-    // Duplicates inside one batch count once; an older step arriving late is stored but does not
-    // move `latest` backwards.
-    let later = [
+    let report = |points: Vec<MetricPoint>| {
+        let (pool, lease) = (pool.clone(), lease.clone());
+        async move {
+            let done = store::record_metrics(&pool, &lease, &points)
+                .await
+                .expect("report");
+            (done.stored, done.conflicting, done.first_conflict)
+        }
+    };
+    assert_eq!(report(first.to_vec()).await, (3, 0, None));
+    // A retried batch, with one changed value: nothing new is stored, the first value stays, and
+    // the changed point is counted as conflicting (the unchanged one is a plain repeat).
+    let again = vec![pt("train/loss", 2, 99.0), pt("train/loss", 1, 2.0)];
+    assert_eq!(report(again).await, (0, 1, Some(("train/loss".into(), 2))));
+    // Duplicates inside one batch count once (the later one, with another value, conflicts); an
+    // older step arriving late is stored but does not move `latest` backwards.
+    let later = vec![
         pt("train/loss", 5, 0.5),
         pt("train/loss", 5, 0.7),
         pt("train/loss", 3, 1.0),
     ];
+    assert_eq!(report(later).await, (2, 1, Some(("train/loss".into(), 5))));
+    assert_eq!(report(vec![pt("train/loss", 4, 0.8)]).await, (1, 0, None));
     assert_eq!(
-        store::record_metrics(&pool, &lease, &later)
-            .await
-            .expect("report"),
-        2
+        report(vec![pt("train/nan", 1, f64::NAN)]).await,
+        (1, 0, None)
     );
     assert_eq!(
-        store::record_metrics(&pool, &lease, &[pt("train/loss", 4, 0.8)])
-            .await
-            .expect("report"),
-        1
-    );
-    assert_eq!(
-        store::record_metrics(&pool, &lease, &[pt("train/nan", 1, f64::NAN)])
-            .await
-            .expect("report"),
-        1
+        report(vec![pt("train/nan", 1, f64::NAN)]).await,
+        (0, 0, None),
+        "NaN repeated is the same value, not a conflict"
     );
 
     let series = store::metric_series(&pool, id, &["train/loss".into()])
@@ -610,7 +604,8 @@ async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succ
     assert_eq!(
         store::complete_job(&pool, &lease, 0)
             .await
-            .expect("complete"),
+            .expect("complete")
+            .queued,
         [b]
     );
     let b_row = job(&pool, b).await;
@@ -623,6 +618,7 @@ async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succ
         store::complete_job(&pool, &lease, 0)
             .await
             .expect("a repeated completion")
+            .queued
             .is_empty(),
         "promotes nothing twice"
     );
@@ -638,7 +634,8 @@ async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succ
     assert_eq!(
         store::complete_job(&pool, &lease, 0)
             .await
-            .expect("complete"),
+            .expect("complete")
+            .queued,
         [c]
     );
     assert_eq!(state(&pool, c).await, "queued");
@@ -655,13 +652,15 @@ async fn a_job_with_two_dependencies_is_queued_only_after_both_succeed_even_when
     assert!(store::complete_job(&pool, &lease_a, 0)
         .await
         .expect("complete")
+        .queued
         .is_empty());
     assert_eq!(state(&pool, d).await, "waiting", "x has not succeeded yet");
     let lease_x = claim(&pool, x, "w", LONG).await;
     assert_eq!(
         store::complete_job(&pool, &lease_x, 0)
             .await
-            .expect("complete"),
+            .expect("complete")
+            .queued,
         [d]
     );
 
@@ -677,7 +676,7 @@ async fn a_job_with_two_dependencies_is_queued_only_after_both_succeed_even_when
             store::complete_job(&pool, &la, 0),
             store::complete_job(&pool, &lb, 0)
         );
-        let promoted: Vec<JobId> = [ra.expect("a"), rb.expect("b")].concat();
+        let promoted: Vec<JobId> = [ra.expect("a").queued, rb.expect("b").queued].concat();
         assert_eq!(promoted, [c], "promoted exactly once");
         assert_eq!(state(&pool, c).await, "queued");
     }
@@ -879,6 +878,7 @@ async fn an_artifact_is_recorded_only_under_the_current_lease_and_a_repeat_repla
         &pool,
         &header(&first, "checkpoint", "e1", 1, 'a'),
         "file:///x/1",
+        store::Retention::default(),
     )
     .await
     .expect("record")
@@ -887,6 +887,7 @@ async fn an_artifact_is_recorded_only_under_the_current_lease_and_a_repeat_repla
         &pool,
         &header(&first, "samples", "s1", 1, 'b'),
         "file:///x/2",
+        store::Retention::default(),
     )
     .await
     .expect("record")
@@ -895,6 +896,7 @@ async fn an_artifact_is_recorded_only_under_the_current_lease_and_a_repeat_repla
         &pool,
         &header(&first, "checkpoint", "e1", 1, 'c'),
         "file:///x/1",
+        store::Retention::default(),
     )
     .await
     .expect("record again")
@@ -936,6 +938,7 @@ async fn an_artifact_is_recorded_only_under_the_current_lease_and_a_repeat_repla
             &pool,
             &header(&first, "checkpoint", "e2", 2, 'd'),
             "file:///x/3",
+            store::Retention::default(),
         )
         .await,
     );
@@ -1007,9 +1010,14 @@ async fn a_claim_records_its_attempt_and_hands_out_the_highest_step_an_earlier_a
         worker_id: "w1".into(),
     };
     for step in [100, 300, 200] {
-        store::record_artifact(&pool, &resume_header(&lease, step), "file:///r")
-            .await
-            .expect("record");
+        store::record_artifact(
+            &pool,
+            &resume_header(&lease, step),
+            "file:///r",
+            store::Retention::default(),
+        )
+        .await
+        .expect("record");
     }
     store::fail_job(&pool, &lease, "oom", false, |_| Duration::ZERO)
         .await
@@ -1042,13 +1050,19 @@ async fn only_the_two_newest_resume_states_of_a_job_are_kept_and_other_kinds_and
     let other = submit(&pool, 3).await;
     let lease = claim(&pool, id, "w", LONG).await;
     let other_lease = claim(&pool, other, "w", LONG).await;
-    store::record_artifact(&pool, &resume_header(&other_lease, 1), "file:///o1")
-        .await
-        .expect("record");
+    store::record_artifact(
+        &pool,
+        &resume_header(&other_lease, 1),
+        "file:///o1",
+        store::Retention::default(),
+    )
+    .await
+    .expect("record");
     store::record_artifact(
         &pool,
         &header(&lease, "checkpoint", "e1", 1, 'a'),
         "file:///c",
+        store::Retention::default(),
     )
     .await
     .expect("record");
@@ -1058,6 +1072,7 @@ async fn only_the_two_newest_resume_states_of_a_job_are_kept_and_other_kinds_and
             &pool,
             &resume_header(&lease, step),
             &format!("file:///{step}"),
+            store::Retention::default(),
         )
         .await
         .expect("record");
@@ -1094,6 +1109,144 @@ async fn only_the_two_newest_resume_states_of_a_job_are_kept_and_other_kinds_and
         1,
         "another job's state stays"
     );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn only_the_newest_checkpoints_of_the_retention_are_kept_and_zero_keeps_every_one(
+    pool: PgPool,
+) {
+    let checkpoint = |lease: &Lease, epoch: i32| ArtifactHeader {
+        step: i64::from(epoch) * 100,
+        ..header(
+            lease,
+            "checkpoint",
+            &format!("epoch-{epoch:03}.safetensors"),
+            epoch,
+            'c',
+        )
+    };
+    let keep_two = store::Retention { checkpoints: 2 };
+    let id = submit(&pool, 3).await;
+    let lease = claim(&pool, id, "w", LONG).await;
+    let mut pruned = Vec::new();
+    for epoch in 1..=4 {
+        let recorded = store::record_artifact(
+            &pool,
+            &checkpoint(&lease, epoch),
+            &format!("file:///c{epoch}"),
+            keep_two,
+        )
+        .await
+        .expect("record");
+        pruned.extend(recorded.pruned.into_iter().map(|a| (a.name, a.uri)));
+    }
+    store::record_artifact(&pool, &resume_header(&lease, 400), "file:///r", keep_two)
+        .await
+        .expect("a training state is not a checkpoint");
+    assert_eq!(
+        pruned,
+        [
+            (
+                "epoch-001.safetensors".to_string(),
+                "file:///c1".to_string()
+            ),
+            (
+                "epoch-002.safetensors".to_string(),
+                "file:///c2".to_string()
+            ),
+        ]
+    );
+    let kept: Vec<String> = store::list_artifacts(&pool, id, Some("checkpoint"))
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| a.name)
+        .collect();
+    assert_eq!(kept, ["epoch-003.safetensors", "epoch-004.safetensors"]);
+
+    let all = submit(&pool, 3).await;
+    let lease = claim(&pool, all, "w", LONG).await;
+    for epoch in 1..=4 {
+        let recorded = store::record_artifact(
+            &pool,
+            &checkpoint(&lease, epoch),
+            &format!("file:///a{epoch}"),
+            store::Retention { checkpoints: 0 },
+        )
+        .await
+        .expect("record");
+        assert!(recorded.pruned.is_empty());
+    }
+    assert_eq!(
+        store::list_artifacts(&pool, all, Some("checkpoint"))
+            .await
+            .expect("list")
+            .len(),
+        4
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_that_succeeds_loses_its_training_states_and_keeps_its_checkpoints(pool: PgPool) {
+    let id = submit(&pool, 3).await;
+    let first = claim(&pool, id, "w", LONG).await;
+    store::record_artifact(
+        &pool,
+        &resume_header(&first, 10),
+        "file:///r10",
+        store::Retention::default(),
+    )
+    .await
+    .expect("record");
+    store::fail_job(&pool, &first, "preempted", false, |_| Duration::ZERO)
+        .await
+        .expect("fail");
+    let second = claim(&pool, id, "w", LONG).await;
+    store::record_artifact(
+        &pool,
+        &resume_header(&second, 20),
+        "file:///r20",
+        store::Retention::default(),
+    )
+    .await
+    .expect("record");
+    store::record_artifact(
+        &pool,
+        &header(&second, "checkpoint", "epoch-001.safetensors", 1, 'c'),
+        "file:///c1",
+        store::Retention::default(),
+    )
+    .await
+    .expect("record");
+    let done = store::complete_job(&pool, &second, 20)
+        .await
+        .expect("complete");
+    let mut pruned: Vec<(String, i32)> = done
+        .pruned
+        .into_iter()
+        .map(|a| (a.uri, a.attempt))
+        .collect();
+    pruned.sort();
+    assert_eq!(
+        pruned,
+        [
+            ("file:///r10".to_string(), 1),
+            ("file:///r20".to_string(), 2)
+        ],
+        "every attempt's training states go, with their uris for the blob store"
+    );
+    let left: Vec<String> = store::list_artifacts(&pool, id, None)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|a| a.kind)
+        .collect();
+    assert_eq!(left, ["checkpoint"]);
+    assert!(store::complete_job(&pool, &second, 20)
+        .await
+        .expect("a repeated completion is fine")
+        .pruned
+        .is_empty());
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -1220,6 +1373,104 @@ async fn completion_stores_the_final_step_and_a_cancellation_ends_the_running_at
     );
 }
 
+#[sqlx::test(migrations = "../migrations")]
+async fn a_job_that_succeeds_after_a_failed_attempt_carries_no_error_but_the_attempt_keeps_it(
+    pool: PgPool,
+) {
+    let id = submit(&pool, 3).await;
+    let first = claim(&pool, id, "w", LONG).await;
+    store::fail_job(&pool, &first, "cuda out of memory", false, |_| {
+        Duration::ZERO
+    })
+    .await
+    .expect("fail");
+    assert_eq!(
+        job(&pool, id).await.error.as_deref(),
+        Some("cuda out of memory")
+    );
+    let second = claim(&pool, id, "w", LONG).await;
+    store::complete_job(&pool, &second, 10)
+        .await
+        .expect("complete");
+    let row = job(&pool, id).await;
+    assert_eq!((row.state.as_str(), row.error), ("succeeded", None));
+    assert_eq!(
+        attempts(&pool, id).await,
+        [
+            (1, "failed".into(), 0, Some("cuda out of memory".into())),
+            (2, "succeeded".into(), 0, None)
+        ]
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_permanent_failure_reported_after_the_reaper_requeued_the_job_fails_it_for_good(
+    pool: PgPool,
+) {
+    let reaped_then_failed = |max_attempts, permanent| {
+        let pool = pool.clone();
+        async move {
+            let id = submit(&pool, max_attempts).await;
+            let dependent = new_id();
+            store::insert_job(&pool, dependent, &dependent_spec(&[id]))
+                .await
+                .expect("dependent");
+            let lease = claim(&pool, id, "w", Duration::ZERO).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let reaped = store::reap_expired_leases(&pool, 10).await.expect("reap");
+            assert_eq!(reaped[0].state, JobState::Queued, "failures are left");
+            let (state, failed) =
+                store::fail_job(&pool, &lease, "shape mismatch", permanent, |_| {
+                    Duration::ZERO
+                })
+                .await
+                .expect("a late failure report of the reaped attempt is accepted");
+            (id, dependent, state, failed)
+        }
+    };
+    let (id, dependent, now, failed) = reaped_then_failed(3, true).await;
+    assert_eq!(now, JobState::Failed);
+    assert_eq!(failed, [dependent], "its dependents fail with it");
+    let row = job(&pool, id).await;
+    assert_eq!(
+        (
+            row.state.as_str(),
+            row.failed_attempts,
+            row.error.as_deref()
+        ),
+        ("failed", 1, Some("shape mismatch")),
+        "counted once, by the reaper"
+    );
+    assert!(row.finished_at.is_some());
+    assert_eq!(
+        attempts(&pool, id).await,
+        [(1, "failed".into(), 0, Some("shape mismatch".into()))]
+    );
+    assert!(
+        store::claim_job(&pool, id, "w2", LONG)
+            .await
+            .expect("claim query")
+            .is_none(),
+        "nobody retries it"
+    );
+    assert_eq!(state(&pool, dependent).await, "failed");
+
+    // A failure a retry may fix leaves the reaper's retry in place.
+    let (id, dependent, now, failed) = reaped_then_failed(3, false).await;
+    assert_eq!((now, failed), (JobState::Queued, vec![]));
+    assert_eq!(job(&pool, id).await.state.as_str(), "queued");
+    assert_eq!(state(&pool, dependent).await, "waiting");
+
+    // Once another attempt holds the job, the old attempt's report is stale.
+    let id = submit(&pool, 3).await;
+    let lease = claim(&pool, id, "w", Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store::reap_expired_leases(&pool, 10).await.expect("reap");
+    claim(&pool, id, "w2", LONG).await;
+    assert_precondition(store::fail_job(&pool, &lease, "late", true, |_| Duration::ZERO).await);
+    assert_eq!(job(&pool, id).await.state.as_str(), "running");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Redis losing its keys
 // ---------------------------------------------------------------------------------------------
@@ -1273,9 +1524,14 @@ async fn the_artifact_a_download_by_kind_gets_is_the_one_with_the_highest_step_n
     };
     // Epoch 2's checkpoint arrives before epoch 1's (an outbox retry, say).
     for h in [at("epoch-002", 40, 'b'), at("epoch-001", 20, 'a')] {
-        store::record_artifact(&pool, &h, &format!("file:///x/{}", h.name))
-            .await
-            .expect("record");
+        store::record_artifact(
+            &pool,
+            &h,
+            &format!("file:///x/{}", h.name),
+            store::Retention::default(),
+        )
+        .await
+        .expect("record");
     }
     let newest = store::newest_artifact(&pool, id, "checkpoint")
         .await
@@ -1617,7 +1873,7 @@ async fn artifact_files_names_each_artifacts_job_and_its_key_in_the_store(pool: 
         ..header(&lease, "checkpoint", "epoch-002.safetensors", 2, 'c')
     };
     let uri = format!("file:///artifacts/jobs/{id}/1/checkpoint/epoch-002.safetensors");
-    store::record_artifact(&pool, &h, &uri)
+    store::record_artifact(&pool, &h, &uri, store::Retention::default())
         .await
         .expect("record");
 

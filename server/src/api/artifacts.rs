@@ -67,7 +67,7 @@ pub(super) async fn upload(
     );
     let uri = state.artifacts.uri(&key);
     state.artifacts.store(&key, spool).await?;
-    match store::record_artifact(&state.pool, &header, &uri).await {
+    match store::record_artifact(&state.pool, &header, &uri, state.retention).await {
         Ok(store::Recorded {
             artifact: row,
             pruned,
@@ -98,21 +98,23 @@ pub(super) async fn upload(
     }
 }
 
-/// Deletes the objects of records that pruning removed, best effort: a failure is logged and
-/// leaves an unreferenced object behind, never a record without its object. An object that a
-/// record points at again (an upload of the same key meanwhile) stays.
-async fn delete_pruned(state: &AppState, pruned: &[ArtifactRow]) {
+/// Deletes the objects of records that pruning removed (older training states and checkpoints
+/// beyond the retention, a succeeded job's training states), best effort: a failure is logged
+/// and leaves an unreferenced object behind, never a record without its object. An object that
+/// a record points at again (an upload of the same key meanwhile) stays.
+pub(super) async fn delete_pruned(state: &AppState, pruned: &[ArtifactRow]) {
     for row in pruned {
         let key = ArtifactStore::key(row.job_id.as_uuid(), row.attempt, &row.kind, &row.name);
         match store::artifact_uri_in_use(&state.pool, &row.uri).await {
             Ok(false) => match state.artifacts.delete(&key).await {
                 Ok(()) => tracing::info!(
                     job_id = %row.job_id, attempt = row.attempt, kind = %row.kind,
-                    step = row.step, uri = %row.uri, "older training state deleted"
+                    step = row.step, uri = %row.uri, "pruned artifact deleted"
                 ),
                 Err(e) => tracing::warn!(
-                    job_id = %row.job_id, attempt = row.attempt, uri = %row.uri, error = %e,
-                    "could not delete an older training state; its object stays behind"
+                    job_id = %row.job_id, attempt = row.attempt, kind = %row.kind,
+                    uri = %row.uri, error = %e,
+                    "could not delete a pruned artifact; its object stays behind"
                 ),
             },
             Ok(true) => {}

@@ -1,6 +1,12 @@
 //! The one follow loop behind WatchJob and WatchSweep: wait for a notification of any watched
-//! job or for the fallback poll, let the watcher send what changed, and stop when it says so,
+//! job (or the slow safety poll), let the watcher send what changed, and stop when it says so,
 //! when the client goes away, or (with UNAVAILABLE) when the coordinator shuts down.
+//!
+//! Notifications come from this process's writes and from the change poller
+//! ([`crate::changes`]), which finds changes other coordinators made with one query for every
+//! watched job, so an idle watcher costs Postgres nothing. Each look holds one of the limited
+//! read slots ([`super::limits`]) while it reads, so however many watchers wake at once, the
+//! rest of the database pool stays free for the other RPCs.
 //!
 //! Must not read Postgres or know what a job or a sweep is: a [`Watcher`] does the reading and
 //! decides what to send. The poll interval lives here and only here.
@@ -14,13 +20,22 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tonic::Status;
 
+use super::limits::WatchLimits;
 use crate::error::Result;
 use crate::events::Subscription;
 use crate::shutdown::Shutdown;
 
-/// How often a watcher re-reads Postgres without being poked: covers changes made by another
-/// coordinator, and any notification this one missed.
-pub(super) const FALLBACK_POLL: Duration = Duration::from_millis(500);
+/// What every follow loop shares: the shutdown signal and the read slots.
+#[derive(Debug, Clone)]
+pub(super) struct Context {
+    pub shutdown: Shutdown,
+    pub limits: WatchLimits,
+}
+
+/// How often a watcher re-reads Postgres without being poked: a safety net only (the change
+/// poller wakes watchers for changes made elsewhere within its interval), kept long so that
+/// thousands of idle watchers cost little.
+pub(super) const FALLBACK_POLL: Duration = Duration::from_secs(30);
 
 /// Room for events the client has not read yet, per stream.
 pub(super) const STREAM_BUFFER: usize = 16;
@@ -50,16 +65,19 @@ pub(super) trait Watcher: Send + 'static {
 pub(super) fn spawn<W: Watcher>(
     watcher: W,
     subscriptions: Vec<Subscription>,
-    shutdown: Shutdown,
+    context: Context,
     tx: Sender<W::Event>,
 ) {
-    tokio::spawn(follow(watcher, subscriptions, shutdown, tx));
+    tokio::spawn(follow(watcher, subscriptions, context, tx));
 }
 
 async fn follow<W: Watcher>(
     mut watcher: W,
     mut subscriptions: Vec<Subscription>,
-    mut shutdown: Shutdown,
+    Context {
+        mut shutdown,
+        limits,
+    }: Context,
     tx: Sender<W::Event>,
 ) {
     let mut poll = tokio::time::interval(FALLBACK_POLL);
@@ -81,7 +99,13 @@ async fn follow<W: Watcher>(
             _ = changed => {}
             _ = poll.tick() => {}
         }
-        match watcher.look(&tx).await {
+        let slot = tokio::select! {
+            _ = tx.closed() => return,
+            slot = limits.read_slot() => slot,
+        };
+        let looked = watcher.look(&tx).await;
+        drop(slot);
+        match looked {
             Ok(Step::Continue) => {}
             Ok(Step::Done) => return,
             Err(e) => {
@@ -94,10 +118,24 @@ async fn follow<W: Watcher>(
 
 #[cfg(test)]
 mod tests {
+    use super::super::limits::WatchLimitsConfig;
     use super::*;
     use crate::events::Notifier;
     use crate::shutdown;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
     use uuid::Uuid;
+
+    fn context(shutdown: Shutdown, concurrent_reads: u32) -> Context {
+        Context {
+            shutdown,
+            limits: WatchLimits::new(WatchLimitsConfig {
+                max_watchers: 100,
+                max_watchers_per_connection: 100,
+                concurrent_reads,
+            }),
+        }
+    }
 
     /// Counts its looks and stops after `stop_after`.
     struct Counter {
@@ -119,7 +157,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_notification_wakes_the_watcher_the_poll_covers_the_rest_and_done_ends_the_stream() {
         let notifier = Notifier::new();
         let id = Uuid::now_v7();
@@ -129,7 +167,12 @@ mod tests {
             looks: 0,
             stop_after: 3,
         };
-        spawn(watcher, vec![notifier.subscribe(id)], signal, tx);
+        spawn(
+            watcher,
+            vec![notifier.subscribe(id)],
+            context(signal, 1),
+            tx,
+        );
         let look = |m: Option<Result<u32, Status>>| m.and_then(|r| r.ok());
         // The first look comes at once (the poll's first tick).
         let first = tokio::time::timeout(FALLBACK_POLL / 2, rx.recv()).await;
@@ -144,6 +187,48 @@ mod tests {
         assert!(rx.recv().await.is_none(), "done ends the stream");
     }
 
+    /// Counts how many of its kind look at once.
+    struct Overlap {
+        now: Arc<AtomicU32>,
+        most: Arc<AtomicU32>,
+    }
+
+    impl Watcher for Overlap {
+        type Event = ();
+
+        async fn look(&mut self, tx: &Sender<()>) -> Result<Step> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(Ok(())).await;
+            Ok(Step::Done)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watchers_read_at_most_as_many_at_once_as_there_are_read_slots() {
+        let (_trigger, signal) = shutdown::channel();
+        for slots in [1u32, 3] {
+            let shared = context(signal.clone(), slots);
+            let (now, most) = (Arc::new(AtomicU32::new(0)), Arc::new(AtomicU32::new(0)));
+            let mut streams = Vec::new();
+            for _ in 0..8 {
+                let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+                let watcher = Overlap {
+                    now: now.clone(),
+                    most: most.clone(),
+                };
+                spawn(watcher, Vec::new(), shared.clone(), tx);
+                streams.push(rx);
+            }
+            for rx in &mut streams {
+                assert!(rx.recv().await.is_some(), "every watcher gets its look");
+            }
+            assert_eq!(most.load(Ordering::SeqCst), slots);
+        }
+    }
+
     #[tokio::test]
     async fn shutdown_ends_the_stream_with_unavailable() {
         let (trigger, signal) = shutdown::channel();
@@ -153,7 +238,7 @@ mod tests {
             stop_after: u32::MAX,
         };
         trigger.fire();
-        spawn(watcher, Vec::new(), signal, tx);
+        spawn(watcher, Vec::new(), context(signal, 1), tx);
         let mut last = None;
         while let Some(m) = rx.recv().await {
             last = Some(m);

@@ -9,6 +9,7 @@ use proto::{JobId, JobState};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use super::limits::Admitted;
 use super::{artifacts, dispatch_now, job_to_proto, load_job, state_of, sweeps, watch, AppState};
 use crate::domain::{self, parse_job_id, JobQuery, MetricsQuery};
 use crate::error::{Error, Result};
@@ -128,14 +129,20 @@ impl JobService for JobApi {
         Ok(Response::new(self.cancel(request.into_inner()).await?))
     }
 
-    type WatchJobStream = watch::JobEvents;
+    type WatchJobStream = Admitted<watch::JobEvents>;
 
+    /// Admitted under the watch limits first (RESOURCE_EXHAUSTED past them); the first read
+    /// holds a read slot like every later look.
     async fn watch_job(
         &self,
         request: Request<v1::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
+        let permit = self.state.watch_limits.admit(request.remote_addr())?;
         let id = parse_job_id("job_id", &request.into_inner().job_id)?;
-        Ok(Response::new(watch::start(self.state.clone(), id).await?))
+        let slot = self.state.watch_limits.read_slot().await;
+        let events = watch::start(self.state.clone(), id).await?;
+        drop(slot);
+        Ok(Response::new(Admitted::new(events, permit)))
     }
 
     async fn get_metrics(
@@ -201,15 +208,18 @@ impl JobService for JobApi {
         ))
     }
 
-    type WatchSweepStream = sweeps::SweepEvents;
+    type WatchSweepStream = Admitted<sweeps::SweepEvents>;
 
+    /// Admitted like WatchJob.
     async fn watch_sweep(
         &self,
         request: Request<v1::WatchSweepRequest>,
     ) -> Result<Response<Self::WatchSweepStream>, Status> {
-        Ok(Response::new(
-            sweeps::watch(self.state.clone(), request.into_inner()).await?,
-        ))
+        let permit = self.state.watch_limits.admit(request.remote_addr())?;
+        let slot = self.state.watch_limits.read_slot().await;
+        let events = sweeps::watch(self.state.clone(), request.into_inner()).await?;
+        drop(slot);
+        Ok(Response::new(Admitted::new(events, permit)))
     }
 
     async fn get_sweep_summary(

@@ -10,6 +10,7 @@
 mod artifacts;
 mod follow;
 mod jobs;
+pub mod limits;
 mod sweeps;
 mod watch;
 mod workers;
@@ -50,6 +51,20 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Counters and histograms of what the handlers see (claims, retries, final states).
     pub metrics: Arc<Metrics>,
+    /// How many checkpoints a job keeps.
+    pub retention: store::Retention,
+    /// How many watch streams may be open, and how many of their reads run at once.
+    pub watch_limits: limits::WatchLimits,
+}
+
+impl AppState {
+    /// What a follow loop needs from the coordinator.
+    fn follow_context(&self) -> follow::Context {
+        follow::Context {
+            shutdown: self.shutdown.clone(),
+            limits: self.watch_limits.clone(),
+        }
+    }
 }
 
 fn timestamp(t: DateTime<Utc>) -> proto::Timestamp {

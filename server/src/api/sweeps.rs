@@ -187,9 +187,9 @@ pub async fn watch(state: Arc<AppState>, req: v1::WatchSweepRequest) -> Result<S
     let ended = all_ended(&sweep);
     let seen = fingerprint(&sweep);
     if tx.send(Ok(sweep)).await.is_ok() && !ended {
-        let shutdown = state.shutdown.clone();
+        let context = state.follow_context();
         let watcher = SweepWatcher { state, id, seen };
-        follow::spawn(watcher, subscriptions, shutdown, tx);
+        follow::spawn(watcher, subscriptions, context, tx);
     }
     Ok(ReceiverStream::new(rx))
 }

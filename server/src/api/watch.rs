@@ -18,8 +18,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::follow::{self, Sender, Step, Watcher};
-use super::{load_job, AppState};
-use crate::error::Result;
+use super::{load_job, state_of, AppState};
+use crate::error::{Error, Result};
 use crate::store;
 
 /// The stream type WatchJob returns.
@@ -49,9 +49,9 @@ pub async fn start(state: Arc<AppState>, id: JobId) -> Result<JobEvents> {
     };
     let ended = job_is_terminal(&job);
     if tx.send(Ok(job_event(job))).await.is_ok() && !ended {
-        let shutdown = state.shutdown.clone();
+        let context = state.follow_context();
         let watcher = JobWatcher { state, id, cursor };
-        follow::spawn(watcher, vec![subscription], shutdown, tx);
+        follow::spawn(watcher, vec![subscription], context, tx);
     }
     Ok(ReceiverStream::new(rx))
 }
@@ -81,20 +81,51 @@ impl Watcher for JobWatcher {
     }
 }
 
-/// Sends what changed since the cursor. The job is read before the points: a job seen in a
-/// terminal state can get no more points (worker writes need a running lease), so the points
-/// read afterwards are complete and the terminal Job event can safely be the last.
+/// Sends what changed since the cursor. The job's row is read before the points: a job seen in
+/// a terminal state can get no more points (worker writes need a running lease), so the points
+/// read afterwards are complete and the terminal Job event can safely be the last. The whole
+/// job (attempts, latest metrics) is loaded only when its state or attempt moved, so a look
+/// woken by new points costs two small queries.
 async fn catch_up(
     state: &AppState,
     id: JobId,
     cursor: &mut Cursor,
     tx: &Sender<v1::JobEvent>,
 ) -> Result<Step> {
+    let row = store::get_job(&state.pool, id)
+        .await?
+        .ok_or_else(|| Error::job_not_found(id))?;
+    let now = (state_of(&row) as i32, row.attempt.max(0) as u32);
+    if send_points(state, id, cursor, tx).await? == Step::Done {
+        return Ok(Step::Done);
+    }
+    if now == cursor.seen {
+        return Ok(Step::Continue);
+    }
     let job = load_job(state, id).await?;
+    if (job.state, job.attempt) != now && send_points(state, id, cursor, tx).await? == Step::Done {
+        // It moved again between the two reads: the points up to its newest state go first.
+        return Ok(Step::Done);
+    }
+    cursor.seen = (job.state, job.attempt);
+    let ended = job_is_terminal(&job);
+    if tx.send(Ok(job_event(job))).await.is_err() || ended {
+        return Ok(Step::Done);
+    }
+    Ok(Step::Continue)
+}
+
+/// Sends the points stored after the cursor, in batches; `Done` when the client left.
+async fn send_points(
+    state: &AppState,
+    id: JobId,
+    cursor: &mut Cursor,
+    tx: &Sender<v1::JobEvent>,
+) -> Result<Step> {
     loop {
         let points = store::metrics_after(&state.pool, id, cursor.seq, BATCH_POINTS).await?;
         let Some((last_seq, _)) = points.last() else {
-            break;
+            return Ok(Step::Continue);
         };
         cursor.seq = *last_seq;
         let full = points.len() as i64 == BATCH_POINTS;
@@ -111,16 +142,7 @@ async fn catch_up(
             return Ok(Step::Done);
         }
         if !full {
-            break;
+            return Ok(Step::Continue);
         }
     }
-    if (job.state, job.attempt) == cursor.seen {
-        return Ok(Step::Continue);
-    }
-    cursor.seen = (job.state, job.attempt);
-    let ended = job_is_terminal(&job);
-    if tx.send(Ok(job_event(job))).await.is_err() || ended {
-        return Ok(Step::Done);
-    }
-    Ok(Step::Continue)
 }

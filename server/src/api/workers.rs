@@ -72,19 +72,30 @@ impl WorkerApi {
 
     async fn report(&self, req: v1::ReportMetricsRequest) -> Result<v1::ReportMetricsResponse> {
         let report = MetricsReport::try_from(req)?;
-        let stored = store::record_metrics(&self.state.pool, &report.lease, &report.points).await?;
-        if stored > 0 {
-            self.state.notifier.notify(report.lease.job_id.as_uuid());
+        let lease = &report.lease;
+        let done = store::record_metrics(&self.state.pool, lease, &report.points).await?;
+        if done.stored > 0 {
+            self.state.notifier.notify(lease.job_id.as_uuid());
+        }
+        if let Some((name, step)) = &done.first_conflict {
+            tracing::warn!(
+                job_id = %lease.job_id, attempt = lease.attempt, conflicting = done.conflicting,
+                first_name = %name, first_step = step,
+                "metric points repeat a stored (name, step) with a different value; the stored values stay"
+            );
         }
         Ok(v1::ReportMetricsResponse {
-            stored: u32::try_from(stored).unwrap_or(u32::MAX),
+            stored: u32::try_from(done.stored).unwrap_or(u32::MAX),
+            conflicting: u32::try_from(done.conflicting).unwrap_or(u32::MAX),
         })
     }
 
     async fn complete(&self, req: v1::CompleteJobRequest) -> Result<v1::CompleteJobResponse> {
         let Completion { lease, final_step } = Completion::try_from(req)?;
-        let queued = store::complete_job(&self.state.pool, &lease, final_step).await?;
+        let store::Completed { queued, pruned } =
+            store::complete_job(&self.state.pool, &lease, final_step).await?;
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, final_step, "job succeeded");
+        artifacts::delete_pruned(&self.state, &pruned).await;
         self.state.metrics.finished(JobState::Succeeded.as_str());
         self.state.notifier.notify(lease.job_id.as_uuid());
         for dependent in &queued {

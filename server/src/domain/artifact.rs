@@ -24,6 +24,9 @@ pub const MAX_ARTIFACT_NAME_CHARS: usize = 128;
 /// How many `resume` artifacts of a job are kept (the newest by step); older ones are deleted.
 /// Two, so that a state that turns out unreadable still leaves one to fall back on.
 pub const KEPT_RESUME_STATES: i64 = 2;
+/// Checkpoints a job keeps by default (the coordinator's `--keep-checkpoints`): the newest five
+/// by step, which include the final one.
+pub const DEFAULT_KEPT_CHECKPOINTS: u32 = 5;
 
 /// An artifact kind: 1..=32 characters of `[a-z0-9_-]`. Workers may store kinds of their own;
 /// the ones the coordinator and the worker agree on are the constants.

@@ -28,8 +28,8 @@ use crate::error::{Error, Result};
 
 pub use artifact::{
     parse_artifact_name, ArtifactHeader, ArtifactKind, ArtifactQuery, ArtifactRef,
-    KEPT_RESUME_STATES, MAX_ARTIFACT_BYTES, MAX_ARTIFACT_KIND_CHARS, MAX_ARTIFACT_NAME_CHARS,
-    MAX_UPLOAD_CHUNK_BYTES,
+    DEFAULT_KEPT_CHECKPOINTS, KEPT_RESUME_STATES, MAX_ARTIFACT_BYTES, MAX_ARTIFACT_KIND_CHARS,
+    MAX_ARTIFACT_NAME_CHARS, MAX_UPLOAD_CHUNK_BYTES,
 };
 pub use backoff::{retry_backoff, MAX_RETRY_BACKOFF};
 pub use lease::{parse_points, Completion, Lease, MetricPoint, MetricsReport};

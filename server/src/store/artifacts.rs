@@ -1,5 +1,5 @@
-//! Artifact records: recording an upload under its lease (and pruning old training states),
-//! and the reads that find an artifact.
+//! Artifact records: recording an upload under its lease (and pruning old training states and
+//! checkpoints beyond the retention), and the reads that find an artifact.
 //!
 //! Must not touch the blob store: the records it deletes come back to the caller, whose blob
 //! store deletes their objects.
@@ -10,7 +10,7 @@ use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
 use super::attempts::{lock_if_current, refuse_lease};
-use crate::domain::{ArtifactHeader, ArtifactKind, KEPT_RESUME_STATES};
+use crate::domain::{ArtifactHeader, ArtifactKind, DEFAULT_KEPT_CHECKPOINTS, KEPT_RESUME_STATES};
 use crate::error::{Error, Result};
 
 /// One row of `artifacts`: a stored object and what it was checked against.
@@ -39,21 +39,39 @@ pub struct ArtifactRow {
 pub struct Recorded {
     /// The new (or replaced) record.
     pub artifact: ArtifactRow,
-    /// Older `resume` records deleted to keep only the newest few; their objects are now
-    /// unreferenced and the caller deletes them.
+    /// Older `resume` or `checkpoint` records deleted to keep only the newest few; their objects
+    /// are now unreferenced and the caller deletes them.
     pub pruned: Vec<ArtifactRow>,
+}
+
+/// How many of a job's artifacts of a kind are kept when a new one is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Newest checkpoints (by step) a job keeps; 0 keeps every one. The newest is always among
+    /// them, so a job that succeeded keeps its final checkpoint.
+    pub checkpoints: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            checkpoints: DEFAULT_KEPT_CHECKPOINTS,
+        }
+    }
 }
 
 /// Records an artifact whose bytes are already stored at `uri`, if (and only if) the header's
 /// lease is still current: one transaction that locks the job row first, like
 /// [`super::record_metrics`]. The same attempt storing the same kind and name again replaces
 /// the record (the object at that key was replaced too) and it counts as new. After a `resume`
-/// artifact, only the job's newest [`KEPT_RESUME_STATES`] of that kind (by step) are kept: the
-/// older records are deleted in the same transaction and returned.
+/// artifact, only the job's newest [`KEPT_RESUME_STATES`] of that kind (by step) are kept; after
+/// a `checkpoint`, the newest `retention.checkpoints`. The older records are deleted in the same
+/// transaction and returned.
 pub async fn record_artifact(
     pool: &PgPool,
     header: &ArtifactHeader,
     uri: &str,
+    retention: Retention,
 ) -> Result<Recorded> {
     let lease = &header.lease;
     let mut tx = pool.begin().await?;
@@ -84,24 +102,51 @@ pub async fn record_artifact(
     .bind(header.step)
     .fetch_one(&mut *tx)
     .await?;
-    let pruned = if header.kind == ArtifactKind::RESUME {
-        sqlx::query_as::<_, ArtifactRow>(
-            "DELETE FROM artifacts WHERE id IN (
-                 SELECT id FROM artifacts WHERE job_id = $1 AND kind = $2
-                 ORDER BY step DESC, created_at DESC, id DESC
-                 OFFSET $3)
-             RETURNING *",
-        )
-        .bind(lease.job_id.as_uuid())
-        .bind(ArtifactKind::RESUME.as_str())
-        .bind(KEPT_RESUME_STATES)
-        .fetch_all(&mut *tx)
-        .await?
+    let keep = if header.kind == ArtifactKind::RESUME {
+        Some(KEPT_RESUME_STATES)
+    } else if header.kind == ArtifactKind::CHECKPOINT && retention.checkpoints > 0 {
+        Some(i64::from(retention.checkpoints))
     } else {
-        Vec::new()
+        None
+    };
+    let pruned = match keep {
+        Some(keep) => prune(&mut *tx, lease.job_id, header.kind.as_str(), keep).await?,
+        None => Vec::new(),
     };
     tx.commit().await?;
     Ok(Recorded { artifact, pruned })
+}
+
+/// Deletes the job's records of `kind` except the newest `keep` (by step, then time) and returns
+/// them; their objects are the caller's to delete.
+async fn prune(
+    ex: impl PgExecutor<'_>,
+    job_id: JobId,
+    kind: &str,
+    keep: i64,
+) -> Result<Vec<ArtifactRow>> {
+    Ok(sqlx::query_as::<_, ArtifactRow>(
+        "DELETE FROM artifacts WHERE id IN (
+             SELECT id FROM artifacts WHERE job_id = $1 AND kind = $2
+             ORDER BY step DESC, created_at DESC, id DESC
+             OFFSET $3)
+         RETURNING *",
+    )
+    .bind(job_id.as_uuid())
+    .bind(kind)
+    .bind(keep)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Deletes every training state (`resume` record) of a job that succeeded: only a retry could
+/// resume from one, and a succeeded job is never retried. Returns the records; their objects are
+/// the caller's to delete.
+pub(super) async fn drop_resume_states(
+    ex: impl PgExecutor<'_>,
+    job_id: JobId,
+) -> Result<Vec<ArtifactRow>> {
+    prune(ex, job_id, ArtifactKind::RESUME.as_str(), 0).await
 }
 
 /// True when some artifact record points at `uri` (so its object must not be deleted).

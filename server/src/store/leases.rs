@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use proto::{AttemptOutcome, JobId, JobState};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use super::artifacts::{newest_resume_state, ArtifactRow};
+use super::artifacts::{drop_resume_states, newest_resume_state, ArtifactRow};
 use super::attempts::{end_attempt, job_holder, refuse_lease};
 use super::jobs::{fail_dependents, promote_dependents};
-use super::state::state;
+use super::state::{outcome, state};
 use super::{millis, JobRow};
 use crate::domain::Lease;
 use crate::error::{Error, Result};
@@ -123,18 +123,30 @@ pub async fn heartbeat(
     Ok(expires)
 }
 
-/// Marks the lease's attempt succeeded, with the steps it trained in all, and, in the same
-/// transaction, promotes the dependents that were waiting only for it; returns their ids (now
-/// `queued`, undispatched). Idempotent: completing an attempt that already succeeded is OK (the
-/// worker may retry after a lost response) and changes nothing more; anything else is refused.
-pub async fn complete_job(pool: &PgPool, lease: &Lease, final_step: i64) -> Result<Vec<JobId>> {
+/// What completing a job did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Completed {
+    /// Dependents that were waiting only for it, now `queued` and undispatched.
+    pub queued: Vec<JobId>,
+    /// Its training states, deleted (only a retry could use them); their objects are the
+    /// caller's to delete.
+    pub pruned: Vec<ArtifactRow>,
+}
+
+/// Marks the lease's attempt succeeded, with the steps it trained in all, and clears the job's
+/// error (an earlier failed attempt's text stays on that attempt's record, not on a job that
+/// succeeded). In the same transaction it promotes the dependents that were waiting only for
+/// it and deletes the job's training states. Idempotent: completing an attempt that already
+/// succeeded is OK (the worker may retry after a lost response) and changes nothing more;
+/// anything else is refused.
+pub async fn complete_job(pool: &PgPool, lease: &Lease, final_step: i64) -> Result<Completed> {
     let id = lease.job_id.as_uuid();
     let mut tx = pool.begin().await?;
     let done = sqlx::query(concat!(
         "UPDATE jobs SET state = ",
         state!(succeeded),
         ", finished_at = now(), updated_at = now(),
-                         lease_expires_at = NULL, final_step = $4
+                         lease_expires_at = NULL, final_step = $4, error = NULL
          WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = ",
         state!(running)
     ))
@@ -147,12 +159,13 @@ pub async fn complete_job(pool: &PgPool, lease: &Lease, final_step: i64) -> Resu
     if done.rows_affected() == 1 {
         end_attempt(&mut tx, id, lease.attempt, AttemptOutcome::Succeeded, None).await?;
         let queued = promote_dependents(&mut tx, lease.job_id).await?;
+        let pruned = drop_resume_states(&mut *tx, lease.job_id).await?;
         tx.commit().await?;
-        return Ok(queued);
+        return Ok(Completed { queued, pruned });
     }
     drop(tx);
     match job_holder(pool, id).await? {
-        Some(h) if h.state == JobState::Succeeded && h.is_lease(lease) => Ok(Vec::new()),
+        Some(h) if h.state == JobState::Succeeded && h.is_lease(lease) => Ok(Completed::default()),
         _ => Err(refuse_lease(pool, lease).await),
     }
 }
@@ -163,7 +176,8 @@ pub async fn complete_job(pool: &PgPool, lease: &Lease, final_step: i64) -> Resu
 /// the failures so far including this one) and no dispatch record, so the reconciler pushes it as
 /// soon as the backoff has passed. A job that fails for good fails its waiting dependents in the
 /// same transaction. Returns the new state and the dependents that failed. Idempotent for a
-/// repeated call by the same attempt.
+/// repeated call by the same attempt. A permanent failure that arrives after the lease reaper
+/// queued the job again (and before anyone claimed it) still fails the job for good.
 pub async fn fail_job(
     pool: &PgPool,
     lease: &Lease,
@@ -232,6 +246,36 @@ pub async fn fail_job(
         tx.commit().await?;
         return Ok((next, failed));
     }
+    if permanent && reaped_unclaimed(&mut tx, lease).await? {
+        // The lease reaper took the attempt away (its lease ran out while the worker was still
+        // failing it) and queued the job for a retry. The worker's verdict is that a retry
+        // cannot help: the job fails for good now instead of being retried silently. The
+        // reaper already counted the attempt as a failure; the record now says why it failed.
+        sqlx::query(concat!(
+            "UPDATE jobs SET state = ",
+            state!(failed),
+            ", finished_at = now(), not_before = NULL, error = $2,
+                 dispatched_at = NULL, updated_at = now()
+             WHERE id = $1"
+        ))
+        .bind(id)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(concat!(
+            "UPDATE job_attempts SET outcome = ",
+            outcome!(failed),
+            ", reason = $3 WHERE job_id = $1 AND attempt = $2"
+        ))
+        .bind(id)
+        .bind(lease.attempt)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        let failed = fail_dependents(&mut tx, lease.job_id).await?;
+        tx.commit().await?;
+        return Ok((JobState::Failed, failed));
+    }
     drop(tx);
     match job_holder(pool, id).await? {
         Some(h) if matches!(h.state, JobState::Queued | JobState::Failed) && h.is_lease(lease) => {
@@ -239,6 +283,27 @@ pub async fn fail_job(
         }
         _ => Err(refuse_lease(pool, lease).await),
     }
+}
+
+/// Locks the job row if the lease's attempt ended by the reaper (`lease_expired`) and the job is
+/// queued again at that attempt, not yet claimed by anyone else.
+async fn reaped_unclaimed(conn: &mut PgConnection, lease: &Lease) -> Result<bool> {
+    let found: Option<Uuid> = sqlx::query_scalar(concat!(
+        "SELECT j.id FROM jobs j
+         JOIN job_attempts a ON a.job_id = j.id AND a.attempt = j.attempt
+         WHERE j.id = $1 AND j.attempt = $2 AND j.worker_id = $3 AND j.state = ",
+        state!(queued),
+        " AND a.outcome = ",
+        outcome!(lease_expired),
+        "
+         FOR NO KEY UPDATE OF j"
+    ))
+    .bind(lease.job_id.as_uuid())
+    .bind(lease.attempt)
+    .bind(&lease.worker_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(found.is_some())
 }
 
 /// Hands the lease's job back (its worker is shutting down): `queued` again at once (no backoff,

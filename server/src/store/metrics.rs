@@ -14,14 +14,32 @@ use super::{point, uuids};
 use crate::domain::{Lease, MetricPoint};
 use crate::error::Result;
 
-/// Stores a batch of metric points for the lease's attempt and returns how many were new.
+/// What storing a batch of metric points did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredPoints {
+    /// Points that were new.
+    pub stored: u64,
+    /// Points that repeat a stored (name, step), or an earlier point of the same batch, with a
+    /// different value. They are not stored: a point's first value stays (a retried batch must
+    /// not rewrite history), and the caller reports and logs how many were refused.
+    pub conflicting: u64,
+    /// The first conflicting point's (name, step), for the log.
+    pub first_conflict: Option<(String, i64)>,
+}
+
+/// Stores a batch of metric points for the lease's attempt and says how many were new and how
+/// many conflicted with a stored point.
 ///
 /// One transaction: it locks the job row if (and only if) the lease is current, so the job
 /// cannot be completed, cancelled or reaped half-way, and metric writes of one job are
 /// serialised (which keeps `seq` in commit order per job, WatchJob's cursor relies on it).
-/// Points already stored under the same (job, name, step) are skipped, and the latest-value
-/// summary moves only forward in step.
-pub async fn record_metrics(pool: &PgPool, lease: &Lease, points: &[MetricPoint]) -> Result<u64> {
+/// Points already stored under the same (job, name, step) are skipped (counted as conflicting
+/// when their value differs), and the latest-value summary moves only forward in step.
+pub async fn record_metrics(
+    pool: &PgPool,
+    lease: &Lease,
+    points: &[MetricPoint],
+) -> Result<StoredPoints> {
     let mut tx = pool.begin().await?;
     if !lock_if_current(&mut tx, lease).await? {
         drop(tx);
@@ -33,47 +51,65 @@ pub async fn record_metrics(pool: &PgPool, lease: &Lease, points: &[MetricPoint]
 }
 
 /// One multi-row insert (UNNEST over column arrays) of the points, then an upsert of the
-/// latest-value summary from the points that were actually new. Returns the number stored.
+/// latest-value summary from the points that were actually new, and a count of the points that
+/// disagree with what is stored. The conflict check reads `metric_points` as it was before the
+/// statement (a data-modifying CTE's rows are invisible to its siblings), plus the batch itself.
 async fn insert_points(
     ex: impl PgExecutor<'_>,
     job_id: Uuid,
     points: &[MetricPoint],
-) -> Result<u64> {
+) -> Result<StoredPoints> {
     if points.is_empty() {
-        return Ok(0);
+        return Ok(StoredPoints::default());
     }
     let names: Vec<&str> = points.iter().map(|p| p.name.as_str()).collect();
     let steps: Vec<i64> = points.iter().map(|p| p.step).collect();
     let epochs: Vec<i32> = points.iter().map(|p| p.epoch).collect();
     let values: Vec<f64> = points.iter().map(|p| p.value).collect();
-    let stored: i64 = sqlx::query_scalar(
-        "WITH input AS (
-             SELECT * FROM UNNEST($2::text[], $3::bigint[], $4::int[], $5::float8[])
-                 WITH ORDINALITY AS p(name, step, epoch, value, ord)
-         ), stored AS (
-             INSERT INTO metric_points (job_id, name, step, epoch, value)
-             SELECT $1, name, step, epoch, value FROM input ORDER BY ord
-             ON CONFLICT (job_id, name, step) DO NOTHING
-             RETURNING name, step, epoch, value
-         ), newest AS (
-             SELECT DISTINCT ON (name) name, step, epoch, value FROM stored ORDER BY name, step DESC
-         ), latest AS (
-             INSERT INTO job_metric_latest (job_id, name, step, epoch, value)
-             SELECT $1, name, step, epoch, value FROM newest
-             ON CONFLICT (job_id, name) DO UPDATE
-                 SET step = EXCLUDED.step, epoch = EXCLUDED.epoch, value = EXCLUDED.value
-                 WHERE job_metric_latest.step < EXCLUDED.step
-         )
-         SELECT count(*) FROM stored",
-    )
-    .bind(job_id)
-    .bind(&names)
-    .bind(&steps)
-    .bind(&epochs)
-    .bind(&values)
-    .fetch_one(ex)
-    .await?;
-    Ok(stored.max(0) as u64)
+    let (stored, conflicting, conflict_name, conflict_step): (i64, i64, Option<String>, Option<i64>) =
+        sqlx::query_as(
+            "WITH input AS (
+                 SELECT * FROM UNNEST($2::text[], $3::bigint[], $4::int[], $5::float8[])
+                     WITH ORDINALITY AS p(name, step, epoch, value, ord)
+             ), stored AS (
+                 INSERT INTO metric_points (job_id, name, step, epoch, value)
+                 SELECT $1, name, step, epoch, value FROM input ORDER BY ord
+                 ON CONFLICT (job_id, name, step) DO NOTHING
+                 RETURNING name, step, epoch, value
+             ), newest AS (
+                 SELECT DISTINCT ON (name) name, step, epoch, value FROM stored ORDER BY name, step DESC
+             ), latest AS (
+                 INSERT INTO job_metric_latest (job_id, name, step, epoch, value)
+                 SELECT $1, name, step, epoch, value FROM newest
+                 ON CONFLICT (job_id, name) DO UPDATE
+                     SET step = EXCLUDED.step, epoch = EXCLUDED.epoch, value = EXCLUDED.value
+                     WHERE job_metric_latest.step < EXCLUDED.step
+             ), conflicting AS (
+                 SELECT i.name, i.step, i.ord FROM input i
+                 WHERE EXISTS (SELECT 1 FROM metric_points m
+                               WHERE m.job_id = $1 AND m.name = i.name AND m.step = i.step
+                                 AND m.value IS DISTINCT FROM i.value)
+                    OR EXISTS (SELECT 1 FROM input e
+                               WHERE e.name = i.name AND e.step = i.step AND e.ord < i.ord
+                                 AND e.value IS DISTINCT FROM i.value)
+             ), first_conflict AS (
+                 SELECT name, step FROM conflicting ORDER BY ord LIMIT 1
+             )
+             SELECT (SELECT count(*) FROM stored), (SELECT count(*) FROM conflicting),
+                    (SELECT name FROM first_conflict), (SELECT step FROM first_conflict)",
+        )
+        .bind(job_id)
+        .bind(&names)
+        .bind(&steps)
+        .bind(&epochs)
+        .bind(&values)
+        .fetch_one(ex)
+        .await?;
+    Ok(StoredPoints {
+        stored: stored.max(0) as u64,
+        conflicting: conflicting.max(0) as u64,
+        first_conflict: conflict_name.zip(conflict_step),
+    })
 }
 
 /// The latest value of each of the job's metrics, by name. Reads the summary table only.

@@ -28,13 +28,14 @@
 //! The parts: [`jobs`] (submit, dependencies, dispatch bookkeeping, cancel, reads),
 //! [`leases`] (claim, heartbeat, complete, fail, hand back, the reaper), [`attempts`] (attempt
 //! records and lease checks that every worker write shares), [`metrics`], [`artifacts`],
-//! [`sweeps`]. Callers use the re-exports here (`store::claim_job`).
+//! [`sweeps`], [`changes`] (the change poller's read). Callers use the re-exports here (`store::claim_job`).
 //!
 //! Must not touch Redis, must not know about gRPC types, and must not decide policy (how long a
 //! lease lasts, how long a retry waits): callers pass those in.
 
 mod artifacts;
 mod attempts;
+mod changes;
 mod jobs;
 mod leases;
 mod metrics;
@@ -51,9 +52,10 @@ use crate::domain::MetricPoint;
 
 pub use artifacts::{
     artifact_uri_in_use, get_artifact, list_artifacts, newest_artifact, newest_resume_state,
-    record_artifact, ArtifactRow, Recorded,
+    record_artifact, ArtifactRow, Recorded, Retention,
 };
 pub use attempts::check_lease;
+pub use changes::{job_versions, JobVersion};
 pub use jobs::{
     attempts_of, attempts_of_jobs, cancel_job, clear_dispatched, count_jobs_by_state,
     dependencies_of, forget_all_dispatches, get_job, insert_job, list_jobs, mark_dispatched,
@@ -61,11 +63,11 @@ pub use jobs::{
 };
 pub use leases::{
     claim_job, complete_job, fail_job, heartbeat, reap_expired_leases, release_job, Claim,
-    ReapedJob,
+    Completed, ReapedJob,
 };
 pub use metrics::{
     last_metric_seq, latest_metrics, latest_metrics_of, metric_series, metrics_after,
-    record_metrics,
+    record_metrics, StoredPoints,
 };
 pub use sweeps::{
     cancel_sweep, get_sweep, insert_sweep, list_sweeps, mark_sweep_cancelled, sweep_arms,

@@ -438,3 +438,90 @@ async fn artifacts_of_unknown_jobs_ids_and_kinds_are_not_found() {
     }
     server.stop().await;
 }
+
+/// The artifact records and the files of the store, each as (kind, name), sorted.
+async fn records_and_files(server: &TestServer, job_id: &str) -> (Vec<String>, Vec<String>) {
+    let mut records: Vec<String> = list_artifacts(&mut server.jobs(), job_id, "")
+        .await
+        .into_iter()
+        .map(|a| format!("{}/{}", a.kind, a.name))
+        .collect();
+    records.sort();
+    let mut files: Vec<String> = files_under(server.artifacts.path())
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains(job_id))
+        .map(|p| {
+            let kind = p.parent().and_then(|d| d.file_name()).expect("kind folder");
+            format!(
+                "{}/{}",
+                kind.to_string_lossy(),
+                p.file_name().expect("name").to_string_lossy()
+            )
+        })
+        .collect();
+    files.sort();
+    (records, files)
+}
+
+#[tokio::test]
+async fn checkpoints_past_the_retention_and_a_succeeded_jobs_training_states_leave_record_and_file()
+{
+    let server = TestServer::start_with(&tests::redis_url(), &["--keep-checkpoints", "2"]).await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let id = submit(&mut jobs, valid_spec()).await;
+    let lease = claim(&mut workers, &id).await;
+    for epoch in 1..=3u32 {
+        let data = content(2048, epoch as u8);
+        let mut header = upload_header(
+            &lease,
+            "checkpoint",
+            &format!("epoch-{epoch:03}.safetensors"),
+            epoch,
+            &data,
+        );
+        header.step = u64::from(epoch) * 10;
+        upload(&mut workers, header, &data)
+            .await
+            .expect("checkpoint");
+        let data = content(4096, 100 + epoch as u8);
+        let mut header = upload_header(
+            &lease,
+            "resume",
+            &format!("state-{epoch:03}.safetensors"),
+            epoch,
+            &data,
+        );
+        header.step = u64::from(epoch) * 10;
+        upload(&mut workers, header, &data)
+            .await
+            .expect("training state");
+    }
+    let expected_running = vec![
+        "checkpoint/epoch-002.safetensors".to_string(),
+        "checkpoint/epoch-003.safetensors".to_string(),
+        "resume/state-002.safetensors".to_string(),
+        "resume/state-003.safetensors".to_string(),
+    ];
+    let (records, files) = records_and_files(&server, &id).await;
+    assert_eq!(records, expected_running, "the newest two of each kind");
+    assert_eq!(files, records, "the store holds exactly what is recorded");
+
+    workers
+        .complete_job(v1::CompleteJobRequest {
+            lease: Some(lease),
+            final_step: 30,
+        })
+        .await
+        .expect("complete");
+    let (records, files) = records_and_files(&server, &id).await;
+    assert_eq!(
+        records,
+        [
+            "checkpoint/epoch-002.safetensors",
+            "checkpoint/epoch-003.safetensors"
+        ],
+        "a job that succeeded keeps no training state"
+    );
+    assert_eq!(files, records);
+    server.stop().await;
+}

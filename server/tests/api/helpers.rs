@@ -23,6 +23,8 @@ use tonic::Code;
 /// A coordinator running in this process.
 pub struct TestServer {
     pub channel: Channel,
+    /// Where it serves gRPC.
+    pub addr: SocketAddr,
     /// Straight to the server's database, for checks the API cannot make.
     pub pool: PgPool,
     /// The server's own Redis queue, seen from outside.
@@ -89,6 +91,7 @@ impl TestServer {
         let queue = Dispatcher::new(&redis_url(), &cleanup.redis_prefix).expect("redis url");
         TestServer {
             channel,
+            addr,
             pool,
             queue,
             artifacts,
@@ -97,6 +100,11 @@ impl TestServer {
             task,
             _cleanup: cleanup,
         }
+    }
+
+    /// The gRPC URI, for a client on a connection of its own.
+    pub fn channel_uri(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     pub fn jobs(&self) -> JobServiceClient<Channel> {

@@ -20,4 +20,5 @@ mod s3;
 mod shutdown;
 mod summary;
 mod sweeps;
+mod watchers;
 mod workers;

@@ -1,7 +1,7 @@
 //! Dispatch-latency benchmark: starts the real coordinator and a CPU worker (like the system
 //! tests), warms the worker up with one job (data set loaded), then submits small MNIST jobs one
 //! at a time and prints a table of submit -> running and submit -> first metric point, as seen
-//! by a WatchJob client.
+//! by a WatchJob client, then their p50 and p99 (nearest rank over the jobs after the warm-up).
 //!
 //! Then cancellation: a long job trains, is cancelled, and a small job is submitted at once; the
 //! worker (default 1 s heartbeat) can claim the small job only once it has stopped the cancelled
@@ -39,8 +39,11 @@ async fn main() -> anyhow::Result<()> {
         v["training"]["logEverySteps"] = 1.into();
         v.to_string()
     };
-    println!("| job | submit -> running (ms) | submit -> first step reported (ms) |");
-    println!("| --- | --- | --- |");
+    println!(
+        "| job | submit -> running, client (ms) | submit -> first step reported, client (ms) | created -> started, coordinator's clock (ms) |"
+    );
+    println!("| --- | --- | --- | --- |");
+    let (mut to_running, mut to_point, mut to_start) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..=jobs {
         let spec: v1::JobSpec = serde_json::from_str(&spec_json(&format!("latency-{i}")))?;
         let t0 = Instant::now();
@@ -82,7 +85,27 @@ async fn main() -> anyhow::Result<()> {
         } else {
             i.to_string()
         };
-        println!("| {label} | {} | {} |", ms(running), ms(first_point));
+        let started = server_wait(&job);
+        println!(
+            "| {label} | {} | {} | {} |",
+            ms(running),
+            ms(first_point),
+            ms(started)
+        );
+        if i > 0 {
+            to_running.extend(running);
+            to_point.extend(first_point);
+            to_start.extend(started);
+        }
+    }
+    for (q, name) in [(0.5, "p50"), (0.99, "p99")] {
+        println!(
+            "| {name} of {} | {:.1} | {:.1} | {:.1} |",
+            to_running.len(),
+            quantile(&mut to_running, q).as_secs_f64() * 1e3,
+            quantile(&mut to_point, q).as_secs_f64() * 1e3,
+            quantile(&mut to_start, q).as_secs_f64() * 1e3,
+        );
     }
 
     println!();
@@ -117,6 +140,24 @@ async fn main() -> anyhow::Result<()> {
         wait_terminal(&mut client, &small_id, Duration::from_secs(300)).await?;
     }
     Ok(())
+}
+
+/// From the job's creation to its first claim, by the coordinator's clock (Postgres `now()`).
+fn server_wait(job: &v1::Job) -> Option<Duration> {
+    let (created, started) = (job.created_at.as_ref()?, job.started_at.as_ref()?);
+    let nanos = (started.seconds - created.seconds) as i128 * 1_000_000_000
+        + (started.nanos - created.nanos) as i128;
+    Some(Duration::from_nanos(nanos.max(0) as u64))
+}
+
+/// The nearest-rank quantile (zero for no samples).
+fn quantile(samples: &mut [Duration], q: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort();
+    let rank = ((samples.len() as f64) * q).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
 }
 
 /// Polls (every 10 ms) until the job is in `state` (or past it) and, with `with_metrics`, has

@@ -73,6 +73,7 @@ impl WorkerService for Fake {
         }
         Ok(Response::new(v1::ReportMetricsResponse {
             stored: n as u32,
+            conflicting: 0,
         }))
     }
 

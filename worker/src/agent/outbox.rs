@@ -132,13 +132,18 @@ async fn send_metrics(
                 points,
             })
             .await;
-        if let Err(status) = sent {
-            match on_refusal(&status) {
+        match sent {
+            Ok(reply) if reply.get_ref().conflicting > 0 => warn!(
+                points = n, conflicting = reply.get_ref().conflicting,
+                "points repeat a stored step with a different value; the coordinator kept the stored ones"
+            ),
+            Ok(_) => {}
+            Err(status) => match on_refusal(&status) {
                 Refusal::Drop => {
                     warn!(points = n, error = %status, "metric batch refused as invalid; dropping it")
                 }
                 Refusal::Retry | Refusal::LeaseLost => return Err(status),
-            }
+            },
         }
         pending.drain(..n);
     }
