@@ -37,6 +37,11 @@ pub(super) struct Context {
 /// thousands of idle watchers cost little.
 pub(super) const FALLBACK_POLL: Duration = Duration::from_secs(30);
 
+/// The shortest time between two looks of one watcher: a job reporting many times a second
+/// wakes each of its watchers at most this often, and its points arrive in fewer, larger
+/// batches. A first change after a quiet spell is seen at once.
+pub(super) const MIN_LOOK_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Room for events the client has not read yet, per stream.
 pub(super) const STREAM_BUFFER: usize = 16;
 
@@ -80,7 +85,10 @@ async fn follow<W: Watcher>(
     }: Context,
     tx: Sender<W::Event>,
 ) {
-    let mut poll = tokio::time::interval(FALLBACK_POLL);
+    // No look at once: the caller sent the current picture after subscribing, so anything
+    // newer comes with a notification.
+    let mut poll =
+        tokio::time::interval_at(tokio::time::Instant::now() + FALLBACK_POLL, FALLBACK_POLL);
     poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         let changed = async {
@@ -92,10 +100,7 @@ async fn follow<W: Watcher>(
         };
         tokio::select! {
             _ = tx.closed() => return,
-            _ = shutdown.wait() => {
-                let _ = tx.send(Err(Status::unavailable("coordinator is shutting down, watch again"))).await;
-                return;
-            }
+            _ = shutdown.wait() => return shutting_down(&tx).await,
             _ = changed => {}
             _ = poll.tick() => {}
         }
@@ -113,7 +118,21 @@ async fn follow<W: Watcher>(
                 return;
             }
         }
+        // Notifications meanwhile stay pending and are taken together after the pause.
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = shutdown.wait() => return shutting_down(&tx).await,
+            _ = tokio::time::sleep(MIN_LOOK_INTERVAL) => {}
+        }
     }
+}
+
+async fn shutting_down<T>(tx: &Sender<T>) {
+    let _ = tx
+        .send(Err(Status::unavailable(
+            "coordinator is shutting down, watch again",
+        )))
+        .await;
 }
 
 #[cfg(test)]
@@ -174,15 +193,22 @@ mod tests {
             tx,
         );
         let look = |m: Option<Result<u32, Status>>| m.and_then(|r| r.ok());
-        // The first look comes at once (the poll's first tick).
-        let first = tokio::time::timeout(FALLBACK_POLL / 2, rx.recv()).await;
-        assert_eq!(look(first.expect("at once")), Some(1));
-        // A notification wakes it long before the next poll.
+        // Nothing happens until something changes.
+        let quiet = tokio::time::timeout(FALLBACK_POLL / 2, rx.recv()).await;
+        assert!(quiet.is_err(), "no look without a change");
+        // A notification wakes it at once.
+        let woken = tokio::time::Instant::now();
+        notifier.notify(id);
+        let first = tokio::time::timeout(MIN_LOOK_INTERVAL / 10, rx.recv()).await;
+        assert_eq!(look(first.expect("woken at once")), Some(1));
+        // Two more at once are taken together, one pause later.
+        notifier.notify(id);
         notifier.notify(id);
         let second = tokio::time::timeout(FALLBACK_POLL / 2, rx.recv()).await;
         assert_eq!(look(second.expect("woken by the notifier")), Some(2));
+        assert!(woken.elapsed() >= MIN_LOOK_INTERVAL, "not before the pause");
         // Without one, the poll does; that look is the last.
-        let third = tokio::time::timeout(FALLBACK_POLL * 4, rx.recv()).await;
+        let third = tokio::time::timeout(FALLBACK_POLL * 2, rx.recv()).await;
         assert_eq!(look(third.expect("woken by the poll")), Some(3));
         assert!(rx.recv().await.is_none(), "done ends the stream");
     }
