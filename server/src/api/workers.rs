@@ -74,7 +74,9 @@ impl WorkerApi {
         let report = MetricsReport::try_from(req)?;
         let stored = store::record_metrics(&self.state.pool, &report.lease, &report.points).await?;
         if stored > 0 {
-            self.state.notifier.notify(report.lease.job_id.as_uuid());
+            self.state
+                .notifier
+                .notify_points(report.lease.job_id.as_uuid());
         }
         Ok(v1::ReportMetricsResponse {
             stored: u32::try_from(stored).unwrap_or(u32::MAX),
