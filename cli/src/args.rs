@@ -23,10 +23,15 @@ spec, a grid of fields and values, random seeds and an optional source stage (ex
 `trainq report SWEEP --out DIR` writes a sweep's statistics, learning curves, sample grids and
 verdicts as report.md.
 
+Submits are safe to retry: `submit` and `sweep submit` send a request id (a new UUID v7 per
+invocation, or --request-id) and retry UNAVAILABLE and DEADLINE_EXCEEDED a few times with it, so
+a reply lost on the way never creates a second job or sweep.
+
 Exit codes:
   0  success
   1  a watched job or sweep job failed or was cancelled (watch, submit --wait, sweep watch)
-  2  bad usage or a bad spec file (also the coordinator's INVALID_ARGUMENT)
+  2  bad usage or a bad spec file (also the coordinator's INVALID_ARGUMENT, and ALREADY_EXISTS for
+     a --request-id used before with another spec)
   3  not found (job, artifact, metric)
   4  coordinator unreachable, unauthenticated, or another server error
 
@@ -152,6 +157,11 @@ pub struct SubmitArgs {
     /// Watch the job until it ends; exit 1 when it fails or is cancelled.
     #[arg(long)]
     pub wait: bool,
+    /// The submit's idempotency key: 1..=128 characters of [A-Za-z0-9_.:-]. Submitting again
+    /// with the same key and spec answers with the first job instead of creating another (the
+    /// same key with another spec is exit code 2). Default: a new UUID v7 for this invocation.
+    #[arg(long)]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -204,6 +214,10 @@ pub struct SweepSubmitArgs {
     /// Watch the sweep until every job has ended; exit 1 when any failed or was cancelled.
     #[arg(long)]
     pub wait: bool,
+    /// The submit's idempotency key, as for `trainq submit --request-id`. Default: a new
+    /// UUID v7 for this invocation.
+    #[arg(long)]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -1,5 +1,5 @@
-//! Connecting to the coordinator (plaintext or TLS), the bearer token, the gRPC health check, and
-//! what a failed call means as an exit code.
+//! Connecting to the coordinator (plaintext or TLS), the bearer token, the gRPC health check,
+//! retrying submits, and what a failed call means as an exit code.
 //!
 //! The token is sent as `authorization: Bearer <token>` metadata on every call and is never
 //! printed (not in errors, not in Debug output).
@@ -23,7 +23,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// A watched job (watch, submit --wait) failed or was cancelled.
     pub const JOB_FAILED: u8 = 1;
-    /// Bad usage or a bad spec file (also the coordinator's INVALID_ARGUMENT).
+    /// Bad usage or a bad spec file (also the coordinator's INVALID_ARGUMENT, and
+    /// ALREADY_EXISTS for a --request-id used before with another spec).
     pub const USAGE: u8 = 2;
     /// A job or artifact that does not exist.
     pub const NOT_FOUND: u8 = 3;
@@ -56,7 +57,10 @@ impl CliError {
         use tonic::Code;
         let code = match status.code() {
             Code::NotFound => exit::NOT_FOUND,
-            Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => exit::USAGE,
+            Code::InvalidArgument
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::AlreadyExists => exit::USAGE,
             _ => exit::SERVER,
         };
         let hint = match status.code() {
@@ -69,6 +73,49 @@ impl CliError {
             format!("{what}: {} ({:?}){hint}", status.message(), status.code()),
         )
     }
+}
+
+/// Tries of a submit in all: the first and up to this many minus one retries, 50 ms to about
+/// 1.6 s apart (`client::retry`), a few seconds at most.
+pub const SUBMIT_TRIES: usize = 6;
+
+/// A fresh request id for one invocation's submit (UUID v7: unique, and sortable by time).
+pub fn new_request_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+/// Whether a failed call may be sent again: the coordinator was unreachable or answered
+/// UNAVAILABLE (its database is restarting, the connection broke), or the deadline passed. Any
+/// of these may come after the coordinator did the work, so only a call that is safe to repeat
+/// (a submit with a request_id) is retried.
+pub fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded
+    )
+}
+
+/// Calls `call` until it succeeds or fails with something other than [`is_transient`], at most
+/// [`SUBMIT_TRIES`] times with backoff, saying on stderr what it retries. For submits with a
+/// request_id only: the coordinator answers a repeat with the first call's result, so a retry
+/// after a reply that was lost creates nothing twice.
+pub async fn retry_submit<T, F, Fut>(what: &str, call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    use ::client::retry::{tries, Retryable as _};
+    call.retry(tries(SUBMIT_TRIES))
+        .when(is_transient)
+        .notify(|status, after| {
+            eprintln!(
+                "trainq: {what}: {} ({:?}); retrying in {} ms with the same request id",
+                status.message(),
+                status.code(),
+                after.as_millis()
+            )
+        })
+        .await
 }
 
 /// Adds the bearer token to every request (the shared interceptor; never shown in `Debug`).
@@ -181,6 +228,47 @@ mod tests {
         assert_eq!(code(tonic::Code::InvalidArgument), exit::USAGE);
         assert_eq!(code(tonic::Code::Unavailable), exit::SERVER);
         assert_eq!(code(tonic::Code::Unauthenticated), exit::SERVER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_submit_is_retried_only_while_the_coordinator_is_unavailable() {
+        let mut calls = 0;
+        let answer = retry_submit("submit", || {
+            calls += 1;
+            let n = calls;
+            async move {
+                match n {
+                    1 => Err(tonic::Status::unavailable("database unavailable")),
+                    2 => Err(tonic::Status::deadline_exceeded("slow")),
+                    _ => Ok(n),
+                }
+            }
+        })
+        .await;
+        assert_eq!(answer.expect("third time"), 3);
+        let mut calls = 0;
+        let refused: Result<(), _> = retry_submit("submit", || {
+            calls += 1;
+            async { Err(tonic::Status::already_exists("request_id: used")) }
+        })
+        .await;
+        assert_eq!(
+            (refused.expect_err("refused").code(), calls),
+            (tonic::Code::AlreadyExists, 1)
+        );
+        let mut calls = 0;
+        let down: Result<(), _> = retry_submit("submit", || {
+            calls += 1;
+            async { Err(tonic::Status::unavailable("down")) }
+        })
+        .await;
+        assert_eq!(
+            (down.expect_err("gave up").code(), calls),
+            (tonic::Code::Unavailable, SUBMIT_TRIES)
+        );
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
     }
 
     #[test]

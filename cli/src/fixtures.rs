@@ -70,6 +70,7 @@ pub fn sweep_and_summary() -> (v1::Sweep, v1::SweepSummary) {
             },
         ],
         created_at: None,
+        next_page_token: String::new(),
     };
     let metric = |name: &str, diff: bool| v1::MetricSummary {
         name: name.into(),

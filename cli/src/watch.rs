@@ -265,18 +265,29 @@ pub fn exit_code(jobs: &[v1::Job]) -> u8 {
     }
 }
 
-/// Jobs of a sweep that have ended.
-pub fn sweep_ended(sweep: &v1::Sweep) -> usize {
+/// Jobs of a sweep, from its counts (WatchSweep messages carry no runs).
+pub fn sweep_jobs(sweep: &v1::Sweep) -> u64 {
+    sweep.jobs_by_state.iter().map(|c| u64::from(c.count)).sum()
+}
+
+/// Jobs of a sweep in states for which `pick` holds.
+fn sweep_count(sweep: &v1::Sweep, pick: impl Fn(v1::JobState) -> bool) -> u64 {
     sweep
-        .runs
+        .jobs_by_state
         .iter()
-        .filter(|r| r.state().is_terminal())
-        .count()
+        .filter(|c| pick(c.state()))
+        .map(|c| u64::from(c.count))
+        .sum()
+}
+
+/// Jobs of a sweep that have ended.
+pub fn sweep_ended(sweep: &v1::Sweep) -> u64 {
+    sweep_count(sweep, |s| s.is_terminal())
 }
 
 /// Whether every job of the sweep has ended.
 pub fn sweep_done(sweep: &v1::Sweep) -> bool {
-    !sweep.runs.is_empty() && sweep_ended(sweep) == sweep.runs.len()
+    sweep_jobs(sweep) > 0 && sweep_ended(sweep) == sweep_jobs(sweep)
 }
 
 /// Follows a sweep through WatchSweep until every job has ended: one bar of ended jobs out of
@@ -315,18 +326,16 @@ pub async fn watch_sweep(
         let name = sweep.spec.as_ref().map_or("", |s| s.name.as_str());
         let counts = counts_text(&sweep.jobs_by_state);
         let ended = sweep_ended(&sweep);
+        let jobs = sweep_jobs(&sweep);
         match (&bar, display) {
             (Some(bar), _) => {
                 bar.set_prefix(name.to_string());
-                bar.set_length(sweep.runs.len() as u64);
-                bar.set_position(ended as u64);
+                bar.set_length(jobs);
+                bar.set_position(ended);
                 bar.set_message(counts.clone());
             }
             (None, Display::Lines) => {
-                let line = format!(
-                    "sweep {id} {name}: {ended}/{} jobs ended ({counts})",
-                    sweep.runs.len()
-                );
+                let line = format!("sweep {id} {name}: {ended}/{jobs} jobs ended ({counts})");
                 if line != last_line {
                     println!("{line}");
                     last_line = line;
@@ -362,13 +371,10 @@ pub async fn watch_sweep(
     Ok(sweep)
 }
 
-/// 0 when every job of the sweep succeeded, 1 otherwise.
+/// 0 when every job of the sweep succeeded, 1 otherwise (from its counts).
 pub fn sweep_exit_code(sweep: &v1::Sweep) -> u8 {
     if sweep_done(sweep)
-        && sweep
-            .runs
-            .iter()
-            .all(|r| r.state() == v1::JobState::Succeeded)
+        && sweep_count(sweep, |s| s == v1::JobState::Succeeded) == sweep_jobs(sweep)
     {
         exit::OK
     } else {
@@ -410,12 +416,13 @@ mod tests {
     #[test]
     fn a_sweep_exits_0_only_when_every_job_ended_and_succeeded() {
         use v1::JobState::*;
+        // As WatchSweep sends it: counts, no runs.
         let sweep = |states: &[v1::JobState]| v1::Sweep {
-            runs: states
+            jobs_by_state: states
                 .iter()
-                .map(|s| v1::SweepRun {
+                .map(|s| v1::StateCount {
                     state: *s as i32,
-                    ..Default::default()
+                    count: 1,
                 })
                 .collect(),
             ..Default::default()

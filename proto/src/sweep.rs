@@ -24,6 +24,10 @@ pub const MAX_AXES: usize = 8;
 pub const MAX_ARMS: usize = 256;
 pub const MAX_VALUES: usize = 64;
 pub const MAX_SEEDS: usize = 100;
+/// Most jobs one sweep may have: arms x seeds, plus a source job per seed. The coordinator
+/// stores a sweep in one transaction, so this bounds that transaction (and the time SubmitSweep
+/// takes); 99 arms x 100 seeds with a source stage is exactly the limit.
+pub const MAX_JOBS: usize = 10_000;
 pub const MAX_FIELD_CHARS: usize = 256;
 pub const MAX_VALUE_NAME_CHARS: usize = 64;
 /// Arm names become the `arm` label, whose values are at most 256 characters.
@@ -95,6 +99,16 @@ impl SweepPlan {
 
     pub fn has_source_stage(&self) -> bool {
         self.source.is_some()
+    }
+
+    /// How many jobs the sweep has (the length of [`Self::runs`]); at most [`MAX_JOBS`].
+    pub fn job_count(&self) -> usize {
+        let sources = if self.source.is_some() {
+            self.seeds.len()
+        } else {
+            0
+        };
+        self.arms.len() * self.seeds.len() + sources
     }
 
     /// Every job of the sweep in creation order: the sources (by seed), then arm by arm, seed
@@ -332,6 +346,23 @@ impl TryFrom<v1::SweepSpec> for SweepPlan {
             return Err(FieldViolation::new(
                 "spec.grid",
                 format!("at most {MAX_ARMS} arms, got {arm_count}"),
+            ));
+        }
+        // Before the arms are built: a sweep over the job limit costs no validation work.
+        let seeds = raw.seeds.len();
+        let sources = if raw.source.is_some() { seeds } else { 0 };
+        let jobs = arm_count * seeds + sources;
+        if jobs > MAX_JOBS {
+            let plus = if sources > 0 {
+                format!(" + {sources} sources")
+            } else {
+                String::new()
+            };
+            return Err(FieldViolation::new(
+                "spec.seeds",
+                format!(
+                    "a sweep has at most {MAX_JOBS} jobs, got {jobs} ({arm_count} arms x {seeds} seeds{plus})"
+                ),
             ));
         }
         // The arms: the Cartesian product, first axis slowest.

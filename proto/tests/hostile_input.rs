@@ -1054,7 +1054,7 @@ proptest! {
         bytes in prop_oneof![
             prop::collection::vec(any::<u8>(), 0..512),
             valid_spec().prop_flat_map(|spec| corrupt(
-                v1::SubmitJobRequest { spec: Some(spec) }.encode_to_vec()
+                v1::SubmitJobRequest { spec: Some(spec), request_id: String::new() }.encode_to_vec()
             )),
         ]
     ) {

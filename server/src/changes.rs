@@ -49,11 +49,14 @@ impl Versions {
             now.extend(store::job_versions(pool, chunk).await?);
         }
         let mut woken = 0;
-        for (id, version) in &now {
-            if self.seen.get(id) != Some(version) {
-                notifier.notify(*id);
-                woken += 1;
+        for (id, version @ (updated, attempt, _)) in &now {
+            match self.seen.get(id) {
+                Some(seen) if seen == version => continue,
+                // Only new points: WatchSweep (states only) need not look.
+                Some((u, a, _)) if (u, a) == (updated, attempt) => notifier.notify_points(*id),
+                _ => notifier.notify(*id),
             }
+            woken += 1;
         }
         self.seen = now;
         Ok(woken)

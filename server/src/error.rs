@@ -40,6 +40,9 @@ pub enum Error {
     /// retry later or elsewhere.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A submit's `request_id` was used before for a different spec; `field` is `request_id`.
+    #[error("{field}: {description}")]
+    AlreadyExists { field: String, description: String },
     /// Postgres cannot be reached or the pool is exhausted; the client may retry.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
@@ -126,6 +129,15 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
+/// True for a transaction that Postgres aborted to break a deadlock (SQLSTATE 40P01): nothing
+/// of it was written, so the store may run it again.
+pub fn is_deadlock(e: &Error) -> bool {
+    match e {
+        Error::Database(sqlx::Error::Database(db)) => db.code().as_deref() == Some("40P01"),
+        _ => false,
+    }
+}
+
 /// Class 08: connection exception; 57P01..57P03: admin shutdown, crash shutdown, cannot connect
 /// now (starting up or in recovery); 53300: too many connections.
 fn is_unavailable_sqlstate(code: &str) -> bool {
@@ -189,6 +201,7 @@ impl From<Error> for Status {
             Error::FailedPrecondition(m) => Status::failed_precondition(m),
             Error::PermissionDenied(m) => Status::permission_denied(m),
             Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+            Error::AlreadyExists { .. } => Status::already_exists(e.to_string()),
             Error::Unavailable(ref source) => {
                 tracing::warn!(error = %source, "database unavailable");
                 Status::unavailable("database unavailable, retry later")
@@ -230,6 +243,14 @@ mod tests {
         assert_eq!(
             Status::from(Error::PermissionDenied("bound to another worker".into())).code(),
             Code::PermissionDenied
+        );
+        let reused = Status::from(Error::AlreadyExists {
+            field: "request_id".into(),
+            description: "was used for another spec".into(),
+        });
+        assert_eq!(
+            (reused.code(), reused.message()),
+            (Code::AlreadyExists, "request_id: was used for another spec")
         );
         assert_eq!(
             Status::from(Error::from(sqlx::Error::PoolTimedOut)).code(),
@@ -331,6 +352,19 @@ mod unavailable_tests {
         for e in internal {
             let shown = format!("{e:?}");
             assert_eq!(code_of(e), tonic::Code::Internal, "{shown}");
+        }
+    }
+
+    #[test]
+    fn only_sqlstate_40p01_is_a_deadlock() {
+        let deadlock = Error::from(sqlx::Error::Database(Box::new(Sqlstate("40P01"))));
+        assert!(is_deadlock(&deadlock));
+        for other in [
+            Error::from(sqlx::Error::Database(Box::new(Sqlstate("40001")))),
+            Error::from(sqlx::Error::PoolTimedOut),
+            Error::FailedPrecondition("40P01".into()),
+        ] {
+            assert!(!is_deadlock(&other), "{other:?}");
         }
     }
 

@@ -1,7 +1,10 @@
-//! In-process change notifications, keyed by job id, that make WatchJob live.
+//! In-process change notifications, keyed by job id, that make WatchJob and WatchSweep live.
 //!
-//! Whoever changes a job in this process (the api after a write, the lease reaper) calls
-//! [`Notifier::notify`]; every WatchJob stream of that job wakes up and re-reads Postgres. A
+//! Whoever changes a job's state in this process (the api after a write, the lease reaper)
+//! calls [`Notifier::notify`]; ReportMetrics, after storing new points, calls
+//! [`Notifier::notify_points`]. A [`Notifier::subscribe`]r (WatchJob) wakes on both; a
+//! [`Notifier::subscribe_states`]r (WatchSweep, which shows only states) on state changes
+//! only, so a sweep's watchers are not woken by every metric batch of every one of its jobs. A
 //! notification carries no data, only "look again", so a missed or merged one costs at most one
 //! round of the change poller ([`crate::changes`]), which also notifies for changes another
 //! coordinator made.
@@ -14,10 +17,21 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+/// What a subscription wakes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Topic {
+    /// State changes and new metric points.
+    Any,
+    /// State changes only.
+    States,
+}
+
+type Channels = HashMap<(Uuid, Topic), watch::Sender<u64>>;
+
 /// Wakes the watchers of a job. Cheap to clone; clones share subscribers.
 #[derive(Debug, Clone, Default)]
 pub struct Notifier {
-    channels: Arc<Mutex<HashMap<Uuid, watch::Sender<u64>>>>,
+    channels: Arc<Mutex<Channels>>,
 }
 
 impl Notifier {
@@ -25,23 +39,47 @@ impl Notifier {
         Self::default()
     }
 
-    /// Tells the job's watchers (if any) that it changed.
+    /// Tells the job's watchers (if any) that its state (or anything but its metric points)
+    /// changed: wakes both kinds of subscription.
     pub fn notify(&self, job_id: Uuid) {
+        self.send(job_id, &[Topic::Any, Topic::States]);
+    }
+
+    /// Tells the job's [`Self::subscribe`]rs (if any) that it has new metric points; a
+    /// [`Self::subscribe_states`]r is not woken.
+    pub fn notify_points(&self, job_id: Uuid) {
+        self.send(job_id, &[Topic::Any]);
+    }
+
+    fn send(&self, job_id: Uuid, topics: &[Topic]) {
         let channels = self.lock();
-        if let Some(tx) = channels.get(&job_id) {
-            tx.send_modify(|version| *version = version.wrapping_add(1));
+        for topic in topics {
+            if let Some(tx) = channels.get(&(job_id, *topic)) {
+                tx.send_modify(|version| *version = version.wrapping_add(1));
+            }
         }
     }
 
-    /// Subscribes to one job's changes until the subscription is dropped.
+    /// Subscribes to one job's changes, metric points included, until the subscription is
+    /// dropped.
     pub fn subscribe(&self, job_id: Uuid) -> Subscription {
+        self.subscribe_to(job_id, Topic::Any)
+    }
+
+    /// Subscribes to one job's state changes only, until the subscription is dropped.
+    pub fn subscribe_states(&self, job_id: Uuid) -> Subscription {
+        self.subscribe_to(job_id, Topic::States)
+    }
+
+    fn subscribe_to(&self, job_id: Uuid, topic: Topic) -> Subscription {
+        let key = (job_id, topic);
         let mut channels = self.lock();
         let rx = channels
-            .entry(job_id)
+            .entry(key)
             .or_insert_with(|| watch::channel(0).0)
             .subscribe();
         Subscription {
-            job_id,
+            key,
             rx,
             notifier: self.clone(),
         }
@@ -49,15 +87,19 @@ impl Notifier {
 
     /// How many jobs have watchers right now (entries are removed with their last watcher).
     pub fn watched_jobs(&self) -> usize {
-        self.lock().len()
+        let channels = self.lock();
+        let jobs: std::collections::HashSet<&Uuid> = channels.keys().map(|(id, _)| id).collect();
+        jobs.len()
     }
 
-    /// The jobs that have watchers right now.
+    /// The jobs that have watchers right now (of either kind).
     pub fn watched(&self) -> Vec<Uuid> {
-        self.lock().keys().copied().collect()
+        let channels = self.lock();
+        let jobs: std::collections::HashSet<Uuid> = channels.keys().map(|(id, _)| *id).collect();
+        jobs.into_iter().collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<u64>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Channels> {
         // A panic while holding this lock cannot leave the map inconsistent, so poisoning is ignored.
         self.channels
             .lock()
@@ -68,7 +110,7 @@ impl Notifier {
 /// One watcher's view of one job's notifications.
 #[derive(Debug)]
 pub struct Subscription {
-    job_id: Uuid,
+    key: (Uuid, Topic),
     rx: watch::Receiver<u64>,
     notifier: Notifier,
 }
@@ -88,10 +130,10 @@ impl Drop for Subscription {
         let mut channels = self.notifier.lock();
         // This receiver still counts, so 1 means "we were the last watcher".
         if channels
-            .get(&self.job_id)
+            .get(&self.key)
             .is_some_and(|tx| tx.receiver_count() <= 1)
         {
-            channels.remove(&self.job_id);
+            channels.remove(&self.key);
         }
     }
 }
@@ -116,6 +158,36 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), sub.changed())
             .await
             .expect("woken");
+    }
+
+    #[tokio::test]
+    async fn metric_points_wake_job_watchers_but_not_state_watchers() {
+        let n = Notifier::new();
+        let id = Uuid::now_v7();
+        let mut any = n.subscribe(id);
+        let mut states = n.subscribe_states(id);
+        n.notify_points(id);
+        tokio::time::timeout(Duration::from_secs(1), any.changed())
+            .await
+            .expect("a job watcher is woken by points");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), states.changed())
+                .await
+                .is_err(),
+            "a state watcher is not woken by points"
+        );
+        n.notify(id);
+        tokio::time::timeout(Duration::from_secs(1), states.changed())
+            .await
+            .expect("a state watcher is woken by a state change");
+        tokio::time::timeout(Duration::from_secs(1), any.changed())
+            .await
+            .expect("so is a job watcher");
+        assert_eq!(n.watched_jobs(), 1);
+        drop(any);
+        assert_eq!(n.watched_jobs(), 1);
+        drop(states);
+        assert_eq!(n.watched_jobs(), 0);
     }
 
     #[tokio::test]

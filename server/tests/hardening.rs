@@ -383,6 +383,7 @@ impl Bound {
         let workers = WorkerServiceClient::new(server.channel());
         let submit = v1::SubmitJobRequest {
             spec: Some(valid_spec()),
+            request_id: String::new(),
         };
         let job_id = jobs
             .submit_job(bearer(submit, &client))

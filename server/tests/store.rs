@@ -1975,3 +1975,414 @@ async fn looking_an_artifact_up_by_its_uri_uses_an_index(pool: PgPool) {
         .await
         .expect("lookup"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sweeps at scale, idempotent submission, lock order
+// ---------------------------------------------------------------------------------------------
+
+use proto::sweep::{SweepPlan, MAX_JOBS};
+use proto::SweepId;
+use server::domain::{RequestKey, RequestKind, RunPage};
+
+fn json_value(v: serde_json::Value) -> proto::Value {
+    serde_json::from_value(v).expect("a google.protobuf.Value")
+}
+
+/// A CVAE sweep over `seeds` seeds: initialisations (random, then `transfers` transfers from a
+/// classifier source stage; no source stage without transfers) times `rates` learning rates.
+fn cvae_sweep(transfers: usize, rates: usize, seeds: u64) -> v1::SweepSpec {
+    let conv1 = [
+        "CONV1_ADAPTATION_LUMINANCE",
+        "CONV1_ADAPTATION_REPLICATE_THIRD",
+        "CONV1_ADAPTATION_KEEP_RANDOM",
+    ];
+    let mut inits = vec![serde_json::json!({"random": {}})];
+    inits.extend(
+        conv1
+            .iter()
+            .take(transfers)
+            .map(|c| serde_json::json!({"transfer": {"conv1": c, "copyConv2": true}})),
+    );
+    let base: v1::JobSpec = serde_json::from_value(serde_json::json!({
+        "name": "ignored",
+        "training": {"epochs": 1, "batchSize": 64, "learningRate": 0.001},
+        "cifarCvae": {}
+    }))
+    .expect("a JobSpec");
+    v1::SweepSpec {
+        name: "scale".into(),
+        labels: Default::default(),
+        base: Some(base),
+        grid: vec![
+            v1::GridAxis {
+                field: "cifarCvae.init".into(),
+                values: inits.into_iter().map(json_value).collect(),
+                names: vec![],
+            },
+            v1::GridAxis {
+                field: "training.learningRate".into(),
+                values: (1..=rates)
+                    .map(|i| json_value(serde_json::json!(i as f64 * 1e-4)))
+                    .collect(),
+                names: vec![],
+            },
+        ],
+        seeds: (0..seeds).collect(),
+        source: (transfers > 0).then(|| spec(1, &[]).to_proto()),
+    }
+}
+
+async fn count_of(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.expect(sql)
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_sweep_at_the_job_limit_is_stored_whole_and_one_job_more_is_refused_naming_the_seeds(
+    pool: PgPool,
+) {
+    // 3 initialisations x 33 learning rates = 99 arms, x 100 seeds, + 100 sources.
+    let plan = SweepPlan::try_from(cvae_sweep(2, 33, 100)).expect("at the limit");
+    assert_eq!(plan.job_count(), MAX_JOBS);
+    let id = SweepId::from(Uuid::now_v7());
+    let stored = store::insert_sweep(&pool, id, &plan, None)
+        .await
+        .expect("stored");
+    assert!(stored.new);
+    assert_eq!(stored.jobs, MAX_JOBS);
+    // The sources and the 33 x 100 random runs are ready; the 66 x 100 transfers wait.
+    assert_eq!(stored.queued.len(), 100 + 3300);
+    assert_eq!(count_of(&pool, "SELECT count(*) FROM jobs").await, 10_000);
+    assert_eq!(
+        count_of(&pool, "SELECT count(*) FROM jobs WHERE state = 'waiting'").await,
+        6600
+    );
+    assert_eq!(
+        count_of(&pool, "SELECT count(*) FROM job_dependencies").await,
+        6600
+    );
+    // Every transfer run depends on exactly its own seed's source, and names it as its source.
+    assert_eq!(
+        count_of(
+            &pool,
+            "SELECT count(*) FROM job_dependencies d
+             JOIN jobs a ON a.id = d.job_id JOIN jobs s ON s.id = d.depends_on
+             WHERE s.labels->>'arm' = 'source' AND s.labels->>'seed' = a.labels->>'seed'
+               AND a.spec #>> '{cifarCvae,init,transfer,sourceJobId}' = s.id::text"
+        )
+        .await,
+        6600
+    );
+    // Runs in creation order, positions 0..10000 with no gap, sources first.
+    let runs = store::sweep_runs(&pool, id).await.expect("runs");
+    assert_eq!(runs.len(), MAX_JOBS);
+    assert!(runs.iter().enumerate().all(|(i, r)| r.position == i as i32));
+    assert!(runs[..100].iter().all(|r| r.is_source));
+    assert!(runs[100..].iter().all(|r| !r.is_source));
+    assert_eq!(
+        (runs[100].arm.as_str(), runs[100].seed),
+        ("random,0.0001", 0)
+    );
+    // The spec a job got in the batch is the one the plan gives it.
+    let last = runs.last().expect("a run");
+    let row = job(&pool, last.job_id).await;
+    let source = &runs[last.seed as usize];
+    let planned = plan
+        .run_spec(
+            98,
+            last.seed,
+            &id.to_string(),
+            Some(&source.job_id.to_string()),
+        )
+        .expect("valid");
+    assert_eq!(row.spec, planned.to_json());
+    assert_eq!(row.name, planned.name);
+    // One job more (a 34th learning rate: 102 arms) is refused before anything is written.
+    let over = SweepPlan::try_from(cvae_sweep(2, 34, 100)).expect_err("over the limit");
+    assert_eq!(over.field, "spec.seeds");
+    assert!(
+        over.description.contains("got 10300"),
+        "{}",
+        over.description
+    );
+    // 4 initialisations x 34 learning rates = 136 arms, x 73 seeds, + 73 sources = 10001.
+    let over_by_one = SweepPlan::try_from(cvae_sweep(3, 34, 73)).expect_err("10001 jobs");
+    assert_eq!(over_by_one.field, "spec.seeds");
+    assert!(
+        over_by_one
+            .description
+            .contains("at most 10000 jobs, got 10001"),
+        "{}",
+        over_by_one.description
+    );
+    assert_eq!(count_of(&pool, "SELECT count(*) FROM sweeps").await, 1);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_sweeps_jobs_start_as_the_jobs_they_depend_on_outside_it_say_and_a_missing_one_stores_nothing(
+    pool: PgPool,
+) {
+    let (done, _) = submit_spec(&pool, &spec(1, &[])).await;
+    let lease = claim(&pool, done, "w", LONG).await;
+    store::complete_job(&pool, &lease, 10)
+        .await
+        .expect("complete");
+    let (broken, _) = submit_spec(&pool, &spec(1, &[])).await;
+    store::cancel_job(&pool, broken, "no")
+        .await
+        .expect("cancel");
+    let with_deps = |deps: &[JobId]| {
+        let mut s = cvae_sweep(0, 2, 3);
+        s.base.as_mut().expect("base").depends_on = deps.iter().map(JobId::to_string).collect();
+        SweepPlan::try_from(s).expect("valid")
+    };
+    // Depending on a succeeded job: every run is ready.
+    let ready = store::insert_sweep(
+        &pool,
+        SweepId::from(Uuid::now_v7()),
+        &with_deps(&[done]),
+        None,
+    )
+    .await
+    .expect("stored");
+    assert_eq!((ready.jobs, ready.queued.len()), (6, 6));
+    // On a cancelled one as well: every run fails at once, naming it.
+    let id = SweepId::from(Uuid::now_v7());
+    let failed = store::insert_sweep(&pool, id, &with_deps(&[done, broken]), None)
+        .await
+        .expect("stored");
+    assert!(failed.queued.is_empty());
+    for run in store::sweep_runs(&pool, id).await.expect("runs") {
+        assert_eq!(run.state, JobState::Failed);
+        assert_eq!(
+            run.error.as_deref(),
+            Some(format!("dependency_failed: job {broken} is cancelled").as_str())
+        );
+    }
+    // A dependency that does not exist is named under the base, and nothing is stored.
+    let before = counts(&pool).await;
+    let sweeps = count_of(&pool, "SELECT count(*) FROM sweeps").await;
+    let (field, _) = assert_invalid(
+        store::insert_sweep(
+            &pool,
+            SweepId::from(Uuid::now_v7()),
+            &with_deps(&[done, new_id()]),
+            None,
+        )
+        .await,
+    );
+    assert_eq!(field, "spec.base.depends_on[1]");
+    assert_eq!(counts(&pool).await, before);
+    assert_eq!(count_of(&pool, "SELECT count(*) FROM sweeps").await, sweeps);
+}
+
+fn job_key(request_id: &str, spec: &JobSpec) -> RequestKey {
+    RequestKey::parse(RequestKind::Job, "request_id", request_id, &spec.to_json())
+        .expect("valid")
+        .expect("a key")
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_request_id_with_the_same_spec_returns_the_first_job_and_with_another_spec_is_already_exists(
+    pool: PgPool,
+) {
+    let first_spec = spec(1, &[("try", "1")]);
+    let key = job_key("submit-1", &first_spec);
+    let (first, new) = store::submit_job(&pool, new_id(), &first_spec, Some(&key))
+        .await
+        .expect("first");
+    assert!(new);
+    // The job moves on; a repeat answers with it as it is now.
+    claim(&pool, first.id, "w", LONG).await;
+    let (again, new) = store::submit_job(&pool, new_id(), &first_spec, Some(&key))
+        .await
+        .expect("repeat");
+    assert!(!new);
+    assert_eq!((again.id, again.state), (first.id, JobState::Running));
+    // The same key with another spec is refused, naming request_id.
+    let other = spec(1, &[("try", "2")]);
+    match store::submit_job(&pool, new_id(), &other, Some(&job_key("submit-1", &other))).await {
+        Err(Error::AlreadyExists { field, description }) => {
+            assert_eq!(field, "request_id");
+            assert!(description.contains(&first.id.to_string()), "{description}");
+        }
+        other => panic!("expected AlreadyExists, got {other:?}"),
+    }
+    // Another key, or none, is another job; sweep keys are separate from job keys.
+    let (second, new) =
+        store::submit_job(&pool, new_id(), &other, Some(&job_key("submit-2", &other)))
+            .await
+            .expect("another key");
+    assert!(new && second.id != first.id);
+    let (third, _) = store::submit_job(&pool, new_id(), &first_spec, None)
+        .await
+        .expect("no key");
+    assert!(third.id != first.id);
+    let plan = SweepPlan::try_from(cvae_sweep(0, 1, 1)).expect("valid");
+    let sweep_key = RequestKey::parse(
+        RequestKind::Sweep,
+        "request_id",
+        "submit-1",
+        &plan.to_json(),
+    )
+    .expect("valid")
+    .expect("a key");
+    let id = SweepId::from(Uuid::now_v7());
+    let sweep = store::insert_sweep(&pool, id, &plan, Some(&sweep_key))
+        .await
+        .expect("a sweep may use a job's key");
+    assert!(sweep.new);
+    let repeat = store::insert_sweep(
+        &pool,
+        SweepId::from(Uuid::now_v7()),
+        &plan,
+        Some(&sweep_key),
+    )
+    .await
+    .expect("repeat");
+    assert_eq!((repeat.id, repeat.new, repeat.jobs), (id, false, 0));
+    assert_eq!(count_of(&pool, "SELECT count(*) FROM jobs").await, 4);
+    assert_eq!(count_of(&pool, "SELECT count(*) FROM sweeps").await, 1);
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn concurrent_submits_with_one_request_id_store_one_job_and_one_sweep(pool: PgPool) {
+    let the_spec = spec(1, &[]);
+    let key = job_key("concurrent", &the_spec);
+    let submits = (0..8).map(|_| {
+        let (pool, spec, key) = (pool.clone(), the_spec.clone(), key.clone());
+        tokio::spawn(async move { store::submit_job(&pool, new_id(), &spec, Some(&key)).await })
+    });
+    let mut ids = HashSet::new();
+    let mut created = 0;
+    for handle in submits {
+        let (row, new) = handle.await.expect("task").expect("submit");
+        ids.insert(row.id);
+        created += usize::from(new);
+    }
+    assert_eq!((ids.len(), created), (1, 1));
+    assert_eq!(count_of(&pool, "SELECT count(*) FROM jobs").await, 1);
+    let plan = SweepPlan::try_from(cvae_sweep(1, 2, 5)).expect("valid");
+    let key = RequestKey::parse(
+        RequestKind::Sweep,
+        "request_id",
+        "concurrent",
+        &plan.to_json(),
+    )
+    .expect("valid")
+    .expect("a key");
+    let submits = (0..4).map(|_| {
+        let (pool, plan, key) = (pool.clone(), plan.clone(), key.clone());
+        tokio::spawn(async move {
+            store::insert_sweep(&pool, SweepId::from(Uuid::now_v7()), &plan, Some(&key)).await
+        })
+    });
+    let mut sweeps = HashSet::new();
+    for handle in submits {
+        sweeps.insert(handle.await.expect("task").expect("submit").id);
+    }
+    assert_eq!(sweeps.len(), 1);
+    assert_eq!(count_of(&pool, "SELECT count(*) FROM sweeps").await, 1);
+    assert_eq!(
+        count_of(&pool, "SELECT count(*) FROM jobs").await,
+        1 + 5 + 20
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_sweeps_runs_come_page_by_page_in_creation_order(pool: PgPool) {
+    let plan = SweepPlan::try_from(cvae_sweep(1, 3, 7)).expect("valid");
+    let id = SweepId::from(Uuid::now_v7());
+    store::insert_sweep(&pool, id, &plan, None)
+        .await
+        .expect("stored");
+    let all = store::sweep_runs(&pool, id).await.expect("runs");
+    assert_eq!(all.len(), 7 + 6 * 7);
+    let mut paged = Vec::new();
+    let mut after = None;
+    loop {
+        let snapshot = store::sweep_snapshot(&pool, id, RunPage { size: 10, after })
+            .await
+            .expect("read")
+            .expect("the sweep");
+        let total: i64 = snapshot.counts.iter().map(|(_, n)| n).sum();
+        assert_eq!(total, 49, "counts cover every job, whatever the page");
+        assert!(snapshot.runs.len() <= 10);
+        paged.extend(snapshot.runs);
+        match snapshot.next {
+            Some(position) => after = Some(position),
+            None => break,
+        }
+    }
+    assert_eq!(paged, all);
+    let progress = store::sweep_progress(&pool, id)
+        .await
+        .expect("read")
+        .expect("the sweep");
+    assert!(!progress.cancelled);
+    let mut counts = progress.counts;
+    counts.sort_by_key(|(s, _)| s.as_str());
+    // The sources and the random arms' runs are ready, the transfers wait.
+    assert_eq!(
+        counts,
+        [(JobState::Queued, 7 + 21), (JobState::Waiting, 21)]
+    );
+    assert_eq!(
+        store::sweep_progress(&pool, SweepId::from(Uuid::now_v7()))
+            .await
+            .expect("read"),
+        None
+    );
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn cancelling_a_sweep_while_its_sources_complete_never_deadlocks_and_leaves_it_consistent(
+    pool: PgPool,
+) {
+    // Eight transfer arms per seed wait for each source; CancelSweep cancels arms before
+    // sources, completing a source promotes its arms: the two meet on the same rows.
+    let mut spec = cvae_sweep(2, 4, 2);
+    spec.grid[0].values.remove(0); // transfers only
+    let plan = SweepPlan::try_from(spec).expect("valid");
+    for round in 0..50 {
+        let id = SweepId::from(Uuid::now_v7());
+        store::insert_sweep(&pool, id, &plan, None)
+            .await
+            .expect("stored");
+        let runs = store::sweep_runs(&pool, id).await.expect("runs");
+        let mut leases = Vec::new();
+        for source in runs.iter().filter(|r| r.is_source) {
+            leases.push(claim(&pool, source.job_id, "w", LONG).await);
+        }
+        let completions = leases.into_iter().map(|lease| {
+            let pool = pool.clone();
+            tokio::spawn(async move { store::complete_job(&pool, &lease, 10).await })
+        });
+        let completions: Vec<_> = completions.collect();
+        let cancel = store::cancel_sweep(&pool, id, "stop").await;
+        cancel
+            .unwrap_or_else(|e| panic!("round {round}: cancel failed: {e:?}"))
+            .expect("the sweep exists");
+        for c in completions {
+            match c.await.expect("task") {
+                // Completed first, or cancelled first: a stale lease, refused as such.
+                Ok(_) | Err(Error::FailedPrecondition(_)) => {}
+                Err(e) => panic!("round {round}: completion failed: {e:?}"),
+            }
+        }
+        for run in store::sweep_runs(&pool, id).await.expect("runs") {
+            let want: &[JobState] = if run.is_source {
+                &[JobState::Succeeded, JobState::Cancelled]
+            } else {
+                &[JobState::Cancelled]
+            };
+            assert!(
+                want.contains(&run.state),
+                "round {round}: {} s{} is {} ({:?})",
+                run.arm,
+                run.seed,
+                run.state,
+                run.error
+            );
+        }
+    }
+}

@@ -128,7 +128,10 @@ impl Fixture {
             let mut spec = mnist_spec(name);
             spec.depends_on = deps;
             Ok(jobs
-                .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+                .submit_job(v1::SubmitJobRequest {
+                    spec: Some(spec),
+                    request_id: String::new(),
+                })
                 .await?
                 .into_inner()
                 .job_id)
@@ -220,7 +223,10 @@ impl Fixture {
             "seeds": [1, 2],
         }))?;
         let sweep = jobs
-            .submit_sweep(v1::SubmitSweepRequest { spec: Some(sweep) })
+            .submit_sweep(v1::SubmitSweepRequest {
+                spec: Some(sweep),
+                request_id: String::new(),
+            })
             .await?
             .into_inner()
             .sweep_id;
@@ -278,6 +284,7 @@ fn seed_request(method: &str, fx: &Fixture, rng: &mut StdRng) -> Vec<u8> {
     match method {
         "SubmitJob" => v1::SubmitJobRequest {
             spec: Some(mnist_spec("fuzzed")),
+            request_id: String::new(),
         }
         .encode_to_vec(),
         "GetJob" | "WatchJob" => v1::GetJobRequest { job_id: job }.encode_to_vec(),
@@ -318,11 +325,17 @@ fn seed_request(method: &str, fx: &Fixture, rng: &mut StdRng) -> Vec<u8> {
                 "seeds": [1],
             }))
             .expect("sweep JSON");
-            v1::SubmitSweepRequest { spec: Some(spec) }.encode_to_vec()
+            v1::SubmitSweepRequest {
+                spec: Some(spec),
+                request_id: String::new(),
+            }
+            .encode_to_vec()
         }
-        "GetSweep" | "WatchSweep" | "GetSweepSummary" | "CancelSweep" => {
-            v1::GetSweepRequest { sweep_id: sweep }.encode_to_vec()
+        "GetSweep" | "WatchSweep" | "GetSweepSummary" | "CancelSweep" => v1::GetSweepRequest {
+            sweep_id: sweep,
+            ..Default::default()
         }
+        .encode_to_vec(),
         "ListSweeps" => v1::ListSweepsRequest {
             page_size: 3,
             ..Default::default()

@@ -1,13 +1,28 @@
-//! A throttling TCP proxy for the slow-link chaos scenario: forwards every connection to an
-//! upstream address at a fixed rate in each direction, like a slow link between a cloud worker
-//! and its coordinator. Loopback only; stops when dropped.
+//! Proxies that break the link between a client and a coordinator in one controlled way:
+//!
+//! - [`Throttle`], a TCP proxy for the slow-link chaos scenario: forwards every connection to
+//!   an upstream address at a fixed rate in each direction, like a slow link between a cloud
+//!   worker and its coordinator;
+//! - [`LoseFirstReply`], a gRPC proxy in front of a coordinator's JobService that lets the first
+//!   call of one method reach the coordinator and then loses its reply (the client sees
+//!   UNAVAILABLE, as when a connection breaks after the request went out), for tests of
+//!   retries that must not do the work twice.
+//!
+//! Loopback only; each stops when dropped.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tonic::body::Body;
+use tonic::codegen::{http, Service};
+use tonic::server::NamedService;
+use tonic::transport::Channel;
 
 /// A running proxy. `addr` is where clients connect.
 pub struct Throttle {
@@ -67,4 +82,95 @@ async fn pump(
         tokio::time::sleep(Duration::from_secs_f64(n as f64 / bytes_per_s as f64)).await;
     }
     let _ = to.shutdown().await;
+}
+
+/// A JobService proxy that loses the reply to the first call of one method.
+pub struct LoseFirstReply {
+    pub addr: SocketAddr,
+    calls: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl LoseFirstReply {
+    /// Listens on 127.0.0.1 (a free port) and forwards JobService calls to `upstream` (a URL
+    /// such as `http://127.0.0.1:50051`); the first call of `method` (for example `SubmitJob`)
+    /// is answered UNAVAILABLE after the coordinator has answered it.
+    pub async fn start(upstream: &str, method: &str) -> anyhow::Result<LoseFirstReply> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let service = Lossy {
+            upstream: Channel::from_shared(upstream.to_owned())?.connect_lazy(),
+            path: format!("/{}/{method}", Lossy::NAME),
+            calls: calls.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming)
+                .await;
+        });
+        Ok(LoseFirstReply { addr, calls, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// How many calls of the method came through (the lost one included).
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for LoseFirstReply {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Clone)]
+struct Lossy {
+    upstream: Channel,
+    /// `/trainq.v1.JobService/<method>`.
+    path: String,
+    calls: Arc<AtomicUsize>,
+}
+
+impl NamedService for Lossy {
+    const NAME: &'static str = "trainq.v1.JobService";
+}
+
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+impl Service<http::Request<Body>> for Lossy {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let lose =
+            request.uri().path() == self.path && self.calls.fetch_add(1, Ordering::SeqCst) == 0;
+        let mut upstream = self.upstream.clone();
+        Box::pin(async move {
+            let unavailable = |why: String| tonic::Status::unavailable(why).into_http();
+            if let Err(e) = std::future::poll_fn(|cx| upstream.poll_ready(cx)).await {
+                return Ok(unavailable(format!("proxy: upstream not ready: {e}")));
+            }
+            match upstream.call(request).await {
+                // The coordinator has answered (its work is committed); the client never hears.
+                Ok(_) if lose => Ok(unavailable("proxy: the reply was lost".into())),
+                Ok(response) => Ok(response),
+                Err(e) => Ok(unavailable(format!("proxy: upstream failed: {e}"))),
+            }
+        })
+    }
 }

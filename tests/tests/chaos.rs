@@ -131,6 +131,7 @@ async fn submit_retrying(
         match client
             .submit_job(v1::SubmitJobRequest {
                 spec: Some(spec.clone()),
+                request_id: String::new(),
             })
             .await
         {

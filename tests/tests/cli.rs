@@ -209,3 +209,115 @@ async fn trainq_exit_codes_tell_cancelled_jobs_unknown_ids_bad_files_and_absent_
         .expect("running trainq");
     expect_exit(&out, 4, "no coordinator");
 }
+
+/// Runs trainq against `url` off the runtime's threads (the proxy it talks to runs on them).
+async fn trainq_at(url: &str, dir: &std::path::Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(binary("trainq"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env("TRAINQ_SERVER", url)
+        .env_remove("TRAINQ_TOKEN");
+    tokio::task::spawn_blocking(move || cmd.output().expect("running trainq"))
+        .await
+        .expect("trainq ran")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submit_whose_reply_is_lost_is_retried_with_its_request_id_and_creates_one_job_or_sweep()
+{
+    let env = TestEnv::new();
+    let coordinator = env.start_coordinator(&[]).await;
+    let dir = env.dir.path();
+    std::fs::write(
+        dir.join("spec.json"),
+        mnist_spec_json("cli-retry", 1, 256, 256),
+    )
+    .expect("write spec");
+    let lossy = tests::proxy::LoseFirstReply::start(&coordinator.url(), "SubmitJob")
+        .await
+        .expect("proxy");
+    let out = trainq_at(&lossy.url(), dir, &["submit", "spec.json"]).await;
+    let id = expect_exit(&out, 0, "submit through a lossy link")
+        .trim()
+        .to_string();
+    assert_eq!(lossy.calls(), 2, "one lost reply, one retry");
+    assert!(
+        stderr(&out).contains("retrying in") && stderr(&out).contains("the reply was lost"),
+        "{}",
+        stderr(&out)
+    );
+    let mut client = coordinator.client().await;
+    let listed = client
+        .list_jobs(proto::v1::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    let ids: Vec<&str> = listed.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [id.as_str()], "the retry created no second job");
+
+    // The same for a sweep (2 arms x 2 seeds + 2 sources).
+    std::fs::write(dir.join("study.yaml"), STUDY_YAML).expect("write sweep");
+    let lossy = tests::proxy::LoseFirstReply::start(&coordinator.url(), "SubmitSweep")
+        .await
+        .expect("proxy");
+    let out = trainq_at(&lossy.url(), dir, &["sweep", "submit", "study.yaml"]).await;
+    let sweep = expect_exit(&out, 0, "sweep submit through a lossy link")
+        .trim()
+        .to_string();
+    assert_eq!(lossy.calls(), 2);
+    let sweeps = client
+        .list_sweeps(proto::v1::ListSweepsRequest::default())
+        .await
+        .expect("list sweeps")
+        .into_inner()
+        .sweeps;
+    let ids: Vec<&str> = sweeps.iter().map(|s| s.sweep_id.as_str()).collect();
+    assert_eq!(ids, [sweep.as_str()]);
+    let jobs = client
+        .list_jobs(proto::v1::ListJobsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .jobs;
+    assert_eq!(jobs.len(), 1 + 6);
+
+    // An explicit --request-id used again with another spec is a usage error.
+    let out = trainq(
+        &coordinator,
+        dir,
+        &["submit", "spec.json", "--request-id", "mine-1"],
+    );
+    expect_exit(&out, 0, "submit with a request id");
+    std::fs::write(
+        dir.join("other.json"),
+        mnist_spec_json("cli-retry-other", 1, 256, 256),
+    )
+    .expect("write spec");
+    let out = trainq(
+        &coordinator,
+        dir,
+        &["submit", "other.json", "--request-id", "mine-1"],
+    );
+    expect_exit(&out, 2, "a request id used for another spec");
+    assert!(stderr(&out).contains("AlreadyExists"), "{}", stderr(&out));
+}
+
+const STUDY_YAML: &str = "\
+name: cli-retry-study
+source:
+  name: src
+  training: {epochs: 1, batchSize: 64, learningRate: 0.001, maxTrainExamples: 256}
+  mnistClassifier: {}
+base:
+  name: cvae
+  training: {epochs: 1, batchSize: 64, learningRate: 0.001, maxTrainExamples: 256}
+  cifarCvae: {}
+grid:
+  - field: cifarCvae.init
+    names: [random, lum]
+    values:
+      - random: {}
+      - transfer: {conv1: CONV1_ADAPTATION_LUMINANCE, copyConv2: true}
+seeds: [1, 2]
+";

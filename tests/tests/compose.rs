@@ -298,7 +298,10 @@ async fn the_compose_stack_is_healthy_with_auth_on_and_worker_cpu_trains_a_job()
     let spec: v1::JobSpec =
         serde_json::from_str(&mnist_spec_json("compose-tiny", 1, 256, 256)).expect("spec");
     let job_id = client
-        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
         .await
         .expect("submitted")
         .into_inner()

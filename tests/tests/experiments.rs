@@ -129,6 +129,7 @@ async fn a_transfer_cvae_waits_for_its_classifier_and_both_cvaes_train_with_chec
     let source_id = client
         .submit_job(v1::SubmitJobRequest {
             spec: Some(classifier),
+            request_id: String::new(),
         })
         .await
         .expect("submit")
@@ -165,6 +166,7 @@ async fn a_transfer_cvae_waits_for_its_classifier_and_both_cvaes_train_with_chec
     let submitted = client
         .submit_job(v1::SubmitJobRequest {
             spec: Some(transfer),
+            request_id: String::new(),
         })
         .await
         .expect("submit")
@@ -177,7 +179,10 @@ async fn a_transfer_cvae_waits_for_its_classifier_and_both_cvaes_train_with_chec
     let transfer_id = submitted.job_id;
     let random = cvae_spec("random", serde_json::json!({"random": {}}));
     let random_id = client
-        .submit_job(v1::SubmitJobRequest { spec: Some(random) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(random),
+            request_id: String::new(),
+        })
         .await
         .expect("submit")
         .into_inner()

@@ -51,7 +51,10 @@ async fn metrics_endpoints_count_a_real_job_and_every_job_log_line_carries_id_an
     let spec: v1::JobSpec =
         serde_json::from_str(&mnist_spec_json("observed", 2, 512, 256)).expect("spec");
     let id = client
-        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
         .await
         .expect("submit")
         .into_inner()

@@ -41,7 +41,10 @@ async fn uploads_slower_than_the_lease_never_lose_it_and_the_job_succeeds_once()
     let spec: v1::JobSpec =
         serde_json::from_str(&mnist_spec_json("slow-link", 2, 1000, 500)).expect("spec");
     let id = client
-        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
         .await
         .expect("submit")
         .into_inner()

@@ -128,7 +128,10 @@ async fn mnist_jobs_submitted_with_grpcurl_and_rust_train_to_ninety_percent_and_
 
     let spec = parse_spec(&mnist_spec_json("mnist-rust", 2, 5000, 1000));
     let rust_id = client
-        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
         .await
         .expect("submit from rust")
         .into_inner()
@@ -280,7 +283,10 @@ async fn cancelling_a_running_job_stops_the_worker_which_then_takes_the_next_job
     // Long enough that it cannot finish on its own during the test.
     let long = parse_spec(&mnist_spec_json("long", 50, 0, 1000));
     let long_id = client
-        .submit_job(v1::SubmitJobRequest { spec: Some(long) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(long),
+            request_id: String::new(),
+        })
         .await
         .expect("submit")
         .into_inner()
@@ -317,7 +323,10 @@ async fn cancelling_a_running_job_stops_the_worker_which_then_takes_the_next_job
     // The worker is free again only once it has stopped the cancelled job.
     let next = parse_spec(&mnist_spec_json("next", 1, 256, 256));
     let next_id = client
-        .submit_job(v1::SubmitJobRequest { spec: Some(next) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(next),
+            request_id: String::new(),
+        })
         .await
         .expect("submit")
         .into_inner()

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use proto::v1;
 
 use crate::args::{ListArgs, SubmitArgs};
-use crate::client::{exit, CliError, Client};
+use crate::client::{exit, new_request_id, retry_submit, CliError, Client};
 use crate::output::{self, print, render, Output};
 use crate::specfile;
 use crate::watch;
@@ -24,18 +24,24 @@ pub fn dry_run(args: &SubmitArgs) -> Result<u8, CliError> {
     Ok(exit::OK)
 }
 
-/// `trainq submit`: prints the job id; with `--wait`, watches the job to its end.
+/// `trainq submit`: prints the job id; with `--wait`, watches the job to its end. The submit
+/// carries a request id and is retried with it while the coordinator is unavailable, so it
+/// creates one job however often it is sent.
 pub async fn submit(c: &Client, args: &SubmitArgs, out: Output) -> Result<u8, CliError> {
     let spec = load_spec(args)?;
     let what = format!("submit {}", args.file.display());
-    let resp = c
-        .clone()
-        .submit_job(v1::SubmitJobRequest {
-            spec: Some(spec.to_proto()),
-        })
-        .await
-        .map_err(|s| CliError::from_status(&what, &s))?
-        .into_inner();
+    let request = v1::SubmitJobRequest {
+        spec: Some(spec.to_proto()),
+        request_id: args.request_id.clone().unwrap_or_else(new_request_id),
+    };
+    let resp = retry_submit(&what, || {
+        let mut client = c.clone();
+        let request = request.clone();
+        async move { client.submit_job(request).await }
+    })
+    .await
+    .map_err(|s| CliError::from_status(&what, &s))?
+    .into_inner();
     if out == Output::Json {
         print(&output::json(&resp));
     } else {

@@ -10,6 +10,7 @@ use std::path::Path;
 use proto::v1;
 
 use super::artifacts::download;
+use super::sweeps::get_whole_sweep;
 use crate::args::ReportArgs;
 use crate::client::{exit, CliError, Client};
 use crate::output::{self, print, Output};
@@ -21,13 +22,7 @@ pub async fn run(c: &Client, args: &ReportArgs, out: Output) -> Result<u8, CliEr
     let id = &args.sweep;
     let what = format!("report {id}");
     let mut client = c.clone();
-    let sweep = client
-        .get_sweep(v1::GetSweepRequest {
-            sweep_id: id.clone(),
-        })
-        .await
-        .map_err(|s| CliError::from_status(&what, &s))?
-        .into_inner();
+    let sweep = get_whole_sweep(c, id, &what).await?;
     let summary = client
         .get_sweep_summary(v1::GetSweepSummaryRequest {
             sweep_id: id.clone(),

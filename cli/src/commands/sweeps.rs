@@ -1,5 +1,8 @@
 //! `trainq sweep submit`, `get`, `list`, `cancel` and `watch`.
 //!
+//! The coordinator answers with one page of a sweep's runs at a time; `get`, `cancel` and the
+//! JSON outputs read every page ([`read_all_runs`]) before printing.
+//!
 //! Sweep files go through the same parser as job specs and are checked with the coordinator's own
 //! `proto::sweep::SweepPlan` ([`crate::specfile::load_sweep`]) before they are sent; `sweep
 //! watch` exits as `watch` does. Glue only: the tables are [`crate::output`]'s and the stream is
@@ -8,7 +11,7 @@
 use proto::v1;
 
 use crate::args::{SweepCommand, SweepSubmitArgs};
-use crate::client::{exit, CliError, Client};
+use crate::client::{exit, new_request_id, retry_submit, CliError, Client};
 use crate::output::{self, print, render, Output};
 use crate::specfile;
 use crate::watch;
@@ -34,6 +37,41 @@ fn render_sweep(out: Output, sweep: &v1::Sweep) -> String {
     }
 }
 
+/// Reads the rest of a sweep's runs (after the page it came with) with GetSweep, page by page,
+/// so that `sweep` holds every run; its next_page_token ends empty.
+pub async fn read_all_runs(c: &Client, sweep: &mut v1::Sweep, what: &str) -> Result<(), CliError> {
+    let mut client = c.clone();
+    while !sweep.next_page_token.is_empty() {
+        let page = client
+            .get_sweep(v1::GetSweepRequest {
+                sweep_id: sweep.sweep_id.clone(),
+                page_size: 0,
+                page_token: std::mem::take(&mut sweep.next_page_token),
+            })
+            .await
+            .map_err(|s| CliError::from_status(what, &s))?
+            .into_inner();
+        sweep.runs.extend(page.runs);
+        sweep.next_page_token = page.next_page_token;
+    }
+    Ok(())
+}
+
+/// The sweep with every one of its runs.
+pub async fn get_whole_sweep(c: &Client, id: &str, what: &str) -> Result<v1::Sweep, CliError> {
+    let mut sweep = c
+        .clone()
+        .get_sweep(v1::GetSweepRequest {
+            sweep_id: id.to_string(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|s| CliError::from_status(what, &s))?
+        .into_inner();
+    read_all_runs(c, &mut sweep, what).await?;
+    Ok(sweep)
+}
+
 pub async fn run(c: &Client, cmd: SweepCommand, out: Output) -> Result<u8, CliError> {
     let mut client = c.clone();
     match cmd {
@@ -41,14 +79,20 @@ pub async fn run(c: &Client, cmd: SweepCommand, out: Output) -> Result<u8, CliEr
             let spec = specfile::load_sweep(&args.file, args.format)
                 .map_err(|e| CliError::usage(e.to_string()))?;
             let what = format!("sweep submit {}", args.file.display());
-            let sweep = client
-                .submit_sweep(v1::SubmitSweepRequest {
-                    spec: Some(spec.clone()),
-                })
-                .await
-                .map_err(|s| CliError::from_status(&what, &s))?
-                .into_inner();
+            let request = v1::SubmitSweepRequest {
+                spec: Some(spec.clone()),
+                request_id: args.request_id.clone().unwrap_or_else(new_request_id),
+            };
+            let mut sweep = retry_submit(&what, || {
+                let mut client = c.clone();
+                let request = request.clone();
+                async move { client.submit_sweep(request).await }
+            })
+            .await
+            .map_err(|s| CliError::from_status(&what, &s))?
+            .into_inner();
             if out == Output::Json {
+                read_all_runs(c, &mut sweep, &what).await?;
                 print(&output::json(&sweep));
             } else {
                 eprintln!(
@@ -56,7 +100,7 @@ pub async fn run(c: &Client, cmd: SweepCommand, out: Output) -> Result<u8, CliEr
                     spec.name,
                     sweep.arms.len(),
                     spec.seeds.len(),
-                    sweep.runs.len(),
+                    watch::sweep_jobs(&sweep),
                     sweep.sweep_id
                 );
                 print(&format!("{}\n", sweep.sweep_id));
@@ -69,13 +113,7 @@ pub async fn run(c: &Client, cmd: SweepCommand, out: Output) -> Result<u8, CliEr
             Ok(watch::sweep_exit_code(&done))
         }
         SweepCommand::Get { sweep } => {
-            let got = client
-                .get_sweep(v1::GetSweepRequest {
-                    sweep_id: sweep.clone(),
-                })
-                .await
-                .map_err(|s| CliError::from_status(&format!("sweep get {sweep}"), &s))?
-                .into_inner();
+            let got = get_whole_sweep(c, &sweep, &format!("sweep get {sweep}")).await?;
             print(&render_sweep(out, &got));
             Ok(exit::OK)
         }
@@ -101,21 +139,25 @@ pub async fn run(c: &Client, cmd: SweepCommand, out: Output) -> Result<u8, CliEr
             Ok(exit::OK)
         }
         SweepCommand::Cancel { sweep, reason } => {
-            let got = client
+            let what = format!("sweep cancel {sweep}");
+            let mut got = client
                 .cancel_sweep(v1::CancelSweepRequest {
                     sweep_id: sweep.clone(),
                     reason,
                 })
                 .await
-                .map_err(|s| CliError::from_status(&format!("sweep cancel {sweep}"), &s))?
+                .map_err(|s| CliError::from_status(&what, &s))?
                 .into_inner();
+            read_all_runs(c, &mut got, &what).await?;
             print(&render_sweep(out, &got));
             Ok(exit::OK)
         }
         SweepCommand::Watch { sweep } => {
             let done = watch::watch_sweep(c, &sweep, watch::Display::for_output(out)).await?;
             if out == Output::Json {
-                print(&output::json(&done));
+                // WatchSweep messages carry counts only; the JSON shows the runs too.
+                let whole = get_whole_sweep(c, &sweep, &format!("sweep watch {sweep}")).await?;
+                print(&output::json(&whole));
             }
             Ok(watch::sweep_exit_code(&done))
         }

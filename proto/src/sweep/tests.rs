@@ -475,3 +475,67 @@ fn non_finite_grid_values_are_refused_naming_the_value_instead_of_panicking() {
         assert_eq!(err.field, "spec.grid[0].values[1]", "{bad}: {err}");
     }
 }
+
+/// A sweep of `rates` learning rates x `batches` batch sizes (random initialisation) over
+/// `seeds` seeds.
+fn wide(rates: usize, batches: usize, seeds: u64) -> v1::SweepSpec {
+    v1::SweepSpec {
+        name: "wide".into(),
+        base: Some(cvae_base()),
+        grid: vec![
+            axis(
+                "training.learningRate",
+                (1..=rates)
+                    .map(|i| serde_json::json!(i as f64 * 1e-4))
+                    .collect(),
+            ),
+            axis(
+                "training.batchSize",
+                (1..=batches).map(|i| serde_json::json!(i * 16)).collect(),
+            ),
+        ],
+        seeds: (0..seeds).collect(),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_sweep_may_have_up_to_ten_thousand_jobs_counting_its_sources() {
+    let at = SweepPlan::try_from(wide(10, 10, 100)).expect("100 arms x 100 seeds is the limit");
+    assert_eq!(at.job_count(), MAX_JOBS);
+    assert_eq!(at.runs().len(), MAX_JOBS);
+    // The source stage counts: 99 arms (33 random, 66 transfers) x 100 seeds + 100 sources.
+    let sourced = |rates: usize, seeds: u64, inits: Vec<serde_json::Value>| {
+        let mut s = wide(rates, 1, seeds);
+        s.grid.insert(0, axis("cifarCvae.init", inits));
+        s.source = Some(classifier());
+        s
+    };
+    let three = || {
+        vec![
+            serde_json::json!({"random": {}}),
+            transfer("CONV1_ADAPTATION_LUMINANCE"),
+            transfer("CONV1_ADAPTATION_REPLICATE_THIRD"),
+        ]
+    };
+    let plan = SweepPlan::try_from(sourced(33, 100, three())).expect("99 x 100 + 100 is the limit");
+    assert_eq!(plan.job_count(), MAX_JOBS);
+    assert_eq!(plan.runs().len(), MAX_JOBS);
+    let over = violation(sourced(34, 100, three()));
+    assert_eq!(over.field, "spec.seeds");
+    assert!(
+        over.description
+            .ends_with("got 10300 (102 arms x 100 seeds + 100 sources)"),
+        "{}",
+        over.description
+    );
+    // One over: 136 arms x 73 seeds + 73 sources.
+    let mut four = three();
+    four.push(transfer("CONV1_ADAPTATION_KEEP_RANDOM"));
+    let over = violation(sourced(34, 73, four));
+    assert_eq!(over.field, "spec.seeds");
+    assert_eq!(
+        over.description,
+        "a sweep has at most 10000 jobs, got 10001 (136 arms x 73 seeds + 73 sources)"
+    );
+}

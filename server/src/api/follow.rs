@@ -37,11 +37,6 @@ pub(super) struct Context {
 /// thousands of idle watchers cost little.
 pub(super) const FALLBACK_POLL: Duration = Duration::from_secs(30);
 
-/// The shortest time between two looks of one watcher: a job reporting many times a second
-/// wakes each of its watchers at most this often, and its points arrive in fewer, larger
-/// batches. A first change after a quiet spell is seen at once.
-pub(super) const MIN_LOOK_INTERVAL: Duration = Duration::from_millis(100);
-
 /// Room for events the client has not read yet, per stream.
 pub(super) const STREAM_BUFFER: usize = 16;
 
@@ -118,12 +113,6 @@ async fn follow<W: Watcher>(
                 return;
             }
         }
-        // Notifications meanwhile stay pending and are taken together after the pause.
-        tokio::select! {
-            _ = tx.closed() => return,
-            _ = shutdown.wait() => return shutting_down(&tx).await,
-            _ = tokio::time::sleep(MIN_LOOK_INTERVAL) => {}
-        }
     }
 }
 
@@ -199,14 +188,13 @@ mod tests {
         // A notification wakes it at once.
         let woken = tokio::time::Instant::now();
         notifier.notify(id);
-        let first = tokio::time::timeout(MIN_LOOK_INTERVAL / 10, rx.recv()).await;
+        let first = tokio::time::timeout(FALLBACK_POLL / 10, rx.recv()).await;
         assert_eq!(look(first.expect("woken at once")), Some(1));
-        // Two more at once are taken together, one pause later.
-        notifier.notify(id);
+        // Another one wakes it again, long before the next poll.
         notifier.notify(id);
         let second = tokio::time::timeout(FALLBACK_POLL / 2, rx.recv()).await;
         assert_eq!(look(second.expect("woken by the notifier")), Some(2));
-        assert!(woken.elapsed() >= MIN_LOOK_INTERVAL, "not before the pause");
+        assert!(woken.elapsed() < FALLBACK_POLL / 2);
         // Without one, the poll does; that look is the last.
         let third = tokio::time::timeout(FALLBACK_POLL * 2, rx.recv()).await;
         assert_eq!(look(third.expect("woken by the poll")), Some(3));

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::limits::Admitted;
 use super::{artifacts, dispatch_now, job_to_proto, load_job, state_of, sweeps, watch, AppState};
-use crate::domain::{self, parse_job_id, JobQuery, MetricsQuery};
+use crate::domain::{self, parse_job_id, JobQuery, MetricsQuery, RequestKey, RequestKind};
 use crate::error::{Error, Result};
 use crate::store;
 
@@ -27,21 +27,39 @@ impl JobApi {
     }
 
     /// Stores a validated job (with its dependencies), then, if it is ready to run, tries to
-    /// push its id. A failed push is only logged (see [`dispatch_now`]).
-    async fn submit(&self, spec: Option<v1::JobSpec>) -> Result<v1::SubmitJobResponse> {
-        let spec = JobSpec::try_from(spec.ok_or_else(|| Error::invalid("spec", "is required"))?)?;
+    /// push its id. A failed push is only logged (see [`dispatch_now`]). With a request_id that
+    /// an earlier submit used for the same spec, that job is the answer (its state now) and
+    /// nothing is stored or pushed.
+    async fn submit(&self, req: v1::SubmitJobRequest) -> Result<v1::SubmitJobResponse> {
+        let spec = JobSpec::try_from(
+            req.spec
+                .ok_or_else(|| Error::invalid("spec", "is required"))?,
+        )?;
+        let key = RequestKey::parse(
+            RequestKind::Job,
+            "request_id",
+            &req.request_id,
+            &spec.to_json(),
+        )?;
         let id = JobId::from(Uuid::now_v7());
-        let row = store::insert_job(&self.state.pool, id, &spec).await?;
+        let (row, new) = store::submit_job(&self.state.pool, id, &spec, key.as_ref()).await?;
         let state = state_of(&row);
-        tracing::info!(
-            job_id = %id, attempt = row.attempt, name = %spec.name, kind = spec.experiment.kind(), state = %row.state,
-            dependencies = spec.dependencies.len(), "job submitted"
-        );
-        if row.state == JobState::Queued {
-            dispatch_now(&self.state, &[id]).await;
+        if !new {
+            tracing::info!(
+                job_id = %row.id, request_id = %req.request_id, state = %row.state,
+                "job submitted again with the same request id; answered with the first"
+            );
+        } else {
+            tracing::info!(
+                job_id = %id, attempt = row.attempt, name = %spec.name, kind = spec.experiment.kind(), state = %row.state,
+                dependencies = spec.dependencies.len(), "job submitted"
+            );
+            if row.state == JobState::Queued {
+                dispatch_now(&self.state, &[id]).await;
+            }
         }
         Ok(v1::SubmitJobResponse {
-            job_id: id.to_string(),
+            job_id: row.id.to_string(),
             state: state as i32,
         })
     }
@@ -105,7 +123,7 @@ impl JobService for JobApi {
         &self,
         request: Request<v1::SubmitJobRequest>,
     ) -> Result<Response<v1::SubmitJobResponse>, Status> {
-        Ok(Response::new(self.submit(request.into_inner().spec).await?))
+        Ok(Response::new(self.submit(request.into_inner()).await?))
     }
 
     async fn get_job(

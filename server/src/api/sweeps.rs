@@ -3,8 +3,10 @@
 //!
 //! A sweep's jobs are ordinary jobs: SubmitSweep stores them (with the sweep's rows) in one
 //! transaction and dispatches those that start queued, CancelSweep cancels each unfinished one
-//! the way CancelJob does, and WatchSweep follows them through the job notifier. A sweep's
-//! state is derived from its jobs' states every time it is read.
+//! the way CancelJob does, and WatchSweep follows their state changes through the job notifier.
+//! A sweep's state is derived from its jobs' states every time it is read. No answer carries
+//! more than one page of runs (GetSweep pages through them; SubmitSweep and CancelSweep answer
+//! with the first page; ListSweeps and WatchSweep with none).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,7 +20,9 @@ use uuid::Uuid;
 
 use super::follow::{self, Sender, Step, Watcher};
 use super::{dispatch_now, timestamp, AppState};
-use crate::domain::{self, query::page_size, PageToken};
+use crate::domain::{
+    self, query::page_size, PageToken, RequestKey, RequestKind, RunPage, RunPageToken, SweepQuery,
+};
 use crate::error::{Error, Result};
 use crate::store::{self, SweepRow, SweepRunRow};
 use crate::summary::{summarise, SummaryRequest};
@@ -38,47 +42,55 @@ const CVAE_METRICS: [&str; 4] = [
 const CLASSIFIER_METRICS: [&str; 2] = [metric::TEST_LOSS, metric::TEST_ACCURACY];
 
 /// Stores the sweep and its jobs (all or nothing), then dispatches the jobs that start queued.
+/// Answers with the sweep and the first page of its runs. With a request_id that an earlier
+/// submit used for the same spec, that sweep is the answer and nothing is stored or pushed.
 pub async fn submit(state: &AppState, req: v1::SubmitSweepRequest) -> Result<v1::Sweep> {
     let spec = req
         .spec
         .ok_or_else(|| Error::invalid("spec", "is required"))?;
     let plan = SweepPlan::try_from(spec)?;
+    let key = RequestKey::parse(
+        RequestKind::Sweep,
+        "request_id",
+        &req.request_id,
+        &plan.to_json(),
+    )?;
     let id = SweepId::from(Uuid::now_v7());
-    let inserted = store::insert_sweep(&state.pool, id, &plan).await?;
-    tracing::info!(
-        sweep_id = %id, name = %plan.name, arms = plan.arms.len(), seeds = plan.seeds.len(),
-        jobs = inserted.jobs, queued = inserted.queued.len(), "sweep submitted"
-    );
-    dispatch_now(state, &inserted.queued).await;
-    load(state, id).await
+    let inserted = store::insert_sweep(&state.pool, id, &plan, key.as_ref()).await?;
+    if inserted.new {
+        tracing::info!(
+            sweep_id = %id, name = %plan.name, arms = plan.arms.len(), seeds = plan.seeds.len(),
+            jobs = inserted.jobs, queued = inserted.queued.len(), "sweep submitted"
+        );
+        dispatch_now(state, &inserted.queued).await;
+    } else {
+        tracing::info!(
+            sweep_id = %inserted.id, request_id = %req.request_id,
+            "sweep submitted again with the same request id; answered with the first"
+        );
+    }
+    load(state, inserted.id, RunPage::FIRST).await
 }
 
 pub async fn get(state: &AppState, req: v1::GetSweepRequest) -> Result<v1::Sweep> {
-    let id = domain::parse_sweep_id("sweep_id", &req.sweep_id)?;
-    load(state, id).await
+    let query = SweepQuery::try_from(req)?;
+    load(state, query.id, query.runs).await
 }
 
-/// The sweep with its arms, runs and counts, from one snapshot (NOT_FOUND if there is none).
-async fn load(state: &AppState, id: SweepId) -> Result<v1::Sweep> {
-    let (row, arms, runs) = store::sweep_snapshot(&state.pool, id)
+/// The sweep with its arms, counts and one page of its runs, from one snapshot (NOT_FOUND if
+/// there is none).
+async fn load(state: &AppState, id: SweepId, page: RunPage) -> Result<v1::Sweep> {
+    let snapshot = store::sweep_snapshot(&state.pool, id, page)
         .await?
         .ok_or_else(|| Error::sweep_not_found(id))?;
-    let counts = count(runs.iter().map(|r| r.state));
-    let mut sweep = sweep_to_proto(row, &counts)?;
-    sweep.arms = arms.into_iter().map(|a| a.name).collect();
-    sweep.runs = runs.iter().map(run_to_proto).collect();
+    let mut sweep = sweep_to_proto(snapshot.row, &snapshot.counts)?;
+    sweep.arms = snapshot.arms.into_iter().map(|a| a.name).collect();
+    sweep.runs = snapshot.runs.iter().map(run_to_proto).collect();
+    sweep.next_page_token = snapshot
+        .next
+        .map(|position| RunPageToken { position }.encode())
+        .unwrap_or_default();
     Ok(sweep)
-}
-
-fn count(states: impl Iterator<Item = JobState>) -> Vec<(JobState, i64)> {
-    let mut counts: Vec<(JobState, i64)> = Vec::new();
-    for s in states {
-        match counts.iter_mut().find(|(k, _)| *k == s) {
-            Some((_, n)) => *n += 1,
-            None => counts.push((s, 1)),
-        }
-    }
-    counts
 }
 
 fn run_to_proto(r: &SweepRunRow) -> v1::SweepRun {
@@ -91,10 +103,25 @@ fn run_to_proto(r: &SweepRunRow) -> v1::SweepRun {
     }
 }
 
-/// The state a sweep is in, given how many of its jobs are in each state.
-fn sweep_state(row: &SweepRow, counts: &[(JobState, i64)]) -> SweepState {
+/// The state a sweep is in, given whether it was cancelled and how many of its jobs are in
+/// each state.
+fn sweep_state(cancelled: bool, counts: &[(JobState, i64)]) -> SweepState {
     let present = counts.iter().filter(|(_, n)| *n > 0).map(|(s, _)| *s);
-    SweepState::derive(row.cancelled_at.is_some(), present)
+    SweepState::derive(cancelled, present)
+}
+
+/// The wire counts, in JobState order, so the list reads the same every time.
+fn jobs_by_state(counts: &[(JobState, i64)]) -> Vec<v1::StateCount> {
+    let mut jobs_by_state: Vec<v1::StateCount> = counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(s, n)| v1::StateCount {
+            state: v1::JobState::from(*s) as i32,
+            count: (*n).clamp(0, i64::from(u32::MAX)) as u32,
+        })
+        .collect();
+    jobs_by_state.sort_by_key(|c| c.state);
+    jobs_by_state
 }
 
 /// A sweep without its arms and runs.
@@ -105,25 +132,16 @@ fn sweep_to_proto(row: SweepRow, counts: &[(JobState, i64)]) -> Result<v1::Sweep
             row.id
         ))
     })?;
-    let state = sweep_state(&row, counts);
-    // In JobState order, so the list reads the same every time.
-    let mut jobs_by_state: Vec<v1::StateCount> = counts
-        .iter()
-        .filter(|(_, n)| *n > 0)
-        .map(|(s, n)| v1::StateCount {
-            state: v1::JobState::from(*s) as i32,
-            count: (*n).clamp(0, i64::from(u32::MAX)) as u32,
-        })
-        .collect();
-    jobs_by_state.sort_by_key(|c| c.state);
+    let state = sweep_state(row.cancelled_at.is_some(), counts);
     Ok(v1::Sweep {
         sweep_id: row.id.to_string(),
         spec: Some(spec),
         state: v1::SweepState::from(state) as i32,
         arms: Vec::new(),
         runs: Vec::new(),
-        jobs_by_state,
+        jobs_by_state: jobs_by_state(counts),
         created_at: Some(timestamp(row.created_at)),
+        next_page_token: String::new(),
     })
 }
 
@@ -154,10 +172,10 @@ pub async fn list(state: &AppState, req: v1::ListSweepsRequest) -> Result<v1::Li
     })
 }
 
-/// Records the cancellation, then cancels every unfinished job, arms before sources (so arm
-/// runs end `cancelled`, not `failed` because their source was cancelled). Each job is
-/// cancelled in its own transaction by the CancelJob store logic; a job that ends on its own
-/// meanwhile keeps its result.
+/// Records the cancellation and cancels every unfinished job, arms before sources (so arm
+/// runs end `cancelled`, not `failed` because their source was cancelled), in one transaction;
+/// a job that ended on its own meanwhile keeps its result. Answers like SubmitSweep (the first
+/// page of runs).
 pub async fn cancel(state: &AppState, req: v1::CancelSweepRequest) -> Result<v1::Sweep> {
     let id = domain::parse_sweep_id("sweep_id", &req.sweep_id)?;
     let reason = domain::reason_text(&req.reason, "sweep cancelled by user");
@@ -169,61 +187,86 @@ pub async fn cancel(state: &AppState, req: v1::CancelSweepRequest) -> Result<v1:
     }
     let cancelled = done.cancelled.len();
     tracing::info!(sweep_id = %id, jobs = cancelled, %reason, "sweep cancelled");
-    load(state, id).await
+    load(state, id, RunPage::FIRST).await
 }
 
-/// Sends the sweep now, then after every change of one of its jobs' states, until every job
-/// has ended (that message is the last), the client leaves, or the coordinator shuts down.
+/// Sends the sweep now, then again whenever its state or its job counts changed, until every
+/// job has ended (that message is the last), the client leaves, or the coordinator shuts down.
+///
+/// Cheap for a big sweep: the stream wakes only on its jobs' state changes (metric points do
+/// not wake it, see [`crate::events`]) and on the fallback poll, and each look reads only the
+/// counts ([`store::sweep_progress`], one aggregate statement), never the runs; the spec and
+/// arms are read once, for the first message, and reused.
 pub async fn watch(state: Arc<AppState>, req: v1::WatchSweepRequest) -> Result<SweepEvents> {
     let id = domain::parse_sweep_id("sweep_id", &req.sweep_id)?;
     // The job ids never change after submission; subscribe before the first read.
-    let runs = store::sweep_runs(&state.pool, id).await?;
-    let subscriptions: Vec<_> = runs
+    let subscriptions: Vec<_> = store::sweep_job_ids(&state.pool, id)
+        .await?
         .iter()
-        .map(|r| state.notifier.subscribe(r.job_id.as_uuid()))
+        .map(|job| state.notifier.subscribe_states(job.as_uuid()))
         .collect();
-    let sweep = load(&state, id).await?;
+    let snapshot = store::sweep_snapshot(
+        &state.pool,
+        id,
+        RunPage {
+            size: 0,
+            after: None,
+        },
+    )
+    .await?
+    .ok_or_else(|| Error::sweep_not_found(id))?;
+    let mut header = sweep_to_proto(snapshot.row, &snapshot.counts)?;
+    header.arms = snapshot.arms.into_iter().map(|a| a.name).collect();
     let (tx, rx) = mpsc::channel(follow::STREAM_BUFFER);
-    let ended = all_ended(&sweep);
-    let seen = fingerprint(&sweep);
-    if tx.send(Ok(sweep)).await.is_ok() && !ended {
+    let ended = all_ended(&snapshot.counts);
+    let seen = (header.state, header.jobs_by_state.clone());
+    if tx.send(Ok(header.clone())).await.is_ok() && !ended {
         let context = state.follow_context();
-        let watcher = SweepWatcher { state, id, seen };
+        let watcher = SweepWatcher {
+            state,
+            id,
+            header,
+            seen,
+        };
         follow::spawn(watcher, subscriptions, context, tx);
     }
     Ok(ReceiverStream::new(rx))
 }
 
-fn all_ended(sweep: &v1::Sweep) -> bool {
-    sweep
-        .runs
-        .iter()
-        .all(|r| v1::JobState::try_from(r.state).is_ok_and(|s| s.is_terminal()))
+/// Every job has ended (a sweep always has jobs).
+fn all_ended(counts: &[(JobState, i64)]) -> bool {
+    counts.iter().all(|(s, n)| *n == 0 || s.is_terminal())
 }
 
-/// What a watcher compares: the sweep's state and every run's state.
-fn fingerprint(sweep: &v1::Sweep) -> (i32, Vec<i32>) {
-    (sweep.state, sweep.runs.iter().map(|r| r.state).collect())
-}
-
-/// One WatchSweep stream's reading side: sends the sweep when its fingerprint changed.
+/// One WatchSweep stream's reading side: sends the sweep when its state or counts changed.
 struct SweepWatcher {
     state: Arc<AppState>,
     id: SweepId,
-    seen: (i32, Vec<i32>),
+    /// The first message: spec, arms and created_at never change; state and counts are set
+    /// from each look.
+    header: v1::Sweep,
+    /// The state and counts last sent.
+    seen: (i32, Vec<v1::StateCount>),
 }
 
 impl Watcher for SweepWatcher {
     type Event = v1::Sweep;
 
     async fn look(&mut self, tx: &Sender<v1::Sweep>) -> Result<Step> {
-        let sweep = load(&self.state, self.id).await?;
-        let now = fingerprint(&sweep);
+        let progress = store::sweep_progress(&self.state.pool, self.id)
+            .await?
+            .ok_or_else(|| Error::sweep_not_found(self.id))?;
+        let now = (
+            v1::SweepState::from(sweep_state(progress.cancelled, &progress.counts)) as i32,
+            jobs_by_state(&progress.counts),
+        );
         if now == self.seen {
             return Ok(Step::Continue);
         }
-        self.seen = now;
-        let ended = all_ended(&sweep);
+        self.seen = now.clone();
+        let mut sweep = self.header.clone();
+        (sweep.state, sweep.jobs_by_state) = now;
+        let ended = all_ended(&progress.counts);
         if tx.send(Ok(sweep)).await.is_err() || ended {
             return Ok(Step::Done);
         }

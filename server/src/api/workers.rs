@@ -75,7 +75,7 @@ impl WorkerApi {
         let lease = &report.lease;
         let done = store::record_metrics(&self.state.pool, lease, &report.points).await?;
         if done.stored > 0 {
-            self.state.notifier.notify(lease.job_id.as_uuid());
+            self.state.notifier.notify_points(lease.job_id.as_uuid());
         }
         if let Some((name, step)) = &done.first_conflict {
             tracing::warn!(

@@ -7,7 +7,8 @@
 //! by hand. The parts:
 //!
 //! - [`lease`]: a worker's lease, metric points, completions and metric reports;
-//! - [`query`]: ListJobs and GetMetrics requests, and page tokens;
+//! - [`query`]: ListJobs, GetMetrics and GetSweep requests, and page tokens;
+//! - [`request`]: the idempotency keys of SubmitJob and SubmitSweep;
 //! - [`artifact`]: artifact kinds, names, upload headers and which artifact a download means;
 //! - [`backoff`]: the retry-backoff policy.
 //!
@@ -20,6 +21,7 @@ pub mod artifact;
 pub mod backoff;
 pub mod lease;
 pub mod query;
+pub mod request;
 
 use proto::spec::{Cvae, Experiment, Init, JobSpec};
 use proto::{JobId, JobState, SweepId};
@@ -33,7 +35,8 @@ pub use artifact::{
 };
 pub use backoff::{retry_backoff, MAX_RETRY_BACKOFF};
 pub use lease::{parse_points, Completion, Lease, MetricPoint, MetricsReport};
-pub use query::{JobQuery, MetricsQuery, PageToken};
+pub use query::{JobQuery, MetricsQuery, PageToken, RunPage, RunPageToken, SweepQuery};
+pub use request::{RequestKey, RequestKind};
 
 /// Most points one ReportMetrics call may carry (documented in the .proto).
 pub const MAX_POINTS_PER_CALL: usize = 10_000;
@@ -45,6 +48,11 @@ pub const MAX_WORKER_ID_CHARS: usize = 256;
 pub const DEFAULT_PAGE_SIZE: u32 = 50;
 /// Largest ListJobs page.
 pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Runs in a GetSweep page when the request says 0 (and in SubmitSweep's and CancelSweep's
+/// answers).
+pub const DEFAULT_RUNS_PAGE_SIZE: u32 = 1000;
+/// Largest page of a sweep's runs: about 100 KB, at most about 1.5 MB with the longest arm names.
+pub const MAX_RUNS_PAGE_SIZE: u32 = 1000;
 /// Most metric names one GetMetrics call may ask for (documented in the .proto).
 pub const MAX_METRIC_NAMES: usize = 64;
 /// Largest request message either service decodes (documented in the .proto: 8 MiB); a larger
@@ -162,7 +170,10 @@ mod tests {
     #[test]
     fn a_get_sweep_id_that_is_braced_or_a_urn_is_invalid() {
         let id = uuid::Uuid::now_v7();
-        let req = |sweep_id: String| proto::v1::GetSweepRequest { sweep_id };
+        let req = |sweep_id: String| proto::v1::GetSweepRequest {
+            sweep_id,
+            ..Default::default()
+        };
         let ok = req(id.to_string());
         assert_eq!(
             parse_sweep_id("sweep_id", &ok.sweep_id)

@@ -1,15 +1,18 @@
-//! Read requests: which jobs ListJobs returns, which series GetMetrics returns, and the opaque
-//! page tokens of both list RPCs.
+//! Read requests: which jobs ListJobs returns, which series GetMetrics returns, which runs a
+//! GetSweep page holds, and the opaque page tokens of the list RPCs and of a sweep's runs.
 //!
 //! Must not do I/O, and must not parse an id or check a metric name other than through the
 //! proto crate's parsers.
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
-use proto::{v1, JobId, JobState, MetricName};
+use proto::{v1, JobId, JobState, MetricName, SweepId};
 use uuid::Uuid;
 
-use super::{parse_job_id, DEFAULT_PAGE_SIZE, MAX_METRIC_NAMES, MAX_PAGE_SIZE};
+use super::{
+    parse_job_id, parse_sweep_id, DEFAULT_PAGE_SIZE, DEFAULT_RUNS_PAGE_SIZE, MAX_METRIC_NAMES,
+    MAX_PAGE_SIZE, MAX_RUNS_PAGE_SIZE,
+};
 use crate::error::{Error, Result};
 
 /// Which metric series GetMetrics returns.
@@ -145,6 +148,79 @@ impl PageToken {
     }
 }
 
+/// Which sweep GetSweep reads, and which page of its runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepQuery {
+    pub id: SweepId,
+    pub runs: RunPage,
+}
+
+/// A page of a sweep's runs: at most `size` runs after position `after` (creation order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunPage {
+    pub size: u32,
+    /// Exclusive start: runs at positions above this (`None`: from the first).
+    pub after: Option<i32>,
+}
+
+impl RunPage {
+    /// The first page at the default size (what SubmitSweep and CancelSweep answer with).
+    pub const FIRST: RunPage = RunPage {
+        size: DEFAULT_RUNS_PAGE_SIZE,
+        after: None,
+    };
+}
+
+impl TryFrom<v1::GetSweepRequest> for SweepQuery {
+    type Error = Error;
+
+    fn try_from(req: v1::GetSweepRequest) -> Result<Self> {
+        let id = parse_sweep_id("sweep_id", &req.sweep_id)?;
+        let size = match req.page_size {
+            0 => DEFAULT_RUNS_PAGE_SIZE,
+            n => n.min(MAX_RUNS_PAGE_SIZE),
+        };
+        let after = match req.page_token.as_str() {
+            "" => None,
+            token => Some(RunPageToken::decode(token)?.position),
+        };
+        Ok(SweepQuery {
+            id,
+            runs: RunPage { size, after },
+        })
+    }
+}
+
+/// Where the next page of a sweep's runs starts: the position of the last run sent. Opaque to
+/// clients (base64), like [`PageToken`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunPageToken {
+    pub position: i32,
+}
+
+impl RunPageToken {
+    pub fn encode(&self) -> String {
+        PageToken::ENGINE.encode(format!("r1:{}", self.position))
+    }
+
+    pub fn decode(token: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "page_token",
+                "is not a token from a previous response's next_page_token",
+            )
+        };
+        let bytes = PageToken::ENGINE.decode(token).map_err(|_| bad())?;
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        let position = text
+            .strip_prefix("r1:")
+            .and_then(|p| p.parse::<i32>().ok())
+            .filter(|p| *p >= 0)
+            .ok_or_else(bad)?;
+        Ok(RunPageToken { position })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +240,48 @@ mod tests {
                 other => panic!("{bad:?} gave {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_get_sweep_page_is_1000_runs_at_most_and_its_token_is_checked() {
+        let req = |page_size, page_token: &str| v1::GetSweepRequest {
+            sweep_id: Uuid::nil().to_string(),
+            page_size,
+            page_token: page_token.into(),
+        };
+        let first = SweepQuery::try_from(req(0, "")).expect("valid");
+        assert_eq!(first.runs, RunPage::FIRST);
+        assert_eq!(first.runs.size, DEFAULT_RUNS_PAGE_SIZE);
+        let big = SweepQuery::try_from(req(1_000_000, "")).expect("valid");
+        assert_eq!(big.runs.size, MAX_RUNS_PAGE_SIZE);
+        let token = RunPageToken { position: 41 }.encode();
+        let next = SweepQuery::try_from(req(10, &token)).expect("valid");
+        assert_eq!(
+            next.runs,
+            RunPage {
+                size: 10,
+                after: Some(41)
+            }
+        );
+        let list_token = PageToken {
+            created_at: DateTime::from_timestamp_micros(1).expect("in range"),
+            id: Uuid::nil(),
+        }
+        .encode();
+        let negative = PageToken::ENGINE.encode("r1:-1");
+        for bad in ["x", list_token.as_str(), negative.as_str()] {
+            assert_eq!(
+                invalid_field(SweepQuery::try_from(req(0, bad))),
+                "page_token"
+            );
+        }
+        assert_eq!(
+            invalid_field(SweepQuery::try_from(v1::GetSweepRequest {
+                sweep_id: "nope".into(),
+                ..Default::default()
+            })),
+            "sweep_id"
+        );
     }
 
     #[test]

@@ -13,9 +13,10 @@ use sqlx::{Acquire, PgConnection, PgExecutor, PgPool, Postgres};
 use uuid::Uuid;
 
 use super::attempts::end_attempt;
+use super::requests::{claim_key, Claimed};
 use super::state::{self, state};
-use super::{millis, typed, uuids, AttemptRow, JobRow};
-use crate::domain::{self, JobQuery, PageToken, TRANSFER_SOURCE_FIELD};
+use super::{millis, once_more_on_deadlock, typed, uuids, AttemptRow, JobRow};
+use crate::domain::{self, JobQuery, PageToken, RequestKey, TRANSFER_SOURCE_FIELD};
 use crate::error::{Error, Result};
 
 /// Stores a validated job with its dependency edges, in one transaction (a savepoint when `db`
@@ -31,6 +32,10 @@ use crate::error::{Error, Result};
 /// The dependencies are read `FOR SHARE`, so one that is finishing right now either finished
 /// before (and its state is seen here) or finishes after this commit (and then sees this job
 /// among its dependents).
+///
+/// No cycle check: a cycle cannot arise. The new job's id is fresh and its dependencies must
+/// already exist (checked here, under the share lock, and `job_dependencies` references `jobs`),
+/// so no existing job can reach the new one; and edges are only ever added with their job.
 pub async fn insert_job<'c>(
     db: impl Acquire<'c, Database = Postgres>,
     id: JobId,
@@ -39,48 +44,8 @@ pub async fn insert_job<'c>(
     let labels = serde_json::to_value(&spec.labels).map_err(|e| Error::Internal(e.into()))?;
     let deps: Vec<Uuid> = spec.dependencies.iter().map(|d| d.as_uuid()).collect();
     let mut tx = db.begin().await?;
-    let found: Vec<(Uuid, String, String)> =
-        sqlx::query_as("SELECT id, kind, state FROM jobs WHERE id = ANY($1) ORDER BY id FOR SHARE")
-            .bind(&deps)
-            .fetch_all(&mut *tx)
-            .await?;
-    let mut by_id: HashMap<Uuid, (String, JobState)> = HashMap::with_capacity(found.len());
-    for (id, kind, text) in found {
-        by_id.insert(id, (kind, state::job_state(text)?));
-    }
-    for (id, dep) in spec.dependencies.iter().zip(&deps) {
-        if !by_id.contains_key(dep) {
-            return Err(Error::invalid(
-                domain::dependency_field(spec, *id),
-                format!("job {dep} does not exist"),
-            ));
-        }
-    }
-    if let Some(source) = domain::transfer_source(spec) {
-        let (kind, _) = by_id.get(&source.as_uuid()).ok_or_else(|| {
-            Error::Internal(anyhow::anyhow!(
-                "transfer source not among the dependencies"
-            ))
-        })?;
-        if kind != "mnist_classifier" {
-            return Err(Error::invalid(
-                TRANSFER_SOURCE_FIELD,
-                format!("job {source} is a {kind} job; a transfer's source must be an mnist_classifier job"),
-            ));
-        }
-    }
-    let states: Vec<(Uuid, JobState)> = deps.iter().map(|d| (*d, by_id[d].1)).collect();
-    let broken = states
-        .iter()
-        .find(|(_, s)| matches!(s, JobState::Failed | JobState::Cancelled));
-    let (initial, error) = match broken {
-        Some((dep, dep_state)) => (
-            JobState::Failed,
-            Some(domain::dependency_failed(*dep, *dep_state)),
-        ),
-        None if states.iter().all(|(_, s)| *s == JobState::Succeeded) => (JobState::Queued, None),
-        None => (JobState::Waiting, None),
-    };
+    let found = lock_dependencies(&mut tx, &deps).await?;
+    let (initial, error) = initial_state(spec, &found)?;
     let row = sqlx::query_as::<_, JobRow>(concat!(
         "INSERT INTO jobs (id, name, kind, spec, labels, state, max_attempts, error, finished_at)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, CASE WHEN $6 = ",
@@ -94,7 +59,7 @@ pub async fn insert_job<'c>(
     .bind(spec.to_json())
     .bind(labels)
     .bind(initial.as_str())
-    .bind(i32::try_from(spec.max_attempts).unwrap_or(i32::MAX))
+    .bind(max_attempts(spec))
     .bind(error)
     .fetch_one(&mut *tx)
     .await?;
@@ -106,33 +71,106 @@ pub async fn insert_job<'c>(
         .bind(&deps)
         .execute(&mut *tx)
         .await?;
-        // A cycle cannot arise: a new job can only depend on jobs that already exist, and edges
-        // are never added later. Checked anyway, so the invariant is enforced here rather than
-        // only argued: the new job must not be reachable from its own dependencies.
-        if depends_on_itself(&mut tx, id.as_uuid()).await? {
-            return Err(Error::invalid(
-                "spec.depends_on",
-                format!("job {id} would depend on itself through its dependencies"),
-            ));
-        }
     }
     tx.commit().await?;
     Ok(row)
 }
 
-/// True when `id` can be reached by following `depends_on` edges from `id`'s own dependencies.
-async fn depends_on_itself(conn: &mut PgConnection, id: Uuid) -> Result<bool> {
-    Ok(sqlx::query_scalar(
-        "WITH RECURSIVE reachable(id) AS (
-             SELECT depends_on FROM job_dependencies WHERE job_id = $1
-             UNION
-             SELECT d.depends_on FROM job_dependencies d JOIN reachable r ON d.job_id = r.id
-         )
-         SELECT EXISTS (SELECT 1 FROM reachable WHERE id = $1)",
-    )
-    .bind(id)
-    .fetch_one(conn)
-    .await?)
+/// [`insert_job`] with an optional idempotency key, in a transaction of its own: the key is
+/// claimed first (see [`super::requests`]); when an earlier submit holds it with the same spec,
+/// nothing is written and that job comes back as it is now. Returns the job and whether it was
+/// created by this call.
+pub async fn submit_job(
+    pool: &PgPool,
+    id: JobId,
+    spec: &JobSpec,
+    key: Option<&RequestKey>,
+) -> Result<(JobRow, bool)> {
+    let Some(key) = key else {
+        return Ok((insert_job(pool, id, spec).await?, true));
+    };
+    let mut tx = pool.begin().await?;
+    if let Claimed::Earlier(earlier) = claim_key(&mut tx, key, id.as_uuid()).await? {
+        drop(tx);
+        let row = get_job(pool, JobId::from(earlier)).await?.ok_or_else(|| {
+            Error::Internal(anyhow::anyhow!(
+                "request {} names job {earlier}, which does not exist",
+                key.id
+            ))
+        })?;
+        return Ok((row, false));
+    }
+    let row = insert_job(&mut *tx, id, spec).await?;
+    tx.commit().await?;
+    Ok((row, true))
+}
+
+/// `spec.max_attempts` as stored.
+pub(super) fn max_attempts(spec: &JobSpec) -> i32 {
+    i32::try_from(spec.max_attempts).unwrap_or(i32::MAX)
+}
+
+/// A dependency's kind and state, as [`lock_dependencies`] read it.
+pub(super) type Found = HashMap<Uuid, (String, JobState)>;
+
+/// Reads these jobs' kinds and states `FOR SHARE` (in id order): a dependency cannot end
+/// between this read and the commit of the job that depends on it without seeing that job.
+/// Ids that name no job are absent from the answer.
+pub(super) async fn lock_dependencies(conn: &mut PgConnection, deps: &[Uuid]) -> Result<Found> {
+    if deps.is_empty() {
+        return Ok(Found::new());
+    }
+    let found: Vec<(Uuid, String, String)> =
+        sqlx::query_as("SELECT id, kind, state FROM jobs WHERE id = ANY($1) ORDER BY id FOR SHARE")
+            .bind(deps)
+            .fetch_all(&mut *conn)
+            .await?;
+    let mut by_id = Found::with_capacity(found.len());
+    for (id, kind, text) in found {
+        by_id.insert(id, (kind, state::job_state(text)?));
+    }
+    Ok(by_id)
+}
+
+/// Checks a spec's dependencies against what [`lock_dependencies`] found (each must exist; a
+/// transfer's source must be an `mnist_classifier` job) and gives the state the job starts in:
+/// `failed` with `dependency_failed` when one failed or was cancelled, `queued` when all
+/// succeeded, else `waiting`. Field paths are the job spec's (`spec.depends_on[i]`).
+pub(super) fn initial_state(spec: &JobSpec, found: &Found) -> Result<(JobState, Option<String>)> {
+    let deps: Vec<Uuid> = spec.dependencies.iter().map(|d| d.as_uuid()).collect();
+    for (id, dep) in spec.dependencies.iter().zip(&deps) {
+        if !found.contains_key(dep) {
+            return Err(Error::invalid(
+                domain::dependency_field(spec, *id),
+                format!("job {dep} does not exist"),
+            ));
+        }
+    }
+    if let Some(source) = domain::transfer_source(spec) {
+        let (kind, _) = found.get(&source.as_uuid()).ok_or_else(|| {
+            Error::Internal(anyhow::anyhow!(
+                "transfer source not among the dependencies"
+            ))
+        })?;
+        if kind != "mnist_classifier" {
+            return Err(Error::invalid(
+                TRANSFER_SOURCE_FIELD,
+                format!("job {source} is a {kind} job; a transfer's source must be an mnist_classifier job"),
+            ));
+        }
+    }
+    let states: Vec<(Uuid, JobState)> = deps.iter().map(|d| (*d, found[d].1)).collect();
+    let broken = states
+        .iter()
+        .find(|(_, s)| matches!(s, JobState::Failed | JobState::Cancelled));
+    Ok(match broken {
+        Some((dep, dep_state)) => (
+            JobState::Failed,
+            Some(domain::dependency_failed(*dep, *dep_state)),
+        ),
+        None if states.iter().all(|(_, s)| *s == JobState::Succeeded) => (JobState::Queued, None),
+        None => (JobState::Waiting, None),
+    })
 }
 
 /// The ids of the jobs that `id` depends on, in id order.
@@ -144,6 +182,27 @@ pub async fn dependencies_of(ex: impl PgExecutor<'_>, id: JobId) -> Result<Vec<J
     .fetch_all(ex)
     .await?;
     Ok(typed(ids))
+}
+
+/// Locks a job that is about to end (or be cancelled) and the jobs waiting for it, all at once
+/// in id order: the one order in which every path that ends a job and changes its dependents
+/// takes row locks (CancelSweep locks a whole sweep's open jobs in the same order), so that
+/// two of them meeting on the same rows wait for each other instead of deadlocking. Returns
+/// nothing: the caller goes on to read and update the rows it now holds.
+pub(super) async fn lock_with_dependents(conn: &mut PgConnection, id: JobId) -> Result<()> {
+    sqlx::query(concat!(
+        "SELECT id FROM jobs
+         WHERE id = $1
+            OR (state = ",
+        state!(waiting),
+        " AND id IN (SELECT job_id FROM job_dependencies WHERE depends_on = $1))
+         ORDER BY id
+         FOR UPDATE"
+    ))
+    .bind(id.as_uuid())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// After `id` succeeded: every waiting dependent whose dependencies have now all succeeded
@@ -319,27 +378,30 @@ pub async fn take_due_for_dispatch(
 /// Cancels a waiting, queued or running job. A running job's worker finds out at its next
 /// heartbeat (keep_running = false) and its later writes are refused as stale. The jobs waiting
 /// for it fail with `dependency_failed` in the same transaction; their ids come back with the
-/// cancelled row.
+/// cancelled row. Retried once when Postgres breaks a deadlock.
 pub async fn cancel_job(pool: &PgPool, id: JobId, reason: &str) -> Result<(JobRow, Vec<JobId>)> {
-    let mut tx = pool.begin().await?;
-    let cancelled = cancel_in(&mut tx, id, reason).await?;
-    tx.commit().await?;
-    Ok(cancelled)
+    once_more_on_deadlock(|| async move {
+        let mut tx = pool.begin().await?;
+        let cancelled = cancel_in(&mut tx, id, reason).await?;
+        tx.commit().await?;
+        Ok(cancelled)
+    })
+    .await
 }
 
-/// [`cancel_job`]'s work inside the caller's transaction: locks the job, refuses an unknown
-/// (NOT_FOUND) or ended one (FAILED_PRECONDITION), cancels it, closes its attempt and fails its
-/// waiting dependents.
+/// [`cancel_job`]'s work inside the caller's transaction: locks the job and its waiting
+/// dependents ([`lock_with_dependents`]), refuses an unknown (NOT_FOUND) or ended job
+/// (FAILED_PRECONDITION), cancels it, closes its attempt and fails its waiting dependents.
 pub(super) async fn cancel_in(
     conn: &mut PgConnection,
     id: JobId,
     reason: &str,
 ) -> Result<(JobRow, Vec<JobId>)> {
-    let current: Option<String> =
-        sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1 FOR UPDATE")
-            .bind(id.as_uuid())
-            .fetch_optional(&mut *conn)
-            .await?;
+    lock_with_dependents(&mut *conn, id).await?;
+    let current: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+        .bind(id.as_uuid())
+        .fetch_optional(&mut *conn)
+        .await?;
     let Some(current) = current else {
         return Err(Error::job_not_found(id));
     };

@@ -14,11 +14,11 @@ use uuid::Uuid;
 
 use super::artifacts::{drop_resume_states, newest_resume_state, ArtifactRow};
 use super::attempts::{end_attempt, job_holder, refuse_lease};
-use super::jobs::{fail_dependents, promote_dependents};
+use super::jobs::{fail_dependents, lock_with_dependents, promote_dependents};
 use super::state::{outcome, state};
-use super::{millis, JobRow};
+use super::{millis, once_more_on_deadlock, JobRow};
 use crate::domain::Lease;
-use crate::error::{Error, Result};
+use crate::error::{is_deadlock, Error, Result};
 
 /// What a successful claim hands the worker.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,10 +138,16 @@ pub struct Completed {
 /// succeeded). In the same transaction it promotes the dependents that were waiting only for
 /// it and deletes the job's training states. Idempotent: completing an attempt that already
 /// succeeded is OK (the worker may retry after a lost response) and changes nothing more;
-/// anything else is refused.
+/// anything else is refused. The job and its waiting dependents are locked first, in id order
+/// ([`super::jobs::lock_with_dependents`]); retried once when Postgres breaks a deadlock.
 pub async fn complete_job(pool: &PgPool, lease: &Lease, final_step: i64) -> Result<Completed> {
+    once_more_on_deadlock(|| complete_once(pool, lease, final_step)).await
+}
+
+async fn complete_once(pool: &PgPool, lease: &Lease, final_step: i64) -> Result<Completed> {
     let id = lease.job_id.as_uuid();
     let mut tx = pool.begin().await?;
+    lock_with_dependents(&mut tx, lease.job_id).await?;
     let done = sqlx::query(concat!(
         "UPDATE jobs SET state = ",
         state!(succeeded),
@@ -177,16 +183,34 @@ pub async fn complete_job(pool: &PgPool, lease: &Lease, final_step: i64) -> Resu
 /// soon as the backoff has passed. A job that fails for good fails its waiting dependents in the
 /// same transaction. Returns the new state and the dependents that failed. Idempotent for a
 /// repeated call by the same attempt. A permanent failure that arrives after the lease reaper
-/// queued the job again (and before anyone claimed it) still fails the job for good.
+/// queued the job again (and before anyone claimed it) still fails the job for good. Locks as
+/// [`complete_job`] does, and is retried once when Postgres breaks a deadlock.
 pub async fn fail_job(
     pool: &PgPool,
     lease: &Lease,
     reason: &str,
     permanent: bool,
-    retry_after: impl FnOnce(i32) -> Duration,
+    mut retry_after: impl FnMut(i32) -> Duration,
+) -> Result<(JobState, Vec<JobId>)> {
+    // As once_more_on_deadlock, with the policy lent to each try in turn.
+    match fail_once(pool, lease, reason, permanent, &mut retry_after).await {
+        Err(e) if is_deadlock(&e) => {
+            fail_once(pool, lease, reason, permanent, &mut retry_after).await
+        }
+        other => other,
+    }
+}
+
+async fn fail_once(
+    pool: &PgPool,
+    lease: &Lease,
+    reason: &str,
+    permanent: bool,
+    retry_after: &mut impl FnMut(i32) -> Duration,
 ) -> Result<(JobState, Vec<JobId>)> {
     let id = lease.job_id.as_uuid();
     let mut tx = pool.begin().await?;
+    lock_with_dependents(&mut tx, lease.job_id).await?;
     let counts: Option<(i32, i32)> = sqlx::query_as(concat!(
         "SELECT failed_attempts, max_attempts FROM jobs
          WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = ",

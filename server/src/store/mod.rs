@@ -10,9 +10,17 @@
 //! Dependencies: a job that ends changes the jobs waiting for it in the same transaction (a
 //! success promotes those whose dependencies have all succeeded to `queued`; a failure or a
 //! cancellation fails them, transitively, with `dependency_failed`), and returns their ids so
-//! the caller can dispatch them and wake their watchers. Rows are locked in a fixed order
-//! (the finished job, then its dependents by id), so that two dependencies ending at once see
-//! each other's outcome.
+//! the caller can dispatch them and wake their watchers. Rows are locked in one global order:
+//! a job that ends (completion, failure, cancellation) is locked together with its waiting
+//! dependents, all in id order, before anything changes, and CancelSweep locks all of a sweep's
+//! open jobs in id order up front; so two dependencies ending at once see each other's outcome,
+//! and a sweep's source completing while the sweep is cancelled waits instead of deadlocking.
+//! Dependents further down a chain are locked as the cascade reaches them; a deadlock there
+//! (SQLSTATE 40P01, across graphs only) is retried once, since the aborted transaction wrote
+//! nothing.
+//!
+//! Idempotent submission: a submit with a `request_id` claims the key (`submit_requests`) first
+//! in the transaction that stores the job or sweep ([`requests`]).
 //!
 //! Attempts: every claim inserts a `job_attempts` row (`running`, with the step of the training
 //! state it resumes from) and every way an attempt ends (completion, failure, lease expiry,
@@ -39,8 +47,11 @@ mod changes;
 mod jobs;
 mod leases;
 mod metrics;
+mod requests;
 pub(crate) mod state;
 mod sweeps;
+
+use std::future::Future;
 
 use std::time::Duration;
 
@@ -49,6 +60,21 @@ use proto::{AttemptOutcome, JobId, JobState};
 use uuid::Uuid;
 
 use crate::domain::MetricPoint;
+use crate::error::{is_deadlock, Result};
+
+/// Runs a transaction's work, and once more when Postgres aborted it to break a deadlock
+/// (SQLSTATE 40P01): the aborted transaction wrote nothing, and the second try meets the other
+/// transaction's outcome. Only for work that is safe to repeat from the start.
+async fn once_more_on_deadlock<T, F, Fut>(mut work: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T>>,
+{
+    match work().await {
+        Err(e) if is_deadlock(&e) => work().await,
+        other => other,
+    }
+}
 
 pub use artifacts::{
     artifact_uri_in_use, get_artifact, list_artifacts, newest_artifact, newest_resume_state,
@@ -59,7 +85,7 @@ pub use changes::{job_versions, JobVersion};
 pub use jobs::{
     attempts_of, attempts_of_jobs, cancel_job, clear_dispatched, count_jobs_by_state,
     dependencies_of, forget_all_dispatches, get_job, insert_job, list_jobs, mark_dispatched,
-    take_due_for_dispatch,
+    submit_job, take_due_for_dispatch,
 };
 pub use leases::{
     claim_job, complete_job, fail_job, heartbeat, reap_expired_leases, release_job, Claim,
@@ -71,8 +97,9 @@ pub use metrics::{
 };
 pub use sweeps::{
     cancel_sweep, get_sweep, insert_sweep, list_sweeps, mark_sweep_cancelled, sweep_arms,
-    sweep_metric_points, sweep_runs, sweep_snapshot, sweep_state_counts, InsertedSweep,
-    SweepArmRow, SweepCancelled, SweepRow, SweepRunRow,
+    sweep_job_ids, sweep_metric_points, sweep_progress, sweep_runs, sweep_runs_page,
+    sweep_snapshot, sweep_state_counts, InsertedSweep, SweepArmRow, SweepCancelled, SweepProgress,
+    SweepRow, SweepRunRow, SweepSnapshot,
 };
 
 /// One row of `jobs`, as stored.

@@ -19,7 +19,10 @@ async fn submit_any(
     spec: v1::JobSpec,
 ) -> (String, v1::JobState) {
     let resp = jobs
-        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
         .await
         .expect("submit")
         .into_inner();
@@ -173,7 +176,10 @@ async fn a_submit_naming_a_missing_job_or_a_non_classifier_source_is_rejected_na
     let mut spec = valid_spec();
     spec.depends_on = vec![classifier.clone(), missing.clone()];
     let err = jobs
-        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
         .await
         .expect_err("unknown dependency");
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -185,6 +191,7 @@ async fn a_submit_naming_a_missing_job_or_a_non_classifier_source_is_rejected_na
     let err = jobs
         .submit_job(v1::SubmitJobRequest {
             spec: Some(transfer_spec(&missing)),
+            request_id: String::new(),
         })
         .await
         .expect_err("unknown source");
@@ -195,6 +202,7 @@ async fn a_submit_naming_a_missing_job_or_a_non_classifier_source_is_rejected_na
     let err = jobs
         .submit_job(v1::SubmitJobRequest {
             spec: Some(transfer_spec(&cvae)),
+            request_id: String::new(),
         })
         .await
         .expect_err("a cvae is no classifier");

@@ -180,7 +180,10 @@ pub fn valid_spec() -> v1::JobSpec {
 
 pub async fn submit(jobs: &mut JobServiceClient<Channel>, spec: v1::JobSpec) -> String {
     let resp = jobs
-        .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+        .submit_job(v1::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
         .await
         .expect("submit")
         .into_inner();

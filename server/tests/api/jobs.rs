@@ -101,7 +101,10 @@ async fn each_invalid_spec_is_rejected_naming_its_field_and_nothing_is_stored() 
     ];
     for (field, spec) in cases {
         let err = jobs
-            .submit_job(v1::SubmitJobRequest { spec })
+            .submit_job(v1::SubmitJobRequest {
+                spec,
+                request_id: String::new(),
+            })
             .await
             .expect_err(field);
         assert_eq!(err.code(), Code::InvalidArgument, "{field}: {err:?}");
@@ -228,5 +231,61 @@ async fn a_cancelled_queued_job_cannot_be_claimed_or_cancelled_again() {
         })
         .await;
     assert!(!claim.expect("claim answers").into_inner().claimed);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_submit_repeated_with_its_request_id_returns_the_first_job_and_another_spec_is_already_exists(
+) {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let submit_with = |spec: v1::JobSpec, request_id: &str| v1::SubmitJobRequest {
+        spec: Some(spec),
+        request_id: request_id.into(),
+    };
+    let first = jobs
+        .submit_job(submit_with(valid_spec(), "cli-0190aaaa"))
+        .await
+        .expect("first")
+        .into_inner();
+    assert_eq!(first.state(), v1::JobState::Queued);
+    let again = jobs
+        .submit_job(submit_with(valid_spec(), "cli-0190aaaa"))
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert_eq!(again, first, "the first job, as it is now");
+    let mut other = valid_spec();
+    train(&mut other).epochs = 3;
+    let reused = jobs
+        .submit_job(submit_with(other.clone(), "cli-0190aaaa"))
+        .await
+        .expect_err("another spec");
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    assert!(
+        reused.message().starts_with("request_id: ") && reused.message().contains(&first.job_id),
+        "{}",
+        reused.message()
+    );
+    for bad in ["has space", &"x".repeat(129), "a/b"] {
+        let err = jobs
+            .submit_job(submit_with(valid_spec(), bad))
+            .await
+            .expect_err("bad request id");
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with("request_id: "),
+            "{}",
+            err.message()
+        );
+    }
+    assert_eq!(server.job_rows().await, 1);
+    let second = jobs
+        .submit_job(submit_with(other, "cli-0190aaab"))
+        .await
+        .expect("another key")
+        .into_inner();
+    assert_ne!(second.job_id, first.job_id);
+    assert_eq!(server.job_rows().await, 2);
     server.stop().await;
 }

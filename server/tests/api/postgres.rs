@@ -159,6 +159,7 @@ async fn calls_answer_unavailable_quickly_while_postgres_is_down_and_work_again_
     let write = jobs
         .submit_job(v1::SubmitJobRequest {
             spec: Some(valid_spec()),
+            request_id: String::new(),
         })
         .await
         .expect_err("postgres is down");

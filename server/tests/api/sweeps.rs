@@ -51,15 +51,19 @@ pub fn study_spec(seeds: Vec<u64>) -> v1::SweepSpec {
 }
 
 pub async fn submit_sweep(jobs: &mut JobServiceClient<Channel>, spec: v1::SweepSpec) -> v1::Sweep {
-    jobs.submit_sweep(v1::SubmitSweepRequest { spec: Some(spec) })
-        .await
-        .expect("submit sweep")
-        .into_inner()
+    jobs.submit_sweep(v1::SubmitSweepRequest {
+        spec: Some(spec),
+        request_id: String::new(),
+    })
+    .await
+    .expect("submit sweep")
+    .into_inner()
 }
 
 pub async fn get_sweep(jobs: &mut JobServiceClient<Channel>, id: &str) -> v1::Sweep {
     jobs.get_sweep(v1::GetSweepRequest {
         sweep_id: id.into(),
+        ..Default::default()
     })
     .await
     .expect("get sweep")
@@ -242,7 +246,10 @@ async fn an_invalid_sweep_is_rejected_naming_its_field_and_nothing_is_stored() {
         (None, "spec"),
     ] {
         let status = jobs
-            .submit_sweep(v1::SubmitSweepRequest { spec })
+            .submit_sweep(v1::SubmitSweepRequest {
+                spec,
+                request_id: String::new(),
+            })
             .await
             .expect_err("invalid");
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
@@ -275,6 +282,7 @@ async fn unknown_sweep_ids_are_not_found_and_malformed_ones_are_invalid() {
         let get = jobs
             .get_sweep(v1::GetSweepRequest {
                 sweep_id: id.into(),
+                ..Default::default()
             })
             .await;
         assert_eq!(code_of(get), want, "get {id:?}");
@@ -448,17 +456,230 @@ async fn a_sweep_watcher_sees_each_change_and_the_stream_ends_when_every_job_end
         .await
         .expect("fail");
     let seen = watcher.await.expect("watcher");
-    let states: Vec<(v1::SweepState, v1::JobState)> = seen
-        .iter()
-        .map(|s| (s.state(), s.runs[0].state()))
-        .collect();
+    // Each message carries the counts (the runs are GetSweep's).
+    let states: Vec<(v1::SweepState, Vec<(v1::JobState, u32)>)> =
+        seen.iter().map(|s| (s.state(), counts(s))).collect();
     assert_eq!(
         states,
         [
-            (v1::SweepState::Running, v1::JobState::Queued),
-            (v1::SweepState::Running, v1::JobState::Running),
-            (v1::SweepState::Partial, v1::JobState::Failed),
+            (v1::SweepState::Running, vec![(v1::JobState::Queued, 1)]),
+            (v1::SweepState::Running, vec![(v1::JobState::Running, 1)]),
+            (v1::SweepState::Partial, vec![(v1::JobState::Failed, 1)]),
         ]
     );
+    server.stop().await;
+}
+
+fn counts(sweep: &v1::Sweep) -> Vec<(v1::JobState, u32)> {
+    sweep
+        .jobs_by_state
+        .iter()
+        .map(|c| (c.state(), c.count))
+        .collect()
+}
+
+/// The next message of a WatchSweep stream, or `None` when none comes within `within`.
+async fn next_within(
+    stream: &mut tonic::Streaming<v1::Sweep>,
+    within: Duration,
+) -> Option<v1::Sweep> {
+    match tokio::time::timeout(within, stream.next()).await {
+        Ok(Some(message)) => Some(message.expect("a sweep")),
+        Ok(None) => panic!("the stream ended"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn a_sweep_watcher_gets_counts_without_runs_for_state_changes_and_nothing_for_metric_points()
+{
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let mut workers = server.workers();
+    let mut spec = study_spec(vec![5, 6]);
+    spec.source = None;
+    spec.grid[0].values.truncate(1);
+    spec.grid[0].names.truncate(1);
+    let sweep = submit_sweep(&mut jobs, spec).await;
+    let mut stream = jobs
+        .watch_sweep(v1::WatchSweepRequest {
+            sweep_id: sweep.sweep_id.clone(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = next_within(&mut stream, WAIT).await.expect("the sweep now");
+    assert!(first.runs.is_empty() && first.next_page_token.is_empty());
+    assert_eq!(first.arms, ["random"]);
+    assert_eq!(first.spec, sweep.spec);
+    assert_eq!(counts(&first), [(v1::JobState::Queued, 2)]);
+    let id = sweep.runs[0].job_id.clone();
+    let lease = claim(&mut workers, &id).await;
+    let running = next_within(&mut stream, WAIT)
+        .await
+        .expect("a state change");
+    assert_eq!(
+        counts(&running),
+        [(v1::JobState::Queued, 1), (v1::JobState::Running, 1)]
+    );
+    assert!(running.runs.is_empty());
+    // Metric points are not changes of the sweep: no message, however many arrive.
+    for step in 1..=20 {
+        workers
+            .report_metrics(v1::ReportMetricsRequest {
+                lease: Some(lease.clone()),
+                points: vec![crate::helpers::point("train/loss", step, 1.0 / step as f64)],
+            })
+            .await
+            .expect("report");
+    }
+    assert_eq!(
+        next_within(&mut stream, Duration::from_millis(1500)).await,
+        None,
+        "metric points sent a WatchSweep message"
+    );
+    workers
+        .complete_job(v1::CompleteJobRequest {
+            lease: Some(lease),
+            final_step: 20,
+        })
+        .await
+        .expect("complete");
+    let done = next_within(&mut stream, WAIT)
+        .await
+        .expect("a state change");
+    assert_eq!(
+        counts(&done),
+        [(v1::JobState::Queued, 1), (v1::JobState::Succeeded, 1)]
+    );
+    assert_eq!(done.state(), v1::SweepState::Running);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn get_sweep_pages_through_the_runs_and_submit_and_cancel_answer_with_the_first_page() {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    // 11 arms x 91 seeds: 1001 jobs, one more than a page.
+    let spec = v1::SweepSpec {
+        name: "pages".into(),
+        base: Some(valid_spec()),
+        grid: vec![v1::GridAxis {
+            field: "training.learningRate".into(),
+            values: (1..=11)
+                .map(|i| json_value(serde_json::json!(i as f64 * 1e-4)))
+                .collect(),
+            names: vec![],
+        }],
+        seeds: (100..191).collect(),
+        ..Default::default()
+    };
+    let sweep = submit_sweep(&mut jobs, spec).await;
+    assert_eq!(sweep.runs.len(), 1000);
+    assert!(!sweep.next_page_token.is_empty());
+    assert_eq!(counts(&sweep), [(v1::JobState::Queued, 1001)]);
+    let page = |page_size: u32, page_token: String| v1::GetSweepRequest {
+        sweep_id: sweep.sweep_id.clone(),
+        page_size,
+        page_token,
+    };
+    let rest = jobs
+        .get_sweep(page(0, sweep.next_page_token.clone()))
+        .await
+        .expect("second page")
+        .into_inner();
+    assert_eq!(rest.runs.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    assert_eq!(
+        (&rest.runs[0].arm, rest.runs[0].seed),
+        (&sweep.arms[10], 190)
+    );
+    let mut all = sweep.runs.clone();
+    all.extend(rest.runs);
+    let mut paged = Vec::new();
+    let mut sizes = Vec::new();
+    let mut token = String::new();
+    loop {
+        let got = jobs
+            .get_sweep(page(300, token))
+            .await
+            .expect("page")
+            .into_inner();
+        sizes.push(got.runs.len());
+        paged.extend(got.runs);
+        if got.next_page_token.is_empty() {
+            break;
+        }
+        token = got.next_page_token;
+    }
+    assert_eq!(sizes, [300, 300, 300, 101]);
+    assert_eq!(paged, all);
+    let huge = jobs
+        .get_sweep(page(1_000_000, String::new()))
+        .await
+        .expect("capped")
+        .into_inner();
+    assert_eq!(huge.runs.len(), 1000, "at most 1000 runs a page");
+    let bad = jobs
+        .get_sweep(page(0, "garbage".into()))
+        .await
+        .expect_err("bad token");
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(
+        bad.message().starts_with("page_token: "),
+        "{}",
+        bad.message()
+    );
+    let cancelled = jobs
+        .cancel_sweep(v1::CancelSweepRequest {
+            sweep_id: sweep.sweep_id.clone(),
+            reason: String::new(),
+        })
+        .await
+        .expect("cancel")
+        .into_inner();
+    assert_eq!(cancelled.runs.len(), 1000);
+    assert!(!cancelled.next_page_token.is_empty());
+    assert_eq!(counts(&cancelled), [(v1::JobState::Cancelled, 1001)]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_sweep_submit_repeated_with_its_request_id_returns_the_first_sweep_and_stores_nothing_more(
+) {
+    let server = TestServer::start().await;
+    let mut jobs = server.jobs();
+    let submit_with = |spec: v1::SweepSpec| v1::SubmitSweepRequest {
+        spec: Some(spec),
+        request_id: "sweep-try-1".into(),
+    };
+    let first = jobs
+        .submit_sweep(submit_with(study_spec(vec![1, 2])))
+        .await
+        .expect("first")
+        .into_inner();
+    let again = jobs
+        .submit_sweep(submit_with(study_spec(vec![1, 2])))
+        .await
+        .expect("repeat")
+        .into_inner();
+    assert_eq!(again, first);
+    assert_eq!(server.job_rows().await, 6);
+    let reused = jobs
+        .submit_sweep(submit_with(study_spec(vec![1, 3])))
+        .await
+        .expect_err("another spec");
+    assert_eq!(reused.code(), Code::AlreadyExists, "{reused:?}");
+    assert!(
+        reused.message().starts_with("request_id: ") && reused.message().contains(&first.sweep_id),
+        "{}",
+        reused.message()
+    );
+    assert_eq!(server.job_rows().await, 6);
+    let sweeps: i64 = sqlx::query_scalar("SELECT count(*) FROM sweeps")
+        .fetch_one(&server.pool)
+        .await
+        .expect("count");
+    assert_eq!(sweeps, 1);
     server.stop().await;
 }

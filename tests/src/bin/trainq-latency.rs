@@ -48,7 +48,10 @@ async fn main() -> anyhow::Result<()> {
         let spec: v1::JobSpec = serde_json::from_str(&spec_json(&format!("latency-{i}")))?;
         let t0 = Instant::now();
         let id = client
-            .submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+            .submit_job(v1::SubmitJobRequest {
+                spec: Some(spec),
+                request_id: String::new(),
+            })
             .await?
             .into_inner()
             .job_id;
@@ -115,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
         let long: v1::JobSpec =
             serde_json::from_str(&mnist_spec_json(&format!("long-{i}"), 50, 0, 1000))?;
         let long_id = client
-            .submit_job(v1::SubmitJobRequest { spec: Some(long) })
+            .submit_job(v1::SubmitJobRequest {
+                spec: Some(long),
+                request_id: String::new(),
+            })
             .await?
             .into_inner()
             .job_id;
@@ -131,7 +137,10 @@ async fn main() -> anyhow::Result<()> {
             .await?;
         let small: v1::JobSpec = serde_json::from_str(&spec_json(&format!("after-cancel-{i}")))?;
         let small_id = client
-            .submit_job(v1::SubmitJobRequest { spec: Some(small) })
+            .submit_job(v1::SubmitJobRequest {
+                spec: Some(small),
+                request_id: String::new(),
+            })
             .await?
             .into_inner()
             .job_id;

@@ -113,6 +113,7 @@ async fn store_jobs(url: &str, token: Option<&str>, n: usize) -> anyhow::Result<
     for i in 0..n {
         let r = c.req(v1::SubmitJobRequest {
             spec: Some(job_spec(&format!("rpc-latency-{i}"))?),
+            request_id: String::new(),
         });
         ids.push(c.jobs.submit_job(r).await?.into_inner().job_id);
     }
@@ -166,6 +167,7 @@ async fn measure(
     time!("SubmitJob", i, {
         let r = c.req(v1::SubmitJobRequest {
             spec: Some(job_spec(&format!("rpc-latency-submit-{i}"))?),
+            request_id: String::new(),
         });
         c.jobs.submit_job(r)
     });
@@ -199,6 +201,7 @@ async fn measure(
     for i in 0..calls {
         let r = c.req(v1::SubmitJobRequest {
             spec: Some(job_spec(&format!("rpc-latency-cancel-{i}"))?),
+            request_id: String::new(),
         });
         fresh.push(c.jobs.submit_job(r).await?.into_inner().job_id);
     }
@@ -215,6 +218,7 @@ async fn measure(
         for i in 0..calls {
             let r = c.req(v1::SubmitSweepRequest {
                 spec: Some(sweep_spec(&format!("rpc-latency-{i}"))?),
+                request_id: String::new(),
             });
             let started = Instant::now();
             let sweep = c.jobs.submit_sweep(r).await.context("SubmitSweep")?;
@@ -229,6 +233,7 @@ async fn measure(
     time!("GetSweep", i, {
         let r = c.req(v1::GetSweepRequest {
             sweep_id: sweeps[i].clone(),
+            ..Default::default()
         });
         c.jobs.get_sweep(r)
     });
