@@ -64,12 +64,11 @@ pub use leases::{
     ReapedJob,
 };
 pub use metrics::{
-    last_metric_seq, latest_metrics, latest_metrics_of, metric_series, metrics_after,
-    record_metrics,
+    last_metric_seq, latest_metrics, latest_metrics_of, metric_page, metrics_after, record_metrics,
 };
 pub use sweeps::{
     cancel_sweep, get_sweep, insert_sweep, list_sweeps, mark_sweep_cancelled, sweep_arms,
-    sweep_metric_points, sweep_runs, sweep_snapshot, sweep_state_counts, InsertedSweep,
+    sweep_epoch_end_points, sweep_runs, sweep_snapshot, sweep_state_counts, InsertedSweep,
     SweepArmRow, SweepCancelled, SweepRow, SweepRunRow,
 };
 
