@@ -104,13 +104,18 @@ pub enum Command {
         #[arg(required = true)]
         jobs: Vec<String>,
     },
-    /// A job's metric series as a table, CSV (--output csv) or JSON.
+    /// A job's metric series as a table, CSV (--output csv) or JSON: every point (read page
+    /// after page), or with --max-points a selection made by the coordinator.
     Metrics {
         /// Job id (UUID).
         job: String,
         /// Only these metrics (repeatable), for example train/loss.
         #[arg(long = "name", short = 'n')]
         names: Vec<String>,
+        /// At most this many points per series (2 to 10000): its first and last points and
+        /// evenly spaced ones between them, chosen by the coordinator. Default: every point.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(2..=10_000))]
+        max_points: Option<u32>,
     },
     /// List or download a job's artifacts (checkpoints, image grids).
     #[command(subcommand)]

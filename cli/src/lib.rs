@@ -71,9 +71,11 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Get { job } => jobs::get(&connect().await?, &job, out).await,
         Command::Cancel { job, reason } => jobs::cancel(&connect().await?, &job, reason, out).await,
         Command::Watch { jobs } => commands::watch::run(&connect().await?, &jobs, out).await,
-        Command::Metrics { job, names } => {
-            metrics::metrics(&connect().await?, &job, names, out).await
-        }
+        Command::Metrics {
+            job,
+            names,
+            max_points,
+        } => metrics::metrics(&connect().await?, &job, &names, max_points, out).await,
         Command::Artifacts(cmd) => artifacts::run(&connect().await?, cmd, out).await,
         Command::Plot(args) => metrics::plot(&connect().await?, &args).await,
         Command::Sweep(cmd) => sweeps::run(&connect().await?, cmd, out).await,

@@ -68,7 +68,9 @@ fn some_stat(values: &[f64]) -> Option<v1::Stat> {
     Some(stat(values).into())
 }
 
-/// Builds the summary. `points` holds the points of the succeeded runs (by job id).
+/// Builds the summary. `points` holds the points of the succeeded runs (by job id). Only each
+/// epoch's last point (the highest step of the epoch) counts in any definition above, so the
+/// epoch ends alone give the same summary as every point (the store reads only those).
 pub fn summarise(
     sweep_id: SweepId,
     arms: &[SweepArmRow],
@@ -233,5 +235,82 @@ mod tests {
         assert_eq!(s.early, Some(2.0));
         assert_eq!(s.last, Some(1.0));
         assert_eq!(s.curve, [(10, 2.0), (20, 1.0)]);
+    }
+
+    #[test]
+    fn the_epoch_end_points_alone_give_the_same_summary_as_every_point() {
+        let arms = [
+            SweepArmRow {
+                position: 0,
+                name: "random".into(),
+                baseline: true,
+            },
+            SweepArmRow {
+                position: 1,
+                name: "transfer".into(),
+                baseline: false,
+            },
+        ];
+        let mut runs = Vec::new();
+        let mut all = HashMap::new();
+        for (a, arm) in arms.iter().enumerate() {
+            for seed in 0..3u64 {
+                let job_id = JobId::from(uuid::Uuid::now_v7());
+                runs.push(SweepRunRow {
+                    position: runs.len() as i32,
+                    job_id,
+                    arm: arm.name.clone(),
+                    seed,
+                    is_source: false,
+                    state: JobState::Succeeded,
+                    error: None,
+                });
+                // Three epochs of 10 steps; a per-step metric and an epoch-end one.
+                let mut points = Vec::new();
+                for step in 1..=30i64 {
+                    let epoch = ((step - 1) / 10 + 1) as i32;
+                    let v = 10.0 / step as f64 + a as f64 * 0.3 - seed as f64 * 0.05;
+                    points.push(p("train/loss", step, epoch, v + (step % 3) as f64 * 0.1));
+                    if step % 10 == 0 {
+                        points.push(p("test/loss", step, epoch, v));
+                    }
+                }
+                all.insert(job_id, points);
+            }
+        }
+        let ends: HashMap<JobId, Vec<MetricPoint>> = all
+            .iter()
+            .map(|(id, points)| {
+                let kept = points
+                    .iter()
+                    .filter(|q| {
+                        !points
+                            .iter()
+                            .any(|o| o.name == q.name && o.epoch == q.epoch && o.step > q.step)
+                    })
+                    .cloned()
+                    .collect();
+                (*id, kept)
+            })
+            .collect();
+        assert!(
+            ends.values().all(|e| e.len() == 6),
+            "three epoch ends of two metrics"
+        );
+        let metrics = ["train/loss".to_owned(), "test/loss".to_owned()];
+        for convergence_metric in ["train/loss", "test/loss"] {
+            let req = SummaryRequest {
+                metrics: &metrics,
+                baseline: "random",
+                convergence_metric,
+            };
+            let id = SweepId::from(uuid::Uuid::now_v7());
+            let full = summarise(id, &arms, &runs, &all, &req);
+            assert_eq!(summarise(id, &arms, &runs, &ends, &req), full);
+            assert!(full.arms.iter().all(|a| a
+                .metrics
+                .iter()
+                .all(|m| m.last.as_ref().is_some_and(|s| s.n == 3))));
+        }
     }
 }

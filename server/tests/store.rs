@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use proto::spec::JobSpec;
 use proto::{v1, JobId, JobState};
-use server::domain::{ArtifactHeader, ArtifactKind, JobQuery, Lease, MetricPoint};
+use server::domain::{ArtifactHeader, ArtifactKind, JobQuery, Lease, MetricPoint, MetricsQuery};
 use server::error::Error;
 use server::{reconcile, store};
 use sqlx::PgPool;
@@ -76,6 +76,46 @@ fn pt(name: &str, step: i64, value: f64) -> MetricPoint {
         epoch: 1,
         value,
     }
+}
+
+fn metrics_query(
+    id: JobId,
+    names: &[&str],
+    page_size: u32,
+    max_points: Option<u32>,
+) -> MetricsQuery {
+    MetricsQuery {
+        job_id: id,
+        names: names.iter().map(|n| n.to_string()).collect(),
+        page_size,
+        after: None,
+        max_points,
+    }
+}
+
+/// Every page of `q` from its start: the points of each page, in order.
+async fn pages(pool: &PgPool, mut q: MetricsQuery) -> Vec<Vec<MetricPoint>> {
+    let mut pages = Vec::new();
+    loop {
+        let (points, next) = store::metric_page(pool, &q).await.expect("page");
+        assert!(
+            points.len() <= q.page_size as usize,
+            "a page holds at most page_size"
+        );
+        pages.push(points);
+        match next {
+            Some(t) => q.after = Some(t),
+            None => return pages,
+        }
+    }
+}
+
+/// Every point of the job's `names` (all when empty), through the pages.
+async fn every_point(pool: &PgPool, id: JobId, names: &[String]) -> Vec<MetricPoint> {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    pages(pool, metrics_query(id, &names, 1000, None))
+        .await
+        .concat()
 }
 
 fn assert_precondition<T: std::fmt::Debug>(result: Result<T, Error>) -> String {
@@ -157,11 +197,7 @@ async fn writes_from_a_stale_attempt_are_refused(pool: PgPool) {
         .expect("completing the same attempt twice is fine");
     assert_eq!(job(&pool, id).await.state, JobState::Succeeded);
     assert!(
-        store::metric_series(&pool, id, &[])
-            .await
-            .expect("series")
-            .len()
-            == 1,
+        every_point(&pool, id, &[]).await.len() == 1,
         "no point from attempt 1"
     );
 
@@ -219,9 +255,7 @@ async fn metric_points_are_stored_once_per_name_and_step_and_latest_keeps_the_hi
         "NaN repeated is the same value, not a conflict"
     );
 
-    let series = store::metric_series(&pool, id, &["train/loss".into()])
-        .await
-        .expect("series");
+    let series = every_point(&pool, id, &["train/loss".into()]).await;
     let steps: Vec<(i64, f64)> = series.iter().map(|p| (p.step, p.value)).collect();
     assert_eq!(steps, [(1, 2.0), (2, 1.5), (3, 1.0), (4, 0.8), (5, 0.5)]);
 
@@ -2385,4 +2419,268 @@ async fn cancelling_a_sweep_while_its_sources_complete_never_deadlocks_and_leave
             );
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GetMetrics pages and downsampling
+// ---------------------------------------------------------------------------------------------
+
+/// A running job holding `series` (name, steps), each point's value derived from its step.
+async fn job_with_series(pool: &PgPool, series: &[(&str, Vec<i64>)]) -> (JobId, Lease) {
+    let id = submit(pool, 3).await;
+    let lease = claim(pool, id, "w", LONG).await;
+    let points: Vec<MetricPoint> = series
+        .iter()
+        .flat_map(|(name, steps)| {
+            steps
+                .iter()
+                .map(move |&s| point(name, s, (s / 100 + 1) as i32, s as f64 * 0.5))
+        })
+        .collect();
+    store::record_metrics(pool, &lease, &points)
+        .await
+        .expect("report");
+    (id, lease)
+}
+
+fn keys(points: &[MetricPoint]) -> Vec<(String, i64)> {
+    points.iter().map(|p| (p.name.clone(), p.step)).collect()
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn metric_pages_return_every_point_of_the_job_exactly_once_in_name_and_step_order(
+    pool: PgPool,
+) {
+    let series = [
+        ("test/loss", vec![100, 200, 300]),
+        ("train/loss", (1..=25).collect::<Vec<i64>>()),
+        ("train/kl", vec![2, 4, 8, 16, 32, 64, 128]),
+    ];
+    let (id, _) = job_with_series(&pool, &series).await;
+    // Another job's points never show.
+    job_with_series(&pool, &[("train/loss", (1..=9).collect())]).await;
+    let mut want: Vec<(String, i64)> = series
+        .iter()
+        .flat_map(|(n, steps)| steps.iter().map(|s| (n.to_string(), *s)))
+        .collect();
+    want.sort();
+
+    for page_size in [1, 4, 35, 36, 1000] {
+        let got = pages(&pool, metrics_query(id, &[], page_size, None)).await;
+        let n = want.len().div_ceil(page_size as usize).max(1);
+        assert_eq!(got.len(), n, "{page_size} points a page");
+        assert!(got
+            .iter()
+            .rev()
+            .skip(1)
+            .all(|p| p.len() == page_size as usize));
+        assert_eq!(keys(&got.concat()), want, "{page_size} points a page");
+    }
+    // Values and epochs come with their points.
+    let all = pages(&pool, metrics_query(id, &[], 1000, None))
+        .await
+        .concat();
+    assert!(all
+        .iter()
+        .all(|p| p.value == p.step as f64 * 0.5 && p.epoch == (p.step / 100 + 1) as i32));
+
+    // A names filter pages the same way over only those series (given in any order, and
+    // names without points are no error).
+    let filtered = pages(
+        &pool,
+        metrics_query(id, &["train/loss", "nothing/here", "test/loss"], 4, None),
+    )
+    .await
+    .concat();
+    let want_filtered: Vec<(String, i64)> = want
+        .iter()
+        .filter(|(n, _)| n != "train/kl")
+        .cloned()
+        .collect();
+    assert_eq!(keys(&filtered), want_filtered);
+
+    // A job without points: one empty page and no token.
+    let empty = submit(&pool, 3).await;
+    let (points, next) = store::metric_page(&pool, &metrics_query(empty, &[], 10, None))
+        .await
+        .expect("page");
+    assert!(points.is_empty() && next.is_none());
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_point_stored_between_pages_neither_shifts_nor_repeats_the_points_of_later_pages(
+    pool: PgPool,
+) {
+    let (id, lease) = job_with_series(
+        &pool,
+        &[
+            ("train/kl", vec![10, 20, 30]),
+            ("train/loss", (1..=10).map(|i| i * 10).collect()),
+        ],
+    )
+    .await;
+    let mut q = metrics_query(id, &[], 5, None);
+    let (first, next) = store::metric_page(&pool, &q).await.expect("page");
+    assert_eq!(
+        keys(&first),
+        [
+            ("train/kl", 10),
+            ("train/kl", 20),
+            ("train/kl", 30),
+            ("train/loss", 10),
+            ("train/loss", 20)
+        ]
+        .map(|(n, s)| (n.to_string(), s))
+    );
+    // Behind the cursor: an earlier series, an earlier step of the current one; ahead of it: a
+    // step inside the rest of the series, and a new series after it.
+    store::record_metrics(
+        &pool,
+        &lease,
+        &[
+            pt("test/loss", 1, 1.0),
+            pt("train/kl", 15, 1.0),
+            pt("train/loss", 15, 1.0),
+            pt("train/loss", 55, 1.0),
+            pt("zeta", 1, 1.0),
+        ],
+    )
+    .await
+    .expect("report");
+    q.after = next;
+    let rest = pages(&pool, q).await.concat();
+    let mut want: Vec<(String, i64)> = (3..=10)
+        .map(|i| ("train/loss".to_string(), i * 10))
+        .chain([("train/loss".to_string(), 55), ("zeta".to_string(), 1)])
+        .collect();
+    want.sort();
+    assert_eq!(
+        keys(&rest),
+        want,
+        "nothing of the first page again, nothing skipped"
+    );
+}
+
+/// What every downsampled series must be: at most `max_points` of the series' own points, its
+/// first and last among them, ordered by step, each once, and the whole series when it fits.
+#[track_caller]
+fn assert_selection(got: &[&MetricPoint], series: &[i64], max_points: u32) {
+    let steps: Vec<i64> = got.iter().map(|p| p.step).collect();
+    if series.len() <= max_points as usize {
+        assert_eq!(steps, series, "a series that fits comes whole");
+        return;
+    }
+    assert!(
+        steps.len() <= max_points as usize,
+        "{} > {max_points}",
+        steps.len()
+    );
+    assert_eq!(steps.first(), series.first(), "the first point is kept");
+    assert_eq!(steps.last(), series.last(), "the last point is kept");
+    assert!(
+        steps.windows(2).all(|w| w[0] < w[1]),
+        "ordered by step, each once"
+    );
+    assert!(got
+        .iter()
+        .all(|p| series.contains(&p.step) && p.value == p.step as f64 * 0.5));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_downsampled_series_keeps_its_first_and_last_points_and_at_most_max_points_in_step_order(
+    pool: PgPool,
+) {
+    // Irregular steps, so the selection cannot be told from the steps alone.
+    let long: Vec<i64> = (0..3000).map(|i| i * 3 + (i * i) % 3).collect();
+    let short: Vec<i64> = vec![5, 6, 7, 8, 9];
+    let (id, _) = job_with_series(
+        &pool,
+        &[("train/loss", long.clone()), ("test/loss", short.clone())],
+    )
+    .await;
+    for max_points in [2, 3, 4, 5, 50, 999, 2999, 3000, 10_000] {
+        let got = pages(&pool, metrics_query(id, &[], 5000, Some(max_points))).await;
+        assert_eq!(got.len(), 1, "one page");
+        let got = &got[0];
+        let of =
+            |name: &str| -> Vec<&MetricPoint> { got.iter().filter(|p| p.name == name).collect() };
+        // Each series on its own: neither's selection depends on the other's length.
+        assert_selection(&of("train/loss"), &long, max_points);
+        assert_selection(&of("test/loss"), &short, max_points);
+        // Paged over in small pages, or asked for by name, the selection is the same.
+        let page = if max_points <= 50 { 7 } else { 701 };
+        let paged = pages(&pool, metrics_query(id, &[], page, Some(max_points)))
+            .await
+            .concat();
+        assert_eq!(
+            keys(&paged),
+            keys(got),
+            "{max_points} points in pages of {page}"
+        );
+        let named = pages(
+            &pool,
+            metrics_query(id, &["train/loss"], page, Some(max_points)),
+        )
+        .await
+        .concat();
+        assert_eq!(
+            keys(&named),
+            keys(&of("train/loss").into_iter().cloned().collect::<Vec<_>>())
+        );
+    }
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn a_downsampled_series_takes_the_first_point_at_or_after_each_evenly_spaced_step_once(
+    pool: PgPool,
+) {
+    // Steps 1..=1000, and a sparse series: ten points, a gap, one more.
+    let sparse: Vec<i64> = (1..=10).chain([1_000_000]).collect();
+    let (id, _) = job_with_series(
+        &pool,
+        &[("dense", (1..=1000).collect()), ("sparse", sparse.clone())],
+    )
+    .await;
+    let k = 10u32;
+    let got = pages(&pool, metrics_query(id, &[], 5000, Some(k)))
+        .await
+        .concat();
+    let steps = |name: &str| -> Vec<i64> {
+        got.iter()
+            .filter(|p| p.name == name)
+            .map(|p| p.step)
+            .collect()
+    };
+    // The documented targets: first + floor((last - first) * i / (k - 1)) for i in 0..k.
+    let targets = |first: i64, last: i64| -> Vec<i64> {
+        (0..i64::from(k))
+            .map(|i| first + (last - first) * i / (i64::from(k) - 1))
+            .collect()
+    };
+    assert_eq!(
+        steps("dense"),
+        targets(1, 1000),
+        "every target lands on a point"
+    );
+    // Sparse: the targets in the gap all meet the last point, which comes once.
+    let mut want: Vec<i64> = targets(1, 1_000_000)
+        .into_iter()
+        .map(|t| {
+            *sparse
+                .iter()
+                .find(|&&s| s >= t)
+                .expect("a point at or after")
+        })
+        .collect();
+    want.dedup();
+    assert_eq!(steps("sparse"), want);
+    assert_eq!(want, [1, 1_000_000]);
+    // Two points: the first and the last.
+    let two = pages(&pool, metrics_query(id, &["dense"], 5000, Some(2)))
+        .await
+        .concat();
+    assert_eq!(
+        keys(&two),
+        [("dense".to_string(), 1), ("dense".to_string(), 1000)]
+    );
 }

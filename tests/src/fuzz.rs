@@ -303,6 +303,9 @@ fn seed_request(method: &str, fx: &Fixture, rng: &mut StdRng) -> Vec<u8> {
         "GetMetrics" => v1::GetMetricsRequest {
             job_id: job,
             names: vec![proto::metric::TRAIN_LOSS.into()],
+            page_size: 10,
+            page_token: String::new(),
+            max_points: 100,
         }
         .encode_to_vec(),
         "ListArtifacts" => v1::ListArtifactsRequest {

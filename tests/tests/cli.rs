@@ -321,3 +321,117 @@ grid:
       - transfer: {conv1: CONV1_ADAPTATION_LUMINANCE, copyConv2: true}
 seeds: [1, 2]
 ";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainq_metrics_pages_through_every_point_of_a_long_series_and_max_points_and_plot_ask_for_a_selection(
+) {
+    let env = TestEnv::new();
+    let coordinator = env.start_coordinator(&[]).await;
+    let dir = env.dir.path();
+    std::fs::write(
+        dir.join("spec.json"),
+        mnist_spec_json("cli-long-series", 1, 256, 256),
+    )
+    .expect("write spec");
+    let out = trainq(&coordinator, dir, &["submit", "spec.json"]);
+    let id = expect_exit(&out, 0, "submit").trim().to_string();
+    // 12,000 train/loss points (three of the CLI's 5000-point pages) and one test/loss point
+    // per 1000 steps, stored straight into the coordinator's database.
+    let pool = env.pool().await;
+    let job = uuid::Uuid::parse_str(&id).expect("a job id");
+    sqlx::query(
+        "INSERT INTO metric_points (job_id, name, step, epoch, value)
+         SELECT $1, 'train/loss', s, (s - 1) / 1000 + 1, 1.0 / s FROM generate_series(1, 12000) AS s
+         UNION ALL
+         SELECT $1, 'test/loss', s * 1000, s, s FROM generate_series(1, 12) AS s",
+    )
+    .bind(job)
+    .execute(&pool)
+    .await
+    .expect("insert points");
+    sqlx::query(
+        "INSERT INTO job_metric_latest (job_id, name, step, epoch, value)
+         VALUES ($1, 'train/loss', 12000, 12, 1.0 / 12000), ($1, 'test/loss', 12000, 12, 12)",
+    )
+    .bind(job)
+    .execute(&pool)
+    .await
+    .expect("insert latest");
+
+    let out = trainq(&coordinator, dir, &["metrics", &id, "--output", "json"]);
+    expect_exit(&out, 0, "metrics json");
+    let points = json(&out);
+    let keys: Vec<(String, u64)> = points
+        .as_array()
+        .expect("an array of points")
+        .iter()
+        .map(|p| {
+            let step = p["step"]
+                .as_str()
+                .expect("a step")
+                .parse()
+                .expect("a number");
+            (p["name"].as_str().expect("a name").to_string(), step)
+        })
+        .collect();
+    let want: Vec<(String, u64)> = (1..=12)
+        .map(|s| ("test/loss".to_string(), s * 1000))
+        .chain((1..=12_000).map(|s| ("train/loss".to_string(), s)))
+        .collect();
+    assert_eq!(keys, want, "every point once, in (name, step) order");
+
+    let out = trainq(
+        &coordinator,
+        dir,
+        &[
+            "metrics",
+            &id,
+            "--name",
+            "train/loss",
+            "--max-points",
+            "50",
+            "--output",
+            "csv",
+        ],
+    );
+    let csv = expect_exit(&out, 0, "metrics --max-points");
+    let steps: Vec<u64> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            l.split(',')
+                .nth(2)
+                .expect("a step column")
+                .parse()
+                .expect("a step")
+        })
+        .collect();
+    assert_eq!(steps.len(), 50, "{csv}");
+    assert_eq!((steps[0], steps[49]), (1, 12_000), "first and last kept");
+    assert!(steps.windows(2).all(|w| w[0] < w[1]));
+
+    let out = trainq(&coordinator, dir, &["metrics", &id, "--max-points", "1"]);
+    expect_exit(&out, 2, "max-points below 2");
+
+    let out = trainq(
+        &coordinator,
+        dir,
+        &[
+            "plot",
+            &id,
+            "--metric",
+            "train/loss",
+            "--x",
+            "step",
+            "-o",
+            "long.svg",
+        ],
+    );
+    expect_exit(&out, 0, "plot of a long series");
+    let svg = std::fs::read_to_string(dir.join("long.svg")).expect("long.svg");
+    assert!(svg.contains("train/loss per step"), "a chart");
+    // A marker per point the coordinator selected (one per pixel column at most, the chart is
+    // 1024 wide), not 12,000.
+    let markers = svg.matches("<circle").count();
+    assert!((2..=1024).contains(&markers), "{markers} markers");
+}

@@ -212,7 +212,8 @@ async fn a_transfer_cvae_waits_for_its_classifier_and_both_cvaes_train_with_chec
         let metrics = client
             .get_metrics(v1::GetMetricsRequest {
                 job_id: id.clone(),
-                names: vec![],
+                page_size: 5000,
+                ..Default::default()
             })
             .await
             .expect("metrics")

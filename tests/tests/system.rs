@@ -245,6 +245,7 @@ async fn mnist_jobs_submitted_with_grpcurl_and_rust_train_to_ninety_percent_and_
         .get_metrics(v1::GetMetricsRequest {
             job_id: rust_id.clone(),
             names: vec!["train/loss".into()],
+            ..Default::default()
         })
         .await
         .expect("get metrics")

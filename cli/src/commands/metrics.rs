@@ -1,5 +1,6 @@
 //! `trainq metrics` (a job's series as a table, CSV or JSON) and `trainq plot` (one metric of
-//! several jobs on one chart).
+//! several jobs on one chart), and [`series`], the paging loop over GetMetrics they and
+//! `trainq report` share.
 //!
 //! Glue only: tables are [`crate::output`]'s and drawing is [`crate::plot`]'s.
 
@@ -10,23 +11,52 @@ use crate::client::{exit, CliError, Client};
 use crate::output::{self, print, render, Output};
 use crate::plot;
 
-/// `trainq metrics`: every point of the job's metrics (or of `names`); CSV keeps full precision.
+/// Points per GetMetrics page: the coordinator's largest (trainq.proto).
+const PAGE_SIZE: u32 = 5000;
+
+/// The job's points of `names` (every metric when empty) in (name, step) order, page after page
+/// until the coordinator says there are no more; with `max_points`, each series as the
+/// coordinator's selection of at most that many points. `what` prefixes errors.
+pub(crate) async fn series(
+    c: &Client,
+    job: &str,
+    names: &[String],
+    max_points: Option<u32>,
+    what: &str,
+) -> Result<Vec<v1::MetricPoint>, CliError> {
+    let mut c = c.clone();
+    let mut points = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = c
+            .get_metrics(v1::GetMetricsRequest {
+                job_id: job.to_string(),
+                names: names.to_vec(),
+                page_size: PAGE_SIZE,
+                page_token,
+                max_points: max_points.unwrap_or(0),
+            })
+            .await
+            .map_err(|s| CliError::from_status(what, &s))?
+            .into_inner();
+        points.extend(page.points);
+        if page.next_page_token.is_empty() {
+            return Ok(points);
+        }
+        page_token = page.next_page_token;
+    }
+}
+
+/// `trainq metrics`: every point of the job's metrics (or of `names`), or at most `max_points`
+/// per series; CSV keeps full precision.
 pub async fn metrics(
     c: &Client,
     job: &str,
-    names: Vec<String>,
+    names: &[String],
+    max_points: Option<u32>,
     out: Output,
 ) -> Result<u8, CliError> {
-    let points = c
-        .clone()
-        .get_metrics(v1::GetMetricsRequest {
-            job_id: job.to_string(),
-            names,
-        })
-        .await
-        .map_err(|s| CliError::from_status(&format!("metrics {job}"), &s))?
-        .into_inner()
-        .points;
+    let points = series(c, job, names, max_points, &format!("metrics {job}")).await?;
     let exact = out == Output::Csv;
     print(&render(out, &points, || {
         output::metrics_table(&points, exact)
@@ -52,15 +82,16 @@ pub async fn plot(c: &Client, args: &PlotArgs) -> Result<u8, CliError> {
             .await
             .map_err(|s| CliError::from_status(&format!("plot {id}"), &s))?
             .into_inner();
-        let points = c
-            .get_metrics(v1::GetMetricsRequest {
-                job_id: id.clone(),
-                names: vec![args.metric.clone()],
-            })
-            .await
-            .map_err(|s| CliError::from_status(&format!("plot {id}"), &s))?
-            .into_inner()
-            .points;
+        // A point per pixel column is all a chart can show: the coordinator selects them, so a
+        // series of a million points plots as fast as a short one.
+        let points = series(
+            &c,
+            id,
+            std::slice::from_ref(&args.metric),
+            Some(plot::SIZE.0),
+            &format!("plot {id}"),
+        )
+        .await?;
         let name = job.spec.map(|s| s.name).unwrap_or_else(|| id.clone());
         named.push((id.clone(), name, plot::series_points(&points, by_epoch)));
     }

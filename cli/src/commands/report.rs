@@ -10,11 +10,18 @@ use std::path::Path;
 use proto::v1;
 
 use super::artifacts::download;
+use super::metrics::series;
 use super::sweeps::get_whole_sweep;
 use crate::args::ReportArgs;
 use crate::client::{exit, CliError, Client};
 use crate::output::{self, print, Output};
 use crate::{markdown, plot, report};
+
+/// Most points per run and metric the report reads. The curves use each epoch's last point;
+/// an epoch-level metric (the default ones) has one point per epoch and comes whole, and a
+/// per-step metric of a long run comes as the coordinator's selection, whose last point in an
+/// epoch lies within (steps / 10000) steps of the epoch's end.
+const REPORT_MAX_POINTS: u32 = 10_000;
 
 /// `trainq report`: fetches the sweep, its summary, every succeeded run's series and one
 /// sample grid per arm, and writes the report folder (see [`crate::report`] and [`crate::markdown`]).
@@ -47,15 +54,14 @@ pub async fn run(c: &Client, args: &ReportArgs, out: Output) -> Result<u8, CliEr
         .iter()
         .filter(|r| !r.source && r.state() == v1::JobState::Succeeded)
     {
-        let points = client
-            .get_metrics(v1::GetMetricsRequest {
-                job_id: r.job_id.clone(),
-                names: metrics.clone(),
-            })
-            .await
-            .map_err(|s| CliError::from_status(&format!("{what}: metrics of {}", r.job_id), &s))?
-            .into_inner()
-            .points;
+        let points = series(
+            c,
+            &r.job_id,
+            &metrics,
+            Some(REPORT_MAX_POINTS),
+            &format!("{what}: metrics of {}", r.job_id),
+        )
+        .await?;
         runs.push(report::RunSeries {
             arm: r.arm.clone(),
             seed: r.seed,

@@ -110,9 +110,10 @@ impl JobApi {
         if store::get_job(&self.state.pool, id).await?.is_none() {
             return Err(Error::job_not_found(id));
         }
-        let points = store::metric_series(&self.state.pool, id, &query.names).await?;
+        let (points, next) = store::metric_page(&self.state.pool, &query).await?;
         Ok(v1::GetMetricsResponse {
             points: points.into_iter().map(Into::into).collect(),
+            next_page_token: next.map(|t| t.encode()).unwrap_or_default(),
         })
     }
 }

@@ -355,7 +355,8 @@ pub async fn summary(
     if !names.contains(&convergence_metric) {
         names.push(convergence_metric.clone());
     }
-    let points = store::sweep_metric_points(&state.pool, id, &names).await?;
+    // Only the epoch ends: all that the summary's definitions use.
+    let points = store::sweep_epoch_end_points(&state.pool, id, &names).await?;
     Ok(summarise(
         id,
         &arms,

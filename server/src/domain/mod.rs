@@ -7,7 +7,8 @@
 //! by hand. The parts:
 //!
 //! - [`lease`]: a worker's lease, metric points, completions and metric reports;
-//! - [`query`]: ListJobs, GetMetrics and GetSweep requests, and page tokens;
+//! - [`query`]: ListJobs, GetMetrics (paging, downsampling) and GetSweep requests, and page
+//!   tokens;
 //! - [`request`]: the idempotency keys of SubmitJob and SubmitSweep;
 //! - [`artifact`]: artifact kinds, names, upload headers and which artifact a download means;
 //! - [`backoff`]: the retry-backoff policy.
@@ -35,7 +36,9 @@ pub use artifact::{
 };
 pub use backoff::{retry_backoff, MAX_RETRY_BACKOFF};
 pub use lease::{parse_points, Completion, Lease, MetricPoint, MetricsReport};
-pub use query::{JobQuery, MetricsQuery, PageToken, RunPage, RunPageToken, SweepQuery};
+pub use query::{
+    JobQuery, MetricsPageToken, MetricsQuery, PageToken, RunPage, RunPageToken, SweepQuery,
+};
 pub use request::{RequestKey, RequestKind};
 
 /// Most points one ReportMetrics call may carry (documented in the .proto).
@@ -55,6 +58,13 @@ pub const DEFAULT_RUNS_PAGE_SIZE: u32 = 1000;
 pub const MAX_RUNS_PAGE_SIZE: u32 = 1000;
 /// Most metric names one GetMetrics call may ask for (documented in the .proto).
 pub const MAX_METRIC_NAMES: usize = 64;
+/// GetMetrics page size (points) when the request says 0 (documented in the .proto).
+pub const DEFAULT_METRICS_PAGE_SIZE: u32 = 1000;
+/// Largest GetMetrics page (points). Even with names of 128 four-byte characters a page stays
+/// under gRPC's default 4 MiB receive limit (about 545 bytes a point), which a test checks.
+pub const MAX_METRICS_PAGE_SIZE: u32 = 5000;
+/// Largest `max_points` (points per series) of a downsampled GetMetrics call.
+pub const MAX_POINTS_PER_SERIES: u32 = 10_000;
 /// Largest request message either service decodes (documented in the .proto: 8 MiB); a larger
 /// one is refused with RESOURCE_EXHAUSTED before it is decoded.
 pub const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;

@@ -1,5 +1,6 @@
-//! Read requests: which jobs ListJobs returns, which series GetMetrics returns, which runs a
-//! GetSweep page holds, and the opaque page tokens of the list RPCs and of a sweep's runs.
+//! Read requests: which jobs ListJobs returns, which points GetMetrics returns (the page and
+//! the downsampling), which runs a GetSweep page holds, and the opaque page tokens of the list
+//! RPCs, of metric pages and of a sweep's runs.
 //!
 //! Must not do I/O, and must not parse an id or check a metric name other than through the
 //! proto crate's parsers.
@@ -10,17 +11,24 @@ use proto::{v1, JobId, JobState, MetricName, SweepId};
 use uuid::Uuid;
 
 use super::{
-    parse_job_id, parse_sweep_id, DEFAULT_PAGE_SIZE, DEFAULT_RUNS_PAGE_SIZE, MAX_METRIC_NAMES,
-    MAX_PAGE_SIZE, MAX_RUNS_PAGE_SIZE,
+    parse_job_id, parse_sweep_id, DEFAULT_METRICS_PAGE_SIZE, DEFAULT_PAGE_SIZE,
+    DEFAULT_RUNS_PAGE_SIZE, MAX_METRICS_PAGE_SIZE, MAX_METRIC_NAMES, MAX_PAGE_SIZE,
+    MAX_POINTS_PER_SERIES, MAX_RUNS_PAGE_SIZE,
 };
 use crate::error::{Error, Result};
 
-/// Which metric series GetMetrics returns.
+/// Which metric points GetMetrics returns: the series, the page, and the downsampling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsQuery {
     pub job_id: JobId,
     /// Only these names; empty for every metric.
     pub names: Vec<String>,
+    /// Points per page, 1..=[`MAX_METRICS_PAGE_SIZE`].
+    pub page_size: u32,
+    /// Exclusive start: points strictly after this (name, step).
+    pub after: Option<MetricsPageToken>,
+    /// Most points per series, 2..=[`MAX_POINTS_PER_SERIES`]; `None` for every point.
+    pub max_points: Option<u32>,
 }
 
 impl TryFrom<v1::GetMetricsRequest> for MetricsQuery {
@@ -40,7 +48,83 @@ impl TryFrom<v1::GetMetricsRequest> for MetricsQuery {
             .enumerate()
             .map(|(i, name)| Ok(MetricName::parse(&format!("names[{i}]"), name)?.into_string()))
             .collect::<Result<_>>()?;
-        Ok(MetricsQuery { job_id, names })
+        let page_size = match req.page_size {
+            0 => DEFAULT_METRICS_PAGE_SIZE,
+            n if n > MAX_METRICS_PAGE_SIZE => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("must be at most {MAX_METRICS_PAGE_SIZE} points, got {n}"),
+                ))
+            }
+            n => n,
+        };
+        let max_points = match req.max_points {
+            0 => None,
+            n if !(2..=MAX_POINTS_PER_SERIES).contains(&n) => {
+                return Err(Error::invalid(
+                    "max_points",
+                    format!(
+                        "must be 0 (every point) or 2 to {MAX_POINTS_PER_SERIES} (the first and last point at least), got {n}"
+                    ),
+                ))
+            }
+            n => Some(n),
+        };
+        let after = match req.page_token.as_str() {
+            "" => None,
+            token => Some(MetricsPageToken::decode(token)?),
+        };
+        Ok(MetricsQuery {
+            job_id,
+            names,
+            page_size,
+            after,
+            max_points,
+        })
+    }
+}
+
+/// The keyset position after the last point of a GetMetrics page: (name, step), the order of
+/// the primary key, so points stored while a client pages cannot shift the pages.
+/// Opaque to clients (base64 of `m1:<step>:<name>`), so its layout may change; the prefix keeps
+/// a ListJobs token from passing for one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsPageToken {
+    pub name: String,
+    pub step: i64,
+}
+
+impl MetricsPageToken {
+    const ENGINE: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+    pub fn encode(&self) -> String {
+        Self::ENGINE.encode(format!("m1:{}:{}", self.step, self.name))
+    }
+
+    pub fn decode(token: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid(
+                "page_token",
+                "is not a token from a previous GetMetrics response",
+            )
+        };
+        let bytes = Self::ENGINE.decode(token).map_err(|_| bad())?;
+        let text = String::from_utf8(bytes).map_err(|_| bad())?;
+        let mut parts = text.splitn(3, ':');
+        let (Some("m1"), Some(step), Some(name)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let step: i64 = step.parse().map_err(|_| bad())?;
+        if step < 0 {
+            return Err(bad());
+        }
+        Ok(MetricsPageToken {
+            name: MetricName::parse("page_token", name)
+                .map_err(|_| bad())?
+                .into_string(),
+            step,
+        })
     }
 }
 
@@ -315,6 +399,7 @@ mod tests {
         let req = |names: Vec<String>| v1::GetMetricsRequest {
             job_id: Uuid::nil().to_string(),
             names,
+            ..Default::default()
         };
         let ok = vec!["x".repeat(MAX_METRIC_NAME_CHARS); MAX_METRIC_NAMES];
         assert_eq!(
@@ -341,7 +426,7 @@ mod tests {
         assert_eq!(
             invalid_field(MetricsQuery::try_from(v1::GetMetricsRequest {
                 job_id: "nope".into(),
-                names: vec![],
+                ..Default::default()
             })),
             "job_id"
         );
@@ -352,7 +437,135 @@ mod tests {
         let req = v1::GetMetricsRequest {
             job_id: Uuid::nil().to_string(),
             names: vec!["train/loss".into(), "a\0b".into()],
+            ..Default::default()
         };
         assert_eq!(invalid_field(MetricsQuery::try_from(req)), "names[1]");
+    }
+
+    fn metrics_request(page_size: u32, page_token: &str, max_points: u32) -> v1::GetMetricsRequest {
+        v1::GetMetricsRequest {
+            job_id: Uuid::nil().to_string(),
+            names: vec![],
+            page_size,
+            page_token: page_token.into(),
+            max_points,
+        }
+    }
+
+    #[test]
+    fn a_metrics_page_token_survives_a_round_trip_and_garbage_or_a_list_jobs_token_is_refused() {
+        for t in [
+            MetricsPageToken {
+                name: "train/loss".into(),
+                step: 0,
+            },
+            MetricsPageToken {
+                name: "a:b:c é".into(),
+                step: i64::MAX,
+            },
+        ] {
+            assert_eq!(
+                MetricsPageToken::decode(&t.encode()).expect("round trip"),
+                t
+            );
+        }
+        let list_jobs = PageToken {
+            created_at: DateTime::from_timestamp_micros(1_700_000_000_123_456).expect("in range"),
+            id: Uuid::now_v7(),
+        }
+        .encode();
+        let engine = MetricsPageToken::ENGINE;
+        let long_name = format!("m1:1:{}", "x".repeat(MAX_METRIC_NAME_CHARS + 1));
+        for bad in [
+            "x".to_owned(),
+            "!!!".to_owned(),
+            list_jobs,
+            engine.encode("m1:-1:train/loss"),
+            engine.encode("m1:1:"),
+            engine.encode("m1:one:train/loss"),
+            engine.encode("m1:1:a\0b"),
+            engine.encode("m2:1:train/loss"),
+            engine.encode(long_name),
+            engine.encode([b'm', b'1', b':', b'1', b':', 0xff]),
+        ] {
+            match MetricsPageToken::decode(&bad) {
+                Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, "page_token"),
+                other => panic!("{bad:?} gave {other:?}"),
+            }
+            assert_eq!(
+                invalid_field(MetricsQuery::try_from(metrics_request(0, &bad, 0))),
+                "page_token"
+            );
+        }
+    }
+
+    #[test]
+    fn get_metrics_pages_hold_1000_points_by_default_and_more_than_5000_is_invalid_naming_page_size(
+    ) {
+        let q = MetricsQuery::try_from(metrics_request(0, "", 0)).expect("defaults");
+        assert_eq!(q.page_size, DEFAULT_METRICS_PAGE_SIZE);
+        assert_eq!(q.after, None);
+        assert_eq!(q.max_points, None);
+        let q = MetricsQuery::try_from(metrics_request(MAX_METRICS_PAGE_SIZE, "", 0))
+            .expect("at the limit");
+        assert_eq!(q.page_size, MAX_METRICS_PAGE_SIZE);
+        assert_eq!(
+            invalid_field(MetricsQuery::try_from(metrics_request(
+                MAX_METRICS_PAGE_SIZE + 1,
+                "",
+                0
+            ))),
+            "page_size"
+        );
+        let token = MetricsPageToken {
+            name: "train/loss".into(),
+            step: 7,
+        };
+        let q = MetricsQuery::try_from(metrics_request(10, &token.encode(), 0)).expect("valid");
+        assert_eq!(q.after, Some(token));
+    }
+
+    #[test]
+    fn get_metrics_max_points_is_0_or_2_to_10000_and_anything_else_is_invalid_naming_max_points() {
+        for (n, want) in [
+            (0, None),
+            (2, Some(2)),
+            (MAX_POINTS_PER_SERIES, Some(MAX_POINTS_PER_SERIES)),
+        ] {
+            let q = MetricsQuery::try_from(metrics_request(0, "", n)).expect("valid");
+            assert_eq!(q.max_points, want);
+        }
+        for n in [1, MAX_POINTS_PER_SERIES + 1, u32::MAX] {
+            assert_eq!(
+                invalid_field(MetricsQuery::try_from(metrics_request(0, "", n))),
+                "max_points"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_page_of_the_longest_names_and_largest_numbers_encodes_under_4_mib() {
+        use prost::Message as _;
+        // 128 characters of four bytes each: the longest name a point can carry.
+        let name = "\u{1F600}".repeat(MAX_METRIC_NAME_CHARS);
+        let point = v1::MetricPoint {
+            name: name.clone(),
+            step: i64::MAX as u64,
+            epoch: u32::MAX,
+            value: f64::MIN_POSITIVE,
+        };
+        let page = v1::GetMetricsResponse {
+            points: vec![point; MAX_METRICS_PAGE_SIZE as usize],
+            next_page_token: MetricsPageToken {
+                name,
+                step: i64::MAX,
+            }
+            .encode(),
+        };
+        let bytes = page.encoded_len();
+        assert!(
+            bytes < 4 * 1024 * 1024,
+            "a page of {MAX_METRICS_PAGE_SIZE} points is {bytes} bytes"
+        );
     }
 }

@@ -92,12 +92,12 @@ pub use leases::{
     Completed, ReapedJob,
 };
 pub use metrics::{
-    last_metric_seq, latest_metrics, latest_metrics_of, metric_series, metrics_after,
-    record_metrics, StoredPoints,
+    last_metric_seq, latest_metrics, latest_metrics_of, metric_page, metrics_after, record_metrics,
+    StoredPoints,
 };
 pub use sweeps::{
     cancel_sweep, get_sweep, insert_sweep, list_sweeps, mark_sweep_cancelled, sweep_arms,
-    sweep_job_ids, sweep_metric_points, sweep_progress, sweep_runs, sweep_runs_page,
+    sweep_epoch_end_points, sweep_job_ids, sweep_progress, sweep_runs, sweep_runs_page,
     sweep_snapshot, sweep_state_counts, InsertedSweep, SweepArmRow, SweepCancelled, SweepProgress,
     SweepRow, SweepRunRow, SweepSnapshot,
 };

@@ -627,22 +627,32 @@ async fn cancel_sweep_once(
     Ok(Some(done))
 }
 
-/// The points of the given metrics of the sweep's succeeded arm runs (sources excluded), by
-/// job, in (name, step) order.
-pub async fn sweep_metric_points(
+/// The epoch-end points of the given metrics of the sweep's succeeded arm runs (sources
+/// excluded), by job, in (name, step) order: for each run, metric and epoch only the point with
+/// the highest step of that epoch.
+///
+/// That is all the summary reads (`crate::summary`): the early value is epoch 1's end, the final
+/// value the highest step (the end of its own epoch), and the convergence curve the epoch ends.
+/// So a run's few hundred epochs travel, not its every step (a per-step metric may have a
+/// million points); the selection is Postgres's (`DISTINCT ON`), so the coordinator never holds
+/// more than the epoch ends.
+pub async fn sweep_epoch_end_points(
     ex: impl PgExecutor<'_>,
     id: SweepId,
     names: &[String],
 ) -> Result<HashMap<JobId, Vec<MetricPoint>>> {
     let rows: Vec<(Uuid, String, i64, i32, f64)> = sqlx::query_as(concat!(
-        "SELECT p.job_id, p.name, p.step, p.epoch, p.value
-         FROM sweep_runs r
-         JOIN jobs j ON j.id = r.job_id AND j.state = ",
+        "SELECT job_id, name, step, epoch, value FROM (
+             SELECT DISTINCT ON (p.job_id, p.name, p.epoch) p.job_id, p.name, p.step, p.epoch, p.value
+             FROM sweep_runs r
+             JOIN jobs j ON j.id = r.job_id AND j.state = ",
         state!(succeeded),
         "
-         JOIN metric_points p ON p.job_id = r.job_id AND p.name = ANY($2)
-         WHERE r.sweep_id = $1 AND NOT r.is_source
-         ORDER BY p.job_id, p.name, p.step"
+             JOIN metric_points p ON p.job_id = r.job_id AND p.name = ANY($2)
+             WHERE r.sweep_id = $1 AND NOT r.is_source
+             ORDER BY p.job_id, p.name, p.epoch, p.step DESC
+         ) AS ends
+         ORDER BY job_id, name, step"
     ))
     .bind(id.as_uuid())
     .bind(names)

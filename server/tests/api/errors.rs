@@ -69,6 +69,7 @@ async fn every_rpc_that_names_an_unknown_job_or_artifact_answers_not_found_and_n
                 jobs.get_metrics(v1::GetMetricsRequest {
                     job_id: unknown.clone(),
                     names: vec![TRAIN_LOSS.into()],
+                    ..Default::default()
                 })
                 .await,
             ),
@@ -188,6 +189,7 @@ async fn oversized_and_malformed_requests_are_refused_naming_the_limit_and_the_s
     let metrics = |names: Vec<String>| v1::GetMetricsRequest {
         job_id: id.clone(),
         names,
+        ..Default::default()
     };
     let field_of = |r: Result<tonic::Response<v1::GetMetricsResponse>, tonic::Status>| {
         let e = r.expect_err("refused");

@@ -157,7 +157,7 @@ async fn unknown_job_ids_are_not_found_and_malformed_ones_are_invalid() {
     let metrics = jobs
         .get_metrics(v1::GetMetricsRequest {
             job_id: unknown,
-            names: vec![],
+            ..Default::default()
         })
         .await;
     assert_eq!(metrics.expect_err("unknown").code(), Code::NotFound);

@@ -14,6 +14,7 @@ mod dispatch;
 mod errors;
 mod helpers;
 mod jobs;
+mod metrics;
 mod observability;
 mod postgres;
 mod s3;

@@ -329,3 +329,21 @@ async fn a_summary_without_a_single_random_arm_needs_a_named_baseline() {
     assert_eq!(named.arms[0].missing.len(), 1, "queued runs are missing");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_summary_reads_only_each_runs_epoch_end_points_from_the_store() {
+    let server = TestServer::start().await;
+    let sweep = finished_study(&server).await;
+    let id = proto::SweepId::parse("sweep_id", &sweep.sweep_id).expect("a sweep id");
+    let points = server::store::sweep_epoch_end_points(&server.pool, id, &[NELBO.into()])
+        .await
+        .expect("epoch ends");
+    // Five succeeded arm runs (sources excluded), each with its two epoch ends only: the
+    // random runs' mid-epoch point at step 5 is not read.
+    assert_eq!(points.len(), 5);
+    for (job, run) in &points {
+        let steps: Vec<(i64, i32)> = run.iter().map(|p| (p.step, p.epoch)).collect();
+        assert_eq!(steps, [(10, 1), (20, 2)], "run {job}");
+    }
+    server.stop().await;
+}

@@ -123,7 +123,7 @@ async fn a_worker_runs_a_job_to_success_while_a_watcher_sees_every_state_and_poi
     let series = jobs
         .get_metrics(v1::GetMetricsRequest {
             job_id: id,
-            names: vec![],
+            ..Default::default()
         })
         .await
         .expect("metrics");

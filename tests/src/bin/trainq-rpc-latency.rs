@@ -185,7 +185,7 @@ async fn measure(
     time!("GetMetrics", i, {
         let r = c.req(v1::GetMetricsRequest {
             job_id: job(i),
-            names: Vec::new(),
+            ..Default::default()
         });
         c.jobs.get_metrics(r)
     });
