@@ -448,6 +448,9 @@ pub async fn sweep_runs(ex: impl PgExecutor<'_>, id: SweepId) -> Result<Vec<Swee
     Ok(runs)
 }
 
+/// A run as the page query reads it: position, job, arm, seed (as text), source, state, error.
+type RunPageRow = (i32, Uuid, String, String, bool, String, Option<String>);
+
 /// One page of the sweep's runs in creation order, and where the next page starts (`None` on
 /// the last page).
 pub async fn sweep_runs_page(
@@ -456,7 +459,7 @@ pub async fn sweep_runs_page(
     page: RunPage,
 ) -> Result<(Vec<SweepRunRow>, Option<i32>)> {
     let limit = i64::from(page.size);
-    let rows: Vec<(i32, Uuid, String, String, bool, String, Option<String>)> = sqlx::query_as(
+    let rows: Vec<RunPageRow> = sqlx::query_as(
         "SELECT r.position, r.job_id, r.arm, r.seed::text, r.is_source, j.state, j.error
          FROM sweep_runs r JOIN jobs j ON j.id = r.job_id
          WHERE r.sweep_id = $1 AND r.position > $2

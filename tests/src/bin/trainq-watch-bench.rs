@@ -230,7 +230,10 @@ async fn main() -> anyhow::Result<()> {
             let spec: v1::JobSpec =
                 serde_json::from_str(&mnist_spec_json(&format!("watch-bench-{i}"), 1, 256, 256))?;
             jobs.push(
-                c.submit_job(v1::SubmitJobRequest { spec: Some(spec) })
+                c.submit_job(v1::SubmitJobRequest {
+                    spec: Some(spec),
+                    request_id: String::new(),
+                })
                     .await?
                     .into_inner()
                     .job_id,
