@@ -150,8 +150,8 @@ pub async fn latest_metrics_of(
 /// follows).
 ///
 /// Keyset pagination on the primary key (job_id, name, step): every statement is an index range
-/// scan with a LIMIT, so a page costs the same at the start and the end of a million points, and
-/// points stored meanwhile never shift a later page. Reads at most one page plus one point, or
+/// scan of one series with a LIMIT, so a page costs the same at the start and the end of a
+/// million points, and points stored meanwhile never shift a later page. Reads at most one page plus one point, or
 /// one series' selection (at most `max_points`), at a time; never a whole series.
 pub async fn metric_page<'c>(
     db: impl Acquire<'c, Database = Postgres>,
@@ -166,20 +166,19 @@ pub async fn metric_page<'c>(
         None => ("", -1),
     };
     let mut points = Vec::with_capacity(want.min(4096));
-    if q.names.is_empty() && q.max_points.is_none() {
-        points = page_after(&mut *conn, q.job_id, after_name, after_step, want).await?;
-    } else {
-        for name in series_names(&mut *conn, q, after_name).await? {
-            let after = if name == after_name { after_step } else { -1 };
-            let left = want - points.len();
-            let mut more = match q.max_points {
-                None => series_after(&mut *conn, q.job_id, &name, after, left).await?,
-                Some(k) => series_selection(&mut *conn, q.job_id, &name, k, after, left).await?,
-            };
-            points.append(&mut more);
-            if points.len() >= want {
-                break;
-            }
+    // Series by series, each read with its name fixed: (name, step) > (a, b) on its own would
+    // start the scan at name a of the covering index (name, job_id, step) and filter its way to
+    // step b, a cost that grows with the position in the series.
+    for name in series_names(&mut *conn, q, after_name).await? {
+        let after = if name == after_name { after_step } else { -1 };
+        let left = want - points.len();
+        let mut more = match q.max_points {
+            None => series_after(&mut *conn, q.job_id, &name, after, left).await?,
+            Some(k) => series_selection(&mut *conn, q.job_id, &name, k, after, left).await?,
+        };
+        points.append(&mut more);
+        if points.len() >= want {
+            break;
         }
     }
     let next = if points.len() >= want {
@@ -192,28 +191,6 @@ pub async fn metric_page<'c>(
         None
     };
     Ok((points, next))
-}
-
-/// Up to `limit` points of any name after (name, step), in (name, step) order.
-async fn page_after(
-    ex: impl PgExecutor<'_>,
-    id: JobId,
-    after_name: &str,
-    after_step: i64,
-    limit: usize,
-) -> Result<Vec<MetricPoint>> {
-    let rows: Vec<(String, i64, i32, f64)> = sqlx::query_as(
-        "SELECT name, step, epoch, value FROM metric_points
-         WHERE job_id = $1 AND (name, step) > ($2, $3)
-         ORDER BY name, step LIMIT $4",
-    )
-    .bind(id.as_uuid())
-    .bind(after_name)
-    .bind(after_step)
-    .bind(limit as i64)
-    .fetch_all(ex)
-    .await?;
-    Ok(rows.into_iter().map(point).collect())
 }
 
 /// The names of the series a page goes over, from `after_name` on, in the order of the primary
