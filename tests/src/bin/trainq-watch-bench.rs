@@ -234,9 +234,9 @@ async fn main() -> anyhow::Result<()> {
                     spec: Some(spec),
                     request_id: String::new(),
                 })
-                    .await?
-                    .into_inner()
-                    .job_id,
+                .await?
+                .into_inner()
+                .job_id,
             );
         }
     }
