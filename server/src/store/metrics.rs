@@ -138,7 +138,7 @@ pub async fn metric_page<'c>(
         let left = want - points.len();
         let mut more = match q.max_points {
             None => series_after(&mut *conn, q.job_id, &name, after, left).await?,
-            Some(k) => series_selection(&mut *conn, q.job_id, &name, k, after, left).await?,
+            Some(k) => series_selection(&mut conn, q.job_id, &name, k, after, left).await?,
         };
         points.append(&mut more);
         if points.len() >= want {
