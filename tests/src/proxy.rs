@@ -12,7 +12,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,8 @@ use tonic::transport::Channel;
 /// A running proxy. `addr` is where clients connect.
 pub struct Throttle {
     pub addr: SocketAddr,
+    /// Bytes carried from clients to the upstream, all connections together.
+    sent_upstream: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
 
@@ -35,8 +37,11 @@ impl Throttle {
     pub async fn start(upstream: SocketAddr, bytes_per_s: u64) -> std::io::Result<Throttle> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
+        let sent_upstream = Arc::new(AtomicU64::new(0));
+        let counter = sent_upstream.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                let counter = counter.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
@@ -45,11 +50,23 @@ impl Throttle {
                     let _ = server.set_nodelay(true);
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::join!(pump(cr, sw, bytes_per_s), pump(sr, cw, bytes_per_s));
+                    tokio::join!(
+                        pump(cr, sw, bytes_per_s, Some(&counter)),
+                        pump(sr, cw, bytes_per_s, None)
+                    );
                 });
             }
         });
-        Ok(Throttle { addr, task })
+        Ok(Throttle {
+            addr,
+            sent_upstream,
+            task,
+        })
+    }
+
+    /// How many bytes clients have sent through the proxy so far (requests, uploads included).
+    pub fn bytes_sent_upstream(&self) -> u64 {
+        self.sent_upstream.load(Ordering::Relaxed)
     }
 
     pub fn url(&self) -> String {
@@ -64,11 +81,12 @@ impl Drop for Throttle {
 }
 
 /// Copies `from` to `to` in chunks of at most 4 KiB, sleeping after each so that the rate stays
-/// at `bytes_per_s`.
+/// at `bytes_per_s`; adds what it copied to `carried`, if given.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     bytes_per_s: u64,
+    carried: Option<&AtomicU64>,
 ) {
     let mut buf = vec![0u8; 4096];
     loop {
@@ -78,6 +96,9 @@ async fn pump(
         };
         if to.write_all(&buf[..n]).await.is_err() {
             break;
+        }
+        if let Some(c) = carried {
+            c.fetch_add(n as u64, Ordering::Relaxed);
         }
         tokio::time::sleep(Duration::from_secs_f64(n as f64 / bytes_per_s as f64)).await;
     }
