@@ -5,6 +5,7 @@
 
 use proto::v1::{self, job_event::Event, job_service_client::JobServiceClient};
 use tests::{redis_url, WAIT};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
@@ -49,22 +50,38 @@ fn transfer_spec(source: &str) -> v1::JobSpec {
     }
 }
 
-/// The states a watcher of `id` sees until its stream ends.
-async fn watched_states(
-    jobs: &mut JobServiceClient<Channel>,
-    id: &str,
-) -> JoinHandle<Vec<v1::JobState>> {
+/// A watcher of one job: the states it sees until its stream ends, and the newest one so far.
+struct Watched {
+    states: JoinHandle<Vec<v1::JobState>>,
+    newest: watch::Receiver<Option<v1::JobState>>,
+}
+
+impl Watched {
+    /// Waits until the watcher has seen `state`. WatchJob coalesces changes that come faster
+    /// than it looks (a job may go from queued to failed in one event), so a test that wants
+    /// every state waits for each before causing the next.
+    async fn until(&mut self, state: v1::JobState) {
+        tokio::time::timeout(WAIT, self.newest.wait_for(|s| *s == Some(state)))
+            .await
+            .unwrap_or_else(|_| panic!("the watcher never saw {state:?}"))
+            .expect("watcher running");
+    }
+}
+
+async fn watched_states(jobs: &mut JobServiceClient<Channel>, id: &str) -> Watched {
     let mut events = jobs
         .watch_job(v1::WatchJobRequest { job_id: id.into() })
         .await
         .expect("watch")
         .into_inner();
-    tokio::spawn(async move {
+    let (tx, newest) = watch::channel(None);
+    let states = tokio::spawn(async move {
         let mut states = Vec::new();
         let collect = async {
             while let Some(event) = events.next().await {
                 if let Event::Job(job) = event.expect("event").event.expect("set") {
                     states.push(job.state());
+                    tx.send_replace(Some(job.state()));
                 }
             }
         };
@@ -72,7 +89,8 @@ async fn watched_states(
             .await
             .expect("the stream ends after the terminal state");
         states
-    })
+    });
+    Watched { states, newest }
 }
 
 #[tokio::test]
@@ -104,8 +122,9 @@ async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_
         "the spec reads back as submitted"
     );
 
-    let transfer_watch = watched_states(&mut jobs, &transfer).await;
+    let mut transfer_watch = watched_states(&mut jobs, &transfer).await;
     let downstream_watch = watched_states(&mut jobs, &downstream).await;
+    transfer_watch.until(v1::JobState::Waiting).await;
     let lease = claim(&mut workers, &source).await;
     workers
         .complete_job(v1::CompleteJobRequest {
@@ -128,7 +147,9 @@ async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_
         v1::JobState::Waiting
     );
 
+    transfer_watch.until(v1::JobState::Queued).await;
     let lease = claim(&mut workers, &transfer).await;
+    transfer_watch.until(v1::JobState::Running).await;
     workers
         .fail_job(v1::FailJobRequest {
             lease: Some(lease),
@@ -145,7 +166,7 @@ async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_
     );
     assert_eq!(job.attempt, 0, "it never ran");
 
-    let states = transfer_watch.await.expect("watcher");
+    let states = transfer_watch.states.await.expect("watcher");
     assert_eq!(
         states,
         [
@@ -155,7 +176,7 @@ async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_
             v1::JobState::Failed
         ]
     );
-    let states = downstream_watch.await.expect("watcher");
+    let states = downstream_watch.states.await.expect("watcher");
     assert_eq!(states.first(), Some(&v1::JobState::Waiting));
     assert_eq!(
         states.last(),
