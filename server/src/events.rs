@@ -100,10 +100,7 @@ impl Notifier {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Channels> {
-        // A panic while holding this lock cannot leave the map inconsistent, so poisoning is ignored.
-        self.channels
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        crate::lock(&self.channels)
     }
 }
 

@@ -60,6 +60,15 @@ use events::Notifier;
 use metrics::Metrics;
 use shutdown::Shutdown;
 
+/// Locks `mutex`, ignoring poisoning. Every value the coordinator guards with a std mutex is a
+/// counter, a map of counters or a plain value that one statement replaces, so a panic while it
+/// was held cannot have left it half-written.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The schema, embedded at build time from the workspace's `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 

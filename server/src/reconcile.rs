@@ -9,7 +9,10 @@
 //!   it). It holds back while the coordinator's database connection has worked for less than a
 //!   lease timeout ([`LeaseGrace`]): after a coordinator or Postgres outage, leases look expired
 //!   only because nobody could renew them, and the workers that kept training get a chance to
-//!   heartbeat first.
+//!   heartbeat first. Before each round it reads the database's clock, which leases are measured
+//!   against, and when that clock stepped forward (NTP on a freshly booted host, a VM resumed)
+//!   it moves every running lease by the step ([`ClockWatch`]), so that a step does not expire
+//!   the leases of workers that are heartbeating.
 //!
 //! Both are safe to run in several coordinators at once (the store uses SKIP LOCKED and
 //! conditional updates). Must not hold job state between rounds, and must stop on shutdown.
@@ -18,6 +21,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use proto::{AttemptOutcome, JobId};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -170,11 +174,73 @@ impl LeaseGrace {
     }
 
     fn working_since(&self) -> std::sync::MutexGuard<'_, Option<Instant>> {
-        // The guarded value is a plain Option: a panic elsewhere cannot leave it half-written.
-        self.working_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::lock(&self.working_since)
     }
+}
+
+/// Smallest forward step of the database clock that [`ClockWatch`] corrects. Smaller steps
+/// can only expire a lease that was within this much of expiring anyway.
+const CLOCK_STEP_TOLERANCE: Duration = Duration::from_secs(1);
+
+/// Notices forward steps of the database's clock by comparing its readings with the
+/// coordinator's monotonic clock. A reading is bracketed by the monotonic time just before the
+/// query and just after its answer, so the time that really passed between two readings is at
+/// most `after(new) - before(old)`; the database clock advancing more than that (by more than
+/// the tolerance) is a step, whatever the queries' latency. A backward step is not corrected:
+/// leases then last longer by the step, and a dead worker is noticed that much later.
+#[derive(Debug)]
+pub struct ClockWatch {
+    tolerance: Duration,
+    last: Mutex<Option<Reading>>,
+}
+
+/// One reading of the database clock, with the monotonic time around it.
+#[derive(Debug, Clone, Copy)]
+pub struct Reading {
+    pub before: Instant,
+    pub database: DateTime<Utc>,
+    pub after: Instant,
+}
+
+impl ClockWatch {
+    pub fn new(tolerance: Duration) -> Self {
+        Self {
+            tolerance,
+            last: Mutex::new(None),
+        }
+    }
+
+    /// Takes a new reading; returns how far the database clock stepped forward since the last
+    /// one (at least that far: the step is measured against the longest time that can have
+    /// passed), when that is more than the tolerance.
+    pub fn step(&self, new: Reading) -> Option<Duration> {
+        let old = crate::lock(&self.last).replace(new)?;
+        let advanced = (new.database - old.database).to_std().ok()?;
+        let at_most = new.after.saturating_duration_since(old.before);
+        let step = advanced.checked_sub(at_most)?;
+        (step > self.tolerance).then_some(step)
+    }
+}
+
+/// Reads the database clock and, when it stepped forward, moves every running lease by the
+/// step (see [`ClockWatch`]).
+pub async fn correct_clock_steps(pool: &PgPool, clock: &ClockWatch) -> Result<()> {
+    let before = Instant::now();
+    let database = store::database_now(pool).await?;
+    let after = Instant::now();
+    if let Some(step) = clock.step(Reading {
+        before,
+        database,
+        after,
+    }) {
+        let moved = store::extend_running_leases(pool, step).await?;
+        tracing::warn!(
+            step_ms = step.as_millis() as u64,
+            leases = moved,
+            "the database clock stepped forward: running leases moved by the step"
+        );
+    }
+    Ok(())
 }
 
 /// What the loops need.
@@ -207,9 +273,13 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
             }
         })
     };
+    let clock = Arc::new(ClockWatch::new(CLOCK_STEP_TOLERANCE));
     let reaper = every("lease reaper", bg.interval, shutdown, move || {
-        let bg = bg.clone();
+        let (bg, clock) = (bg.clone(), clock.clone());
         async move {
+            // Before the grace check, so that a step during the grace is corrected too.
+            bg.grace
+                .observe(correct_clock_steps(&bg.pool, &clock).await)?;
             if !bg.grace.allows_reaping() {
                 tracing::debug!(
                     "lease reaper holds back: the database has not worked for a lease timeout yet"
@@ -298,5 +368,82 @@ mod tests {
         assert!(!grace.allows_reaping(), "back for half a lease timeout");
         tokio::time::advance(LEASE / 2).await;
         assert!(grace.allows_reaping(), "back for a whole lease timeout");
+    }
+
+    /// A reading whose query takes `latency`, the database reading its clock halfway through;
+    /// that clock showed `origin` at `start` and has since stepped `offset_s` ahead.
+    async fn reading(
+        origin: DateTime<Utc>,
+        start: Instant,
+        offset_s: i64,
+        latency: Duration,
+    ) -> Reading {
+        let before = Instant::now();
+        tokio::time::advance(latency / 2).await;
+        let database = origin
+            + chrono::Duration::from_std(before.duration_since(start) + latency / 2).unwrap()
+            + chrono::Duration::seconds(offset_s);
+        tokio::time::advance(latency / 2).await;
+        Reading {
+            before,
+            database,
+            after: Instant::now(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_database_clock_that_keeps_time_is_no_step_however_slow_its_queries() {
+        let clock = ClockWatch::new(CLOCK_STEP_TOLERANCE);
+        let (origin, start) = (Utc::now(), Instant::now());
+        assert_eq!(
+            clock.step(reading(origin, start, 0, Duration::from_millis(5)).await),
+            None
+        );
+        for latency_ms in [3000, 1, 5000, 2] {
+            tokio::time::advance(Duration::from_millis(700)).await;
+            let r = reading(origin, start, 0, Duration::from_millis(latency_ms)).await;
+            assert_eq!(clock.step(r), None, "a query of {latency_ms} ms is no step");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forward_step_is_measured_and_backward_or_small_steps_are_not() {
+        let clock = ClockWatch::new(CLOCK_STEP_TOLERANCE);
+        let (origin, start) = (Utc::now(), Instant::now());
+        let slow = Duration::from_millis(400);
+        clock.step(reading(origin, start, 0, slow).await);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let step = clock
+            .step(reading(origin, start, 90, slow).await)
+            .expect("a 90 s step");
+        assert!(
+            step <= Duration::from_secs(90) && step >= Duration::from_secs(90) - 2 * slow,
+            "the step is measured low by at most the two queries: {step:?}"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            clock.step(reading(origin, start, 90, slow).await),
+            None,
+            "the clock keeps time after the step"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            clock.step(reading(origin, start, 30, slow).await),
+            None,
+            "a backward step"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            clock.step(reading(origin, start, 30, Duration::ZERO).await),
+            None
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let small = Duration::from_millis(500);
+        let r = reading(origin, start, 30, Duration::ZERO).await;
+        let r = Reading {
+            database: r.database + chrono::Duration::from_std(small).unwrap(),
+            ..r
+        };
+        assert_eq!(clock.step(r), None, "half a second is within the tolerance");
     }
 }

@@ -432,6 +432,50 @@ async fn the_lease_reaper_requeues_expired_leases_and_fails_exhausted_ones(pool:
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_forward_step_of_the_database_clock_is_undone_for_running_leases_only(pool: PgPool) {
+    let a = submit(&pool, 2).await;
+    let b = submit(&pool, 2).await;
+    let queued = submit(&pool, 2).await;
+    let lease_a = claim(&pool, a, "w-a", LONG).await;
+    claim(&pool, b, "w-b", LONG).await;
+    // A clock that steps 90 s forward makes 60-s leases granted just before it 30 s overdue;
+    // that is what moving them 90 s back on an unchanged clock looks like.
+    sqlx::query("UPDATE jobs SET lease_expires_at = lease_expires_at - interval '90 seconds'")
+        .execute(&pool)
+        .await
+        .expect("step");
+    let overdue: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM jobs WHERE lease_expires_at < now()")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    assert_eq!(overdue, 2, "both leases would be reaped");
+
+    let moved = store::extend_running_leases(&pool, Duration::from_secs(90))
+        .await
+        .expect("extend");
+    assert_eq!(moved, 2, "the two running jobs, not the queued one");
+    assert!(
+        store::reap_expired_leases(&pool, 100)
+            .await
+            .expect("reap")
+            .is_empty(),
+        "nothing to reap after the correction"
+    );
+    let left = job(&pool, a).await.lease_expires_at.expect("lease")
+        - store::database_now(&pool).await.expect("now");
+    assert!(
+        left > chrono::Duration::seconds(50) && left <= chrono::Duration::seconds(60),
+        "the lease has what was left of it before the step: {left:?}"
+    );
+    assert_eq!(job(&pool, queued).await.lease_expires_at, None);
+    assert!(store::heartbeat(&pool, &lease_a, LONG)
+        .await
+        .expect("heartbeat")
+        .is_some());
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn the_reconciler_picks_queued_jobs_that_are_undispatched_or_stale_and_nothing_else(
     pool: PgPool,
 ) {

@@ -1339,14 +1339,22 @@ async fn every_job_survives_worker_kills_redis_loss_and_coordinator_and_postgres
             continue;
         }
         eprintln!("[chaos] scenario {name} ...");
-        let started = Instant::now();
+        let (started, wall_started) = (Instant::now(), now_s());
         let (row, failed) = run(&mut svc).await;
+        // Leases are measured on the database's clock; a step of the wall clock during a
+        // scenario (NTP on a fresh VM) explains odd timestamps in its failures.
+        let stepped = (now_s() - wall_started) - started.elapsed().as_secs_f64();
         eprintln!(
-            "[chaos] scenario {name}: {} of {} jobs completed, {} failed checks, {:.0} s",
+            "[chaos] scenario {name}: {} of {} jobs completed, {} failed checks, {:.0} s{}",
             row.completed,
             row.jobs,
             failed.len(),
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            if stepped.abs() > 1.0 {
+                format!(" (the wall clock stepped {stepped:+.1} s meanwhile)")
+            } else {
+                String::new()
+            }
         );
         failures.extend(failed.into_iter().map(|f| format!("[{name}] {f}")));
         rows.push(row);

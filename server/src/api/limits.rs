@@ -70,7 +70,7 @@ impl WatchLimits {
                 )))
             }
         };
-        let mut counts = self.lock();
+        let mut counts = crate::lock(&self.per_connection);
         let on_connection = counts.entry(peer).or_insert(0);
         if *on_connection >= self.config.max_watchers_per_connection {
             let limit = self.config.max_watchers_per_connection;
@@ -103,13 +103,6 @@ impl WatchLimits {
     pub fn open(&self) -> u32 {
         self.config.max_watchers - self.total.available_permits() as u32
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Peer, u32>> {
-        // Counters stay consistent under a panic elsewhere, so poisoning is ignored.
-        self.per_connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 /// One admitted watcher's place; given back when dropped.
@@ -122,10 +115,7 @@ pub struct WatchPermit {
 
 impl Drop for WatchPermit {
     fn drop(&mut self) {
-        let mut counts = self
-            .per_connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut counts = crate::lock(&self.per_connection);
         if let Some(n) = counts.get_mut(&self.peer) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -205,7 +195,10 @@ mod tests {
         assert_eq!(l.open(), 3);
         drop(held);
         assert_eq!(l.open(), 0);
-        assert!(l.lock().is_empty(), "no counters left behind");
+        assert!(
+            crate::lock(&l.per_connection).is_empty(),
+            "no counters left behind"
+        );
         l.admit(peer(9)).expect("admitted once the others left");
     }
 }

@@ -392,6 +392,27 @@ struct ExpiredRow {
     error: String,
 }
 
+/// The database's clock (`now()`), which every lease expiry is measured against.
+pub async fn database_now(pool: &PgPool) -> Result<DateTime<Utc>> {
+    Ok(sqlx::query_scalar("SELECT now()").fetch_one(pool).await?)
+}
+
+/// Pushes the expiry of every running job's lease `by` later; returns how many leases moved.
+/// For a forward step of the database's clock: the leases were granted on the old time, and
+/// without this every one that the step passed would be reaped although its worker heartbeats.
+pub async fn extend_running_leases(pool: &PgPool, by: Duration) -> Result<u64> {
+    let moved = sqlx::query(concat!(
+        "UPDATE jobs SET lease_expires_at = lease_expires_at + $1 * interval '1 millisecond'
+         WHERE state = ",
+        state!(running),
+        " AND lease_expires_at IS NOT NULL"
+    ))
+    .bind(millis(by))
+    .execute(pool)
+    .await?;
+    Ok(moved.rows_affected())
+}
+
 /// Takes up to `limit` running jobs whose lease has expired away from their workers. An expired
 /// lease counts as a failed attempt: the job goes back to `queued` (undispatched, so the
 /// reconciler pushes it) while failures are left, else it is `failed`, failing its waiting

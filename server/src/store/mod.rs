@@ -88,8 +88,8 @@ pub use jobs::{
     submit_job, take_due_for_dispatch,
 };
 pub use leases::{
-    claim_job, complete_job, fail_job, heartbeat, reap_expired_leases, release_job, Claim,
-    Completed, ReapedJob,
+    claim_job, complete_job, database_now, extend_running_leases, fail_job, heartbeat,
+    reap_expired_leases, release_job, Claim, Completed, ReapedJob,
 };
 pub use metrics::{
     last_metric_seq, latest_metrics, latest_metrics_of, metric_page, metrics_after, record_metrics,
