@@ -119,6 +119,11 @@ async fn load_job(state: &AppState, id: JobId) -> Result<v1::Job> {
     let row = store::get_job(&state.pool, id)
         .await?
         .ok_or_else(|| Error::job_not_found(id))?;
+    job_of_row(state, id, row).await
+}
+
+/// The job whose row was just read, with its latest metrics and attempts read now.
+async fn job_of_row(state: &AppState, id: JobId, row: JobRow) -> Result<v1::Job> {
     let latest = store::latest_metrics(&state.pool, id).await?;
     let attempts = store::attempts_of(&state.pool, id).await?;
     job_to_proto(row, latest, attempts)

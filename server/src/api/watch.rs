@@ -18,7 +18,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::follow::{self, Sender, Step, Watcher};
-use super::{load_job, state_of, AppState};
+use super::{job_of_row, load_job, state_of, AppState};
 use crate::error::{Error, Result};
 use crate::store;
 
@@ -83,9 +83,10 @@ impl Watcher for JobWatcher {
 
 /// Sends what changed since the cursor. The job's row is read before the points: a job seen in
 /// a terminal state can get no more points (worker writes need a running lease), so the points
-/// read afterwards are complete and the terminal Job event can safely be the last. The whole
-/// job (attempts, latest metrics) is loaded only when its state or attempt moved, so a look
-/// woken by new points costs two small queries.
+/// read afterwards are complete and the terminal Job event can safely be the last. The Job
+/// event shows that row (with its attempts and latest metrics), and only when its state or
+/// attempt moved, so a look woken by new points costs two small queries. A change after the
+/// row was read has woken the watcher again, and the next look sends it.
 async fn catch_up(
     state: &AppState,
     id: JobId,
@@ -102,12 +103,8 @@ async fn catch_up(
     if now == cursor.seen {
         return Ok(Step::Continue);
     }
-    let job = load_job(state, id).await?;
-    if (job.state, job.attempt) != now && send_points(state, id, cursor, tx).await? == Step::Done {
-        // It moved again between the two reads: the points up to its newest state go first.
-        return Ok(Step::Done);
-    }
-    cursor.seen = (job.state, job.attempt);
+    let job = job_of_row(state, id, row).await?;
+    cursor.seen = now;
     let ended = job_is_terminal(&job);
     if tx.send(Ok(job_event(job))).await.is_err() || ended {
         return Ok(Step::Done);
