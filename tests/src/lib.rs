@@ -26,6 +26,7 @@
 //! `server` (the server's tests depend on this crate), and must never FLUSHALL or restart the
 //! machine's shared services (the chaos suite breaks private ones, [`services`]).
 
+pub mod bench;
 mod cleanup;
 pub mod compose;
 mod coordinator;

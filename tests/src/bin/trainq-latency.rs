@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use proto::v1::{self, JobState};
+use tests::bench::quantile;
 use tests::*;
 use tokio_stream::StreamExt;
 
@@ -105,9 +106,9 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "| {name} of {} | {:.1} | {:.1} | {:.1} |",
             to_running.len(),
-            quantile(&mut to_running, q).as_secs_f64() * 1e3,
-            quantile(&mut to_point, q).as_secs_f64() * 1e3,
-            quantile(&mut to_start, q).as_secs_f64() * 1e3,
+            quantile(&to_running, q).as_secs_f64() * 1e3,
+            quantile(&to_point, q).as_secs_f64() * 1e3,
+            quantile(&to_start, q).as_secs_f64() * 1e3,
         );
     }
 
@@ -157,16 +158,6 @@ fn server_wait(job: &v1::Job) -> Option<Duration> {
     let nanos = (started.seconds - created.seconds) as i128 * 1_000_000_000
         + (started.nanos - created.nanos) as i128;
     Some(Duration::from_nanos(nanos.max(0) as u64))
-}
-
-/// The nearest-rank quantile (zero for no samples).
-fn quantile(samples: &mut [Duration], q: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort();
-    let rank = ((samples.len() as f64) * q).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1]
 }
 
 /// Polls (every 10 ms) until the job is in `state` (or past it) and, with `with_metrics`, has

@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use prost::Message as _;
 use proto::v1::{self, job_service_client::JobServiceClient};
+use tests::bench::{median, mib};
 use tests::{free_port, mnist_spec_json, Coordinator, Proc, TestEnv};
 use tonic::transport::Channel;
 
@@ -306,15 +307,6 @@ async fn store_points(env: &TestEnv, url: &str, a: &Args) -> anyhow::Result<Stri
     Ok(id)
 }
 
-fn median<T: Copy + Ord>(mut v: Vec<T>) -> T {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn mib(kib: u64) -> String {
-    format!("{:.1}", kib as f64 / 1024.0)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = parse_args()?;
@@ -352,8 +344,8 @@ async fn main() -> anyhow::Result<()> {
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for b in &benches {
         let last = b.reads.last().context("a run")?;
-        let took = median(b.reads.iter().map(|r| r.took).collect());
-        let peak = median(b.reads.iter().map(|r| r.peak_rss_kib).collect());
+        let took = median(&b.reads.iter().map(|r| r.took).collect::<Vec<_>>());
+        let peak = median(&b.reads.iter().map(|r| r.peak_rss_kib).collect::<Vec<_>>());
         println!(
             "| {} | {} | {} | {:.1} | {:.1} | {} | {} | {} |",
             b.mode.label(),

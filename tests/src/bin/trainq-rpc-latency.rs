@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use proto::v1::{self, job_service_client::JobServiceClient};
+use tests::bench::{channel, ms, quantile};
 use tests::{mnist_spec_json, TestEnv};
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::Request;
 
 struct Options {
@@ -63,11 +64,7 @@ struct Client {
 
 impl Client {
     async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(url.to_owned())?
-            .tcp_nodelay(true)
-            .connect()
-            .await
-            .with_context(|| format!("connecting to {url}"))?;
+        let channel = channel(url).await?;
         let token = token
             .map(|t| format!("Bearer {t}").parse())
             .transpose()
@@ -128,10 +125,7 @@ struct Row {
 
 impl Row {
     fn quantile(&self, q: f64) -> Duration {
-        let mut t = self.took.clone();
-        t.sort();
-        let i = ((t.len() as f64 - 1.0) * q).round() as usize;
-        t[i.min(t.len() - 1)]
+        quantile(&self.took, q)
     }
 }
 
@@ -260,10 +254,6 @@ async fn measure(
         c.jobs.cancel_sweep(r)
     });
     Ok(rows)
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
 #[tokio::main]

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use prost::Message as _;
 use proto::v1::{self, job_service_client::JobServiceClient};
+use tests::bench::{channel, median, ms};
 use tests::{mnist_spec_json, TestEnv};
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint};
 
 struct Options {
     seeds: u64,
@@ -100,18 +100,12 @@ struct Row {
 
 impl Row {
     fn median(&self) -> Duration {
-        let mut t = self.times.clone();
-        t.sort();
-        t[t.len() / 2]
+        median(&self.times)
     }
 }
 
 async fn measure(url: &str, seeds: u64, runs: usize) -> anyhow::Result<(usize, Vec<Row>)> {
-    let channel: Channel = Endpoint::from_shared(url.to_owned())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
+    let channel = channel(url).await?;
     let mut jobs = JobServiceClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let mut submit = Row {
         what: "SubmitSweep",
@@ -180,10 +174,6 @@ async fn measure(url: &str, seeds: u64, runs: usize) -> anyhow::Result<(usize, V
         watch.bytes = first.encoded_len();
     }
     Ok((job_count, vec![submit, get, watch]))
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.1}", d.as_secs_f64() * 1e3)
 }
 
 #[tokio::main]

@@ -28,9 +28,9 @@ use anyhow::Context as _;
 use proto::v1::{
     self, job_service_client::JobServiceClient, worker_service_client::WorkerServiceClient,
 };
+use tests::bench::{channel, ms, quantile};
 use tests::{mnist_spec_json, TestEnv};
 use tokio_stream::StreamExt as _;
-use tonic::transport::{Channel, Endpoint};
 
 struct Options {
     watchers: Vec<usize>,
@@ -85,14 +85,6 @@ fn options() -> anyhow::Result<Options> {
 
 /// Streams per connection: the coordinator's default `--max-watchers-per-connection`.
 const PER_CONNECTION: usize = 100;
-
-async fn channel(url: &str) -> anyhow::Result<Channel> {
-    Endpoint::from_shared(url.to_owned())?
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {url}"))
-}
 
 /// Opens `n` WatchJob streams, the i-th on job `i % jobs.len()`, and reads each on a task of its
 /// own, counting events. Returns the tasks (abort them to close the streams).
@@ -203,16 +195,6 @@ async fn time_get_job(url: &str, jobs: &[String], calls: usize) -> anyhow::Resul
     Ok(took)
 }
 
-fn quantile(samples: &mut [Duration], q: f64) -> Duration {
-    samples.sort();
-    let rank = ((samples.len() as f64) * q).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1]
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e3)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let o = options()?;
@@ -257,13 +239,13 @@ async fn main() -> anyhow::Result<()> {
                 reporter = Some(report_metrics(&url, active.clone(), o.points).await?);
             }
             let (seen, started) = (events.load(Ordering::Relaxed), Instant::now());
-            let mut took = time_get_job(&url, &jobs, o.calls).await?;
+            let took = time_get_job(&url, &jobs, o.calls).await?;
             let rate =
                 (events.load(Ordering::Relaxed) - seen) as f64 / started.elapsed().as_secs_f64();
             println!(
                 "| {n} | {phase} | {} | {} | {rate:.0} |",
-                ms(quantile(&mut took, 0.5)),
-                ms(quantile(&mut took, 0.99))
+                ms(quantile(&took, 0.5)),
+                ms(quantile(&took, 0.99))
             );
             if phase == "busy" {
                 if let Some(r) = reporter.take() {
