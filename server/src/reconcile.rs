@@ -381,7 +381,8 @@ mod tests {
         let before = Instant::now();
         tokio::time::advance(latency / 2).await;
         let database = origin
-            + chrono::Duration::from_std(before.duration_since(start) + latency / 2).unwrap()
+            + chrono::Duration::from_std(before.duration_since(start) + latency / 2)
+                .expect("a short duration")
             + chrono::Duration::seconds(offset_s);
         tokio::time::advance(latency / 2).await;
         Reading {
@@ -441,7 +442,7 @@ mod tests {
         let small = Duration::from_millis(500);
         let r = reading(origin, start, 30, Duration::ZERO).await;
         let r = Reading {
-            database: r.database + chrono::Duration::from_std(small).unwrap(),
+            database: r.database + chrono::Duration::from_std(small).expect("half a second"),
             ..r
         };
         assert_eq!(clock.step(r), None, "half a second is within the tolerance");
