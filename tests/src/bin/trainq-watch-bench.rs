@@ -285,5 +285,20 @@ async fn main() -> anyhow::Result<()> {
         per_connection
     );
     drop(held);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // And one past --max-watchers, on a connection of its own.
+    let all = most.max(1);
+    let open = open_watchers(&url, &jobs, all, Arc::new(AtomicU64::new(0))).await?;
+    let past = JobServiceClient::new(channel(&url).await?)
+        .watch_job(v1::WatchJobRequest {
+            job_id: jobs[0].clone(),
+        })
+        .await
+        .err()
+        .map(|status| status.code());
+    println!("stream {} in all (--max-watchers {all}): {past:?}", all + 1);
+    for w in open {
+        w.abort();
+    }
     Ok(())
 }
