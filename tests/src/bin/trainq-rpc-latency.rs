@@ -4,9 +4,9 @@
 //! By default it starts two real coordinators on one fresh database (the machine's Postgres and
 //! Redis, as the system tests): one as configured by default (TCP_NODELAY on accepted
 //! connections) and one with `--no-tcp-nodelay` (Nagle's algorithm on), stores the jobs, and
-//! measures both, so the table shows the delayed-ACK stall (about 40 ms) and its fix side by
-//! side. With `--connect URL` it measures that coordinator only (`--token` for auth), storing
-//! the jobs there. Each RPC is called sequentially on one connection (the client sets
+//! measures both, taking turns in five rounds, so the table shows the delayed-ACK stall (about
+//! 40 ms) and its fix side by side. With `--connect URL` it measures that coordinator only
+//! (`--token` for auth), storing the jobs there. Each RPC is called sequentially on one connection (the client sets
 //! TCP_NODELAY, as tonic does by default). Submit -> running with a real worker is measured by
 //! `trainq-latency`, not here.
 //!
@@ -126,6 +126,20 @@ struct Row {
 impl Row {
     fn quantile(&self, q: f64) -> Duration {
         quantile(&self.took, q)
+    }
+}
+
+/// Rounds in which the two coordinators take turns.
+const ROUNDS: usize = 5;
+
+/// Adds a round's samples to the rows so far (the same RPCs in the same order).
+fn merge(into: &mut Vec<Row>, round: Vec<Row>) {
+    if into.is_empty() {
+        *into = round;
+        return;
+    }
+    for (row, more) in into.iter_mut().zip(round) {
+        row.took.extend(more.took);
     }
 }
 
@@ -286,11 +300,19 @@ async fn main() -> anyhow::Result<()> {
         )
         .await;
     let jobs = store_jobs(&nodelay.url(), None, o.jobs).await?;
-    let fixed = measure(&nodelay.url(), None, &jobs, o.calls).await?;
-    let before = measure(&nagle.url(), None, &jobs, o.calls).await?;
+    // The two coordinators take turns, a fifth of the calls each time, so that whatever else
+    // the machine does falls on both alike.
+    let (mut fixed, mut before) = (Vec::new(), Vec::new());
+    let per_round = o.calls.div_ceil(ROUNDS).max(1);
+    for _ in 0..ROUNDS {
+        merge(&mut fixed, measure(&nodelay.url(), None, &jobs, per_round).await?);
+        merge(&mut before, measure(&nagle.url(), None, &jobs, per_round).await?);
+    }
     println!(
-        "{} jobs stored, {} sequential calls per RPC on one connection, client TCP_NODELAY on",
-        o.jobs, o.calls
+        "{} jobs stored, {} sequential calls per RPC on one connection, client TCP_NODELAY on, \
+         the two coordinators taking turns ({ROUNDS} rounds of {per_round})",
+        o.jobs,
+        per_round * ROUNDS
     );
     println!(
         "| RPC | p50 TCP_NODELAY (ms) | p99 TCP_NODELAY (ms) | p50 --no-tcp-nodelay (ms) | p99 --no-tcp-nodelay (ms) |"
