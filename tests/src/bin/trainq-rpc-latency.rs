@@ -305,8 +305,14 @@ async fn main() -> anyhow::Result<()> {
     let (mut fixed, mut before) = (Vec::new(), Vec::new());
     let per_round = o.calls.div_ceil(ROUNDS).max(1);
     for _ in 0..ROUNDS {
-        merge(&mut fixed, measure(&nodelay.url(), None, &jobs, per_round).await?);
-        merge(&mut before, measure(&nagle.url(), None, &jobs, per_round).await?);
+        merge(
+            &mut fixed,
+            measure(&nodelay.url(), None, &jobs, per_round).await?,
+        );
+        merge(
+            &mut before,
+            measure(&nagle.url(), None, &jobs, per_round).await?,
+        );
     }
     println!(
         "{} jobs stored, {} sequential calls per RPC on one connection, client TCP_NODELAY on, \
