@@ -353,15 +353,10 @@ mod tests {
     #[tokio::test]
     async fn health_over_tls_trusts_the_given_ca_and_reports_the_status() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-            .expect("self-signed certificate");
-        let dir = tempfile::tempdir().expect("dir");
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, certified.cert.pem()).expect("write ca");
-        let identity = tonic::transport::Identity::from_pem(
-            certified.cert.pem(),
-            certified.key_pair.serialize_pem(),
-        );
+        let certified = ::tests::tls::SelfSigned::localhost();
+        let ca = certified.cert.clone();
+        let identity =
+            tonic::transport::Identity::from_pem(&certified.cert_pem, &certified.key_pem);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

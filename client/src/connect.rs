@@ -217,15 +217,10 @@ mod tests {
     #[tokio::test]
     async fn over_tls_the_client_trusts_its_ca_and_sends_its_token() {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-            .expect("self-signed certificate");
-        let dir = tempfile::tempdir().expect("dir");
-        let ca = dir.path().join("ca.pem");
-        std::fs::write(&ca, certified.cert.pem()).expect("write ca");
-        let identity = tonic::transport::Identity::from_pem(
-            certified.cert.pem(),
-            certified.key_pair.serialize_pem(),
-        );
+        let certified = ::tests::tls::SelfSigned::localhost();
+        let ca = certified.cert.clone();
+        let identity =
+            tonic::transport::Identity::from_pem(&certified.cert_pem, &certified.key_pem);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

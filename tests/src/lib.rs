@@ -1,7 +1,8 @@
 //! The one test-support crate of trainq: the harness of the black-box system tests
 //! (`tests/tests/*.rs`, which start the real `trainq-server` and `trainq-worker` binaries, built
 //! by `cargo build --workspace --bins`, which scripts/test.sh does first) and of the coordinator's
-//! in-process service tests (`server/tests/api/`, a dev-dependency of `server`). It is the one
+//! in-process service tests (`server/tests/api/`, a dev-dependency of `server`; the client
+//! crate and the CLI use its [`tls`] certificate in their unit tests). It is the one
 //! place that knows where the test Postgres and Redis are, gives each test a database and Redis
 //! key prefix of its own and removes them afterwards, waits for a coordinator to serve, holds the
 //! training slot, and finds the binaries, grpcurl and moto.
@@ -23,7 +24,7 @@
 //!
 //! Anything a test needs that is missing (a binary, grpcurl, the MNIST files) is a loud failure
 //! naming the fix, never a silent skip. Must not link libtorch (invariant 6), must not depend on
-//! `server` (the server's tests depend on this crate), and must never FLUSHALL or restart the
+//! `server`, `client` or `cli` (their tests depend on this crate), and must never FLUSHALL or restart the
 //! machine's shared services (the chaos suite breaks private ones, [`services`]).
 
 pub mod bench;
@@ -40,6 +41,7 @@ mod proc;
 pub mod proxy;
 pub mod services;
 mod slot;
+pub mod tls;
 
 pub use cleanup::Cleanup;
 pub use coordinator::{Coordinator, GrpcurlOutput, TestEnv};

@@ -6,8 +6,6 @@
 //!
 //! Must not wait for a server before its test chose the channel (plaintext or TLS) to wait on.
 
-use std::io::Write as _;
-
 use clap::Parser as _;
 use proto::v1::worker_service_client::WorkerServiceClient;
 use proto::v1::{self, job_service_client::JobServiceClient};
@@ -300,15 +298,8 @@ async fn tokens_never_appear_in_the_server_log() {
 #[tokio::test]
 async fn over_tls_a_client_that_trusts_the_certificate_connects_and_a_plaintext_client_fails() {
     server::auth::install_crypto_provider(); // for the client's side
-    let dir = tempfile::tempdir().expect("dir");
-    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
-        .expect("self-signed certificate");
-    let cert_pem = certified.cert.pem();
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::File::create(&cert)
-        .and_then(|mut f| f.write_all(cert_pem.as_bytes()))
-        .expect("write cert");
-    std::fs::write(&key, certified.key_pair.serialize_pem()).expect("write key");
+    let certified = tests::tls::SelfSigned::localhost();
+    let (cert, key) = (&certified.cert, &certified.key);
 
     let tokens = Tokens::new();
     let mut flags = tokens.flags();
@@ -323,7 +314,7 @@ async fn over_tls_a_client_that_trusts_the_certificate_connects_and_a_plaintext_
         .expect("uri")
         .tls_config(
             ClientTlsConfig::new()
-                .ca_certificate(Certificate::from_pem(&cert_pem))
+                .ca_certificate(Certificate::from_pem(&certified.cert_pem))
                 .domain_name("localhost"),
         )
         .expect("tls config")
