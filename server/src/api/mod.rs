@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use proto::{v1, JobId};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 pub use artifacts::ArtifactChunks;
@@ -114,18 +114,20 @@ fn job_to_proto(
     })
 }
 
-/// A job with its latest metrics, or NOT_FOUND.
+/// A job with its latest metrics, or NOT_FOUND. Its three reads share one pooled connection
+/// (the pool checks a connection each time it hands one out).
 async fn load_job(state: &AppState, id: JobId) -> Result<v1::Job> {
-    let row = store::get_job(&state.pool, id)
+    let mut conn = state.pool.acquire().await?;
+    let row = store::get_job(&mut *conn, id)
         .await?
         .ok_or_else(|| Error::job_not_found(id))?;
-    job_of_row(state, id, row).await
+    job_of_row(&mut conn, id, row).await
 }
 
 /// The job whose row was just read, with its latest metrics and attempts read now.
-async fn job_of_row(state: &AppState, id: JobId, row: JobRow) -> Result<v1::Job> {
-    let latest = store::latest_metrics(&state.pool, id).await?;
-    let attempts = store::attempts_of(&state.pool, id).await?;
+async fn job_of_row(conn: &mut PgConnection, id: JobId, row: JobRow) -> Result<v1::Job> {
+    let latest = store::latest_metrics(&mut *conn, id).await?;
+    let attempts = store::attempts_of(&mut *conn, id).await?;
     job_to_proto(row, latest, attempts)
 }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use proto::v1::{self, job_event::Event};
 use proto::JobId;
+use sqlx::PgConnection;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
@@ -93,17 +94,20 @@ async fn catch_up(
     cursor: &mut Cursor,
     tx: &Sender<v1::JobEvent>,
 ) -> Result<Step> {
-    let row = store::get_job(&state.pool, id)
+    // One pooled connection for the whole look (the read slot that `follow` holds bounds
+    // how many looks hold one), rather than a pool check-out per query.
+    let mut conn = state.pool.acquire().await?;
+    let row = store::get_job(&mut *conn, id)
         .await?
         .ok_or_else(|| Error::job_not_found(id))?;
     let now = (state_of(&row) as i32, row.attempt.max(0) as u32);
-    if send_points(state, id, cursor, tx).await? == Step::Done {
+    if send_points(&mut conn, id, cursor, tx).await? == Step::Done {
         return Ok(Step::Done);
     }
     if now == cursor.seen {
         return Ok(Step::Continue);
     }
-    let job = job_of_row(state, id, row).await?;
+    let job = job_of_row(&mut conn, id, row).await?;
     cursor.seen = now;
     let ended = job_is_terminal(&job);
     if tx.send(Ok(job_event(job))).await.is_err() || ended {
@@ -114,13 +118,13 @@ async fn catch_up(
 
 /// Sends the points stored after the cursor, in batches; `Done` when the client left.
 async fn send_points(
-    state: &AppState,
+    conn: &mut PgConnection,
     id: JobId,
     cursor: &mut Cursor,
     tx: &Sender<v1::JobEvent>,
 ) -> Result<Step> {
     loop {
-        let points = store::metrics_after(&state.pool, id, cursor.seq, BATCH_POINTS).await?;
+        let points = store::metrics_after(&mut *conn, id, cursor.seq, BATCH_POINTS).await?;
         let Some((last_seq, _)) = points.last() else {
             return Ok(Step::Continue);
         };
