@@ -283,19 +283,6 @@ mod tests {
     }
 
     #[test]
-    fn a_server_address_without_a_scheme_gets_http() {
-        assert_eq!(
-            normalise_url("localhost:50051", false),
-            "http://localhost:50051"
-        );
-        assert_eq!(
-            normalise_url("localhost:50051", true),
-            "https://localhost:50051"
-        );
-        assert_eq!(normalise_url("https://q:1", false), "https://q:1");
-    }
-
-    #[test]
     fn https_without_a_ca_uses_the_webpki_roots() {
         let target = Target {
             server: "https://example.com:443",
