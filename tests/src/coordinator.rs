@@ -80,7 +80,20 @@ impl TestEnv {
     /// Starts the coordinator on a given port (to restart it at the same address, which the
     /// workers keep), logging to `<name>.log` in the env's folder; waits until it serves.
     pub async fn start_coordinator_at(&self, name: &str, port: u16, extra: &[&str]) -> Coordinator {
-        let mut cmd = Command::new(binary("trainq-server"));
+        self.start_coordinator_binary(&binary("trainq-server"), name, port, extra)
+            .await
+    }
+
+    /// As [`Self::start_coordinator_at`], with another coordinator binary (for example one
+    /// built from an older commit, which a benchmark measures against the built one).
+    pub async fn start_coordinator_binary(
+        &self,
+        server: &Path,
+        name: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Coordinator {
+        let mut cmd = Command::new(server);
         cmd.args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--database-url", &self.database_url()])
             .args(["--redis-url", &self.redis])

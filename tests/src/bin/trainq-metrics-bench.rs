@@ -28,7 +28,6 @@
 //! trainq-metrics-bench -- [--points 1000000] [--series 1] [--runs 5] [--baseline-server PATH]`
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +35,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use prost::Message as _;
 use proto::v1::{self, job_service_client::JobServiceClient};
-use tests::bench::{median, mib};
-use tests::{free_port, mnist_spec_json, Coordinator, Proc, TestEnv};
+use tests::bench::{channel, median, mib};
+use tests::{free_port, mnist_spec_json, Coordinator, TestEnv};
 use tonic::transport::Channel;
 
 const NAMES: [&str; 4] = ["train/loss", "train/recon", "train/kl", "train/accuracy"];
@@ -195,12 +194,12 @@ impl Bench {
         let name = format!("coordinator-{i}");
         let coordinator = match server {
             None => env.start_coordinator_at(&name, free_port(), &[]).await,
-            Some(path) => start_baseline(env, path, &name).await?,
+            Some(path) => {
+                env.start_coordinator_binary(path, &name, free_port(), &[])
+                    .await
+            }
         };
-        let channel = Channel::from_shared(coordinator.url())?
-            .tcp_nodelay(true)
-            .connect()
-            .await?;
+        let channel = channel(&coordinator.url()).await?;
         // The baseline answers a million points in one message.
         let client = JobServiceClient::new(channel).max_decoding_message_size(1 << 30);
         Ok(Self {
@@ -235,26 +234,6 @@ impl Bench {
         });
         Ok(())
     }
-}
-
-/// Another coordinator binary on the same database (`--baseline-server`), started like
-/// [`TestEnv::start_coordinator_at`] starts the built one.
-async fn start_baseline(env: &TestEnv, path: &PathBuf, name: &str) -> anyhow::Result<Coordinator> {
-    let port = free_port();
-    let mut cmd = Command::new(path);
-    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--database-url", &env.database_url()])
-        .args(["--redis-url", &env.redis])
-        .args(["--redis-prefix", &env.redis_prefix])
-        .arg("--artifacts")
-        .arg(format!("file://{}", env.artifacts_dir().display()))
-        .env("TRAINQ_METRICS_LISTEN", "127.0.0.1:0")
-        .env("RUST_LOG", "warn");
-    let proc = Proc::spawn(name, cmd, env.dir.path())?;
-    let addr = format!("127.0.0.1:{port}");
-    let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
-    tests::wait_for_health(channel, Duration::from_secs(60), || Ok(())).await?;
-    Ok(Coordinator { proc, addr })
 }
 
 /// Submits the job and stores its points in bulk; returns its id.
