@@ -137,6 +137,16 @@ pub enum Command {
     /// interval and the report says so. Works on a sweep in progress (over the runs that
     /// succeeded so far).
     Report(ReportArgs),
+    /// The fleet: every worker seen in the last hour (live first), its slots, queues, devices and
+    /// the jobs it runs now; or one worker with --worker.
+    Workers {
+        /// Only this worker (by its --worker-id).
+        #[arg(long)]
+        worker: Option<String>,
+        /// Also workers silent for more than an hour.
+        #[arg(long)]
+        all: bool,
+    },
     /// Ask the coordinator's gRPC health service (grpc.health.v1 Health/Check); prints the
     /// status. Exits 0 when SERVING, 1 otherwise, 4 when unreachable (a container healthcheck).
     Health {

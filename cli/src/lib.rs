@@ -80,5 +80,8 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
         Command::Plot(args) => metrics::plot(&connect().await?, &args).await,
         Command::Sweep(cmd) => sweeps::run(&connect().await?, cmd, out).await,
         Command::Report(args) => report_cmd::run(&connect().await?, &args, out).await,
+        Command::Workers { worker, all } => {
+            jobs::workers(&connect().await?, worker.as_deref(), all, out).await
+        }
     }
 }

@@ -170,6 +170,18 @@ pub fn job_table(job: &v1::Job) -> Table {
     row("started", timestamp(job.started_at.as_ref()));
     row("finished", timestamp(job.finished_at.as_ref()));
     row("final_step", job.final_step.to_string());
+    if let Some(spec) = &job.spec {
+        let queue = if spec.queue.is_empty() {
+            proto::queue::DEFAULT_QUEUE
+        } else {
+            &spec.queue
+        };
+        row("queue", queue.to_string());
+        row("priority", spec.priority.to_string());
+    }
+    if !job.waiting_reason.is_empty() {
+        row("waiting", job.waiting_reason.clone());
+    }
     row("error", or_dash(&job.error));
     for m in &job.latest_metrics {
         row(
@@ -186,6 +198,56 @@ fn or_dash(s: &str) -> String {
     } else {
         s.to_string()
     }
+}
+
+/// The fleet, one worker per row: id, state, host, slots busy/total, queues, device memory in
+/// use / in all (GiB), last report, and the jobs it runs.
+pub fn workers_table(workers: &[v1::Worker]) -> Table {
+    let mut t = Table::new(&[
+        "WORKER",
+        "STATE",
+        "HOST",
+        "SLOTS",
+        "QUEUES",
+        "DEVICES",
+        "LAST SEEN",
+        "RUNNING",
+    ]);
+    for w in workers {
+        let state = match v1::WorkerState::try_from(w.state) {
+            Ok(v1::WorkerState::Live) => "live",
+            Ok(v1::WorkerState::Lost) => "lost",
+            _ => "-",
+        };
+        let gib = |b: u64| b as f64 / f64::from(1u32 << 30);
+        let devices: Vec<String> = w
+            .devices
+            .iter()
+            .map(|d| {
+                if d.memory_total_bytes == 0 {
+                    d.name.clone()
+                } else {
+                    format!(
+                        "{} {:.1}/{:.1} GiB",
+                        d.name,
+                        gib(d.memory_used_bytes),
+                        gib(d.memory_total_bytes)
+                    )
+                }
+            })
+            .collect();
+        t.push(vec![
+            w.worker_id.clone(),
+            state.into(),
+            or_dash(&w.host),
+            format!("{}/{}", w.slots_busy, w.slots_total),
+            w.queues.join(","),
+            or_dash(&devices.join(", ")),
+            timestamp(w.last_seen_at.as_ref()),
+            or_dash(&w.running_job_ids.join(",")),
+        ]);
+    }
+    t
 }
 
 /// Metric points, one per row: name, epoch, step, value (full precision for CSV).

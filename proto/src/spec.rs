@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use crate::ids::JobId;
+use crate::queue;
 use crate::v1;
 
 pub const MAX_NAME_CHARS: usize = 128;
@@ -181,6 +182,10 @@ pub struct JobSpec {
     pub experiment: Experiment,
     /// Jobs that must succeed first: `depends_on` plus a transfer's source, without repeats.
     pub dependencies: Vec<JobId>,
+    /// The queue it waits on ([`crate::queue::DEFAULT_QUEUE`] when the spec names none).
+    pub queue: String,
+    /// Higher runs first (`-MAX_PRIORITY..=MAX_PRIORITY`).
+    pub priority: i32,
     /// The wire form, kept so it can be stored and echoed back unchanged.
     raw: v1::JobSpec,
 }
@@ -500,8 +505,26 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             raw.max_attempts
         };
         let dependencies = parse_dependencies(&raw, &experiment)?;
+        let queue = if raw.queue.is_empty() {
+            queue::DEFAULT_QUEUE.to_string()
+        } else {
+            queue::check_queue_name("spec.queue", &raw.queue)?;
+            raw.queue.clone()
+        };
+        if !(-queue::MAX_PRIORITY..=queue::MAX_PRIORITY).contains(&raw.priority) {
+            return Err(FieldViolation::new(
+                "spec.priority",
+                format!(
+                    "must be between -{max} and {max}, got {}",
+                    raw.priority,
+                    max = queue::MAX_PRIORITY
+                ),
+            ));
+        }
         Ok(Self {
             dependencies,
+            queue,
+            priority: raw.priority,
             name: raw.name.clone(),
             labels: raw
                 .labels
@@ -554,6 +577,29 @@ mod tests {
         assert_eq!(s.training.optimizer, Optimizer::Adam);
         assert_eq!(s.training.max_train_examples, None);
         assert_eq!(s.experiment.kind(), "mnist_classifier");
+        assert_eq!((s.queue.as_str(), s.priority), (queue::DEFAULT_QUEUE, 0));
+    }
+
+    #[test]
+    fn queue_and_priority_are_checked_and_kept() {
+        let mut s = valid();
+        s.queue = "gpu-large".into();
+        s.priority = -queue::MAX_PRIORITY;
+        let parsed = JobSpec::try_from(s).expect("valid");
+        assert_eq!(
+            (parsed.queue.as_str(), parsed.priority),
+            ("gpu-large", -1000)
+        );
+        for bad in ["GPU", "a b", "x".repeat(33).as_str()] {
+            let mut s = valid();
+            s.queue = bad.into();
+            assert_eq!(field_of(s), "spec.queue");
+        }
+        for bad in [queue::MAX_PRIORITY + 1, -queue::MAX_PRIORITY - 1, i32::MIN] {
+            let mut s = valid();
+            s.priority = bad;
+            assert_eq!(field_of(s), "spec.priority");
+        }
     }
 
     #[test]

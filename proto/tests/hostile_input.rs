@@ -14,6 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use prost::Message;
+use proto::queue::MAX_PRIORITY;
 use proto::spec::{Conv1Adaptation, Experiment, Freeze, Init, JobSpec, Optimizer, SpecFileError};
 use proto::v1;
 use serde_json::Value;
@@ -292,6 +293,11 @@ fn experiment() -> BoxedStrategy<v1::job_spec::Experiment> {
     .boxed()
 }
 
+/// A queue name: empty (the default queue) or 1..=32 characters of [a-z0-9-].
+fn queue_name() -> impl Strategy<Value = String> {
+    prop_oneof![Just(String::new()), "[a-z0-9-]{1,32}"]
+}
+
 /// A spec with every field inside its documented limit.
 fn valid_spec() -> BoxedStrategy<v1::JobSpec> {
     (
@@ -302,9 +308,19 @@ fn valid_spec() -> BoxedStrategy<v1::JobSpec> {
         distinct_uuids(MAX_DEPENDENCIES),
         experiment(),
         any::<Option<Index>>(),
+        (queue_name(), -MAX_PRIORITY..=MAX_PRIORITY),
     )
         .prop_map(
-            |(name, labels, training, max_attempts, depends_on, experiment, source_dep)| {
+            |(
+                name,
+                labels,
+                training,
+                max_attempts,
+                depends_on,
+                experiment,
+                source_dep,
+                (queue, priority),
+            )| {
                 let mut spec = v1::JobSpec {
                     name,
                     labels,
@@ -312,6 +328,8 @@ fn valid_spec() -> BoxedStrategy<v1::JobSpec> {
                     max_attempts,
                     depends_on,
                     experiment: Some(experiment),
+                    queue,
+                    priority,
                 };
                 // Sometimes the transfer's source is also listed (maybe in another case).
                 let deps = spec.depends_on.clone();
@@ -453,6 +471,9 @@ enum Break {
     LogEverySteps(u32),
     CheckpointEverySteps(u32),
     MaxAttempts(u32),
+    /// Not empty, and not 1..=32 characters of [a-z0-9-].
+    Queue(String),
+    Priority(i32),
     Name(String),
     /// A control character inserted into the name at this position.
     NameControl(Index, char),
@@ -563,6 +584,23 @@ fn a_break() -> BoxedStrategy<Break> {
         out_of(0, MAX_LOG_EVERY_STEPS).prop_map(Break::LogEverySteps),
         out_of(0, MAX_CHECKPOINT_EVERY_STEPS).prop_map(Break::CheckpointEverySteps),
         out_of(0, MAX_ATTEMPTS).prop_map(Break::MaxAttempts),
+        prop_oneof![
+            "[a-z0-9-]{33,40}",
+            "[a-z0-9]{0,5}[A-Z_ :/.][a-z0-9]{0,5}",
+            "\\PC{1,3}"
+        ]
+        .prop_filter("outside the queue name pattern", |q| {
+            let allowed = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
+            !q.is_empty() && (q.len() > 32 || !q.chars().all(allowed))
+        })
+        .prop_map(Break::Queue),
+        prop_oneof![
+            Just(MAX_PRIORITY + 1),
+            Just(-MAX_PRIORITY - 1),
+            (MAX_PRIORITY + 1)..=i32::MAX,
+            i32::MIN..=(-MAX_PRIORITY - 1)
+        ]
+        .prop_map(Break::Priority),
         prop_oneof![Just(String::new()), text(MAX_NAME_CHARS + 1, 300)].prop_map(Break::Name),
         (any::<Index>(), control_char()).prop_map(|(i, c)| Break::NameControl(i, c)),
         prop::collection::hash_map(label_key(), text(0, 8), MAX_LABELS + 1..=MAX_LABELS + 10)
@@ -680,6 +718,14 @@ impl Break {
             Break::MaxAttempts(n) => {
                 spec.max_attempts = n;
                 "spec.max_attempts".into()
+            }
+            Break::Queue(q) => {
+                spec.queue = q;
+                "spec.queue".into()
+            }
+            Break::Priority(p) => {
+                spec.priority = p;
+                "spec.priority".into()
             }
             Break::Name(name) => {
                 spec.name = name;

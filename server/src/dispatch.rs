@@ -1,7 +1,8 @@
 //! Redis dispatch: the only module that talks to Redis.
 //!
-//! The coordinator pushes (`RPUSH`) the ids of jobs that became ready onto
-//! [`Keys::ready_queue`]; workers pop them and claim the job over gRPC. Redis is disposable: a
+//! The coordinator adds (`ZADD`) the ids of jobs that became ready to their queue's sorted set
+//! ([`Keys::ready`], scored by [`proto::queue::score`] of their priority); workers pop them
+//! (`BZPOPMIN`) and claim the job over gRPC. Redis is disposable: a
 //! failed push is logged and left to the reconciler, and the coordinator starts and serves while
 //! Redis is down. The connection is made lazily and then kept by a `ConnectionManager`, which
 //! reconnects by itself: after a failure the next command reconnects, and the reconciler's
@@ -16,7 +17,7 @@
 
 use std::time::Duration;
 
-use proto::queue::Keys;
+use proto::queue::{score, Keys, Ready};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 use uuid::Uuid;
@@ -82,26 +83,36 @@ impl Dispatcher {
         Ok(conn.clone())
     }
 
-    /// Appends the ids to the ready queue, in order, with one command.
-    pub async fn push(&self, ids: &[Uuid]) -> Result<(), DispatchError> {
-        if ids.is_empty() {
+    /// Adds the jobs to their queues' ready sets, with one command per queue in one round trip.
+    /// A job already there stays once (with its score brought up to date).
+    pub async fn push(&self, jobs: &[Ready]) -> Result<(), DispatchError> {
+        if jobs.is_empty() {
             return Ok(());
         }
-        let mut conn = self.connection().await?;
-        let mut cmd = redis::cmd("RPUSH");
-        cmd.arg(self.keys.ready_queue());
-        for id in ids {
-            cmd.arg(id.to_string());
+        let mut by_queue: std::collections::BTreeMap<&str, Vec<&Ready>> = Default::default();
+        for job in jobs {
+            by_queue.entry(job.queue.as_str()).or_default().push(job);
         }
-        let _len: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+        let mut pipe = redis::pipe();
+        for (queue, jobs) in by_queue {
+            let cmd = pipe.cmd("ZADD").arg(self.keys.ready(queue));
+            for job in jobs {
+                cmd.arg(score(job.priority)).arg(job.id.to_string());
+            }
+            cmd.ignore();
+        }
+        let mut conn = self.connection().await?;
+        let () = self.bounded(pipe.query_async(&mut conn)).await?;
         Ok(())
     }
 
-    /// How many ids wait in the ready queue (`LLEN`).
-    pub async fn queue_depth(&self) -> Result<i64, DispatchError> {
+    /// Whether Redis answers (`PING`).
+    pub async fn ping(&self) -> Result<(), DispatchError> {
         let mut conn = self.connection().await?;
-        let cmd = redis::cmd("LLEN").arg(self.keys.ready_queue()).to_owned();
-        self.bounded(cmd.query_async(&mut conn)).await
+        let _pong: String = self
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(())
     }
 
     /// Sets the alive marker unless it is there (`SET NX`). True when it was missing: Redis is
@@ -126,22 +137,34 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// The ids waiting in the ready queue, head first (for tests and operators).
-    pub async fn ready_ids(&self) -> Result<Vec<String>, DispatchError> {
+    /// The ids waiting in one queue's ready set, in the order workers pop them (for tests and
+    /// operators).
+    pub async fn ready_ids(&self, queue: &str) -> Result<Vec<String>, DispatchError> {
         let mut conn = self.connection().await?;
-        let cmd = redis::cmd("LRANGE")
-            .arg(self.keys.ready_queue())
+        let cmd = redis::cmd("ZRANGE")
+            .arg(self.keys.ready(queue))
             .arg(0)
             .arg(-1)
             .to_owned();
         self.bounded(cmd.query_async(&mut conn)).await
     }
 
-    /// Deletes this prefix's queue (test clean-up; never touches other prefixes).
-    pub async fn delete_queue(&self) -> Result<(), DispatchError> {
+    /// Deletes every queue of this prefix (test clean-up; never touches other prefixes).
+    pub async fn delete_queues(&self) -> Result<(), DispatchError> {
         let mut conn = self.connection().await?;
-        let cmd = redis::cmd("DEL").arg(self.keys.ready_queue()).to_owned();
-        let _deleted: i64 = self.bounded(cmd.query_async(&mut conn)).await?;
+        let keys: Vec<String> = self
+            .bounded(
+                redis::cmd("KEYS")
+                    .arg(self.keys.ready_pattern())
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let _deleted: i64 = self
+            .bounded(redis::cmd("DEL").arg(keys).query_async(&mut conn))
+            .await?;
         Ok(())
     }
 
@@ -171,16 +194,44 @@ mod tests {
             .expect("valid url")
     }
 
+    fn ready(id: Uuid, queue: &str, priority: i32) -> Ready {
+        Ready {
+            id,
+            queue: queue.into(),
+            priority,
+        }
+    }
+
+    fn default_queue(id: Uuid) -> Ready {
+        ready(id, proto::queue::DEFAULT_QUEUE, 0)
+    }
+
     #[tokio::test]
-    async fn pushed_ids_land_in_order_on_the_prefixed_ready_queue() {
+    async fn pushed_ids_pop_by_priority_then_age_each_on_its_own_queue_once() {
         let d = unique_dispatcher();
-        let ids = [Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7()];
-        d.push(&ids[..2]).await.expect("redis is reachable");
-        d.push(&ids[2..]).await.expect("redis is reachable");
-        let queued = d.ready_ids().await.expect("lrange");
-        d.delete_queue().await.expect("clean up");
-        assert_eq!(queued, ids.iter().map(Uuid::to_string).collect::<Vec<_>>());
-        assert!(d.keys().ready_queue().starts_with(d.keys().prefix()));
+        let ids: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+        d.push(&[
+            ready(ids[0], "default", 0),
+            ready(ids[1], "default", 0),
+            ready(ids[2], "gpu", 0),
+        ])
+        .await
+        .expect("redis is reachable");
+        d.push(&[ready(ids[3], "default", 5), ready(ids[4], "default", -5)])
+            .await
+            .expect("redis is reachable");
+        // A repeat (the reconciler pushing again) leaves one copy.
+        d.push(&[ready(ids[1], "default", 0)]).await.expect("push");
+        let default = d.ready_ids("default").await.expect("zrange");
+        let gpu = d.ready_ids("gpu").await.expect("zrange");
+        d.delete_queues().await.expect("clean up");
+        let text = |i: &[usize]| i.iter().map(|&i| ids[i].to_string()).collect::<Vec<_>>();
+        assert_eq!(default, text(&[3, 0, 1, 4]), "priority first, then oldest");
+        assert_eq!(gpu, text(&[2]));
+        assert!(
+            d.ready_ids("gpu").await.expect("zrange").is_empty(),
+            "deleted"
+        );
     }
 
     #[tokio::test]
@@ -197,9 +248,11 @@ mod tests {
     #[tokio::test]
     async fn two_prefixes_do_not_see_each_others_ids() {
         let (a, b) = (unique_dispatcher(), unique_dispatcher());
-        a.push(&[Uuid::now_v7()]).await.expect("push");
-        let seen_by_b = b.ready_ids().await.expect("lrange");
-        a.delete_queue().await.expect("clean up");
+        a.push(&[default_queue(Uuid::now_v7())])
+            .await
+            .expect("push");
+        let seen_by_b = b.ready_ids("default").await.expect("zrange");
+        a.delete_queues().await.expect("clean up");
         assert!(seen_by_b.is_empty());
     }
 
@@ -207,9 +260,9 @@ mod tests {
     async fn a_push_to_an_unreachable_redis_fails_quickly_instead_of_hanging() {
         let d = Dispatcher::new("redis://127.0.0.1:1", "trainq-test:").expect("valid url");
         let started = std::time::Instant::now();
-        assert!(d.push(&[Uuid::now_v7()]).await.is_err());
+        assert!(d.push(&[default_queue(Uuid::now_v7())]).await.is_err());
         assert!(
-            d.push(&[Uuid::now_v7()]).await.is_err(),
+            d.push(&[default_queue(Uuid::now_v7())]).await.is_err(),
             "a later push tries again and fails again"
         );
         assert!(
@@ -252,7 +305,7 @@ mod tests {
 
     async fn eventually_pushes(d: &Dispatcher) -> bool {
         for _ in 0..100 {
-            if d.push(&[Uuid::now_v7()]).await.is_ok() {
+            if d.push(&[default_queue(Uuid::now_v7())]).await.is_ok() {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -268,12 +321,18 @@ mod tests {
             .port();
         let d = Dispatcher::new(&format!("redis://127.0.0.1:{port}"), "trainq-test:")
             .expect("valid url");
-        assert!(d.push(&[Uuid::now_v7()]).await.is_err(), "not started yet");
+        assert!(
+            d.push(&[default_queue(Uuid::now_v7())]).await.is_err(),
+            "not started yet"
+        );
         let redis = PrivateRedis::start(port);
         assert!(eventually_pushes(&d).await, "connects once redis is up");
         let port = redis.port;
         redis.stop();
-        assert!(d.push(&[Uuid::now_v7()]).await.is_err(), "redis is down");
+        assert!(
+            d.push(&[default_queue(Uuid::now_v7())]).await.is_err(),
+            "redis is down"
+        );
         let redis = PrivateRedis::start(port);
         let reconnected = eventually_pushes(&d).await;
         redis.stop();

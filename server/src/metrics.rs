@@ -3,8 +3,8 @@
 //!
 //! Counters and histograms are updated where things happen (a claim observes its dispatch
 //! latency, the reaper counts lease expiries, the RPC layer times every call). The gauges that
-//! describe the system as a whole, jobs by state and the depth of the ready queue, are read from
-//! Postgres and Redis when Prometheus scrapes, each bounded by a short timeout: a scrape during an
+//! describe the system as a whole, jobs by state and each queue's depth and oldest job, are read
+//! from Postgres (and Redis answers a PING) when Prometheus scrapes, each bounded by a short timeout: a scrape during an
 //! outage answers quickly with the last known values and `trainq_store_up` /
 //! `trainq_redis_up` at 0.
 //!
@@ -18,7 +18,7 @@
 //! one test process do not mix their numbers. Must not make a request fail: recording is
 //! infallible and scraping only reads.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,8 +26,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use prometheus::{
-    Encoder as _, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder as _, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use prost::Message as _;
 use proto::{AttemptOutcome, JobState};
@@ -45,7 +45,10 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Metrics {
     registry: Registry,
     jobs: IntGaugeVec,
-    queue_depth: IntGauge,
+    queue_depth: IntGaugeVec,
+    queue_oldest: GaugeVec,
+    /// Every queue that had a series, so a queue that drained reads 0 instead of vanishing.
+    queues_seen: std::sync::Mutex<BTreeSet<String>>,
     store_up: IntGauge,
     redis_up: IntGauge,
     dispatch_latency: Histogram,
@@ -69,9 +72,20 @@ impl Metrics {
             &["state"],
         )
         .expect("valid metric");
-        let queue_depth = IntGauge::new(
-            "trainq_queue_depth",
-            "Job ids waiting in the Redis ready queue (read at scrape time).",
+        let queue_depth = IntGaugeVec::new(
+            Opts::new(
+                "trainq_queue_depth",
+                "Queued jobs per queue (read from Postgres at scrape time).",
+            ),
+            &["queue"],
+        )
+        .expect("valid metric");
+        let queue_oldest = GaugeVec::new(
+            Opts::new(
+                "trainq_queue_oldest_job_age_seconds",
+                "Per queue, how long its longest-waiting queued job has been ready (0 when none).",
+            ),
+            &["queue"],
         )
         .expect("valid metric");
         let store_up = IntGauge::new(
@@ -144,6 +158,7 @@ impl Metrics {
         for collector in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(queue_depth.clone()),
+            Box::new(queue_oldest.clone()),
             Box::new(store_up.clone()),
             Box::new(redis_up.clone()),
             Box::new(dispatch_latency.clone()),
@@ -165,10 +180,16 @@ impl Metrics {
         for cause in [AttemptOutcome::Failed, AttemptOutcome::LeaseExpired] {
             retries.with_label_values(&[cause.as_str()]).reset();
         }
+        // The default queue has a series from the first scrape.
+        let default_queue = proto::queue::DEFAULT_QUEUE;
+        queue_depth.with_label_values(&[default_queue]).set(0);
+        queue_oldest.with_label_values(&[default_queue]).set(0.0);
         Self {
             registry,
             jobs,
             queue_depth,
+            queue_oldest,
+            queues_seen: std::sync::Mutex::new(BTreeSet::from([default_queue.to_string()])),
             store_up,
             redis_up,
             dispatch_latency,
@@ -231,18 +252,41 @@ impl Metrics {
             }
             Err(_) => self.store_up.set(0),
         }
-        match tokio::time::timeout(SCRAPE_TIMEOUT, dispatcher.queue_depth()).await {
-            Ok(Ok(depth)) => {
-                self.queue_depth.set(depth);
-                self.redis_up.set(1);
-            }
+        match tokio::time::timeout(SCRAPE_TIMEOUT, store::queue_stats(pool)).await {
+            Ok(Ok(stats)) => self.set_queues(&stats),
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "metrics: cannot read the queue depth");
+                tracing::debug!(error = %e, "metrics: cannot read the queues");
+                self.store_up.set(0);
+            }
+            Err(_) => self.store_up.set(0),
+        }
+        match tokio::time::timeout(SCRAPE_TIMEOUT, dispatcher.ping()).await {
+            Ok(Ok(())) => self.redis_up.set(1),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "metrics: redis does not answer");
                 self.redis_up.set(0);
             }
             Err(_) => self.redis_up.set(0),
         }
         self.render()
+    }
+
+    /// Sets each queue's gauges; a queue seen before and absent now is empty.
+    fn set_queues(&self, stats: &[store::QueueStat]) {
+        let mut seen = crate::lock(&self.queues_seen);
+        for stat in stats {
+            seen.insert(stat.queue.clone());
+        }
+        for queue in seen.iter() {
+            let stat = stats.iter().find(|s| &s.queue == queue);
+            let labels = [queue.as_str()];
+            self.queue_depth
+                .with_label_values(&labels)
+                .set(stat.map_or(0, |s| s.depth));
+            self.queue_oldest
+                .with_label_values(&labels)
+                .set(stat.map_or(0.0, |s| s.oldest_age_s));
+        }
     }
 
     /// Every metric in the Prometheus text format, as it stands.

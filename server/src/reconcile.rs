@@ -26,7 +26,6 @@ use proto::{AttemptOutcome, JobId};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
-use uuid::Uuid;
 
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
@@ -87,18 +86,18 @@ pub async fn dispatch_due(
 ) -> Result<usize> {
     let mut pushed = 0;
     loop {
-        let ids = store::take_due_for_dispatch(pool, redispatch_after, BATCH).await?;
-        if ids.is_empty() {
+        let ready = store::take_due_for_dispatch(pool, redispatch_after, BATCH).await?;
+        if ready.is_empty() {
             return Ok(pushed);
         }
-        let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
-        if let Err(e) = dispatcher.push(&uuids).await {
-            tracing::warn!(error = %e, jobs = ids.len(), "reconciler could not push queued jobs; will retry");
+        if let Err(e) = dispatcher.push(&ready).await {
+            tracing::warn!(error = %e, jobs = ready.len(), "reconciler could not push queued jobs; will retry");
+            let ids: Vec<JobId> = ready.iter().map(|r| JobId::from(r.id)).collect();
             store::clear_dispatched(pool, &ids).await?;
             return Ok(pushed);
         }
-        pushed += ids.len();
-        if (ids.len() as i64) < BATCH {
+        pushed += ready.len();
+        if (ready.len() as i64) < BATCH {
             return Ok(pushed);
         }
     }

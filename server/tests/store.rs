@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
+use proto::queue::DEFAULT_QUEUE;
 use proto::spec::JobSpec;
 use proto::{v1, JobId, JobState};
 use server::domain::{ArtifactHeader, ArtifactKind, JobQuery, Lease, MetricPoint, MetricsQuery};
@@ -37,8 +38,15 @@ fn spec(max_attempts: u32, labels: &[(&str, &str)]) -> JobSpec {
         experiment: Some(v1::job_spec::Experiment::MnistClassifier(
             v1::MnistClassifier {},
         )),
+        ..Default::default()
     })
     .expect("valid spec")
+}
+
+/// The ids [`store::take_due_for_dispatch`] takes, in its order.
+async fn due(pool: &PgPool, after: Duration, limit: i64) -> server::error::Result<Vec<JobId>> {
+    let ready = store::take_due_for_dispatch(pool, after, limit).await?;
+    Ok(ready.into_iter().map(|r| JobId::from(r.id)).collect())
 }
 
 async fn submit(pool: &PgPool, max_attempts: u32) -> JobId {
@@ -348,17 +356,12 @@ async fn a_failed_attempt_is_requeued_after_a_backoff_and_fails_for_good_after_m
         "still in backoff"
     );
     assert!(
-        store::take_due_for_dispatch(&pool, LONG, 10)
-            .await
-            .expect("due")
-            .is_empty(),
+        due(&pool, LONG, 10).await.expect("due").is_empty(),
         "not dispatched in backoff"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        store::take_due_for_dispatch(&pool, LONG, 10)
-            .await
-            .expect("due"),
+        due(&pool, LONG, 10).await.expect("due"),
         [id],
         "dispatched after backoff"
     );
@@ -484,26 +487,21 @@ async fn the_reconciler_picks_queued_jobs_that_are_undispatched_or_stale_and_not
     let claimed = submit(&pool, 3).await;
     claim(&pool, claimed, "w", LONG).await;
     let pushed = submit(&pool, 3).await;
-    store::mark_dispatched(&pool, &[pushed])
+    store::take_for_dispatch(&pool, &[pushed])
         .await
         .expect("mark");
 
     assert_eq!(
-        store::take_due_for_dispatch(&pool, LONG, 100)
-            .await
-            .expect("due"),
+        due(&pool, LONG, 100).await.expect("due"),
         [a, b],
         "oldest first"
     );
     assert!(
-        store::take_due_for_dispatch(&pool, LONG, 100)
-            .await
-            .expect("due")
-            .is_empty(),
+        due(&pool, LONG, 100).await.expect("due").is_empty(),
         "just dispatched"
     );
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let stale: HashSet<JobId> = store::take_due_for_dispatch(&pool, Duration::from_millis(10), 100)
+    let stale: HashSet<JobId> = due(&pool, Duration::from_millis(10), 100)
         .await
         .expect("due")
         .into_iter()
@@ -516,6 +514,59 @@ async fn the_reconciler_picks_queued_jobs_that_are_undispatched_or_stale_and_not
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn queued_jobs_are_dispatched_with_their_queue_and_priority_highest_first_then_oldest(
+    pool: PgPool,
+) {
+    let on = |queue: &str, priority: i32| {
+        let mut raw = spec(3, &[]).to_proto();
+        raw.queue = queue.into();
+        raw.priority = priority;
+        JobSpec::try_from(raw).expect("valid spec")
+    };
+    let mut ids = Vec::new();
+    for (queue, priority) in [("", 0), ("gpu", 0), ("", -3), ("", 7), ("gpu", 7)] {
+        let id = new_id();
+        store::insert_job(&pool, id, &on(queue, priority))
+            .await
+            .expect("insert");
+        ids.push(id);
+    }
+    let ready = store::take_due_for_dispatch(&pool, LONG, 100)
+        .await
+        .expect("due");
+    let got: Vec<(JobId, &str, i32)> = ready
+        .iter()
+        .map(|r| (JobId::from(r.id), r.queue.as_str(), r.priority))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (ids[3], DEFAULT_QUEUE, 7),
+            (ids[4], "gpu", 7),
+            (ids[0], DEFAULT_QUEUE, 0),
+            (ids[1], "gpu", 0),
+            (ids[2], DEFAULT_QUEUE, -3),
+        ],
+        "an unset queue is the default one; higher priority first, then oldest"
+    );
+    let stats = store::queue_stats(&pool).await.expect("stats");
+    let depths: Vec<(&str, i64)> = stats.iter().map(|s| (s.queue.as_str(), s.depth)).collect();
+    assert_eq!(depths, [(DEFAULT_QUEUE, 3), ("gpu", 2)]);
+    assert!(stats.iter().all(|s| s.oldest_age_s >= 0.0));
+    claim(&pool, ids[4], "w", LONG).await;
+    let stats = store::queue_stats(&pool).await.expect("stats");
+    assert_eq!(stats[1].depth, 1, "a running job has left its queue");
+    // The columns follow the stored spec; SQL users can filter on them.
+    let (queue, priority): (String, i32) =
+        sqlx::query_as("SELECT queue, priority FROM jobs WHERE id = $1")
+            .bind(ids[1].as_uuid())
+            .fetch_one(&pool)
+            .await
+            .expect("row");
+    assert_eq!((queue.as_str(), priority), ("gpu", 0));
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn a_failed_push_leaves_jobs_undispatched_for_the_next_round(pool: PgPool) {
     let id = submit(&pool, 3).await;
     let unreachable =
@@ -525,12 +576,7 @@ async fn a_failed_push_leaves_jobs_undispatched_for_the_next_round(pool: PgPool)
         .expect("round");
     assert_eq!(pushed, 0);
     assert_eq!(job(&pool, id).await.dispatched_at, None);
-    assert_eq!(
-        store::take_due_for_dispatch(&pool, LONG, 10)
-            .await
-            .expect("due"),
-        [id]
-    );
+    assert_eq!(due(&pool, LONG, 10).await.expect("due"), [id]);
 }
 
 #[sqlx::test(migrations = "../migrations")]
@@ -664,10 +710,7 @@ async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succ
     );
     assert_eq!(store::dependencies_of(&pool, c).await.expect("deps"), [b]);
     assert!(
-        store::take_due_for_dispatch(&pool, LONG, 10)
-            .await
-            .expect("due")
-            == [a],
+        due(&pool, LONG, 10).await.expect("due") == [a],
         "waiting jobs are not dispatched"
     );
     assert!(
@@ -701,9 +744,7 @@ async fn a_chain_waits_and_only_the_next_link_is_queued_when_its_dependency_succ
         "promotes nothing twice"
     );
     assert_eq!(
-        store::take_due_for_dispatch(&pool, LONG, 10)
-            .await
-            .expect("due"),
+        due(&pool, LONG, 10).await.expect("due"),
         [b],
         "the reconciler dispatches the promoted job"
     );
@@ -874,10 +915,7 @@ async fn a_job_whose_dependencies_already_ended_starts_queued_or_already_failed(
         2
     );
     assert!(
-        !store::take_due_for_dispatch(&pool, LONG, 10)
-            .await
-            .expect("due")
-            .contains(&id),
+        !due(&pool, LONG, 10).await.expect("due").contains(&id),
         "never dispatched"
     );
 }
@@ -1346,12 +1384,7 @@ async fn failures_and_expired_leases_count_against_max_attempts_but_hand_backs_d
         (None, None, None),
         "claimable and due for a push at once"
     );
-    assert_eq!(
-        store::take_due_for_dispatch(&pool, LONG, 10)
-            .await
-            .expect("due"),
-        [id]
-    );
+    assert_eq!(due(&pool, LONG, 10).await.expect("due"), [id]);
     assert_precondition(store::record_metrics(&pool, &first, &[pt("a", 1, 1.0)]).await);
 
     let second = claim(&pool, id, "w2", LONG).await;
@@ -1567,20 +1600,23 @@ async fn when_redis_loses_its_keys_every_queued_job_is_pushed_again_at_once(pool
         .await
         .expect("round");
     assert_eq!(first, 2);
-    assert_eq!(d.ready_ids().await.expect("redis"), ids(&[a, b]));
+    assert_eq!(
+        d.ready_ids(DEFAULT_QUEUE).await.expect("redis"),
+        ids(&[a, b])
+    );
 
-    d.delete_queue().await.expect("a worker pops both");
+    d.delete_queues().await.expect("a worker pops both");
     reconcile::reconcile_queue(&pool, &d, LONG)
         .await
         .expect("round");
-    let with_marker = d.ready_ids().await.expect("redis");
+    let with_marker = d.ready_ids(DEFAULT_QUEUE).await.expect("redis");
 
     d.forget_alive().await.expect("redis loses the marker too");
     reconcile::reconcile_queue(&pool, &d, LONG)
         .await
         .expect("round");
-    let after_loss = d.ready_ids().await.expect("redis");
-    d.delete_queue().await.expect("clean up");
+    let after_loss = d.ready_ids(DEFAULT_QUEUE).await.expect("redis");
+    d.delete_queues().await.expect("clean up");
     d.forget_alive().await.expect("clean up");
 
     assert!(

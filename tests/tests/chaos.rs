@@ -261,12 +261,15 @@ impl World {
     }
 
     fn start_worker(&mut self, name: &str) {
-        let worker = self.env.start_worker_with_data(
-            self.coordinator(),
-            name,
-            &shared_data_dir(),
-            WORKER_FLAGS,
-        );
+        self.start_worker_with(name, &[]);
+    }
+
+    /// A worker with `extra` flags after [`WORKER_FLAGS`].
+    fn start_worker_with(&mut self, name: &str, extra: &[&str]) {
+        let flags: Vec<&str> = WORKER_FLAGS.iter().chain(extra).copied().collect();
+        let worker =
+            self.env
+                .start_worker_with_data(self.coordinator(), name, &shared_data_dir(), &flags);
         self.workers.insert(name.to_string(), worker);
         self.lifetimes.insert(name.to_string(), (now_s(), None));
     }
@@ -1168,26 +1171,30 @@ async fn postgres_restart(svc: &mut Services) -> (Row, Vec<String>) {
     .await
 }
 
-/// (e) Two workers race for the same jobs: every id is pushed three more times, and both
-/// workers start at once. No fault; each job must run exactly once.
+/// (e) Two workers race for the same jobs: every id is also added to three more queues that
+/// both workers serve (a queue holds an id once), and both workers start at once. No fault;
+/// each job must run exactly once.
 async fn worker_race(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = World::new(svc, "worker-race").await;
     w.submit_jobs(JOBS, EPOCHS).await;
-    let key = proto::queue::Keys::new(w.env.redis_prefix.clone()).ready_queue();
+    let keys = proto::queue::Keys::new(w.env.redis_prefix.clone());
+    let extra = ["race-1", "race-2", "race-3"];
     {
         let mut conn = svc.redis.connection().expect("redis connection");
         for (id, _) in &w.jobs {
-            for _ in 0..3 {
-                let _: i64 = redis::cmd("RPUSH")
-                    .arg(&key)
+            for queue in extra {
+                let _: i64 = redis::cmd("ZADD")
+                    .arg(keys.ready(queue))
+                    .arg(0)
                     .arg(id)
                     .query(&mut conn)
-                    .expect("RPUSH duplicate id");
+                    .expect("ZADD duplicate id");
             }
         }
     }
-    w.start_worker("w1");
-    w.start_worker("w2");
+    let queues = format!("{},{}", proto::queue::DEFAULT_QUEUE, extra.join(","));
+    w.start_worker_with("w1", &["--queues", &queues]);
+    w.start_worker_with("w2", &["--queues", &queues]);
     w.notes
         .push(format!("every id pushed 4 times ({} ids)", 4 * JOBS));
     // Both workers must have taken part, or there was no race.
@@ -1198,11 +1205,18 @@ async fn worker_race(svc: &mut Services) -> (Row, Vec<String>) {
             ..Expect::default()
         })
         .await;
-    // Every duplicate is popped by an idle worker and its claim refused: the list drains.
+    // Every duplicate is popped by an idle worker and its claim refused: the sets drain.
     let mut conn = svc.redis.connection().expect("redis connection");
     let deadline = Instant::now() + Duration::from_secs(10);
     let left = loop {
-        let left: i64 = redis::cmd("LLEN").arg(&key).query(&mut conn).expect("LLEN");
+        let mut left = 0;
+        for queue in extra {
+            let n: i64 = redis::cmd("ZCARD")
+                .arg(keys.ready(queue))
+                .query(&mut conn)
+                .expect("ZCARD");
+            left += n;
+        }
         if left == 0 || Instant::now() > deadline {
             break left;
         }

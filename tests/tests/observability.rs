@@ -69,7 +69,7 @@ async fn metrics_endpoints_count_a_real_job_and_every_job_log_line_carries_id_an
         "{text}"
     );
     assert_eq!(
-        prometheus_sample(&text, "trainq_queue_depth"),
+        prometheus_sample(&text, "trainq_queue_depth{queue=\"default\"}"),
         Some(1.0),
         "{text}"
     );
@@ -90,7 +90,7 @@ async fn metrics_endpoints_count_a_real_job_and_every_job_log_line_carries_id_an
     for (series, want) in [
         ("trainq_jobs{state=\"succeeded\"}", 1.0),
         ("trainq_jobs{state=\"queued\"}", 0.0),
-        ("trainq_queue_depth", 0.0),
+        ("trainq_queue_depth{queue=\"default\"}", 0.0),
         ("trainq_dispatch_latency_seconds_count", 1.0),
         ("trainq_jobs_finished_total{state=\"succeeded\"}", 1.0),
         ("trainq_lease_expiries_total", 0.0),
@@ -125,6 +125,11 @@ async fn metrics_endpoints_count_a_real_job_and_every_job_log_line_carries_id_an
     assert_eq!(
         prometheus_sample(&text, "trainq_worker_busy"),
         Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        prometheus_sample(&text, "trainq_worker_slots"),
+        Some(1.0),
         "{text}"
     );
     let points = prometheus_sample(&text, "trainq_worker_metric_points_total").unwrap_or(0.0);

@@ -113,7 +113,7 @@ pub fn measure(
     let run = |task: &mut dyn Task, k: u32| -> anyhow::Result<()> {
         for i in 0..i64::from(k) {
             let o = (i * bs) % (n - bs);
-            task.step(&order.f_narrow(0, o, bs)?)?;
+            task.step(&order.f_narrow(0, o, bs)?, i as u64 + 1)?;
         }
         Ok(())
     };

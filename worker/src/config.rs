@@ -80,8 +80,65 @@ pub struct ServeArgs {
     /// one host need different addresses.
     #[arg(long, env = "TRAINQ_METRICS_LISTEN", default_value = "0.0.0.0:9092")]
     pub metrics_listen: MetricsListen,
+    /// The queues this worker serves, comma-separated, in order: a free slot takes the next job
+    /// of the first queue that has one (names of 1..=32 characters of a-z 0-9 -).
+    #[arg(long, env = "TRAINQ_QUEUES", default_value = proto::queue::DEFAULT_QUEUE)]
+    pub queues: Queues,
+    /// Jobs this worker trains at once, one training thread each (1..=64). Default: 1 on CPU; on
+    /// CUDA, one per `--slot-memory-mib` of the GPU's memory, at most 8.
+    #[arg(long, env = "TRAINQ_SLOTS", value_parser = clap::value_parser!(u32).range(1..=MAX_SLOTS as i64))]
+    pub slots: Option<u32>,
+    /// GPU memory set aside per slot when `--slots` is not given, in MiB.
+    #[arg(long, env = "TRAINQ_SLOT_MEMORY_MIB", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(256..))]
+    pub slot_memory_mib: u64,
     #[command(flatten)]
     pub trainer: TrainerArgs,
+}
+
+/// Most slots one worker runs.
+pub const MAX_SLOTS: u32 = 64;
+/// Most slots a CUDA worker gives itself when `--slots` is not set.
+pub const MAX_DEFAULT_CUDA_SLOTS: u64 = 8;
+
+impl ServeArgs {
+    /// How many slots to run: `--slots`, else 1 on CPU and, on CUDA, one per
+    /// `--slot-memory-mib` of `gpu_memory_mib` (the device's total, when known), at most 8.
+    pub fn slot_count(&self, cuda: bool, gpu_memory_mib: Option<u64>) -> u32 {
+        if let Some(n) = self.slots {
+            return n;
+        }
+        match (cuda, gpu_memory_mib) {
+            (true, Some(total)) => {
+                (total / self.slot_memory_mib).clamp(1, MAX_DEFAULT_CUDA_SLOTS) as u32
+            }
+            _ => 1,
+        }
+    }
+
+    /// libtorch intra-op threads per slot: `--torch-threads` when set; with one slot, 0 (leave
+    /// libtorch's default, every core); otherwise the cores split evenly, at least 1 each.
+    pub fn threads_per_slot(&self, slots: u32) -> i32 {
+        if self.trainer.torch_threads > 0 || slots <= 1 {
+            return self.trainer.torch_threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        (cores / slots).max(1) as i32
+    }
+}
+
+/// The queues a worker serves, in order (`--queues gpu-large,default`): checked names, no
+/// repeats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queues(pub Vec<String>);
+
+impl std::str::FromStr for Queues {
+    type Err = String;
+
+    fn from_str(list: &str) -> Result<Self, Self::Err> {
+        proto::queue::parse_queue_list("--queues", list)
+            .map(Queues)
+            .map_err(|e| e.description)
+    }
 }
 
 pub use proto::ops::{MetricsListen, Secret};

@@ -1,5 +1,7 @@
-//! The worker's side of Redis: pops job ids from the ready queue. The only worker module that
-//! knows Redis; key names come from [`proto::queue::Keys`].
+//! The worker's side of Redis: pops job ids from the ready sets of the queues it serves, in the
+//! order given (`BZPOPMIN` takes from the first non-empty one: the highest priority there, then
+//! the oldest job). The only worker module that knows Redis; key names come from
+//! [`proto::queue::Keys`].
 //!
 //! Redis carries ids only. A popped id is a hint, not ownership: the worker must still claim the
 //! job over gRPC, and a lost or duplicated id is harmless. Must not claim, ack or store anything.
@@ -8,25 +10,33 @@ use std::time::Duration;
 
 use proto::queue::Keys;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncCommands, AsyncConnectionConfig};
+use redis::AsyncConnectionConfig;
 
-/// A dedicated connection for blocking pops (never shared with other commands, since BLPOP
+/// A dedicated connection for blocking pops (never shared with other commands, since BZPOPMIN
 /// holds the connection while it waits). Reconnects lazily after errors.
 pub struct Queue {
     client: redis::Client,
-    keys: Keys,
+    /// The ready-set keys of the served queues, in the order they are served.
+    keys: Vec<String>,
     conn: Option<MultiplexedConnection>,
-    /// How long one BLPOP waits before returning `None`, so the caller can check for shutdown.
+    /// How long one BZPOPMIN waits before returning `None`, so the caller can check for shutdown.
     pop_timeout: Duration,
 }
 
 impl Queue {
-    pub fn new(redis_url: &str, keys: Keys, pop_timeout: Duration) -> anyhow::Result<Self> {
+    /// Pops from `queues` (at least one), in that order.
+    pub fn new(
+        redis_url: &str,
+        keys: &Keys,
+        queues: &[String],
+        pop_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!queues.is_empty(), "a worker serves at least one queue");
         let client = redis::Client::open(redis_url)
             .map_err(|e| anyhow::anyhow!("invalid redis url {redis_url}: {e}"))?;
         Ok(Self {
             client,
-            keys,
+            keys: queues.iter().map(|q| keys.ready(q)).collect(),
             conn: None,
             pop_timeout,
         })
@@ -49,15 +59,16 @@ impl Queue {
     /// Waits up to `pop_timeout` for a job id. On error the connection is dropped and re-made on
     /// the next call; the caller backs off.
     pub async fn pop(&mut self) -> redis::RedisResult<Option<String>> {
-        let key = self.keys.ready_queue();
         let timeout = self.pop_timeout.as_secs_f64();
-        let result: redis::RedisResult<Option<(String, String)>> = async {
+        let mut cmd = redis::cmd("BZPOPMIN");
+        cmd.arg(&self.keys).arg(timeout);
+        let result: redis::RedisResult<Option<(String, String, f64)>> = async {
             let conn = self.connection().await?;
-            conn.blpop(&key, timeout).await
+            cmd.query_async(conn).await
         }
         .await;
         match result {
-            Ok(popped) => Ok(popped.map(|(_, id)| id)),
+            Ok(popped) => Ok(popped.map(|(_, id, _)| id)),
             Err(e) => {
                 self.conn = None;
                 Err(e)

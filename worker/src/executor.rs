@@ -1,7 +1,9 @@
-//! The executor thread: the one OS thread on which this worker trains.
+//! An executor thread: the OS thread on which one slot of this worker trains (a worker with
+//! `--slots N` has N of them, each running one job at a time).
 //!
 //! The async agent hands it assignments over a channel; it runs each to the end with its
-//! [`Trainer`] (which keeps the data sets on the device between jobs) and answers on a oneshot.
+//! [`Trainer`] (whose data sets on the device are shared by every slot and kept between jobs) and
+//! answers on a oneshot.
 //! What the run reports (metric batches, artifacts) travels back as [`Event`]s over an unbounded
 //! channel, in order. Training never runs on the async runtime
 //! and no tensor leaves this thread (invariant 7). A panic inside training becomes a permanent
@@ -13,7 +15,7 @@ use std::sync::Arc;
 use proto::spec::JobSpec;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::train::trainer::{Trainer, TrainerConfig};
+use crate::train::trainer::{SharedData, Trainer, TrainerConfig};
 use crate::train::{Event, JobInputs, Outcome, TrainError};
 
 /// One job handed to the executor.
@@ -29,21 +31,34 @@ pub struct Assignment {
     pub span: tracing::Span,
 }
 
-/// Handle to the executor thread; dropping it ends the thread after its current job.
+/// Handle to an executor thread; dropping it ends the thread after its current job.
 pub struct Executor {
     tx: std::sync::mpsc::Sender<Assignment>,
 }
 
 impl Executor {
+    /// One executor with data sets of its own (a worker with one slot, and tests).
     pub fn spawn(config: TrainerConfig, torch_threads: i32) -> std::io::Result<Self> {
+        Self::spawn_slot(0, config, torch_threads, SharedData::default())
+    }
+
+    /// The executor of slot `slot`, loading into and reading from the worker's shared `data`.
+    /// `torch_threads` > 0 sets libtorch's intra-op threads for this thread's work (0 leaves
+    /// libtorch's default, every core).
+    pub fn spawn_slot(
+        slot: usize,
+        config: TrainerConfig,
+        torch_threads: i32,
+        data: SharedData,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Assignment>();
         std::thread::Builder::new()
-            .name("trainq-executor".into())
+            .name(format!("trainq-executor-{slot}"))
             .spawn(move || {
                 if torch_threads > 0 {
                     tch::set_num_threads(torch_threads);
                 }
-                let mut trainer = Trainer::new(config);
+                let mut trainer = Trainer::sharing(config, data);
                 for job in rx {
                     let _in_job = job.span.enter();
                     let result =

@@ -1,5 +1,5 @@
 //! Prometheus metrics of a worker, served as text on `GET /metrics` of `--metrics-listen`
-//! (default `0.0.0.0:9092`): whether it is training, how its jobs ended, the training
+//! (default `0.0.0.0:9092`): its slots and how many are training, how its jobs ended, the training
 //! throughput (images per second of the latest window, as reported in `train/images_per_s`),
 //! coordinator calls that failed, and the memory in use on each NVIDIA GPU.
 //!
@@ -26,6 +26,7 @@ use crate::train::Event;
 pub struct Metrics {
     registry: Registry,
     busy: IntGauge,
+    slots: IntGauge,
     jobs: IntCounterVec,
     images_per_second: Gauge,
     metric_points: IntCounter,
@@ -71,8 +72,16 @@ impl Metrics {
         )
         .expect("valid metric");
         info.with_label_values(&[worker_id, device]).set(1);
-        let busy = IntGauge::new("trainq_worker_busy", "1 while a job is training, else 0.")
-            .expect("valid metric");
+        let slots = IntGauge::new(
+            "trainq_worker_slots",
+            "Jobs this worker trains at once at most (--slots).",
+        )
+        .expect("valid metric");
+        let busy = IntGauge::new(
+            "trainq_worker_busy",
+            "Slots training a job now (0 when idle).",
+        )
+        .expect("valid metric");
         let jobs = IntCounterVec::new(
             Opts::new(
                 "trainq_worker_jobs_total",
@@ -123,6 +132,7 @@ impl Metrics {
         for collector in [
             Box::new(info) as Box<dyn prometheus::core::Collector>,
             Box::new(busy.clone()),
+            Box::new(slots.clone()),
             Box::new(jobs.clone()),
             Box::new(images_per_second.clone()),
             Box::new(metric_points.clone()),
@@ -154,6 +164,7 @@ impl Metrics {
         Self {
             registry,
             busy,
+            slots,
             jobs,
             images_per_second,
             metric_points,
@@ -165,16 +176,50 @@ impl Metrics {
         }
     }
 
-    /// A job started training.
-    pub fn job_started(&self) {
-        self.busy.set(1);
+    /// How many slots this worker runs.
+    pub fn set_slots(&self, slots: u32) {
+        self.slots.set(i64::from(slots));
     }
 
-    /// The job ended.
+    /// A slot started training a job.
+    pub fn job_started(&self) {
+        self.busy.inc();
+    }
+
+    /// A slot's job ended.
     pub fn job_ended(&self, end: JobEnd) {
-        self.busy.set(0);
-        self.images_per_second.set(0.0);
+        self.busy.dec();
+        if self.busy.get() <= 0 {
+            self.images_per_second.set(0.0);
+        }
         self.jobs.with_label_values(&[end.label()]).inc();
+    }
+
+    /// Slots training a job now.
+    pub fn slots_busy(&self) -> u32 {
+        self.busy.get().max(0) as u32
+    }
+
+    /// Memory of the GPU behind `device` in bytes, in all and in use, when NVML knows it.
+    pub fn gpu_memory_bytes(&self, device: &tch::Device) -> Option<(u64, u64)> {
+        let tch::Device::Cuda(index) = device else {
+            return None;
+        };
+        let nvml = self.nvml.as_ref()?;
+        let memory = nvml
+            .device_by_index(*index as u32)
+            .and_then(|d| d.memory_info());
+        memory.ok().map(|m| (m.total, m.used))
+    }
+
+    /// Total memory of the GPU behind `device` in MiB, when `device` is CUDA and NVML knows it.
+    pub fn gpu_memory_mib(&self, device: &tch::Device) -> Option<u64> {
+        let tch::Device::Cuda(index) = device else {
+            return None;
+        };
+        let _ = index;
+        self.gpu_memory_bytes(device)
+            .map(|(total, _)| total / (1024 * 1024))
     }
 
     /// Training reported `event`.

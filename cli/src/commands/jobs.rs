@@ -139,6 +139,35 @@ pub async fn cancel(c: &Client, job: &str, reason: String, out: Output) -> Resul
     Ok(exit::OK)
 }
 
+/// `trainq workers`: the fleet as a table (or JSON).
+pub async fn workers(
+    c: &Client,
+    worker: Option<&str>,
+    all: bool,
+    out: Output,
+) -> Result<u8, CliError> {
+    let workers = match worker {
+        Some(id) => vec![c
+            .clone()
+            .get_worker(v1::GetWorkerRequest {
+                worker_id: id.to_string(),
+            })
+            .await
+            .map_err(|s| CliError::from_status(&format!("worker {id}"), &s))?
+            .into_inner()],
+        None => {
+            c.clone()
+                .list_workers(v1::ListWorkersRequest { include_lost: all })
+                .await
+                .map_err(|s| CliError::from_status("workers", &s))?
+                .into_inner()
+                .workers
+        }
+    };
+    print(&render(out, &workers, || output::workers_table(&workers)));
+    Ok(exit::OK)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::limits::Admitted;
-use super::{artifacts, dispatch_now, job_to_proto, load_job, state_of, sweeps, watch, AppState};
+use super::{
+    artifacts, dispatch_now, fleet, job_to_proto, load_job, state_of, sweeps, watch, AppState,
+};
 use crate::domain::{self, parse_job_id, JobQuery, MetricsQuery, RequestKey, RequestKind};
 use crate::error::{Error, Result};
 use crate::store;
@@ -75,12 +77,14 @@ impl JobApi {
         let ids: Vec<JobId> = rows.iter().map(|r| r.id).collect();
         let mut latest = store::latest_metrics_of(&self.state.pool, &ids).await?;
         let mut attempts = store::attempts_of_jobs(&self.state.pool, &ids).await?;
+        let served =
+            fleet::served_queues(&self.state.pool, self.state.lease_timeout, &rows).await?;
         let jobs = rows
             .into_iter()
             .map(|row| {
                 let metrics = latest.remove(&row.id).unwrap_or_default();
                 let attempts = attempts.remove(&row.id).unwrap_or_default();
-                job_to_proto(row, metrics, attempts)
+                job_to_proto(row, metrics, attempts, served.as_ref())
             })
             .collect::<Result<_>>()?;
         Ok(v1::ListJobsResponse {
@@ -101,7 +105,7 @@ impl JobApi {
         }
         let latest = store::latest_metrics(&self.state.pool, id).await?;
         let attempts = store::attempts_of(&self.state.pool, id).await?;
-        job_to_proto(row, latest, attempts)
+        job_to_proto(row, latest, attempts, None)
     }
 
     async fn metrics(&self, req: v1::GetMetricsRequest) -> Result<v1::GetMetricsResponse> {
@@ -247,6 +251,24 @@ impl JobService for JobApi {
     ) -> Result<Response<v1::SweepSummary>, Status> {
         Ok(Response::new(
             sweeps::summary(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn list_workers(
+        &self,
+        request: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        Ok(Response::new(
+            fleet::list(&self.state, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_worker(
+        &self,
+        request: Request<v1::GetWorkerRequest>,
+    ) -> Result<Response<v1::Worker>, Status> {
+        Ok(Response::new(
+            fleet::get(&self.state, request.into_inner()).await?,
         ))
     }
 }

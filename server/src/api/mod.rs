@@ -8,6 +8,7 @@
 //! do), and must not fail a request because Redis is down.
 
 mod artifacts;
+mod fleet;
 mod follow;
 mod jobs;
 pub mod limits;
@@ -21,7 +22,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use proto::{v1, JobId};
 use sqlx::{PgConnection, PgPool};
-use uuid::Uuid;
 
 pub use artifacts::ArtifactChunks;
 pub use jobs::JobApi;
@@ -90,13 +90,18 @@ fn state_of(row: &JobRow) -> v1::JobState {
 
 /// A stored job as the wire `Job`, with its latest metric values and its attempts (oldest
 /// first).
+/// `served` is the set of queues live workers serve ([`fleet::served_queues`]), read when a
+/// queued job needs its waiting reason.
 fn job_to_proto(
     row: JobRow,
     latest: Vec<MetricPoint>,
     attempts: Vec<AttemptRow>,
+    served: Option<&std::collections::HashSet<String>>,
 ) -> Result<v1::Job> {
     let attempts = attempts.into_iter().map(attempt_to_proto).collect();
+    let waiting_reason = fleet::waiting_reason(&row, served);
     Ok(v1::Job {
+        waiting_reason,
         id: row.id.to_string(),
         spec: Some(spec_of(&row)?),
         state: state_of(&row) as i32,
@@ -121,14 +126,22 @@ async fn load_job(state: &AppState, id: JobId) -> Result<v1::Job> {
     let row = store::get_job(&mut *conn, id)
         .await?
         .ok_or_else(|| Error::job_not_found(id))?;
-    job_of_row(&mut conn, id, row).await
+    job_of_row(&mut conn, state.lease_timeout, id, row).await
 }
 
-/// The job whose row was just read, with its latest metrics and attempts read now.
-async fn job_of_row(conn: &mut PgConnection, id: JobId, row: JobRow) -> Result<v1::Job> {
+/// The job whose row was just read, with its latest metrics and attempts read now (and, when it
+/// is queued, which queues live workers serve: `lease_timeout` says who is live).
+async fn job_of_row(
+    conn: &mut PgConnection,
+    lease_timeout: Duration,
+    id: JobId,
+    row: JobRow,
+) -> Result<v1::Job> {
     let latest = store::latest_metrics(&mut *conn, id).await?;
     let attempts = store::attempts_of(&mut *conn, id).await?;
-    job_to_proto(row, latest, attempts)
+    let served =
+        fleet::served_queues(&mut *conn, lease_timeout, std::slice::from_ref(&row)).await?;
+    job_to_proto(row, latest, attempts, served.as_ref())
 }
 
 /// An attempt record as the wire `Attempt`.
@@ -162,23 +175,26 @@ fn artifact_to_proto(row: ArtifactRow) -> v1::Artifact {
     }
 }
 
-/// Pushes the ids of jobs that just became queued, then records the push. A failed push is
-/// only logged: the jobs are safely stored as queued and undispatched, and the reconciler
-/// pushes them later.
+/// Pushes the jobs that just became queued onto their queues. They are marked dispatched first
+/// (which also reads each one's queue and priority); a failed push clears the mark and is only
+/// logged: the jobs are safely stored as queued, and the reconciler pushes them later.
 async fn dispatch_now(state: &AppState, ids: &[JobId]) {
     if ids.is_empty() {
         return;
     }
-    let uuids: Vec<Uuid> = ids.iter().map(JobId::as_uuid).collect();
-    match state.dispatcher.push(&uuids).await {
-        Ok(()) => {
-            if let Err(e) = store::mark_dispatched(&state.pool, ids).await {
-                // Harmless: the reconciler will push them once more.
-                tracing::warn!(jobs = ?ids, error = %e, "could not record dispatch");
-            }
-        }
+    let ready = match store::take_for_dispatch(&state.pool, ids).await {
+        Ok(ready) => ready,
         Err(e) => {
-            tracing::warn!(jobs = ?ids, error = %e, "dispatch failed; the reconciler will retry")
+            // Harmless: they are still undispatched, and the reconciler will push them.
+            tracing::warn!(jobs = ?ids, error = %e, "could not prepare dispatch");
+            return;
+        }
+    };
+    if let Err(e) = state.dispatcher.push(&ready).await {
+        tracing::warn!(jobs = ?ids, error = %e, "dispatch failed; the reconciler will retry");
+        if let Err(e) = store::clear_dispatched(&state.pool, ids).await {
+            // The reconciler pushes them once their dispatch is older than its delay.
+            tracing::warn!(jobs = ?ids, error = %e, "could not clear the dispatch mark");
         }
     }
 }

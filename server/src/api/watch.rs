@@ -107,7 +107,7 @@ async fn catch_up(
     if now == cursor.seen {
         return Ok(Step::Continue);
     }
-    let job = job_of_row(&mut conn, id, row).await?;
+    let job = job_of_row(&mut conn, state.lease_timeout, id, row).await?;
     cursor.seen = now;
     let ended = job_is_terminal(&job);
     if tx.send(Ok(job_event(job))).await.is_err() || ended {

@@ -12,7 +12,7 @@ use proto::v1::{self, worker_service_server::WorkerService};
 use proto::{AttemptOutcome, JobState};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{artifact_to_proto, artifacts, dispatch_now, spec_of, timestamp, AppState};
+use super::{artifact_to_proto, artifacts, dispatch_now, fleet, spec_of, timestamp, AppState};
 use crate::auth;
 use crate::domain::{self, parse_job_id, parse_worker_id, Completion, Lease, MetricsReport};
 use crate::error::Result;
@@ -223,6 +223,17 @@ impl WorkerService for WorkerApi {
         Ok(Response::new(
             artifacts::upload(&self.state, request.into_inner(), bound.as_ref()).await?,
         ))
+    }
+
+    async fn worker_heartbeat(
+        &self,
+        request: Request<v1::WorkerHeartbeatRequest>,
+    ) -> Result<Response<v1::WorkerHeartbeatResponse>, Status> {
+        let bound = auth::bound_worker(&request);
+        let req = request.into_inner();
+        auth::check_acting_as(bound.as_ref(), &req.worker_id)?;
+        fleet::record(&self.state, req).await?;
+        Ok(Response::new(v1::WorkerHeartbeatResponse {}))
     }
 
     type DownloadArtifactStream = artifacts::ArtifactChunks;

@@ -11,7 +11,8 @@
 //!   tokens;
 //! - [`request`]: the idempotency keys of SubmitJob and SubmitSweep;
 //! - [`artifact`]: artifact kinds, names, upload headers and which artifact a download means;
-//! - [`backoff`]: the retry-backoff policy.
+//! - [`backoff`]: the retry-backoff policy;
+//! - [`worker`]: a worker's report of itself (the fleet).
 //!
 //! This module itself holds the request limits, free-text reasons, worker ids, and where a
 //! dependency was named in a spec (for error paths).
@@ -23,6 +24,7 @@ pub mod backoff;
 pub mod lease;
 pub mod query;
 pub mod request;
+pub mod worker;
 
 use proto::spec::{Cvae, Experiment, Init, JobSpec};
 use proto::{JobId, JobState, SweepId};
@@ -40,6 +42,7 @@ pub use query::{
     JobQuery, MetricsPageToken, MetricsQuery, PageToken, RunPage, RunPageToken, SweepQuery,
 };
 pub use request::{RequestKey, RequestKind};
+pub use worker::WorkerReport;
 
 /// Most points one ReportMetrics call may carry (documented in the .proto).
 pub const MAX_POINTS_PER_CALL: usize = 10_000;

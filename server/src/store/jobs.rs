@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use proto::queue::Ready;
 use proto::spec::JobSpec;
 use proto::{AttemptOutcome, JobId, JobState};
 use sqlx::{Acquire, PgConnection, PgExecutor, PgPool, Postgres};
@@ -305,16 +306,27 @@ pub(super) async fn fail_dependents(conn: &mut PgConnection, id: JobId) -> Resul
     Ok(typed(failed))
 }
 
-/// Records that these jobs' ids were just pushed to Redis.
-pub async fn mark_dispatched(ex: impl PgExecutor<'_>, ids: &[JobId]) -> Result<()> {
-    sqlx::query(concat!(
+/// Marks these jobs dispatched now and returns where each waits (queue and priority), for the
+/// push that follows; jobs that are no longer queued are left out. When the push fails, the
+/// caller [`clear_dispatched`]s them so the next reconcile retries.
+pub async fn take_for_dispatch(ex: impl PgExecutor<'_>, ids: &[JobId]) -> Result<Vec<Ready>> {
+    let rows: Vec<(Uuid, String, i32)> = sqlx::query_as(concat!(
         "UPDATE jobs SET dispatched_at = now() WHERE id = ANY($1) AND state = ",
-        state!(queued)
+        state!(queued),
+        " RETURNING id, queue, priority"
     ))
     .bind(uuids(ids))
-    .execute(ex)
+    .fetch_all(ex)
     .await?;
-    Ok(())
+    Ok(rows.into_iter().map(ready).collect())
+}
+
+fn ready((id, queue, priority): (Uuid, String, i32)) -> Ready {
+    Ready {
+        id,
+        queue,
+        priority,
+    }
 }
 
 /// Forgets that these jobs were dispatched (the push failed), so the next reconcile retries.
@@ -345,14 +357,15 @@ pub async fn forget_all_dispatches(ex: impl PgExecutor<'_>) -> Result<u64> {
 
 /// Picks up to `limit` queued jobs that are due for a push (never dispatched, or dispatched more
 /// than `redispatch_after` ago, and past their retry backoff), marks them dispatched now and
-/// returns their ids, oldest first. `SKIP LOCKED` keeps two coordinators from taking the same
-/// rows in the same instant; a duplicate push would be harmless anyway.
+/// returns them with their queue and priority, highest priority first, then oldest. `SKIP
+/// LOCKED` keeps two coordinators from taking the same rows in the same instant; a duplicate push
+/// would be harmless anyway.
 pub async fn take_due_for_dispatch(
     ex: impl PgExecutor<'_>,
     redispatch_after: Duration,
     limit: i64,
-) -> Result<Vec<JobId>> {
-    let rows: Vec<(Uuid, DateTime<Utc>)> = sqlx::query_as(concat!(
+) -> Result<Vec<Ready>> {
+    let rows: Vec<(Uuid, String, i32, DateTime<Utc>)> = sqlx::query_as(concat!(
         "UPDATE jobs SET dispatched_at = now()
          WHERE id IN (
              SELECT id FROM jobs
@@ -361,18 +374,21 @@ pub async fn take_due_for_dispatch(
         "
                AND (dispatched_at IS NULL OR dispatched_at < now() - $1 * interval '1 millisecond')
                AND (not_before IS NULL OR not_before <= now())
-             ORDER BY created_at
+             ORDER BY priority DESC, created_at
              LIMIT $2
              FOR UPDATE SKIP LOCKED)
-         RETURNING id, created_at"
+         RETURNING id, queue, priority, created_at"
     ))
     .bind(millis(redispatch_after))
     .bind(limit)
     .fetch_all(ex)
     .await?;
     let mut rows = rows;
-    rows.sort_by_key(|(id, created)| (*created, *id));
-    Ok(rows.into_iter().map(|(id, _)| JobId::from(id)).collect())
+    rows.sort_by_key(|(id, _, priority, created)| (-priority, *created, *id));
+    Ok(rows
+        .into_iter()
+        .map(|(id, queue, priority, _)| ready((id, queue, priority)))
+        .collect())
 }
 
 /// Cancels a waiting, queued or running job. A running job's worker finds out at its next
@@ -444,6 +460,38 @@ pub async fn count_jobs_by_state(ex: impl PgExecutor<'_>) -> Result<Vec<(JobStat
     rows.into_iter()
         .map(|(text, n)| Ok((state::job_state(text)?, n)))
         .collect()
+}
+
+/// One queue's queued jobs: how many, and how long the longest-waiting one has waited.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueStat {
+    pub queue: String,
+    pub depth: i64,
+    /// Seconds since the oldest queued job became ready (its last update, or the end of its
+    /// retry backoff).
+    pub oldest_age_s: f64,
+}
+
+/// Every queue that has queued jobs, by name (the Prometheus queue gauges).
+pub async fn queue_stats(ex: impl PgExecutor<'_>) -> Result<Vec<QueueStat>> {
+    let rows: Vec<(String, i64, f64)> = sqlx::query_as(concat!(
+        "SELECT queue, count(*),
+                greatest(extract(epoch FROM now() - min(greatest(updated_at,
+                    coalesce(not_before, updated_at)))), 0)::float8
+         FROM jobs WHERE state = ",
+        state!(queued),
+        " GROUP BY queue ORDER BY queue"
+    ))
+    .fetch_all(ex)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(queue, depth, oldest_age_s)| QueueStat {
+            queue,
+            depth,
+            oldest_age_s,
+        })
+        .collect())
 }
 
 pub async fn get_job(ex: impl PgExecutor<'_>, id: JobId) -> Result<Option<JobRow>> {

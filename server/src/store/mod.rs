@@ -36,7 +36,7 @@
 //! The parts: [`jobs`] (submit, dependencies, dispatch bookkeeping, cancel, reads),
 //! [`leases`] (claim, heartbeat, complete, fail, hand back, the reaper), [`attempts`] (attempt
 //! records and lease checks that every worker write shares), [`metrics`], [`artifacts`],
-//! [`sweeps`], [`changes`] (the change poller's read). Callers use the re-exports here (`store::claim_job`).
+//! [`sweeps`], [`changes`] (the change poller's read), [`workers`] (the fleet). Callers use the re-exports here (`store::claim_job`).
 //!
 //! Must not touch Redis, must not know about gRPC types, and must not decide policy (how long a
 //! lease lasts, how long a retry waits): callers pass those in.
@@ -50,6 +50,7 @@ mod metrics;
 mod requests;
 pub(crate) mod state;
 mod sweeps;
+mod workers;
 
 use std::future::Future;
 
@@ -84,8 +85,8 @@ pub use attempts::check_lease;
 pub use changes::{job_versions, JobVersion};
 pub use jobs::{
     attempts_of, attempts_of_jobs, cancel_job, clear_dispatched, count_jobs_by_state,
-    dependencies_of, forget_all_dispatches, get_job, insert_job, list_jobs, mark_dispatched,
-    submit_job, take_due_for_dispatch,
+    dependencies_of, forget_all_dispatches, get_job, insert_job, list_jobs, queue_stats,
+    submit_job, take_due_for_dispatch, take_for_dispatch, QueueStat,
 };
 pub use leases::{
     claim_job, complete_job, database_now, extend_running_leases, fail_job, heartbeat,
@@ -101,6 +102,7 @@ pub use sweeps::{
     sweep_snapshot, sweep_state_counts, InsertedSweep, SweepArmRow, SweepCancelled, SweepProgress,
     SweepRow, SweepRunRow, SweepSnapshot,
 };
+pub use workers::{get_worker, list_workers, live_queues, record_worker, WorkerRow};
 
 /// One row of `jobs`, as stored.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -130,6 +132,8 @@ pub struct JobRow {
     pub failed_attempts: i32,
     /// Optimiser steps the job trained in all; set when it succeeded.
     pub final_step: Option<i64>,
+    /// The queue it waits on (read out of the spec).
+    pub queue: String,
 }
 
 /// One row of `job_attempts`: one claim of a job and how it ended.

@@ -3,6 +3,7 @@
 //!
 //! Must not test sweeps (see `sweeps.rs`), whose transfer arms depend on sources the same way.
 
+use proto::queue::DEFAULT_QUEUE;
 use proto::v1::{self, job_event::Event, job_service_client::JobServiceClient};
 use tests::{redis_url, WAIT};
 use tokio::sync::watch;
@@ -102,7 +103,7 @@ async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_
     let source = submit(&mut jobs, valid_spec()).await;
     server
         .queue
-        .delete_queue()
+        .delete_queues()
         .await
         .expect("the worker popped it");
     let (transfer, state) = submit_any(&mut jobs, transfer_spec(&source)).await;
@@ -112,7 +113,12 @@ async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_
     let (downstream, state) = submit_any(&mut jobs, downstream_spec).await;
     assert_eq!(state, v1::JobState::Waiting);
     assert!(
-        server.queue.ready_ids().await.expect("redis").is_empty(),
+        server
+            .queue
+            .ready_ids(DEFAULT_QUEUE)
+            .await
+            .expect("redis")
+            .is_empty(),
         "waiting jobs are not pushed"
     );
     let job = get(&mut jobs, &downstream).await;
@@ -138,7 +144,7 @@ async fn a_transfer_job_waits_for_its_source_is_dispatched_when_it_succeeds_and_
         v1::JobState::Queued
     );
     assert_eq!(
-        server.queue.ready_ids().await.expect("redis"),
+        server.queue.ready_ids(DEFAULT_QUEUE).await.expect("redis"),
         [transfer.as_str()],
         "pushed right after the source succeeded"
     );

@@ -3,6 +3,7 @@
 //!
 //! Must not touch the queue except through the test server's own [`server::dispatch::Dispatcher`].
 
+use proto::queue::DEFAULT_QUEUE;
 use proto::v1;
 use tests::redis_url;
 
@@ -13,10 +14,15 @@ async fn a_retried_job_is_dispatched_again_once_its_backoff_has_passed() {
     let server = TestServer::start().await;
     let (mut jobs, mut workers) = (server.jobs(), server.workers());
     let id = submit(&mut jobs, valid_spec()).await;
-    assert!(server.queue.ready_ids().await.expect("redis").contains(&id));
+    assert!(server
+        .queue
+        .ready_ids(DEFAULT_QUEUE)
+        .await
+        .expect("redis")
+        .contains(&id));
     server
         .queue
-        .delete_queue()
+        .delete_queues()
         .await
         .expect("the worker popped it");
     let claim = workers
@@ -39,7 +45,7 @@ async fn a_retried_job_is_dispatched_again_once_its_backoff_has_passed() {
         v1::JobState::Queued
     );
     eventually("the reconciler pushes the retried job", || async {
-        server.queue.ready_ids().await.expect("redis") == [id.clone()]
+        server.queue.ready_ids(DEFAULT_QUEUE).await.expect("redis") == [id.clone()]
     })
     .await;
     let again = workers
@@ -64,11 +70,16 @@ async fn queued_jobs_lost_from_redis_are_dispatched_again() {
     let id = submit(&mut jobs, valid_spec()).await;
     server
         .queue
-        .delete_queue()
+        .delete_queues()
         .await
         .expect("redis loses the queue");
     eventually("the reconciler pushes the lost id", || async {
-        server.queue.ready_ids().await.expect("redis").contains(&id)
+        server
+            .queue
+            .ready_ids(DEFAULT_QUEUE)
+            .await
+            .expect("redis")
+            .contains(&id)
     })
     .await;
     server.stop().await;

@@ -175,6 +175,7 @@ pub fn valid_spec() -> v1::JobSpec {
         experiment: Some(v1::job_spec::Experiment::MnistClassifier(
             v1::MnistClassifier {},
         )),
+        ..Default::default()
     }
 }
 

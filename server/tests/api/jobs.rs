@@ -3,6 +3,7 @@
 //!
 //! Must not claim jobs except to show that a cancelled one cannot be claimed.
 
+use proto::queue::DEFAULT_QUEUE;
 use proto::v1;
 use tonic::Code;
 use uuid::Uuid;
@@ -28,7 +29,7 @@ async fn a_submitted_job_reads_back_queued_with_its_spec_and_its_id_is_on_the_re
     assert_eq!(job.attempt, 0);
     assert!(job.created_at.is_some() && job.started_at.is_none());
     assert_eq!(
-        server.queue.ready_ids().await.expect("redis"),
+        server.queue.ready_ids(DEFAULT_QUEUE).await.expect("redis"),
         [id.as_str()]
     );
     let dispatched: Option<chrono::DateTime<chrono::Utc>> =
@@ -116,7 +117,12 @@ async fn each_invalid_spec_is_rejected_naming_its_field_and_nothing_is_stored() 
     }
     assert_eq!(server.job_rows().await, 0, "no invalid job was stored");
     assert!(
-        server.queue.ready_ids().await.expect("redis").is_empty(),
+        server
+            .queue
+            .ready_ids(DEFAULT_QUEUE)
+            .await
+            .expect("redis")
+            .is_empty(),
         "and none was dispatched"
     );
     server.stop().await;

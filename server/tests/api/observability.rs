@@ -101,7 +101,16 @@ async fn the_metrics_endpoint_counts_jobs_by_state_dispatch_latency_retries_and_
         Some(0.0),
         "{text}"
     );
-    assert_eq!(sample(&text, "trainq_queue_depth"), Some(2.0), "{text}");
+    assert_eq!(
+        sample(&text, "trainq_queue_depth{queue=\"default\"}"),
+        Some(2.0),
+        "{text}"
+    );
+    let oldest = sample(
+        &text,
+        "trainq_queue_oldest_job_age_seconds{queue=\"default\"}",
+    );
+    assert!(oldest.is_some_and(|s| s >= 0.0), "{text}");
     assert_eq!(sample(&text, "trainq_store_up"), Some(1.0), "{text}");
     assert_eq!(sample(&text, "trainq_redis_up"), Some(1.0), "{text}");
     assert_eq!(

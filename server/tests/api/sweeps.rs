@@ -4,6 +4,7 @@
 //!
 //! Must not check summary statistics (see `summary.rs`).
 
+use proto::queue::DEFAULT_QUEUE;
 use std::time::Duration;
 
 use proto::v1::{
@@ -180,7 +181,7 @@ async fn a_sweep_stores_sources_and_arms_in_order_and_transfer_arms_wait_on_thei
         [(v1::JobState::Waiting, 2), (v1::JobState::Queued, 4)]
     );
     // The queued jobs were pushed at once.
-    let mut queued = server.queue.ready_ids().await.expect("redis");
+    let mut queued = server.queue.ready_ids(DEFAULT_QUEUE).await.expect("redis");
     queued.sort();
     queued.dedup();
     let mut expected: Vec<String> = sweep

@@ -6,6 +6,7 @@
 //! (see `artifacts.rs`).
 
 use proto::metric::{TEST_ACCURACY, TRAIN_LOSS};
+use proto::queue::DEFAULT_QUEUE;
 use proto::v1::{self, job_event::Event};
 use tests::{redis_url, WAIT};
 use tokio_stream::StreamExt as _;
@@ -241,7 +242,7 @@ async fn a_handed_back_job_is_pushed_at_once_and_its_next_attempt_resumes_from_t
     let id = submit(&mut jobs, valid_spec()).await;
     server
         .queue
-        .delete_queue()
+        .delete_queues()
         .await
         .expect("a worker popped it");
     let first = claim_as(&mut workers, &id, "w1").await;
@@ -277,7 +278,7 @@ async fn a_handed_back_job_is_pushed_at_once_and_its_next_attempt_resumes_from_t
         .into_inner();
     assert_eq!(released.state(), v1::JobState::Queued);
     assert_eq!(
-        server.queue.ready_ids().await.expect("redis"),
+        server.queue.ready_ids(DEFAULT_QUEUE).await.expect("redis"),
         [id.as_str()],
         "pushed again at once"
     );

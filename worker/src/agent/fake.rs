@@ -97,6 +97,13 @@ impl WorkerService for Fake {
         Err(Status::unimplemented("release"))
     }
 
+    async fn worker_heartbeat(
+        &self,
+        _: Request<v1::WorkerHeartbeatRequest>,
+    ) -> Result<Response<v1::WorkerHeartbeatResponse>, Status> {
+        Err(Status::unimplemented("worker heartbeat"))
+    }
+
     async fn upload_artifact(
         &self,
         r: Request<tonic::Streaming<UploadArtifactChunk>>,

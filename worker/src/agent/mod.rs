@@ -15,11 +15,15 @@
 //! the job back with ReleaseJob, which does not count as a failed attempt. Must not train on the
 //! async runtime or touch Postgres.
 //!
+//! Slots: `--slots N` runs N copies of the serve loop, each with its own Redis connection and
+//! executor thread; they share the client, the metrics and the data sets on the device, and each
+//! job has its own lease, heartbeat, outbox and stop flag, so cancelling one stops only its slot.
+//!
 //! Layout: this module is the serve loop (pop, claim, run, finish); [`heartbeat`] renews the
 //! lease from the claim to the attempt's last call, independent of every other call;
 //! [`outbox`] delivers metric batches and artifacts in order; [`transfer`] moves artifacts over
-//! gRPC; [`coordinator`] is the client and what its errors mean. Those modules never import this
-//! one. Retries wait by `client::retry` (backon).
+//! gRPC; [`coordinator`] is the client and what its errors mean; [`fleet`] reports the worker as
+//! a whole (slots, queues, devices). Those modules never import this one. Retries wait by `client::retry` (backon).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,11 +44,13 @@ use crate::config::ServeArgs;
 use crate::dispatch::Queue;
 use crate::executor::{Assignment, Executor};
 use crate::metrics::{JobEnd, Metrics};
+use crate::train::trainer::SharedData;
 use crate::train::{JobInputs, Outcome, TrainError};
 
 pub mod coordinator;
 #[cfg(test)]
 mod fake;
+pub mod fleet;
 pub mod heartbeat;
 pub mod outbox;
 pub mod transfer;
@@ -72,25 +78,36 @@ fn next_wait(delays: &mut impl Iterator<Item = Duration>) -> Duration {
 }
 
 fn default_worker_id() -> String {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_string())
+    let host = Some(fleet::host_name())
         .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "worker".into());
     format!("{host}-{}", std::process::id())
 }
 
-/// Runs the worker until `shutdown` resolves. A job in progress at shutdown is stopped at a step
-/// boundary and handed back to the coordinator for another attempt.
+/// Runs the worker until `shutdown` resolves: `--slots` slots, each its own loop of pop, claim
+/// and train on its own executor thread (the data sets on the device are shared by all). A job in
+/// progress at shutdown is stopped at a step boundary and handed back to the coordinator for
+/// another attempt; every slot does that for its own job.
 pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
     let trainer_config = args.trainer.trainer_config()?;
-    info!(%worker_id, device = ?trainer_config.device, coordinator = %args.coordinator, "worker starting");
+    let cuda = trainer_config.device.is_cuda();
     let metrics = Arc::new(Metrics::new(
         &worker_id,
         &format!("{:?}", trainer_config.device).to_lowercase(),
     ));
+    let slots = args.slot_count(cuda, metrics.gpu_memory_mib(&trainer_config.device));
+    let threads = args.threads_per_slot(slots);
+    info!(
+        %worker_id,
+        device = ?trainer_config.device,
+        coordinator = %args.coordinator,
+        slots,
+        torch_threads_per_slot = threads,
+        queues = %args.queues.0.join(","),
+        "worker starting"
+    );
+    metrics.set_slots(slots);
     if let MetricsListen::At(addr) = args.metrics_listen {
         // A port in use stops the start: two workers on one host need different addresses.
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -104,7 +121,6 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
             }
         });
     }
-    let executor = Executor::spawn(trainer_config, args.trainer.torch_threads)?;
     let client = connect(&args)?;
     info!(
         auth = if args.token.is_some() {
@@ -116,38 +132,47 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         "coordinator client ready"
     );
     let keys = proto::queue::Keys::new(args.redis_prefix.clone());
-    let mut queue = Queue::new(&args.redis_url, keys, Duration::from_secs(1))?;
-    let agent = Agent {
+    let data = SharedData::default();
+    let mut loops = Vec::new();
+    for slot in 0..slots as usize {
+        let executor = Executor::spawn_slot(slot, trainer_config.clone(), threads, data.clone())?;
+        let queue = Queue::new(
+            &args.redis_url,
+            &keys,
+            &args.queues.0,
+            Duration::from_secs(1),
+        )?;
+        loops.push((executor, queue));
+    }
+    tokio::spawn(fleet::report(
+        client.clone(),
+        fleet::Identity {
+            worker_id: worker_id.clone(),
+            device: trainer_config.device,
+            slots,
+            queues: args.queues.0.clone(),
+        },
+        metrics.clone(),
+        Duration::from_millis(args.heartbeat_ms.max(50)),
+        shutdown.clone(),
+    ));
+    let agent = Arc::new(Agent {
         args,
         worker_id,
         client,
-        executor,
         metrics,
-    };
-
-    let mut delays = client::retry::delays();
-    loop {
-        let popped = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            popped = queue.pop() => popped,
-        };
-        let job_id = match popped {
-            Ok(Some(id)) => {
-                delays = client::retry::delays();
-                id
-            }
-            Ok(None) => continue,
-            Err(e) => {
-                let wait = next_wait(&mut delays);
-                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "redis pop failed");
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    _ = tokio::time::sleep(wait) => continue,
-                }
-            }
-        };
-        if agent.claim_and_run(&job_id, &shutdown).await == Flow::Shutdown {
-            break;
+    });
+    let mut running = tokio::task::JoinSet::new();
+    for (slot, (executor, queue)) in loops.into_iter().enumerate() {
+        let (agent, shutdown) = (agent.clone(), shutdown.clone());
+        running.spawn(
+            async move { agent.serve_slot(&executor, queue, &shutdown).await }
+                .instrument(info_span!("slot", slot)),
+        );
+    }
+    while let Some(ended) = running.join_next().await {
+        if let Err(e) = ended {
+            tracing::error!(error = %e, "a slot's loop panicked");
         }
     }
     info!("worker stopped");
@@ -164,12 +189,51 @@ struct Agent {
     args: ServeArgs,
     worker_id: String,
     client: Client,
-    executor: Executor,
     metrics: Arc<Metrics>,
 }
 
 impl Agent {
-    async fn claim_and_run(&self, job_id: &str, shutdown: &CancellationToken) -> Flow {
+    /// One slot: pop a job id from the served queues, claim it and train it on `executor`, until
+    /// shutdown (or until its executor thread is gone).
+    async fn serve_slot(
+        &self,
+        executor: &Executor,
+        mut queue: Queue,
+        shutdown: &CancellationToken,
+    ) {
+        let mut delays = client::retry::delays();
+        loop {
+            let popped = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                popped = queue.pop() => popped,
+            };
+            let job_id = match popped {
+                Ok(Some(id)) => {
+                    delays = client::retry::delays();
+                    id
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    let wait = next_wait(&mut delays);
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "redis pop failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => continue,
+                    }
+                }
+            };
+            if self.claim_and_run(executor, &job_id, shutdown).await == Flow::Shutdown {
+                break;
+            }
+        }
+    }
+
+    async fn claim_and_run(
+        &self,
+        executor: &Executor,
+        job_id: &str,
+        shutdown: &CancellationToken,
+    ) -> Flow {
         let mut client = self.client.clone();
         let request = ClaimJobRequest {
             job_id: job_id.to_string(),
@@ -222,6 +286,7 @@ impl Agent {
             let heartbeat = self.start_heartbeat(&lease, stop.clone());
             let flow = self
                 .start(
+                    executor,
                     lease,
                     claimed.spec,
                     claimed.resume_from,
@@ -260,8 +325,10 @@ impl Agent {
     }
 
     /// Parses the claimed spec and runs the job; an unusable spec fails it for good.
+    #[allow(clippy::too_many_arguments)]
     async fn start(
         &self,
+        executor: &Executor,
         lease: JobLease,
         spec: Option<proto::v1::JobSpec>,
         resume_from: Option<Artifact>,
@@ -286,13 +353,23 @@ impl Agent {
             }
         };
         info!(name = %spec.name, kind = spec.experiment.kind(), "job claimed");
-        self.run(lease, spec, resume_from, stop, heartbeat, shutdown)
-            .await
+        self.run(
+            executor,
+            lease,
+            spec,
+            resume_from,
+            stop,
+            heartbeat,
+            shutdown,
+        )
+        .await
     }
 
     /// Trains one claimed job while heartbeating and reporting, then records how it ended.
+    #[allow(clippy::too_many_arguments)]
     async fn run(
         &self,
+        executor: &Executor,
         lease: JobLease,
         spec: JobSpec,
         resume_from: Option<Artifact>,
@@ -331,7 +408,7 @@ impl Agent {
             // Log lines of the training thread carry the job's id and attempt too.
             span: tracing::Span::current(),
         };
-        if let Err(e) = self.executor.submit(assignment) {
+        if let Err(e) = executor.submit(assignment) {
             self.finish(
                 &lease,
                 Err(TrainError::Retryable(e.to_string())),
@@ -597,12 +674,10 @@ mod tests {
     fn agent(client: Client) -> Agent {
         use clap::Parser;
         let cli = crate::config::Cli::parse_from(["trainq-worker", "--device", "cpu"]);
-        let config = cli.serve.trainer.trainer_config().expect("config");
         Agent {
             args: cli.serve,
             worker_id: "w".into(),
             client,
-            executor: Executor::spawn(config, 1).expect("executor"),
             metrics: Arc::new(Metrics::new("w", "cpu")),
         }
     }

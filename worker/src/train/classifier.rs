@@ -91,7 +91,7 @@ impl Task for ClassifierTask {
         self.batch
     }
 
-    fn step(&mut self, idx: &Tensor) -> Result<(), TchError> {
+    fn step(&mut self, idx: &Tensor, _step: u64) -> Result<(), TchError> {
         let _ = self.train_x.f_index_select_out(&self.x, 0, idx)?;
         let _ = self.train_y.f_index_select_out(&self.y, 0, idx)?;
         self.opt.zero_grad()?;

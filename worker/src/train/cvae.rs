@@ -7,14 +7,12 @@
 //! noise in place into a fixed buffer, and adds the batch's reconstruction and KL sums to device
 //! accumulators; nothing is read back to the host until [`Task::take_window`].
 //!
-//! Randomness: initial weights are drawn under the job's seed ([`super::seeded`]).
-//! Per-step noise draws from libtorch's process-wide generator without reseeding it (under the
-//! lock, [`super::unseeded`], so it never lands inside another job's seeded section): an
-//! executor runs one job at a time, and that generator was last seeded by the epoch's permutation,
-//! so a run is reproducible on its own. (Tests training CVAEs in parallel threads of one process
-//! interleave their noise draws, which changes their values, not their validity; a resumed run
-//! draws fresh noise.) Evaluation and the sample grid use
-//! noise drawn once under fixed seeds, so epochs and jobs are compared on the same noise.
+//! Randomness: initial weights are drawn under the job's seed ([`super::seeded`]), and each
+//! step's noise under the seed of that step ([`super::step_seed`] of the job's seed and the
+//! global step), so a run draws the same noise whatever trains beside it in the worker's other
+//! slots, and a resumed run draws what the uninterrupted one would have. Evaluation and the
+//! sample grid use noise drawn once under fixed seeds, so epochs and jobs are compared on the
+//! same noise.
 //!
 //! Must not do I/O or know about jobs and the network; must not panic on bad shapes (`f_*` ops).
 
@@ -23,7 +21,7 @@ use proto::spec::{Cvae as CvaeSpec, Init, Optimizer};
 use tch::{nn, Kind, Reduction, TchError, Tensor};
 
 use super::transfer::{self, FreezePlan, SourceLayers};
-use super::{build_optimizer_with, seeded, unseeded, ArtifactFile, DeviceSums, Task, TrainError};
+use super::{build_optimizer_with, seeded, step_seed, ArtifactFile, DeviceSums, Task, TrainError};
 use crate::images;
 use crate::model::Cvae;
 use crate::optim;
@@ -112,6 +110,8 @@ pub struct CvaeTask {
     window: DeviceSums,
     window_steps: i64,
     batch: i64,
+    /// The job's seed, which with the step number seeds each step's noise.
+    seed: u64,
     /// The transferred parameters and their schedule (None: random initialisation).
     plan: Option<(FreezePlan, Vec<Tensor>)>,
 }
@@ -211,6 +211,7 @@ impl CvaeTask {
             window,
             window_steps: 0,
             batch,
+            seed: config.seed as u64,
             plan,
         };
         task.begin_epoch(1).map_err(err("freezing layers"))?;
@@ -251,11 +252,11 @@ impl Task for CvaeTask {
         Ok(())
     }
 
-    fn step(&mut self, idx: &Tensor) -> Result<(), TchError> {
+    fn step(&mut self, idx: &Tensor, step: u64) -> Result<(), TchError> {
         let _ = self.train_x.f_index_select_out(&self.x, 0, idx)?;
         let _ = self.train_y.f_index_select_out(&self.y, 0, idx)?;
         let _ = self.eye.f_index_select_out(&self.cond, 0, &self.y)?;
-        let _ = unseeded(|| self.eps.f_normal_(0.0, 1.0))?;
+        let _ = seeded(step_seed(self.seed, step), || self.eps.f_normal_(0.0, 1.0))?;
         self.opt.zero_grad()?;
         let (logits, mu, logvar) = self.model.forward(&self.x, &self.cond, &self.eps)?;
         let (recon, kl) = loss_terms(&logits, &self.x, &mu, &logvar)?;
@@ -452,7 +453,7 @@ mod tests {
         for i in 0..n {
             let idx =
                 Tensor::arange_start((i * b) % 64, (i * b) % 64 + b, (Kind::Int64, Device::Cpu));
-            task.step(&idx).expect("step");
+            task.step(&idx, i as u64 + 1).expect("step");
         }
     }
 

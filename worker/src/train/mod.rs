@@ -65,7 +65,7 @@ pub mod transfer;
 
 pub use device::{parse_device, sync_device};
 pub use event::{ArtifactFile, Event, JobInputs, Metric, Outcome, TrainError};
-pub use rng::{epoch_seed, seeded, unseeded};
+pub use rng::{epoch_seed, seeded, step_seed, unseeded};
 
 /// The optimiser named in the spec over every trainable variable of `vs` (in name order), with
 /// PyTorch's default hyper-parameters (see [`optim`]).
@@ -105,8 +105,9 @@ pub trait Task {
     fn train_len(&self) -> i64;
     /// Examples per step (fixed for the whole run).
     fn batch_size(&self) -> i64;
-    /// One optimiser step on the training examples at `idx` (`i64 [batch_size]`, on the device).
-    fn step(&mut self, idx: &Tensor) -> Result<(), TchError>;
+    /// One optimiser step on the training examples at `idx` (`i64 [batch_size]`, on the device);
+    /// `step` is its global number (1-based), which seeds any noise it draws ([`step_seed`]).
+    fn step(&mut self, idx: &Tensor, step: u64) -> Result<(), TchError>;
     /// The training metrics accumulated since the last call (means over the window), read back
     /// in one transfer; resets the window. Empty when no step ran since the last call.
     fn take_window(&mut self) -> Result<Vec<(&'static str, f64)>, TchError>;
@@ -256,7 +257,7 @@ pub fn train_loop(
             let idx = perm
                 .f_narrow(0, i * b, b)
                 .map_err(tch_err("selecting a batch"))?;
-            task.step(&idx).map_err(tch_err("training"))?;
+            task.step(&idx, global + 1).map_err(tch_err("training"))?;
             global += 1;
             let mut points = Vec::new();
             let mut push = |values: Vec<(&'static str, f64)>| {

@@ -1,6 +1,8 @@
 //! Randomness on libtorch's process-wide generator: every seeded draw goes through [`seeded`],
-//! every unseeded one through [`unseeded`], under one process-wide lock, and each epoch's data
-//! order is drawn under [`epoch_seed`].
+//! every unseeded one through [`unseeded`], under one process-wide lock; each epoch's data
+//! order is drawn under [`epoch_seed`] and each step's noise under [`step_seed`]. So what a job
+//! draws depends only on its seed and its step, never on the jobs that train beside it in other
+//! slots of the same worker, nor on where it resumed.
 //!
 //! A leaf: must not import anything of `train`, and must not hold the lock while blocking.
 
@@ -32,7 +34,17 @@ pub fn unseeded<T>(f: impl FnOnce() -> T) -> T {
 
 /// Mixes the job's seed with the epoch into the seed of that epoch's permutation (splitmix64).
 pub fn epoch_seed(seed: u64, epoch: u32) -> i64 {
-    let mut z = seed ^ (u64::from(epoch)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    mix(seed ^ (u64::from(epoch)).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// Mixes the job's seed with a global step (1-based) into the seed of that step's noise; a
+/// different stream from [`epoch_seed`]'s for the same numbers.
+pub fn step_seed(seed: u64, step: u64) -> i64 {
+    mix(seed.rotate_left(29) ^ 0xD1B5_4A32_D192_ED03 ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// splitmix64's finaliser, to a non-negative seed.
+fn mix(mut z: u64) -> i64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     ((z ^ (z >> 31)) >> 1) as i64
@@ -47,5 +59,13 @@ mod tests {
         assert_ne!(epoch_seed(1, 1), epoch_seed(1, 2));
         assert_ne!(epoch_seed(1, 1), epoch_seed(2, 1));
         assert!(epoch_seed(u64::MAX, 1000) >= 0);
+    }
+
+    #[test]
+    fn step_seeds_differ_per_step_and_seed_and_from_epoch_seeds() {
+        assert_ne!(step_seed(1, 1), step_seed(1, 2));
+        assert_ne!(step_seed(1, 1), step_seed(2, 1));
+        assert_ne!(step_seed(1, 1), epoch_seed(1, 1));
+        assert!(step_seed(u64::MAX, u64::MAX) >= 0);
     }
 }

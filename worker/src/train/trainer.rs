@@ -8,6 +8,7 @@
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use proto::spec::{Experiment, Init, JobSpec};
 use tch::TchError;
@@ -30,27 +31,34 @@ pub struct TrainerConfig {
     pub cifar_mirrors: Vec<String>,
 }
 
-/// Owns the data sets loaded on its device, shared by every job it runs.
+/// The data sets loaded on the device, shared by every trainer of one worker (one per slot):
+/// each set is loaded once, under the lock, and every job gets new handles to the same memory.
+pub type SharedData = Arc<Mutex<DataCache>>;
+
+/// Runs jobs on one thread; the data sets it loads are shared with the trainers it was made with
+/// ([`Trainer::sharing`]).
 pub struct Trainer {
     config: TrainerConfig,
-    data: DataCache,
+    data: SharedData,
 }
 
 impl Trainer {
     pub fn new(config: TrainerConfig) -> Self {
-        Self {
-            config,
-            data: DataCache::new(),
-        }
+        Self::sharing(config, SharedData::default())
+    }
+
+    /// A trainer whose data sets are `data`'s (the worker's other slots load into it too).
+    pub fn sharing(config: TrainerConfig, data: SharedData) -> Self {
+        Self { config, data }
     }
 
     pub fn config(&self) -> &TrainerConfig {
         &self.config
     }
 
-    /// The data sets this trainer has loaded so far.
-    pub fn data(&self) -> &DataCache {
-        &self.data
+    /// The data sets loaded so far (by this trainer or one sharing them).
+    pub fn data(&self) -> MutexGuard<'_, DataCache> {
+        lock_data(&self.data)
     }
 
     /// Trains `spec` to the end on the calling thread.
@@ -113,10 +121,8 @@ impl Trainer {
         let device = self.config.device;
         let mut task: Box<dyn Task> = match spec.experiment {
             Experiment::MnistClassifier => {
-                let data =
-                    self.data
-                        .mnist(device, &self.config.data_dir, &self.config.mnist_mirrors)?;
-                let data = data
+                let data = lock_data(&self.data)
+                    .mnist(device, &self.config.data_dir, &self.config.mnist_mirrors)?
                     .limited(t.max_train_examples, t.max_test_examples)
                     .map_err(|e| TrainError::from_tch("limiting the data set", &e))?;
                 let (batch, lr) = (i64::from(t.batch_size), t.learning_rate);
@@ -140,12 +146,8 @@ impl Trainer {
                         Some(SourceLayers::from_checkpoint(bytes)?)
                     }
                 };
-                let data = self.data.cifar100(
-                    device,
-                    &self.config.data_dir,
-                    &self.config.cifar_mirrors,
-                )?;
-                let data = data
+                let data = lock_data(&self.data)
+                    .cifar100(device, &self.config.data_dir, &self.config.cifar_mirrors)?
                     .fine()
                     .limited(t.max_train_examples, t.max_test_examples)
                     .map_err(|e| TrainError::from_tch("limiting the data set", &e))?;
@@ -162,6 +164,12 @@ impl Trainer {
         });
         train_loop(task.as_mut(), t, device, report, stop, resume.as_ref())
     }
+}
+
+/// Locks the shared data sets, ignoring poisoning: a panic while loading leaves the set unloaded,
+/// never half-inserted (the map entry is written only with a loaded set).
+fn lock_data(data: &SharedData) -> MutexGuard<'_, DataCache> {
+    data.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]
@@ -651,6 +659,59 @@ mod tests {
             &AtomicBool::new(false),
         );
         (result, points, files)
+    }
+
+    /// What `--slots` relies on: a job trains to bit-identical metric points whether it runs
+    /// alone or beside another CVAE on a second thread sharing its data sets (their noise draws
+    /// interleave on libtorch's one generator, each under its own step seeds).
+    #[test]
+    fn a_cvae_trains_bit_identically_alone_and_beside_another_job_sharing_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::data::synth::write_cifar100(dir.path(), 96, 32, 5).expect("generated data");
+        let training = |seed: u32| {
+            format!(
+                r#"{{"epochs":2,"batchSize":16,"learningRate":0.001,"seed":"{seed}","logEverySteps":2}}"#
+            )
+        };
+        let (a, b) = (cvae_spec(&training(5), "{}"), cvae_spec(&training(6), "{}"));
+        // Every point but the timing, with its value's exact bits.
+        let exact = |points: Vec<Metric>| -> Vec<(String, u64, u64)> {
+            points
+                .into_iter()
+                .filter(|m| m.name != metric::TRAIN_IMAGES_PER_S)
+                .map(|m| (m.name, m.step, m.value.to_bits()))
+                .collect()
+        };
+        let (result, alone, _) = collect(&mut cvae_trainer(dir.path()), &a, &JobInputs::default());
+        result.expect("trains alone");
+        let alone = exact(alone);
+        assert!(alone.len() > 20, "{} points", alone.len());
+
+        let shared = SharedData::default();
+        let config = cvae_trainer(dir.path()).config().clone();
+        let run = |spec: &JobSpec| {
+            let mut t = Trainer::sharing(config.clone(), shared.clone());
+            let (result, points, _) = collect(&mut t, spec, &JobInputs::default());
+            result.expect("trains beside another job");
+            exact(points)
+        };
+        let (beside, other) = std::thread::scope(|scope| {
+            let first = scope.spawn(|| run(&a));
+            let second = scope.spawn(|| run(&b));
+            (
+                first.join().expect("first thread"),
+                second.join().expect("second thread"),
+            )
+        });
+        assert_eq!(beside, alone, "the same points, bit for bit");
+        assert_ne!(
+            other, alone,
+            "the other job (another seed) trained differently"
+        );
+        assert!(
+            lock_data(&shared).has_cifar100(Device::Cpu),
+            "one shared copy"
+        );
     }
 
     /// The issue's acceptance criterion on generated CIFAR-100 (data::synth): Adam at 1e-3, batch
