@@ -130,12 +130,29 @@ impl TestEnv {
     /// Starts a CPU worker with one torch thread that reaches the coordinator at `url` (for
     /// example through a [`crate::proxy::Throttle`]).
     pub fn start_worker_at(&self, url: &str, name: &str, data_dir: &Path, extra: &[&str]) -> Proc {
+        self.start_worker_threads(url, name, data_dir, 1, extra)
+    }
+
+    /// As [`Self::start_worker_at`], with `torch_threads` libtorch threads per slot.
+    pub fn start_worker_threads(
+        &self,
+        url: &str,
+        name: &str,
+        data_dir: &Path,
+        torch_threads: u32,
+        extra: &[&str],
+    ) -> Proc {
         let mut cmd = Command::new(binary("trainq-worker"));
         cmd.args(["--coordinator", url])
             .args(["--redis-url", &self.redis])
             .args(["--redis-prefix", &self.redis_prefix])
             .args(["--worker-id", name])
-            .args(["--device", "cpu", "--torch-threads", "1"])
+            .args([
+                "--device",
+                "cpu",
+                "--torch-threads",
+                &torch_threads.to_string(),
+            ])
             .arg("--data-dir")
             .arg(data_dir)
             .args(extra)
