@@ -11,6 +11,7 @@
 //! | `postgres-restart`    | `pg_ctl stop -m fast`, 7 s down, started again; a client keeps submitting |
 //! | `worker-race`         | no fault: two workers race for the same ids (each pushed 4 times)    |
 //! | `worker-sigterm`      | SIGTERM of a worker mid-training: it hands its job back              |
+//! | `slots-sigkill`       | two workers with `--slots 2`; SIGKILL of one while both its slots train |
 //!
 //! After each scenario every job must have reached exactly one terminal state (succeeded), none
 //! may be lost, no metric point may be stored twice, resumed attempts must go on from the newest
@@ -1025,6 +1026,49 @@ async fn worker_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
     .await
 }
 
+/// (g) Two workers with two slots each; SIGKILL of one while it trains two jobs at once, one of
+/// them past a stored training state. Neither job is lost: both are reaped and resumed.
+async fn slots_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
+    let mut w = World::new(svc, "slots-sigkill").await;
+    w.submit_jobs(JOBS, EPOCHS).await;
+    w.start_worker_with("w1", &["--slots", "2"]);
+    w.start_worker_with("w2", &["--slots", "2"]);
+    let victim = w.arm_on_resumable_job("w1").await;
+    let attempt = w.attempt_of(&victim).await;
+    // Both of w1's slots must be training, or this is the one-slot scenario again.
+    let deadline = Instant::now() + ARM_WITHIN;
+    let mut held = w.jobs_in_state("running", Some("w1")).await;
+    while held.len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        held = w.jobs_in_state("running", Some("w1")).await;
+    }
+    let t0 = now_s();
+    if let Some(mut p) = w.workers.remove("w1") {
+        p.kill();
+        w.workers.insert("w1-killed".into(), p);
+    }
+    w.died("w1", t0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let newest = w.newest_state(&victim, attempt).await;
+    let affected = w.jobs_in_state("running", Some("w1")).await;
+    let n = affected.len();
+    w.check(n >= 2, || {
+        format!("w1 held {n} running jobs when it was killed (wanted both slots busy)")
+    });
+    w.start_worker_with("w3", &["--slots", "2"]);
+    w.notes.push(format!(
+        "killed w1 holding {n} jobs, {victim} with a state at step {newest}"
+    ));
+    w.finish(Expect {
+        fault_at: Some(t0),
+        affected: &affected,
+        recover_by_claim: true,
+        resumed: &[(victim, AttemptOutcome::LeaseExpired, newest)],
+        ..Expect::default()
+    })
+    .await
+}
+
 /// (b) FLUSHALL on Redis, then the server is killed and started again, empty, on its port,
 /// while jobs are queued (their ids are lost) and running.
 async fn redis_flushall(svc: &mut Services) -> (Row, Vec<String>) {
@@ -1342,6 +1386,7 @@ async fn every_job_survives_worker_kills_redis_loss_and_coordinator_and_postgres
         ("coordinator-restart", |s| Box::pin(coordinator_restart(s))),
         ("postgres-restart", |s| Box::pin(postgres_restart(s))),
         ("worker-race", |s| Box::pin(worker_race(s))),
+        ("slots-sigkill", |s| Box::pin(slots_sigkill(s))),
         ("worker-sigterm", |s| Box::pin(worker_sigterm(s))),
     ];
     let only = std::env::var("TRAINQ_CHAOS_ONLY").ok();
