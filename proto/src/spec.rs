@@ -29,6 +29,12 @@ pub const MAX_DEPENDENCIES: usize = 64;
 pub const DEFAULT_LATENT_DIM: u32 = 20;
 pub const MAX_LATENT_DIM: u32 = 512;
 pub const MAX_BETA: f64 = 100.0;
+/// Largest GPU memory request, in MiB (1 TiB).
+pub const MAX_GPU_MEMORY_MIB: u32 = 1 << 20;
+/// The default GPU memory estimate of a job: this much, plus [`GPU_MIB_PER_IMAGE`] per image of
+/// its batch (migration 0008 computes the same in SQL, for the claim).
+pub const GPU_MIB_BASE: u32 = 256;
+pub const GPU_MIB_PER_IMAGE: u32 = 1;
 /// conv1.weight of the seed's MNISTClassifier and of its CVAE_CIFAR100: the reason a naive copy
 /// (the seed's Code Example 2) cannot work.
 pub const CLASSIFIER_CONV1_SHAPE: [i64; 4] = [32, 1, 3, 3];
@@ -172,6 +178,74 @@ pub enum Freeze {
     LrMultiplier(f64),
 }
 
+/// Where a job may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Any,
+    Cuda,
+    Cpu,
+}
+
+impl DeviceKind {
+    /// The name workers report and the store compares (`any`, `cuda`, `cpu`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceKind::Any => "any",
+            DeviceKind::Cuda => "cuda",
+            DeviceKind::Cpu => "cpu",
+        }
+    }
+}
+
+/// What a job needs from its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    pub device: DeviceKind,
+    /// GPU memory on a CUDA worker, in MiB: the request, or the default estimate.
+    pub gpu_memory_mib: u32,
+}
+
+/// The default GPU memory estimate for a batch of `batch_size` images, in MiB.
+pub fn default_gpu_memory_mib(batch_size: u32) -> u32 {
+    GPU_MIB_BASE + GPU_MIB_PER_IMAGE * batch_size
+}
+
+fn parse_resources(
+    r: Option<&v1::Resources>,
+    batch_size: u32,
+) -> Result<Resources, FieldViolation> {
+    let r = r.cloned().unwrap_or_default();
+    let device = match v1::DeviceKind::try_from(r.device) {
+        Ok(v1::DeviceKind::Unspecified | v1::DeviceKind::Any) => DeviceKind::Any,
+        Ok(v1::DeviceKind::Cuda) => DeviceKind::Cuda,
+        Ok(v1::DeviceKind::Cpu) => DeviceKind::Cpu,
+        Err(_) => {
+            return Err(FieldViolation::new(
+                "spec.resources.device",
+                format!("unknown device kind {}", r.device),
+            ))
+        }
+    };
+    if r.gpu_memory_mib > MAX_GPU_MEMORY_MIB {
+        return Err(FieldViolation::new(
+            "spec.resources.gpu_memory_mib",
+            format!(
+                "must be at most {MAX_GPU_MEMORY_MIB} (1 TiB), got {}",
+                r.gpu_memory_mib
+            ),
+        ));
+    }
+    let gpu_memory_mib = if r.gpu_memory_mib == 0 {
+        default_gpu_memory_mib(batch_size)
+    } else {
+        r.gpu_memory_mib
+    };
+    Ok(Resources {
+        device,
+        gpu_memory_mib,
+    })
+}
+
 /// A job spec whose every field is within its documented limits.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobSpec {
@@ -186,6 +260,7 @@ pub struct JobSpec {
     pub queue: String,
     /// Higher runs first (`-MAX_PRIORITY..=MAX_PRIORITY`).
     pub priority: i32,
+    pub resources: Resources,
     /// The wire form, kept so it can be stored and echoed back unchanged.
     raw: v1::JobSpec,
 }
@@ -521,10 +596,12 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                 ),
             ));
         }
+        let resources = parse_resources(raw.resources.as_ref(), training.batch_size)?;
         Ok(Self {
             dependencies,
             queue,
             priority: raw.priority,
+            resources,
             name: raw.name.clone(),
             labels: raw
                 .labels
@@ -600,6 +677,40 @@ mod tests {
             s.priority = bad;
             assert_eq!(field_of(s), "spec.priority");
         }
+    }
+
+    #[test]
+    fn resources_default_to_any_device_and_the_memory_estimate_and_are_checked() {
+        let parsed = JobSpec::try_from(valid()).expect("valid");
+        assert_eq!(
+            parsed.resources,
+            Resources {
+                device: DeviceKind::Any,
+                gpu_memory_mib: 256 + 64
+            }
+        );
+        let mut s = valid();
+        s.resources = Some(v1::Resources {
+            device: v1::DeviceKind::Cuda as i32,
+            gpu_memory_mib: 40_000,
+        });
+        let parsed = JobSpec::try_from(s).expect("valid");
+        assert_eq!(
+            (parsed.resources.device, parsed.resources.gpu_memory_mib),
+            (DeviceKind::Cuda, 40_000)
+        );
+        let mut s = valid();
+        s.resources = Some(v1::Resources {
+            device: 9,
+            gpu_memory_mib: 0,
+        });
+        assert_eq!(field_of(s), "spec.resources.device");
+        let mut s = valid();
+        s.resources = Some(v1::Resources {
+            device: 0,
+            gpu_memory_mib: MAX_GPU_MEMORY_MIB + 1,
+        });
+        assert_eq!(field_of(s), "spec.resources.gpu_memory_mib");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use prost::Message;
 use proto::queue::MAX_PRIORITY;
+use proto::spec::MAX_GPU_MEMORY_MIB;
 use proto::spec::{Conv1Adaptation, Experiment, Freeze, Init, JobSpec, Optimizer, SpecFileError};
 use proto::v1;
 use serde_json::Value;
@@ -298,6 +299,18 @@ fn queue_name() -> impl Strategy<Value = String> {
     prop_oneof![Just(String::new()), "[a-z0-9-]{1,32}"]
 }
 
+/// Resources: unset, or a known device kind with a memory request in range (0: the estimate).
+fn resources() -> impl Strategy<Value = Option<v1::Resources>> {
+    proptest::option::of(
+        (0..=3i32, prop_oneof![Just(0u32), 1..=MAX_GPU_MEMORY_MIB]).prop_map(
+            |(device, gpu_memory_mib)| v1::Resources {
+                device,
+                gpu_memory_mib,
+            },
+        ),
+    )
+}
+
 /// A spec with every field inside its documented limit.
 fn valid_spec() -> BoxedStrategy<v1::JobSpec> {
     (
@@ -308,7 +321,7 @@ fn valid_spec() -> BoxedStrategy<v1::JobSpec> {
         distinct_uuids(MAX_DEPENDENCIES),
         experiment(),
         any::<Option<Index>>(),
-        (queue_name(), -MAX_PRIORITY..=MAX_PRIORITY),
+        (queue_name(), -MAX_PRIORITY..=MAX_PRIORITY, resources()),
     )
         .prop_map(
             |(
@@ -319,7 +332,7 @@ fn valid_spec() -> BoxedStrategy<v1::JobSpec> {
                 depends_on,
                 experiment,
                 source_dep,
-                (queue, priority),
+                (queue, priority, resources),
             )| {
                 let mut spec = v1::JobSpec {
                     name,
@@ -330,6 +343,7 @@ fn valid_spec() -> BoxedStrategy<v1::JobSpec> {
                     experiment: Some(experiment),
                     queue,
                     priority,
+                    resources,
                 };
                 // Sometimes the transfer's source is also listed (maybe in another case).
                 let deps = spec.depends_on.clone();
@@ -474,6 +488,8 @@ enum Break {
     /// Not empty, and not 1..=32 characters of [a-z0-9-].
     Queue(String),
     Priority(i32),
+    DeviceKind(i32),
+    GpuMemory(u32),
     Name(String),
     /// A control character inserted into the name at this position.
     NameControl(Index, char),
@@ -601,6 +617,8 @@ fn a_break() -> BoxedStrategy<Break> {
             i32::MIN..=(-MAX_PRIORITY - 1)
         ]
         .prop_map(Break::Priority),
+        prop_oneof![4..=i32::MAX, i32::MIN..=-1].prop_map(Break::DeviceKind),
+        out_of(0, MAX_GPU_MEMORY_MIB).prop_map(Break::GpuMemory),
         prop_oneof![Just(String::new()), text(MAX_NAME_CHARS + 1, 300)].prop_map(Break::Name),
         (any::<Index>(), control_char()).prop_map(|(i, c)| Break::NameControl(i, c)),
         prop::collection::hash_map(label_key(), text(0, 8), MAX_LABELS + 1..=MAX_LABELS + 10)
@@ -726,6 +744,16 @@ impl Break {
             Break::Priority(p) => {
                 spec.priority = p;
                 "spec.priority".into()
+            }
+            Break::DeviceKind(d) => {
+                spec.resources.get_or_insert_with(Default::default).device = d;
+                "spec.resources.device".into()
+            }
+            Break::GpuMemory(m) => {
+                spec.resources
+                    .get_or_insert_with(Default::default)
+                    .gpu_memory_mib = m;
+                "spec.resources.gpu_memory_mib".into()
             }
             Break::Name(name) => {
                 spec.name = name;

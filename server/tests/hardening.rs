@@ -421,6 +421,7 @@ async fn a_worker_token_bound_to_a_worker_id_acts_only_as_that_worker() {
             v1::ClaimJobRequest {
                 job_id: job_id.clone(),
                 worker_id: "gpu-1".into(),
+                ..Default::default()
             },
             &bound,
         ))
@@ -446,6 +447,7 @@ async fn a_worker_token_bound_to_a_worker_id_acts_only_as_that_worker() {
             v1::ClaimJobRequest {
                 job_id: job_id.clone(),
                 worker_id: "gpu-0".into(),
+                ..Default::default()
             },
             &bound,
         ))
@@ -507,6 +509,7 @@ async fn an_unbound_worker_token_claims_for_any_worker_id() {
             v1::ClaimJobRequest {
                 job_id,
                 worker_id: "any-host-123".into(),
+                ..Default::default()
             },
             &unbound,
         ))

@@ -567,6 +567,84 @@ async fn queued_jobs_are_dispatched_with_their_queue_and_priority_highest_first_
 }
 
 #[sqlx::test(migrations = "../migrations")]
+async fn a_worker_claims_only_jobs_whose_resources_fit_it(pool: PgPool) {
+    use proto::spec::DeviceKind;
+    use server::domain::Capacity;
+    let needing = |device: i32, mib: u32| {
+        let mut raw = spec(3, &[]).to_proto();
+        raw.resources = Some(v1::Resources {
+            device,
+            gpu_memory_mib: mib,
+        });
+        JobSpec::try_from(raw).expect("valid spec")
+    };
+    let insert = |spec: JobSpec| {
+        let pool = pool.clone();
+        async move {
+            let id = new_id();
+            store::insert_job(&pool, id, &spec).await.expect("insert");
+            id
+        }
+    };
+    let cuda_big = insert(needing(v1::DeviceKind::Cuda as i32, 40_000)).await;
+    let cpu_only = insert(needing(v1::DeviceKind::Cpu as i32, 0)).await;
+    let any = insert(spec(3, &[])).await;
+    let cpu = Capacity {
+        device: Some(DeviceKind::Cpu),
+        free_gpu_mib: None,
+    };
+    let small_gpu = Capacity {
+        device: Some(DeviceKind::Cuda),
+        free_gpu_mib: Some(24_000),
+    };
+    let big_gpu = Capacity {
+        device: Some(DeviceKind::Cuda),
+        free_gpu_mib: Some(80_000),
+    };
+    let tiny_gpu = Capacity {
+        device: Some(DeviceKind::Cuda),
+        free_gpu_mib: Some(200),
+    };
+    let try_claim = |id: JobId, capacity: Capacity| {
+        let pool = pool.clone();
+        async move {
+            store::claim_job_fitting(&pool, id, "w", LONG, &capacity)
+                .await
+                .expect("claim query")
+                .is_some()
+        }
+    };
+    assert!(
+        !try_claim(cuda_big, cpu).await,
+        "a CPU worker never takes a CUDA job"
+    );
+    assert!(
+        !try_claim(cuda_big, small_gpu).await,
+        "24000 MiB free < 40000 needed"
+    );
+    assert!(
+        !try_claim(cpu_only, big_gpu).await,
+        "a CUDA worker never takes a CPU job"
+    );
+    // The default estimate: 256 MiB + 1 MiB per image of the batch (32 here), in SQL as in Rust.
+    let (needs,): (i32,) = sqlx::query_as("SELECT needs_gpu_mib FROM jobs WHERE id = $1")
+        .bind(any.as_uuid())
+        .fetch_one(&pool)
+        .await
+        .expect("row");
+    assert_eq!(needs, proto::spec::default_gpu_memory_mib(32) as i32);
+    assert_eq!(needs, 256 + 32);
+    assert!(
+        !try_claim(any, tiny_gpu).await,
+        "200 MiB free < the 288 MiB estimate"
+    );
+    assert_eq!(job(&pool, cuda_big).await.state, JobState::Queued);
+    assert!(try_claim(cuda_big, big_gpu).await);
+    assert!(try_claim(cpu_only, cpu).await);
+    assert!(try_claim(any, small_gpu).await, "any device, and it fits");
+}
+
+#[sqlx::test(migrations = "../migrations")]
 async fn a_failed_push_leaves_jobs_undispatched_for_the_next_round(pool: PgPool) {
     let id = submit(&pool, 3).await;
     let unreachable =

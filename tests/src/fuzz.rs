@@ -147,6 +147,7 @@ impl Fixture {
                 .claim_job(v1::ClaimJobRequest {
                     job_id: id.to_owned(),
                     worker_id: WORKER_ID.into(),
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();
@@ -347,6 +348,8 @@ fn seed_request(method: &str, fx: &Fixture, rng: &mut StdRng) -> Vec<u8> {
         "ClaimJob" => v1::ClaimJobRequest {
             job_id: job,
             worker_id: WORKER_ID.into(),
+            device_kind: ["", "cpu", "cuda"][rng.random_range(0..3)].into(),
+            free_gpu_memory_mib: rng.random_bool(0.5).then(|| rng.random_range(0..100_000)),
         }
         .encode_to_vec(),
         "Heartbeat" => v1::HeartbeatRequest { lease }.encode_to_vec(),
@@ -384,6 +387,28 @@ fn seed_request(method: &str, fx: &Fixture, rng: &mut StdRng) -> Vec<u8> {
                     step: 2,
                 },
             )),
+        }
+        .encode_to_vec(),
+        "ListWorkers" => v1::ListWorkersRequest {
+            include_lost: rng.random_bool(0.5),
+        }
+        .encode_to_vec(),
+        "GetWorker" => v1::GetWorkerRequest {
+            worker_id: WORKER_ID.into(),
+        }
+        .encode_to_vec(),
+        "WorkerHeartbeat" => v1::WorkerHeartbeatRequest {
+            worker_id: WORKER_ID.into(),
+            host: "fuzz-host".into(),
+            version: "0".into(),
+            devices: vec![v1::WorkerDevice {
+                name: "cpu".into(),
+                ..Default::default()
+            }],
+            slots_total: 2,
+            slots_busy: 1,
+            queues: vec!["default".into()],
+            instance_id: "fuzz".into(),
         }
         .encode_to_vec(),
         _ => Vec::new(),

@@ -54,7 +54,9 @@ fn ended_at(job: &v1::Job) -> (i64, i32) {
 
 /// A later high-priority job runs before earlier low ones; a job on queue `gpu` is never claimed
 /// by a worker that serves only `default`, says why it waits, and runs as soon as a worker for
-/// `gpu` appears; ListWorkers (grpcurl) and `trainq workers` show both workers.
+/// `gpu` appears; a job that needs CUDA is never claimed by a CPU worker and says so (one that
+/// needs a CPU runs, whatever GPU memory it states); ListWorkers (grpcurl) and `trainq workers`
+/// show both workers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priorities_and_queues_route_jobs_and_a_job_nobody_serves_says_why() {
     let env = TestEnv::new();
@@ -66,6 +68,13 @@ async fn priorities_and_queues_route_jobs_and_a_job_nobody_serves_says_why() {
     }
     let high = submit(&mut client, mnist("high", "default", 10)).await;
     let gpu = submit(&mut client, mnist("on-gpu", "gpu", 0)).await;
+    let mut needs_cuda = mnist("needs-cuda", "default", 20);
+    needs_cuda["resources"] = serde_json::json!({"device": "DEVICE_KIND_CUDA"});
+    let needs_cuda = submit(&mut client, needs_cuda).await;
+    let mut needs_cpu = mnist("needs-cpu", "default", 0);
+    needs_cpu["resources"] =
+        serde_json::json!({"device": "DEVICE_KIND_CPU", "gpuMemoryMib": 90000});
+    low.push(submit(&mut client, needs_cpu).await);
     assert_eq!(
         get(&mut client, &gpu).await.waiting_reason,
         "no live worker serves queue gpu"
@@ -107,6 +116,15 @@ async fn priorities_and_queues_route_jobs_and_a_job_nobody_serves_says_why() {
     assert!(waiting.attempts.is_empty());
     assert_eq!(waiting.waiting_reason, "no live worker serves queue gpu");
 
+    // The highest priority of all, on a served queue, but it needs CUDA: the CPU worker popped
+    // it first and left it queued.
+    let cuda = get(&mut client, &needs_cuda).await;
+    assert_eq!(cuda.state(), JobState::Queued, "{:?}", cuda.attempts);
+    assert!(cuda.attempts.is_empty());
+    assert_eq!(
+        cuda.waiting_reason,
+        "no live worker with a CUDA device serves queue default"
+    );
     let workers = coordinator
         .grpcurl(Some("{}"), &["trainq.v1.JobService/ListWorkers"])
         .json();

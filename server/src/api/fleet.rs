@@ -4,7 +4,6 @@
 //! Liveness is the lease timeout: a worker silent for longer is lost, as its jobs' leases would
 //! be. Must not import the service modules (they import this one).
 
-use std::collections::HashSet;
 use std::time::Duration;
 
 use proto::v1;
@@ -71,25 +70,167 @@ fn worker_to_proto(row: WorkerRow) -> v1::Worker {
     }
 }
 
-/// The queues live workers serve, read once for a page of jobs (only when one is queued).
-pub async fn served_queues(
+/// The live workers (seen within the lease timeout), read once for a page of jobs and only
+/// when one of them is queued; what [`waiting_reason`] compares a job with.
+pub async fn live_workers(
     ex: impl PgExecutor<'_>,
     lease_timeout: Duration,
     rows: &[JobRow],
-) -> Result<Option<HashSet<String>>> {
+) -> Result<Option<Vec<WorkerRow>>> {
     if !rows.iter().any(|r| r.state == JobState::Queued) {
         return Ok(None);
     }
-    let queues = store::live_queues(ex, lease_timeout).await?;
-    Ok(Some(queues.into_iter().collect()))
+    let workers = store::list_workers(ex, lease_timeout, Some(lease_timeout)).await?;
+    Ok(Some(workers.into_iter().filter(|w| w.live).collect()))
 }
 
-/// Why a queued job waits, when no live worker serves its queue; empty otherwise.
-pub fn waiting_reason(row: &JobRow, served: Option<&HashSet<String>>) -> String {
-    match served {
-        Some(served) if row.state == JobState::Queued && !served.contains(&row.queue) => {
-            format!("no live worker serves queue {}", row.queue)
+/// Whether the worker trains on CUDA (a device named `cuda...`).
+fn is_cuda(w: &WorkerRow) -> bool {
+    w.devices.iter().any(|d| d.name.starts_with("cuda"))
+}
+
+/// The most GPU memory one of the worker's CUDA devices has, MiB; `None` when unknown.
+fn gpu_total_mib(w: &WorkerRow) -> Option<u64> {
+    w.devices
+        .iter()
+        .filter(|d| d.name.starts_with("cuda") && d.memory_total_bytes > 0)
+        .map(|d| d.memory_total_bytes / (1024 * 1024))
+        .max()
+}
+
+/// Why a queued job waits, when no live worker could ever run it: none serves its queue, none
+/// of those has the device kind it needs, or (needing CUDA, or any device with only CUDA workers
+/// there) none has as much GPU memory as it needs. Empty otherwise.
+pub fn waiting_reason(row: &JobRow, live: Option<&[WorkerRow]>) -> String {
+    let Some(live) = live else {
+        return String::new();
+    };
+    if row.state != JobState::Queued {
+        return String::new();
+    }
+    let queue = &row.queue;
+    let serving: Vec<&WorkerRow> = live.iter().filter(|w| w.queues.contains(queue)).collect();
+    if serving.is_empty() {
+        return format!("no live worker serves queue {queue}");
+    }
+    let kind_ok: Vec<&WorkerRow> = serving
+        .iter()
+        .copied()
+        .filter(|w| match row.needs_device.as_str() {
+            "cuda" => is_cuda(w),
+            "cpu" => !is_cuda(w),
+            _ => true,
+        })
+        .collect();
+    match (kind_ok.is_empty(), row.needs_device.as_str()) {
+        (true, "cuda") => return format!("no live worker with a CUDA device serves queue {queue}"),
+        (true, _) => return format!("no live CPU worker serves queue {queue}"),
+        _ => {}
+    }
+    let need = u64::try_from(row.needs_gpu_mib).unwrap_or(0);
+    let fits = kind_ok
+        .iter()
+        .any(|w| !is_cuda(w) || gpu_total_mib(w).is_none_or(|total| total >= need));
+    if fits {
+        String::new()
+    } else {
+        format!("no worker with {need} MiB of GPU memory serves queue {queue}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::worker::Device;
+
+    fn worker(queues: &[&str], cuda_mib: Option<u64>) -> WorkerRow {
+        let now = chrono::Utc::now();
+        WorkerRow {
+            id: "w".into(),
+            host: "h".into(),
+            version: "v".into(),
+            devices: vec![match cuda_mib {
+                Some(mib) => Device {
+                    name: "cuda:0".into(),
+                    memory_total_bytes: mib * 1024 * 1024,
+                    memory_used_bytes: 0,
+                },
+                None => Device {
+                    name: "cpu".into(),
+                    memory_total_bytes: 0,
+                    memory_used_bytes: 0,
+                },
+            }],
+            slots_total: 1,
+            slots_busy: 0,
+            queues: queues.iter().map(|q| q.to_string()).collect(),
+            started_at: now,
+            last_seen_at: now,
+            live: true,
+            running: vec![],
         }
-        _ => String::new(),
+    }
+
+    fn job(queue: &str, device: &str, mib: i32) -> JobRow {
+        let now = chrono::Utc::now();
+        JobRow {
+            id: proto::JobId::from(uuid::Uuid::now_v7()),
+            name: "j".into(),
+            kind: "mnist_classifier".into(),
+            spec: serde_json::json!({}),
+            labels: serde_json::json!({}),
+            state: JobState::Queued,
+            attempt: 0,
+            max_attempts: 3,
+            worker_id: None,
+            lease_expires_at: None,
+            not_before: None,
+            dispatched_at: None,
+            created_at: now,
+            updated_at: now,
+            started_at: None,
+            finished_at: None,
+            error: None,
+            failed_attempts: 0,
+            final_step: None,
+            queue: queue.into(),
+            needs_device: device.into(),
+            needs_gpu_mib: mib,
+        }
+    }
+
+    #[test]
+    fn a_queued_job_says_which_need_no_live_worker_meets() {
+        let cpu = worker(&["default"], None);
+        let gpu = worker(&["gpu"], Some(24_000));
+        let fleet = [cpu, gpu];
+        let reason = |j: JobRow| waiting_reason(&j, Some(&fleet));
+        assert_eq!(reason(job("default", "any", 320)), "");
+        assert_eq!(reason(job("gpu", "any", 320)), "");
+        assert_eq!(
+            reason(job("nowhere", "any", 320)),
+            "no live worker serves queue nowhere"
+        );
+        assert_eq!(
+            reason(job("default", "cuda", 320)),
+            "no live worker with a CUDA device serves queue default"
+        );
+        assert_eq!(
+            reason(job("gpu", "cpu", 320)),
+            "no live CPU worker serves queue gpu"
+        );
+        assert_eq!(
+            reason(job("gpu", "cuda", 40_000)),
+            "no worker with 40000 MiB of GPU memory serves queue gpu"
+        );
+        assert_eq!(
+            reason(job("default", "any", 40_000)),
+            "",
+            "a CPU worker runs it"
+        );
+        let mut running = job("nowhere", "any", 1);
+        running.state = JobState::Running;
+        assert_eq!(reason(running), "");
+        assert_eq!(waiting_reason(&job("nowhere", "any", 1), None), "");
     }
 }

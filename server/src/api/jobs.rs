@@ -77,14 +77,13 @@ impl JobApi {
         let ids: Vec<JobId> = rows.iter().map(|r| r.id).collect();
         let mut latest = store::latest_metrics_of(&self.state.pool, &ids).await?;
         let mut attempts = store::attempts_of_jobs(&self.state.pool, &ids).await?;
-        let served =
-            fleet::served_queues(&self.state.pool, self.state.lease_timeout, &rows).await?;
+        let live = fleet::live_workers(&self.state.pool, self.state.lease_timeout, &rows).await?;
         let jobs = rows
             .into_iter()
             .map(|row| {
                 let metrics = latest.remove(&row.id).unwrap_or_default();
                 let attempts = attempts.remove(&row.id).unwrap_or_default();
-                job_to_proto(row, metrics, attempts, served.as_ref())
+                job_to_proto(row, metrics, attempts, live.as_deref())
             })
             .collect::<Result<_>>()?;
         Ok(v1::ListJobsResponse {

@@ -90,16 +90,16 @@ fn state_of(row: &JobRow) -> v1::JobState {
 
 /// A stored job as the wire `Job`, with its latest metric values and its attempts (oldest
 /// first).
-/// `served` is the set of queues live workers serve ([`fleet::served_queues`]), read when a
-/// queued job needs its waiting reason.
+/// `live` are the live workers ([`fleet::live_workers`]), read when a queued job needs its
+/// waiting reason.
 fn job_to_proto(
     row: JobRow,
     latest: Vec<MetricPoint>,
     attempts: Vec<AttemptRow>,
-    served: Option<&std::collections::HashSet<String>>,
+    live: Option<&[store::WorkerRow]>,
 ) -> Result<v1::Job> {
     let attempts = attempts.into_iter().map(attempt_to_proto).collect();
-    let waiting_reason = fleet::waiting_reason(&row, served);
+    let waiting_reason = fleet::waiting_reason(&row, live);
     Ok(v1::Job {
         waiting_reason,
         id: row.id.to_string(),
@@ -139,9 +139,8 @@ async fn job_of_row(
 ) -> Result<v1::Job> {
     let latest = store::latest_metrics(&mut *conn, id).await?;
     let attempts = store::attempts_of(&mut *conn, id).await?;
-    let served =
-        fleet::served_queues(&mut *conn, lease_timeout, std::slice::from_ref(&row)).await?;
-    job_to_proto(row, latest, attempts, served.as_ref())
+    let live = fleet::live_workers(&mut *conn, lease_timeout, std::slice::from_ref(&row)).await?;
+    job_to_proto(row, latest, attempts, live.as_deref())
 }
 
 /// An attempt record as the wire `Attempt`.

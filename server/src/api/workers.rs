@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{artifact_to_proto, artifacts, dispatch_now, fleet, spec_of, timestamp, AppState};
 use crate::auth;
-use crate::domain::{self, parse_job_id, parse_worker_id, Completion, Lease, MetricsReport};
+use crate::domain::{
+    self, parse_job_id, parse_worker_id, Capacity, Completion, Lease, MetricsReport,
+};
 use crate::error::Result;
 use crate::store;
 
@@ -32,13 +34,22 @@ impl WorkerApi {
     async fn claim(&self, req: v1::ClaimJobRequest) -> Result<v1::ClaimJobResponse> {
         let id = parse_job_id("job_id", &req.job_id)?;
         let worker_id = parse_worker_id("worker_id", &req.worker_id)?;
+        let capacity = Capacity::parse(&req.device_kind, req.free_gpu_memory_mib)?;
         let Some(store::Claim {
             job: row,
             resume_from,
             waited,
-        }) = store::claim_job(&self.state.pool, id, &worker_id, self.state.lease_timeout).await?
+        }) = store::claim_job_fitting(
+            &self.state.pool,
+            id,
+            &worker_id,
+            self.state.lease_timeout,
+            &capacity,
+        )
+        .await?
         else {
-            // Someone else won, or the job was cancelled, or it is a duplicate message.
+            // Someone else won, or the job was cancelled, or it is a duplicate message, or it
+            // does not fit this worker (it stays queued for one it fits).
             return Ok(v1::ClaimJobResponse::default());
         };
         self.state.metrics.claimed(waited);

@@ -42,7 +42,7 @@ pub use query::{
     JobQuery, MetricsPageToken, MetricsQuery, PageToken, RunPage, RunPageToken, SweepQuery,
 };
 pub use request::{RequestKey, RequestKind};
-pub use worker::WorkerReport;
+pub use worker::{Capacity, WorkerReport};
 
 /// Most points one ReportMetrics call may carry (documented in the .proto).
 pub const MAX_POINTS_PER_CALL: usize = 10_000;

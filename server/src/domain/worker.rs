@@ -19,6 +19,42 @@ pub const MAX_QUEUES: usize = 16;
 /// Most slots one worker reports (the worker's `--slots` maximum).
 pub const MAX_SLOTS: u32 = 64;
 
+/// What a claiming worker slot can run (ClaimJobRequest.device_kind, .free_gpu_memory_mib).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capacity {
+    /// `None`: a worker that states nothing, which may claim anything.
+    pub device: Option<proto::spec::DeviceKind>,
+    /// Free GPU memory on a CUDA worker, MiB; `None` when unknown (no memory check).
+    pub free_gpu_mib: Option<u32>,
+}
+
+impl Capacity {
+    /// Anything fits (a worker that states no capacity).
+    pub const ANY: Capacity = Capacity {
+        device: None,
+        free_gpu_mib: None,
+    };
+
+    pub fn parse(device_kind: &str, free_gpu_mib: Option<u32>) -> Result<Self> {
+        use proto::spec::DeviceKind;
+        let device = match device_kind {
+            "" => None,
+            "cpu" => Some(DeviceKind::Cpu),
+            "cuda" => Some(DeviceKind::Cuda),
+            other => {
+                return Err(Error::invalid(
+                    "device_kind",
+                    format!("must be cpu, cuda or empty, got {other:?}"),
+                ))
+            }
+        };
+        Ok(Self {
+            device,
+            free_gpu_mib,
+        })
+    }
+}
+
 /// One training device and its memory, in bytes (0 when unknown).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Device {
@@ -142,6 +178,17 @@ mod tests {
         match WorkerReport::try_from(req) {
             Err(Error::InvalidArgument { field, .. }) => field,
             other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_capacity_names_cpu_or_cuda_or_nothing() {
+        assert_eq!(Capacity::parse("", None).expect("empty"), Capacity::ANY);
+        let cuda = Capacity::parse("cuda", Some(8000)).expect("cuda");
+        assert_eq!(cuda.device, Some(proto::spec::DeviceKind::Cuda));
+        match Capacity::parse("tpu", None) {
+            Err(Error::InvalidArgument { field, .. }) => assert_eq!(field, "device_kind"),
+            other => panic!("{other:?}"),
         }
     }
 

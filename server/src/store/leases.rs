@@ -17,7 +17,7 @@ use super::attempts::{end_attempt, job_holder, refuse_lease};
 use super::jobs::{fail_dependents, lock_with_dependents, promote_dependents};
 use super::state::{outcome, state};
 use super::{millis, once_more_on_deadlock, JobRow};
-use crate::domain::Lease;
+use crate::domain::{Capacity, Lease};
 use crate::error::{is_deadlock, Error, Result};
 
 /// What a successful claim hands the worker.
@@ -51,6 +51,19 @@ pub async fn claim_job(
     worker_id: &str,
     lease_for: Duration,
 ) -> Result<Option<Claim>> {
+    claim_job_fitting(pool, id, worker_id, lease_for, &Capacity::ANY).await
+}
+
+/// [`claim_job`] for a worker slot with `capacity`: a job whose needs (`jobs.needs_device`,
+/// `jobs.needs_gpu_mib`) do not fit is not claimed either (`None`), and stays queued for a
+/// worker it fits (the reconciler pushes it again after its re-dispatch delay).
+pub async fn claim_job_fitting(
+    pool: &PgPool,
+    id: JobId,
+    worker_id: &str,
+    lease_for: Duration,
+    capacity: &Capacity,
+) -> Result<Option<Claim>> {
     let mut tx = pool.begin().await?;
     // `updated_at` changes with every state change and nothing else of a queued job, so its
     // value before this update is when the job last became queued.
@@ -67,12 +80,21 @@ pub async fn claim_job(
         state!(queued),
         "
            AND (j.not_before IS NULL OR j.not_before <= now())
+           AND ($4::text IS NULL OR j.needs_device = 'any' OR j.needs_device = $4)
+           AND ($4::text IS DISTINCT FROM 'cuda' OR $5::integer IS NULL
+                OR j.needs_gpu_mib <= $5)
          RETURNING j.*, greatest(extract(epoch FROM now() - before.ready_since), 0)::float8
                    AS waited_s"
     ))
     .bind(id.as_uuid())
     .bind(worker_id)
     .bind(millis(lease_for))
+    .bind(capacity.device.map(|d| d.as_str()))
+    .bind(
+        capacity
+            .free_gpu_mib
+            .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
+    )
     .fetch_optional(&mut *tx)
     .await?
     else {

@@ -89,8 +89,8 @@ pub use jobs::{
     submit_job, take_due_for_dispatch, take_for_dispatch, QueueStat,
 };
 pub use leases::{
-    claim_job, complete_job, database_now, extend_running_leases, fail_job, heartbeat,
-    reap_expired_leases, release_job, Claim, Completed, ReapedJob,
+    claim_job, claim_job_fitting, complete_job, database_now, extend_running_leases, fail_job,
+    heartbeat, reap_expired_leases, release_job, Claim, Completed, ReapedJob,
 };
 pub use metrics::{
     last_metric_seq, latest_metrics, latest_metrics_of, metric_page, metrics_after, record_metrics,
@@ -134,6 +134,9 @@ pub struct JobRow {
     pub final_step: Option<i64>,
     /// The queue it waits on (read out of the spec).
     pub queue: String,
+    /// The device kind it needs (`any`, `cuda`, `cpu`) and its GPU memory on CUDA, in MiB.
+    pub needs_device: String,
+    pub needs_gpu_mib: i32,
 }
 
 /// One row of `job_attempts`: one claim of a job and how it ended.

@@ -29,6 +29,7 @@ async fn a_retried_job_is_dispatched_again_once_its_backoff_has_passed() {
         .claim_job(v1::ClaimJobRequest {
             job_id: id.clone(),
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await;
     let lease = claim.expect("claim").into_inner().lease;
@@ -52,6 +53,7 @@ async fn a_retried_job_is_dispatched_again_once_its_backoff_has_passed() {
         .claim_job(v1::ClaimJobRequest {
             job_id: id.clone(),
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await;
     let again = again.expect("claim").into_inner();

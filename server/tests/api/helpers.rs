@@ -229,6 +229,7 @@ pub async fn claim(workers: &mut WorkerServiceClient<Channel>, id: &str) -> v1::
         .claim_job(v1::ClaimJobRequest {
             job_id: id.into(),
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await
         .expect("claim")
@@ -248,6 +249,7 @@ pub async fn claim_after_backoff(
             .claim_job(v1::ClaimJobRequest {
                 job_id: id.into(),
                 worker_id: "w".into(),
+                ..Default::default()
             })
             .await
             .expect("claim")
@@ -272,6 +274,7 @@ pub async fn claim_as(
         .claim_job(v1::ClaimJobRequest {
             job_id: id.into(),
             worker_id: worker.into(),
+            ..Default::default()
         })
         .await
         .expect("claim")

@@ -181,6 +181,7 @@ async fn unknown_job_ids_are_not_found_and_malformed_ones_are_invalid() {
         .claim_job(v1::ClaimJobRequest {
             job_id: "x".into(),
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await;
     assert!(claim
@@ -234,6 +235,7 @@ async fn a_cancelled_queued_job_cannot_be_claimed_or_cancelled_again() {
         .claim_job(v1::ClaimJobRequest {
             job_id: id,
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await;
     assert!(!claim.expect("claim answers").into_inner().claimed);

@@ -125,6 +125,7 @@ async fn the_metrics_endpoint_counts_jobs_by_state_dispatch_latency_retries_and_
         .claim_job(v1::ClaimJobRequest {
             job_id: first.clone(),
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await
         .expect("claim")
@@ -201,6 +202,7 @@ async fn a_lease_expiry_is_counted_and_the_job_retried() {
         .claim_job(v1::ClaimJobRequest {
             job_id: id.clone(),
             worker_id: "silent".into(),
+            ..Default::default()
         })
         .await
         .expect("claim")

@@ -32,6 +32,7 @@ async fn a_worker_runs_a_job_to_success_while_a_watcher_sees_every_state_and_poi
         .claim_job(v1::ClaimJobRequest {
             job_id: id.clone(),
             worker_id: "w1".into(),
+            ..Default::default()
         })
         .await;
     let claim = claim.expect("claim").into_inner();
@@ -44,6 +45,7 @@ async fn a_worker_runs_a_job_to_success_while_a_watcher_sees_every_state_and_poi
         .claim_job(v1::ClaimJobRequest {
             job_id: id.clone(),
             worker_id: "w2".into(),
+            ..Default::default()
         })
         .await;
     assert!(
@@ -165,6 +167,7 @@ async fn a_cancelled_running_job_tells_its_worker_to_stop_and_refuses_its_writes
         .claim_job(v1::ClaimJobRequest {
             job_id: id.clone(),
             worker_id: "w".into(),
+            ..Default::default()
         })
         .await;
     let lease = claim.expect("claim").into_inner().lease;
@@ -214,6 +217,7 @@ async fn a_worker_that_stops_heartbeating_loses_its_job_to_another_attempt() {
         .claim_job(v1::ClaimJobRequest {
             job_id: id.clone(),
             worker_id: "dead".into(),
+            ..Default::default()
         })
         .await;
     let lease = claim.expect("claim").into_inner().lease;

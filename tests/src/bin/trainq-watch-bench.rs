@@ -132,6 +132,7 @@ async fn report_metrics(
             .claim_job(v1::ClaimJobRequest {
                 job_id,
                 worker_id: "watch-bench".into(),
+                ..Default::default()
             })
             .await?
             .into_inner();

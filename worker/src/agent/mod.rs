@@ -161,6 +161,7 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         worker_id,
         client,
         metrics,
+        device: trainer_config.device,
     });
     let mut running = tokio::task::JoinSet::new();
     for (slot, (executor, queue)) in loops.into_iter().enumerate() {
@@ -190,6 +191,8 @@ struct Agent {
     worker_id: String,
     client: Client,
     metrics: Arc<Metrics>,
+    /// The training device (what a claim says it can run).
+    device: tch::Device,
 }
 
 impl Agent {
@@ -235,9 +238,16 @@ impl Agent {
         shutdown: &CancellationToken,
     ) -> Flow {
         let mut client = self.client.clone();
+        // What this slot can run: a job whose resources do not fit stays queued for another.
+        let free_gpu_memory_mib = self
+            .metrics
+            .gpu_memory_bytes(&self.device)
+            .map(|(total, used)| (total.saturating_sub(used) / (1024 * 1024)) as u32);
         let request = ClaimJobRequest {
             job_id: job_id.to_string(),
             worker_id: self.worker_id.clone(),
+            device_kind: if self.device.is_cuda() { "cuda" } else { "cpu" }.to_string(),
+            free_gpu_memory_mib,
         };
         // The popped id is gone from Redis: while the coordinator is unreachable (restarting),
         // keep trying for a while rather than leave the job to the reconciler's re-dispatch delay.
@@ -679,6 +689,7 @@ mod tests {
             worker_id: "w".into(),
             client,
             metrics: Arc::new(Metrics::new("w", "cpu")),
+            device: tch::Device::Cpu,
         }
     }
 
