@@ -46,7 +46,9 @@ use crate::executor::{Assignment, Executor};
 use crate::metrics::{JobEnd, Metrics};
 use crate::train::trainer::SharedData;
 use crate::train::{JobInputs, Outcome, TrainError};
+use concurrency::Concurrency;
 
+pub mod concurrency;
 pub mod coordinator;
 #[cfg(test)]
 mod fake;
@@ -161,14 +163,19 @@ pub async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Resu
         worker_id,
         client,
         metrics,
+        concurrency: Concurrency::new(slots),
         device: trainer_config.device,
     });
     let mut running = tokio::task::JoinSet::new();
     for (slot, (executor, queue)) in loops.into_iter().enumerate() {
         let (agent, shutdown) = (agent.clone(), shutdown.clone());
         running.spawn(
-            async move { agent.serve_slot(&executor, queue, &shutdown).await }
-                .instrument(info_span!("slot", slot)),
+            async move {
+                agent
+                    .serve_slot(slot as u32, &executor, queue, &shutdown)
+                    .await
+            }
+            .instrument(info_span!("slot", slot)),
         );
     }
     while let Some(ended) = running.join_next().await {
@@ -191,21 +198,32 @@ struct Agent {
     worker_id: String,
     client: Client,
     metrics: Arc<Metrics>,
+    /// Which slots may take a job now (fewer for a while after an out-of-memory failure).
+    concurrency: Concurrency,
     /// The training device (what a claim says it can run).
     device: tch::Device,
 }
 
 impl Agent {
-    /// One slot: pop a job id from the served queues, claim it and train it on `executor`, until
-    /// shutdown (or until its executor thread is gone).
+    /// Slot `slot`: pop a job id from the served queues, claim it and train it on `executor`,
+    /// until shutdown (or until its executor thread is gone); it pauses while
+    /// [`Concurrency`] has it out of service.
     async fn serve_slot(
         &self,
+        slot: u32,
         executor: &Executor,
         mut queue: Queue,
         shutdown: &CancellationToken,
     ) {
         let mut delays = client::retry::delays();
         loop {
+            if !self.concurrency.allows(slot, std::time::Instant::now()) {
+                // Out of service for a while after an out-of-memory failure beside others.
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
             let popped = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 popped = queue.pop() => popped,
@@ -478,6 +496,19 @@ impl Agent {
             info!("job abandoned");
             self.metrics.job_ended(JobEnd::Abandoned);
         } else {
+            if let Err(e) = &result {
+                if e.is_out_of_memory() {
+                    let busy = self.metrics.slots_busy();
+                    let serving = self
+                        .concurrency
+                        .out_of_memory(busy, std::time::Instant::now());
+                    warn!(
+                        busy,
+                        slots_in_service = serving,
+                        "out of memory beside other jobs: fewer slots take jobs for a while"
+                    );
+                }
+            }
             self.metrics.job_ended(match &result {
                 Ok(Outcome::Succeeded { .. }) => JobEnd::Succeeded,
                 Ok(Outcome::Stopped { .. }) => JobEnd::HandedBack,
@@ -689,6 +720,7 @@ mod tests {
             worker_id: "w".into(),
             client,
             metrics: Arc::new(Metrics::new("w", "cpu")),
+            concurrency: Concurrency::new(1),
             device: tch::Device::Cpu,
         }
     }

@@ -75,6 +75,11 @@ impl TrainError {
         matches!(self, TrainError::Permanent(_))
     }
 
+    /// Whether this is an out-of-memory failure (of the GPU or of the host).
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, TrainError::Retryable(m) if m.starts_with("out of GPU memory") || m.starts_with("out of memory"))
+    }
+
     /// Classifies a libtorch error raised while doing `what`: out of memory and CUDA failures
     /// may pass on another attempt or worker; anything else (shapes, dtypes) will not.
     pub fn from_tch(what: &str, e: &TchError) -> Self {
