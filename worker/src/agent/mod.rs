@@ -23,7 +23,8 @@
 //! lease from the claim to the attempt's last call, independent of every other call;
 //! [`outbox`] delivers metric batches and artifacts in order; [`transfer`] moves artifacts over
 //! gRPC; [`coordinator`] is the client and what its errors mean; [`fleet`] reports the worker as
-//! a whole (slots, queues, devices). Those modules never import this one. Retries wait by `client::retry` (backon).
+//! a whole (slots, queues, devices); [`concurrency`] says which slots may take a job. Those
+//! modules never import this one. Retries wait by `client::retry` (backon).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
