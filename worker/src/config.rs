@@ -251,3 +251,53 @@ impl TrainerArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let argv = std::iter::once("trainq-worker").chain(args.iter().copied());
+        Cli::try_parse_from(argv).map(|cli| cli.serve)
+    }
+
+    #[test]
+    fn slots_and_queues_out_of_range_are_start_up_errors_naming_the_flag() {
+        for bad in [
+            &["--slots", "0"][..],
+            &["--slots", "65"],
+            &["--queues", "GPU"],
+        ] {
+            let e = serve(bad).expect_err("refused").to_string();
+            assert!(e.contains(bad[0]), "{bad:?}: {e}");
+        }
+        let e = serve(&["--queues", "a,a"])
+            .expect_err("a repeat")
+            .to_string();
+        assert!(e.contains("listed twice"), "{e}");
+        let ok = serve(&["--slots", "4", "--queues", "gpu-large,default"]).expect("valid");
+        assert_eq!(ok.slots, Some(4));
+        assert_eq!(ok.queues.0, ["gpu-large", "default"]);
+        assert_eq!(serve(&[]).expect("defaults").queues.0, ["default"]);
+    }
+
+    #[test]
+    fn slot_count_defaults_to_one_on_cpu_and_to_the_memory_budget_on_cuda() {
+        let args = serve(&[]).expect("defaults");
+        assert_eq!(args.slot_count(false, None), 1);
+        assert_eq!(args.slot_count(true, None), 1, "CUDA without NVML: one");
+        assert_eq!(
+            args.slot_count(true, Some(81_559)),
+            8,
+            "an 80 GB GPU: capped at 8"
+        );
+        assert_eq!(args.slot_count(true, Some(16_384)), 4);
+        assert_eq!(args.slot_count(true, Some(2_000)), 1);
+        let pinned = serve(&["--slots", "3"]).expect("valid");
+        assert_eq!(pinned.slot_count(true, Some(81_559)), 3);
+        assert_eq!(args.threads_per_slot(1), 0, "one slot: libtorch's default");
+        assert!(args.threads_per_slot(2) >= 1);
+        let threads = serve(&["--torch-threads", "3"]).expect("valid");
+        assert_eq!(threads.threads_per_slot(4), 3);
+    }
+}
