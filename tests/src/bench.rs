@@ -45,6 +45,56 @@ pub async fn channel(url: &str) -> anyhow::Result<Channel> {
         .with_context(|| format!("connecting to {url}"))
 }
 
+/// The `n`th command-line argument parsed as `T`, or `default` when absent.
+pub fn arg<T: std::str::FromStr>(n: usize, default: T) -> anyhow::Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    match std::env::args().nth(n) {
+        Some(text) => text
+            .parse()
+            .with_context(|| format!("argument {n} ({text:?})")),
+        None => Ok(default),
+    }
+}
+
+/// A worker set-up the packing benches compare: its label, torch threads per slot, `--slots`.
+pub struct SlotConfig {
+    pub label: &'static str,
+    pub torch_threads: u32,
+    pub slots: &'static str,
+}
+
+/// One slot with the machine's two threads against two slots with one thread each.
+pub const SLOTS_1_VS_2: [SlotConfig; 2] = [
+    SlotConfig {
+        label: "--slots 1, 2 torch threads",
+        torch_threads: 2,
+        slots: "1",
+    },
+    SlotConfig {
+        label: "--slots 2, 1 torch thread each",
+        torch_threads: 1,
+        slots: "2",
+    },
+];
+
+/// Prints each [`SLOTS_1_VS_2`] set-up's median wall time (`walls[c]`: its rounds) and the
+/// ratio of the first median to the second.
+pub fn print_slot_medians(walls: &[Vec<Duration>]) {
+    println!();
+    println!("| config | median wall (s) |");
+    println!("| --- | --- |");
+    for (config, w) in SLOTS_1_VS_2.iter().zip(walls) {
+        println!("| {} | {:.1} |", config.label, median(w).as_secs_f64());
+    }
+    println!();
+    println!(
+        "ratio (slots 1 / slots 2): {:.2}x",
+        median(&walls[0]).as_secs_f64() / median(&walls[1]).as_secs_f64()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -67,6 +67,20 @@ pub fn expect_exit(out: &Output, code: i32, what: &str) -> String {
     stdout
 }
 
+/// Submits `spec` (no request id) and returns the new job's id.
+pub async fn submit(
+    client: &mut JobServiceClient<Channel>,
+    spec: proto::v1::JobSpec,
+) -> anyhow::Result<String> {
+    let answer = client
+        .submit_job(proto::v1::SubmitJobRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
+        .await?;
+    Ok(answer.into_inner().job_id)
+}
+
 /// Polls GetJob until the job is in a terminal state or `timeout` passes.
 pub async fn wait_terminal(
     client: &mut JobServiceClient<Channel>,

@@ -291,6 +291,18 @@ impl World {
         }
     }
 
+    /// SIGKILLs `worker` (kept, as `<worker>-killed`, for its log) and records when; returns that
+    /// instant (unix seconds).
+    fn kill_worker(&mut self, worker: &str) -> f64 {
+        let t0 = now_s();
+        if let Some(mut p) = self.workers.remove(worker) {
+            p.kill();
+            self.workers.insert(format!("{worker}-killed"), p);
+        }
+        self.died(worker, t0);
+        t0
+    }
+
     /// Records that a worker stopped at `at` (unix seconds).
     fn died(&mut self, worker: &str, at: f64) {
         if let Some(life) = self.lifetimes.get_mut(worker) {
@@ -997,12 +1009,7 @@ async fn worker_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
     let mut w = two_workers_with_jobs(svc, "worker-sigkill").await;
     let victim = w.arm_on_resumable_job("w1").await;
     let attempt = w.attempt_of(&victim).await;
-    let t0 = now_s();
-    if let Some(mut p) = w.workers.remove("w1") {
-        p.kill();
-        w.workers.insert("w1-killed".into(), p);
-    }
-    w.died("w1", t0);
+    let t0 = w.kill_worker("w1");
     // An upload the worker finished just before it died may still be being recorded.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let newest = w.newest_state(&victim, attempt).await;
@@ -1042,12 +1049,7 @@ async fn slots_sigkill(svc: &mut Services) -> (Row, Vec<String>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
         held = w.jobs_in_state("running", Some("w1")).await;
     }
-    let t0 = now_s();
-    if let Some(mut p) = w.workers.remove("w1") {
-        p.kill();
-        w.workers.insert("w1-killed".into(), p);
-    }
-    w.died("w1", t0);
+    let t0 = w.kill_worker("w1");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let newest = w.newest_state(&victim, attempt).await;
     let affected = w.jobs_in_state("running", Some("w1")).await;

@@ -12,15 +12,7 @@ const FINISH: Duration = Duration::from_secs(240);
 
 async fn submit(client: &mut Client, spec: serde_json::Value) -> String {
     let spec: v1::JobSpec = serde_json::from_value(spec).expect("spec json");
-    client
-        .submit_job(v1::SubmitJobRequest {
-            spec: Some(spec),
-            ..Default::default()
-        })
-        .await
-        .expect("submit")
-        .into_inner()
-        .job_id
+    tests::submit(client, spec).await.expect("submit")
 }
 
 async fn get(client: &mut Client, id: &str) -> v1::Job {

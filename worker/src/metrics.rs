@@ -214,10 +214,6 @@ impl Metrics {
 
     /// Total memory of the GPU behind `device` in MiB, when `device` is CUDA and NVML knows it.
     pub fn gpu_memory_mib(&self, device: &tch::Device) -> Option<u64> {
-        let tch::Device::Cuda(index) = device else {
-            return None;
-        };
-        let _ = index;
         self.gpu_memory_bytes(device)
             .map(|(total, _)| total / (1024 * 1024))
     }

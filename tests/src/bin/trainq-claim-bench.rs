@@ -17,18 +17,10 @@ use std::time::{Duration, Instant};
 use proto::queue::Keys;
 use proto::v1::{self, worker_service_client::WorkerServiceClient};
 use rand::Rng as _;
-use tests::bench::{channel, ms, quantile};
+use tests::bench::{arg, channel, ms, quantile};
 use tests::*;
 
 const QUEUES: [&str; 4] = ["q0", "q1", "q2", "q3"];
-
-fn arg(n: usize, default: u64) -> anyhow::Result<u64> {
-    Ok(std::env::args()
-        .nth(n)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(default))
-}
 
 type Times = Arc<Mutex<HashMap<String, Instant>>>;
 
@@ -83,9 +75,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let jobs = arg(1, 2000)?;
-    let rate = arg(2, 200)?;
-    let slots = arg(3, 16)?;
+    let jobs: u64 = arg(1, 2000)?;
+    let rate: u64 = arg(2, 200)?;
+    let slots: u64 = arg(3, 16)?;
     let env = TestEnv::new();
     let metrics_addr = format!("127.0.0.1:{}", free_port());
     let coordinator = env
@@ -123,14 +115,7 @@ async fn main() -> anyhow::Result<()> {
         let submitted = submitted.clone();
         sends.push(tokio::spawn(async move {
             let t0 = Instant::now();
-            let id = client
-                .submit_job(v1::SubmitJobRequest {
-                    spec: Some(spec),
-                    request_id: String::new(),
-                })
-                .await?
-                .into_inner()
-                .job_id;
+            let id = submit(&mut client, spec).await?;
             lock(&submitted).insert(id, t0);
             anyhow::Ok(())
         }));

@@ -9,23 +9,15 @@
 use std::time::{Duration, Instant};
 
 use proto::v1::{self, JobState};
-use tests::bench::median;
+use tests::bench::{arg, print_slot_medians, SLOTS_1_VS_2};
 use tests::*;
-
-fn arg(n: usize, default: u32) -> anyhow::Result<u32> {
-    Ok(std::env::args()
-        .nth(n)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(default))
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let jobs = arg(1, 8)?;
-    let rounds = arg(2, 3)?;
-    let train = arg(3, 5000)?;
-    let epochs = arg(4, 2)?;
+    let jobs: u32 = arg(1, 8)?;
+    let rounds: u32 = arg(2, 3)?;
+    let train: u32 = arg(3, 5000)?;
+    let epochs: u32 = arg(4, 2)?;
     let env = TestEnv::new();
     let data = data_dir_with_cifar(&env.dir.path().join("data"), train, 1000, 11);
     let coordinator = env.start_coordinator(&[]).await;
@@ -37,21 +29,17 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| round | config | wall (s) | images/s in all |");
     println!("| --- | --- | --- | --- |");
-    let configs: [(&str, u32, &str); 2] = [
-        ("--slots 1, 2 torch threads", 2, "1"),
-        ("--slots 2, 1 torch thread each", 1, "2"),
-    ];
-    let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); SLOTS_1_VS_2.len()];
     let images = f64::from(jobs * epochs) * f64::from(train / 64 * 64);
     for round in 1..=rounds {
-        for (c, (label, threads, slots)) in configs.iter().enumerate() {
+        for (c, config) in SLOTS_1_VS_2.iter().enumerate() {
             let name = format!("bench-{round}-{c}");
             let mut worker = env.start_worker_threads(
                 &coordinator.url(),
                 &name,
                 &data,
-                *threads,
-                &["--slots", slots],
+                config.torch_threads,
+                &["--slots", config.slots],
             );
             let started = Instant::now();
             let mut ids = Vec::new();
@@ -62,15 +50,7 @@ async fn main() -> anyhow::Result<()> {
                                  "seed": j, "maxTestExamples": 500, "logEverySteps": 50},
                     "cifarCvae": {}
                 }))?;
-                let id = client
-                    .submit_job(v1::SubmitJobRequest {
-                        spec: Some(spec),
-                        request_id: String::new(),
-                    })
-                    .await?
-                    .into_inner()
-                    .job_id;
-                ids.push(id);
+                ids.push(submit(&mut client, spec).await?);
             }
             for id in &ids {
                 let job = wait_terminal(&mut client, id, Duration::from_secs(3600)).await?;
@@ -84,24 +64,14 @@ async fn main() -> anyhow::Result<()> {
             let wall = started.elapsed();
             worker.terminate(Duration::from_secs(30))?;
             println!(
-                "| {round} | {label} | {:.1} | {:.0} |",
+                "| {round} | {} | {:.1} | {:.0} |",
+                config.label,
                 wall.as_secs_f64(),
                 images / wall.as_secs_f64()
             );
             walls[c].push(wall);
         }
     }
-    let (one, two) = (median(&walls[0]), median(&walls[1]));
-    println!();
-    println!("| config | median wall (s) |");
-    println!("| --- | --- |");
-    for (c, (label, _, _)) in configs.iter().enumerate() {
-        println!("| {label} | {:.1} |", median(&walls[c]).as_secs_f64());
-    }
-    println!();
-    println!(
-        "ratio (slots 1 / slots 2): {:.2}x",
-        one.as_secs_f64() / two.as_secs_f64()
-    );
+    print_slot_medians(&walls);
     Ok(())
 }

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use proto::v1;
 use serde_json::Value;
-use tests::bench::median;
+use tests::bench::{arg, print_slot_medians, SLOTS_1_VS_2};
 use tests::*;
 
 fn seconds(t: &Option<proto::Timestamp>) -> f64 {
@@ -23,11 +23,7 @@ fn seconds(t: &Option<proto::Timestamp>) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let rounds: u32 = std::env::args()
-        .nth(1)
-        .map(|s| s.parse())
-        .transpose()?
-        .unwrap_or(3);
+    let rounds: u32 = arg(1, 3)?;
     let file = std::env::args()
         .nth(2)
         .map(std::path::PathBuf::from)
@@ -45,20 +41,16 @@ async fn main() -> anyhow::Result<()> {
     println!();
     println!("| round | config | jobs | wall (s) | sum of training time (s) | sum / wall |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    let configs: [(&str, u32, &str); 2] = [
-        ("--slots 1, 2 torch threads", 2, "1"),
-        ("--slots 2, 1 torch thread each", 1, "2"),
-    ];
-    let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    let mut walls: Vec<Vec<Duration>> = vec![Vec::new(); SLOTS_1_VS_2.len()];
     for round in 1..=rounds {
-        for (c, (label, threads, slots)) in configs.iter().enumerate() {
+        for (c, config) in SLOTS_1_VS_2.iter().enumerate() {
             let name = format!("study-{round}-{c}");
             let mut worker = env.start_worker_threads(
                 &coordinator.url(),
                 &name,
                 &data,
-                *threads,
-                &["--slots", slots],
+                config.torch_threads,
+                &["--slots", config.slots],
             );
             let started = Instant::now();
             let id = expect_exit(
@@ -98,23 +90,14 @@ async fn main() -> anyhow::Result<()> {
             }
             let wall_s = wall.as_secs_f64();
             println!(
-                "| {round} | {label} | {} | {wall_s:.1} | {training:.1} | {:.2} |",
+                "| {round} | {} | {} | {wall_s:.1} | {training:.1} | {:.2} |",
+                config.label,
                 runs.len(),
                 training / wall_s
             );
             walls[c].push(wall);
         }
     }
-    println!();
-    println!("| config | median wall (s) |");
-    println!("| --- | --- |");
-    for (c, (label, _, _)) in configs.iter().enumerate() {
-        println!("| {label} | {:.1} |", median(&walls[c]).as_secs_f64());
-    }
-    println!();
-    println!(
-        "ratio (slots 1 / slots 2): {:.2}x",
-        median(&walls[0]).as_secs_f64() / median(&walls[1]).as_secs_f64()
-    );
+    print_slot_medians(&walls);
     Ok(())
 }
