@@ -264,6 +264,12 @@ pub struct ListArgs {
     /// Only jobs with this label (repeatable): key=value.
     #[arg(long = "label", short = 'l')]
     pub labels: Vec<String>,
+    /// Only jobs of this experiment kind (repeatable): mnist_classifier, cifar_cvae.
+    #[arg(long = "kind", short = 'k')]
+    pub kinds: Vec<String>,
+    /// Only jobs whose name contains this text, ignoring case.
+    #[arg(long)]
+    pub name: Option<String>,
     /// Jobs per page (at most 1000).
     #[arg(long, default_value_t = 50)]
     pub limit: u32,

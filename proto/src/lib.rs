@@ -9,6 +9,7 @@
 //! - [`codec`]: the stubs' codec (prost's, with undecodable messages as INVALID_ARGUMENT).
 //! - [`ids`]: `JobId`, `SweepId`, `ArtifactId`, the one parser of ids.
 //! - [`metric`]: the shared contract's metric names and `MetricName`, the one check of a name.
+//! - [`report`]: verdicts and mean curves of a sweep summary (the CLI report and the web UI).
 //! - `stat`: `v1::Stat` from the `stats` crate's `Stat` (the statistics are computed there).
 //!
 //! This crate must not depend on a database, Redis client or libtorch: it is the contract only.
@@ -18,6 +19,7 @@ pub mod ids;
 pub mod metric;
 pub mod ops;
 pub mod queue;
+pub mod report;
 pub mod spec;
 mod stat;
 pub mod state;

@@ -689,6 +689,8 @@ async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool)
     let mut query = JobQuery {
         states: vec![],
         labels: serde_json::json!({"team": "a"}),
+        kinds: vec![],
+        name_contains: String::new(),
         page_size: 4,
         after: None,
     };
@@ -718,11 +720,58 @@ async fn pages_return_every_matching_job_exactly_once_newest_first(pool: PgPool)
     let running = JobQuery {
         states: vec![JobState::Running],
         labels: serde_json::json!({}),
+        kinds: vec![],
+        name_contains: String::new(),
         page_size: 50,
         after: None,
     };
     let (rows, next) = store::list_jobs(&pool, &running).await.expect("list");
     assert_eq!((rows.len(), rows[0].id, next), (1, wanted[0], None));
+}
+
+#[sqlx::test(migrations = "../migrations")]
+async fn jobs_filter_by_kind_and_by_name_ignoring_case(pool: PgPool) {
+    let named = |name: &str| {
+        let mut raw = spec(1, &[]).to_proto();
+        raw.name = name.into();
+        JobSpec::try_from(raw).expect("valid spec")
+    };
+    let lr = new_id();
+    store::insert_job(&pool, lr, &named("Sweep-LR-0.1"))
+        .await
+        .expect("insert");
+    store::insert_job(&pool, new_id(), &named("baseline"))
+        .await
+        .expect("insert");
+    // `%` and `_` are plain text here, not patterns.
+    store::insert_job(&pool, new_id(), &named("a_b%c"))
+        .await
+        .expect("insert");
+    let query = |kinds: Vec<String>, name: &str| JobQuery {
+        states: vec![],
+        labels: serde_json::json!({}),
+        kinds,
+        name_contains: name.into(),
+        page_size: 50,
+        after: None,
+    };
+    let ids = |rows: Vec<store::JobRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let (rows, _) = store::list_jobs(&pool, &query(vec![], "lr-0"))
+        .await
+        .expect("list");
+    assert_eq!(ids(rows), vec![lr]);
+    let (rows, _) = store::list_jobs(&pool, &query(vec![], "_"))
+        .await
+        .expect("list");
+    assert_eq!(rows.len(), 1, "only the name with an underscore");
+    let (rows, _) = store::list_jobs(&pool, &query(vec!["mnist_classifier".into()], ""))
+        .await
+        .expect("list");
+    assert_eq!(rows.len(), 3);
+    let (rows, _) = store::list_jobs(&pool, &query(vec!["cifar_cvae".into()], ""))
+        .await
+        .expect("list");
+    assert!(rows.is_empty(), "no CVAE job was stored");
 }
 
 // ---------------------------------------------------------------------------------------------

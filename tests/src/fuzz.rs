@@ -294,6 +294,8 @@ fn seed_request(method: &str, fx: &Fixture, rng: &mut StdRng) -> Vec<u8> {
             labels: [("suite".to_owned(), "system".to_owned())].into(),
             page_size: 5,
             page_token: String::new(),
+            kinds: vec!["mnist_classifier".to_owned()],
+            name_contains: "fuzz".to_owned(),
         }
         .encode_to_vec(),
         "CancelJob" => v1::CancelJobRequest {

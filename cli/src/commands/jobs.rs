@@ -96,6 +96,8 @@ pub async fn list(c: &Client, args: &ListArgs, out: Output) -> Result<u8, CliErr
                 labels: labels.clone(),
                 page_size: args.limit,
                 page_token: page_token.clone(),
+                kinds: args.kinds.clone(),
+                name_contains: args.name.clone().unwrap_or_default(),
             })
             .await
             .map_err(|s| CliError::from_status("list", &s))?

@@ -128,6 +128,11 @@ impl MetricsPageToken {
     }
 }
 
+/// The experiment kinds ListJobs filters on (`proto::spec::Experiment::kind`).
+const KINDS: [&str; 2] = ["mnist_classifier", "cifar_cvae"];
+/// Longest `name_contains`.
+const MAX_NAME_FILTER_CHARS: usize = 256;
+
 /// Which jobs ListJobs returns, and where the page starts.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobQuery {
@@ -135,6 +140,10 @@ pub struct JobQuery {
     pub states: Vec<JobState>,
     /// A JSON object the job's labels must contain (`labels @> filter`).
     pub labels: serde_json::Value,
+    /// Experiment kinds; empty means every kind.
+    pub kinds: Vec<String>,
+    /// Text the name contains, ignoring case; empty means any name.
+    pub name_contains: String,
     pub page_size: u32,
     /// Exclusive start: jobs strictly older than this key.
     pub after: Option<PageToken>,
@@ -157,6 +166,20 @@ impl TryFrom<v1::ListJobsRequest> for JobQuery {
                 .map(|(k, v)| (k, serde_json::Value::String(v)))
                 .collect(),
         );
+        for (i, kind) in req.kinds.iter().enumerate() {
+            if !KINDS.contains(&kind.as_str()) {
+                return Err(Error::invalid(
+                    format!("kinds[{i}]"),
+                    format!("must be one of {}, got {kind:?}", KINDS.join(", ")),
+                ));
+            }
+        }
+        if req.name_contains.chars().count() > MAX_NAME_FILTER_CHARS {
+            return Err(Error::invalid(
+                "name_contains",
+                format!("must be at most {MAX_NAME_FILTER_CHARS} characters"),
+            ));
+        }
         let after = match req.page_token.as_str() {
             "" => None,
             token => Some(PageToken::decode(token)?),
@@ -164,6 +187,8 @@ impl TryFrom<v1::ListJobsRequest> for JobQuery {
         Ok(JobQuery {
             states,
             labels,
+            kinds: req.kinds,
+            name_contains: req.name_contains,
             page_size: page_size(req.page_size),
             after,
         })

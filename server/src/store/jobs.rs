@@ -540,6 +540,8 @@ pub async fn list_jobs(
          WHERE (cardinality($1::text[]) = 0 OR state = ANY($1))
            AND labels @> $2
            AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+           AND (cardinality($6::text[]) = 0 OR kind = ANY($6))
+           AND ($7 = '' OR strpos(lower(name), lower($7)) > 0)
          ORDER BY created_at DESC, id DESC
          LIMIT $5",
     )
@@ -548,6 +550,8 @@ pub async fn list_jobs(
     .bind(q.after.map(|t| t.created_at))
     .bind(q.after.map(|t| t.id))
     .bind(limit + 1)
+    .bind(&q.kinds)
+    .bind(&q.name_contains)
     .fetch_all(ex)
     .await?;
     let next = if rows.len() as i64 > limit {

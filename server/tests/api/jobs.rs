@@ -297,3 +297,44 @@ async fn a_submit_repeated_with_its_request_id_returns_the_first_job_and_another
     assert_eq!(server.job_rows().await, 2);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn list_jobs_filters_by_kind_and_name_and_names_a_bad_filter() {
+    let server = TestServer::start_with(&redis_url(), &[]).await;
+    let mut jobs = server.jobs();
+    let mut named = valid_spec();
+    named.name = "Needle-in-haystack".into();
+    let needle = submit(&mut jobs, named).await;
+    submit(&mut jobs, valid_spec()).await;
+    let page = jobs
+        .list_jobs(v1::ListJobsRequest {
+            name_contains: "NEEDLE".into(),
+            kinds: vec!["mnist_classifier".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner();
+    let ids: Vec<_> = page.jobs.iter().map(|j| j.id.clone()).collect();
+    assert_eq!(ids, vec![needle], "the name filter ignores case");
+    for (req, field) in [
+        (
+            v1::ListJobsRequest {
+                kinds: vec!["mnist_classifier".into(), "resnet".into()],
+                ..Default::default()
+            },
+            "kinds[1]",
+        ),
+        (
+            v1::ListJobsRequest {
+                name_contains: "x".repeat(257),
+                ..Default::default()
+            },
+            "name_contains",
+        ),
+    ] {
+        let err = jobs.list_jobs(req).await.expect_err("a bad filter");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{field}: {err:?}");
+    }
+}
