@@ -48,7 +48,8 @@ impl Role {
     }
 }
 
-type Digest32 = [u8; 32];
+/// A token's SHA-256.
+pub type Digest32 = [u8; 32];
 
 fn digest(token: &str) -> Digest32 {
     Sha256::digest(token.as_bytes()).into()
@@ -214,6 +215,22 @@ impl Tokens {
             )
         } else {
             "auth: off".into()
+        }
+    }
+
+    /// The client tokens' digests: the keys of the web UI's session MACs (secret like the
+    /// tokens: a digest cannot be turned back into its token, but it signs sessions).
+    pub fn client_digests(&self) -> &[Digest32] {
+        &self.client
+    }
+
+    /// The digest of `token` when it is a client token (compared as [`Tokens::identify`] does).
+    pub fn client_key(&self, token: &str) -> Option<Digest32> {
+        match self.identify(token) {
+            Some(Caller {
+                role: Role::Client, ..
+            }) => Some(digest(token)),
+            _ => None,
         }
     }
 

@@ -165,6 +165,11 @@ pub struct Config {
     #[arg(long, env = "TRAINQ_METRICS_LISTEN", default_value = "0.0.0.0:9091")]
     pub metrics_listen: MetricsListen,
 
+    /// Where the web UI is served (HTTP), or `off`. With client tokens configured it asks for
+    /// one and keeps a session cookie.
+    #[arg(long, env = "TRAINQ_HTTP_LISTEN", default_value = "0.0.0.0:8080")]
+    pub http_listen: MetricsListen,
+
     /// Log line format. The level filter comes from RUST_LOG (default `info`).
     #[arg(long, env = "TRAINQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -226,6 +231,11 @@ mod tests {
             .expect("valid flags");
         assert_eq!(off.metrics_listen, MetricsListen::Off);
         assert!(Config::try_parse_from(["trainq-server", "--metrics-listen", "9091"]).is_err());
+        assert_eq!(
+            c.http_listen,
+            MetricsListen::At("0.0.0.0:8080".parse().expect("address")),
+            "the web UI's port of the shared contract"
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! - [`events`]: in-process job change notifications for WatchJob and WatchSweep.
 //! - [`changes`]: the change poller, which notifies for changes made elsewhere.
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
+//! - [`web`]: the web UI on its own HTTP port.
 //! - [`reconcile`]: the reconciler (re-dispatch) and the lease reaper.
 //! - [`shutdown`]: the signal that stops everything.
 //!
@@ -33,6 +34,7 @@ pub mod reconcile;
 pub mod shutdown;
 pub mod store;
 pub mod summary;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -136,6 +138,14 @@ async fn serve_until(
                 .with_context(|| format!("binding the metrics endpoint {addr}"))?,
         ),
     };
+    let http_listener = match config.http_listen {
+        config::MetricsListen::Off => None,
+        config::MetricsListen::At(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the web UI {addr}"))?,
+        ),
+    };
     let metrics = Arc::new(Metrics::new());
     let exposure = Exposure::of(&tokens, &listener)?;
     exposure.report(&metrics);
@@ -212,6 +222,16 @@ async fn serve_until(
             concurrent_reads: WATCH_READ_CONNECTIONS,
         }),
     });
+    if let Some(listener) = http_listener {
+        tracing::info!(addr = %listener.local_addr()?, "serving the web UI");
+        let app = web::router(state.clone(), tokens.clone());
+        let serve = web::serve(listener, app, signal.clone());
+        background.push(tokio::spawn(async move {
+            if let Err(e) = serve.await {
+                tracing::error!(error = %format!("{e:#}"), "web UI failed");
+            }
+        }));
+    }
     let guards = Guards {
         tokens,
         tls,

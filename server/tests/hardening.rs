@@ -51,6 +51,8 @@ impl TestServer {
             format!("file://{}", artifacts.path().display()),
             "--metrics-listen".into(),
             format!("127.0.0.1:{metrics_port}"),
+            "--http-listen".into(),
+            "off".into(),
         ];
         args.extend_from_slice(flags);
         let config = Config::try_parse_from(args).expect("valid flags");

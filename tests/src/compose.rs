@@ -33,6 +33,9 @@ use crate::locate::{binary, shared_data_dir, workspace_root};
 use crate::proc::{free_port, Proc};
 use crate::services::{PrivatePostgres, PrivateRedis};
 
+/// The coordinator's web UI address in the compose file.
+pub const WEB_UI_LISTEN: &str = "0.0.0.0:8080";
+
 /// A parsed compose file.
 #[derive(Debug, Clone)]
 pub struct ComposeFile {
@@ -665,8 +668,9 @@ impl ComposeStack {
         Ok(JobServiceClient::connect(self.server_url()).await?)
     }
 
-    /// The interpolated environment with addresses and paths rewritten; the listen address for
-    /// Prometheus metrics (`metrics_listen` in the file) gets a free port of its own.
+    /// The interpolated environment with addresses and paths rewritten; the listen addresses for
+    /// Prometheus metrics (`metrics_listen` in the file) and the web UI ([`WEB_UI_LISTEN`]) get
+    /// free ports of their own.
     fn service_env(
         &self,
         service: &Service<'_>,
@@ -674,12 +678,15 @@ impl ComposeStack {
         metrics_listen: &str,
     ) -> anyhow::Result<BTreeMap<String, String>> {
         let metrics = format!("127.0.0.1:{}", free_port());
+        let web = format!("127.0.0.1:{}", free_port());
         Ok(service
             .environment(vars)?
             .into_iter()
             .map(|(k, v)| {
                 let v = if v == metrics_listen {
                     metrics.clone()
+                } else if k == "TRAINQ_HTTP_LISTEN" && v == WEB_UI_LISTEN {
+                    web.clone()
                 } else {
                     self.rewrite(&v)
                 };

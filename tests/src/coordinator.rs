@@ -103,6 +103,8 @@ impl TestEnv {
             .args(extra)
             // A port of its own (the default 9091 is shared by every test); `extra` may name one.
             .env("TRAINQ_METRICS_LISTEN", "127.0.0.1:0")
+            // The web UI too (default 8080); the UI tests name a port with --http-listen.
+            .env("TRAINQ_HTTP_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(name, cmd, self.dir.path()).expect("spawning trainq-server");
         let addr = format!("127.0.0.1:{port}");

@@ -66,6 +66,21 @@ impl JobApi {
         })
     }
 
+    /// WatchJob for the web UI's live stream: the same admission limits (no per-connection
+    /// limit: the caller is an HTTP client) and loop, starting after the point cursor `after`
+    /// the page was rendered at (see [`watch::start`]).
+    pub async fn watch_after(
+        &self,
+        id: JobId,
+        after: Option<i64>,
+    ) -> std::result::Result<Admitted<watch::JobEvents>, Status> {
+        let permit = self.state.watch_limits.admit(None)?;
+        let slot = self.state.watch_limits.read_slot().await;
+        let events = watch::start(self.state.clone(), id, after).await?;
+        drop(slot);
+        Ok(Admitted::new(events, permit))
+    }
+
     async fn get(&self, job_id: &str) -> Result<v1::Job> {
         let id = parse_job_id("job_id", job_id)?;
         load_job(&self.state, id).await
@@ -162,7 +177,7 @@ impl JobService for JobApi {
         let permit = self.state.watch_limits.admit(request.remote_addr())?;
         let id = parse_job_id("job_id", &request.into_inner().job_id)?;
         let slot = self.state.watch_limits.read_slot().await;
-        let events = watch::start(self.state.clone(), id).await?;
+        let events = watch::start(self.state.clone(), id, None).await?;
         drop(slot);
         Ok(Response::new(Admitted::new(events, permit)))
     }

@@ -37,11 +37,21 @@ struct Cursor {
     seen: (i32, u32),
 }
 
+/// Most points before the newest a watcher given a cursor catches up on: a page that was
+/// rendered long ago (or a made-up cursor) reads no more than this much history.
+const MAX_CATCH_UP_POINTS: i64 = 10_000;
+
 /// Reads the job (NOT_FOUND before any stream exists), then streams from a task of its own.
-pub async fn start(state: Arc<AppState>, id: JobId) -> Result<JobEvents> {
+/// Points stored after `after` (a `metric_points.seq` the caller has already seen, no further
+/// back than [`MAX_CATCH_UP_POINTS`]) come first; without it, only points stored from now on.
+pub async fn start(state: Arc<AppState>, id: JobId, after: Option<i64>) -> Result<JobEvents> {
     // Subscribe before the first read, so a change between the read and the loop is not lost.
     let subscription = state.notifier.subscribe(id.as_uuid());
-    let seq = store::last_metric_seq(&state.pool, id).await?;
+    let last = store::last_metric_seq(&state.pool, id).await?;
+    let seq = match after {
+        Some(after) => after.clamp(last.saturating_sub(MAX_CATCH_UP_POINTS), last),
+        None => last,
+    };
     let job = load_job(&state, id).await?;
     let (tx, rx) = mpsc::channel(follow::STREAM_BUFFER);
     let cursor = Cursor {

@@ -75,6 +75,8 @@ impl AuthServer {
             format!("file://{}", artifacts.path().display()),
             "--metrics-listen".into(),
             "off".into(),
+            "--http-listen".into(),
+            "off".into(),
         ];
         args.extend_from_slice(flags);
         let config = Config::try_parse_from(args).expect("valid flags");

@@ -64,6 +64,8 @@ impl TestServer {
             "trainq-server",
             "--metrics-listen",
             &metrics_addr,
+            "--http-listen",
+            "off",
             "--database-url",
             &db_url,
             "--redis-url",

@@ -89,6 +89,8 @@ fn unreachable_postgres_config(artifacts: &tempfile::TempDir, extra: &[&str]) ->
         "postgres://postgres@127.0.0.1:1/trainq",
         "--metrics-listen",
         "off",
+        "--http-listen",
+        "off",
     ];
     args.extend_from_slice(extra);
     args.extend(["--artifacts", &artifacts_url]);
