@@ -2,14 +2,15 @@
 # The project's test command: checks formatting and clippy, builds every binary, then runs every
 # test of the workspace (unit, store and dispatch tests against the real Postgres and Redis, and
 # the system tests that start the real coordinator and worker binaries and use the real grpcurl).
-# Needs: scripts/setup.sh done once; Postgres on 127.0.0.1:5432 (trust auth) and Redis on
-# 127.0.0.1:6379 running. Extra arguments go to `cargo test` (e.g. a test name filter).
+# Runs scripts/setup.sh first when libtorch is not set up (a fresh clone; it needs Python 3 with
+# venv). Needs Postgres on 127.0.0.1:5432 (trust auth) and Redis on 127.0.0.1:6379 running.
+# Extra arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 if [ ! -e .tools/libtorch ] && [ -z "${LIBTORCH:-}" ]; then
-  echo "libtorch not set up: run scripts/setup.sh first" >&2
-  exit 1
+  echo "[test.sh] libtorch not set up yet: running scripts/setup.sh" >&2
+  scripts/setup.sh
 fi
 # The test services, one set of variables (the `tests` crate reads them; see tests/src/lib.rs).
 export TRAINQ_TEST_DATABASE_URL="${TRAINQ_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}"

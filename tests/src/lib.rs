@@ -5,7 +5,8 @@
 //! crate and the CLI use its [`tls`] certificate in their unit tests). It is the one
 //! place that knows where the test Postgres and Redis are, gives each test a database and Redis
 //! key prefix of its own and removes them afterwards, waits for a coordinator to serve, holds the
-//! training slot, and finds the binaries, grpcurl and moto.
+//! training slot, finds the binaries, grpcurl and moto, and drives headless Chromium for the web
+//! UI's browser tests ([`browser`]).
 //!
 //! Environment (each optional, with its default):
 //!
@@ -18,6 +19,8 @@
 //! | `TRAINQ_MOTO_SERVER`       | moto's S3 server                                             | `.tools/moto_server`, then the PATH            |
 //! | `TRAINQ_PG_BIN`            | the folder of `initdb` and `pg_ctl` (private Postgres)       | the PATH, then `/usr/lib/postgresql/*/bin`     |
 //! | `TRAINQ_REDIS_SERVER`      | the `redis-server` binary (private Redis)                    | the PATH                                       |
+//! | `TRAINQ_CHROMEDRIVER`      | chromedriver (browser tests)                                 | the PATH                                       |
+//! | `TRAINQ_CHROMIUM`          | the Chromium binary chromedriver starts (browser tests)      | `chromium`, then `chromium-browser` (the PATH) |
 //!
 //! scripts/test.sh passes the first two on as `DATABASE_URL` and `REDIS_URL` to the tests that
 //! read those (`#[sqlx::test]` store tests, the dispatcher's unit tests).
@@ -28,6 +31,7 @@
 //! machine's shared services (the chaos suite breaks private ones, [`services`]).
 
 pub mod bench;
+pub mod browser;
 mod cleanup;
 pub mod compose;
 mod coordinator;
