@@ -77,7 +77,24 @@ pub fn router(state: Arc<AppState>, tokens: Arc<Tokens>) -> Router {
             web.clone(),
             session::guard,
         ))
+        .layer(axum::middleware::from_fn(server_timing))
         .with_state(web)
+}
+
+/// `Server-Timing: app;dur=<ms>` on every answer: the time from the request to the response's
+/// head (a page's whole rendering; for an event stream only its start), so the browser's
+/// developer tools and the UI benchmark see the server's own share.
+async fn server_timing(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let start = std::time::Instant::now();
+    let mut response = next.run(request).await;
+    let dur = start.elapsed().as_secs_f64() * 1000.0;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("app;dur={dur:.3}")) {
+        response.headers_mut().insert("server-timing", v);
+    }
+    response
 }
 
 /// Serves the UI on `listener` until the signal fires. Open event streams end on the same
