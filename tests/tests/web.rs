@@ -397,7 +397,17 @@ async fn with_client_tokens_the_ui_asks_for_one_and_checks_csrf() {
             .find("#sign-in")
             .expect("find")
             .expect("the sign-in button");
+        // Mark this document, so the waits below see the answer's page, not this one.
+        browser
+            .execute("document.body.dataset.before = 'submit'", vec![])
+            .expect("mark the page");
         browser.click(&button).expect("sign in");
+        browser
+            .wait_until(
+                "document.readyState === 'complete' && document.body && !document.body.dataset.before",
+                Duration::from_secs(10),
+            )
+            .expect("the answer to the sign-in");
     };
     sign_in("not-the-token");
     browser
@@ -442,5 +452,151 @@ async fn with_client_tokens_the_ui_asks_for_one_and_checks_csrf() {
     assert_eq!(rows(&browser), 1, "the session opens the runs table");
     browser
         .screenshot(out_dir().join("login-runs.png"))
+        .expect("screenshot");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_page_shows_the_numbers_of_get_sweep_summary() {
+    let env = TestEnv::new();
+    let mut ui = Ui::start(&env, false).await;
+    let spec: v1::SweepSpec = serde_json::from_value(json!({
+        "name": "web-sweep",
+        "base": serde_json::from_str::<serde_json::Value>(&mnist_spec_json("s", 2, 64, 64)).expect("json"),
+        "grid": [{"field": "training.learningRate", "values": [0.001, 0.01]}],
+        "seeds": [1, 2, 3],
+    }))
+    .expect("sweep spec");
+    let sweep_id = ui
+        .jobs
+        .submit_sweep(v1::SubmitSweepRequest {
+            spec: Some(spec),
+            request_id: String::new(),
+        })
+        .await
+        .expect("submit sweep")
+        .into_inner()
+        .sweep_id;
+    let sweep = ui
+        .jobs
+        .get_sweep(v1::GetSweepRequest {
+            sweep_id: sweep_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("get sweep")
+        .into_inner();
+    // Each run "trains" two epochs; the second arm ends lower, by an amount that varies by seed.
+    for run in &sweep.runs {
+        let lease = ui.claim(&run.job_id).await;
+        let arm = sweep.arms.iter().position(|a| *a == run.arm).unwrap_or(0) as f64;
+        let points = [(10, 1), (20, 2)]
+            .into_iter()
+            .flat_map(|(step, epoch)| {
+                let loss = 2.0 / epoch as f64 - 0.3 * arm - 0.01 * run.seed as f64 * arm;
+                [
+                    v1::MetricPoint {
+                        name: "test/loss".into(),
+                        step,
+                        epoch,
+                        value: loss,
+                    },
+                    v1::MetricPoint {
+                        name: "test/accuracy".into(),
+                        step,
+                        epoch,
+                        value: 0.5 + 0.1 * arm + 0.001 * run.seed as f64,
+                    },
+                ]
+            })
+            .collect();
+        ui.workers
+            .report_metrics(v1::ReportMetricsRequest {
+                lease: Some(lease.clone()),
+                points,
+            })
+            .await
+            .expect("report");
+        ui.workers
+            .complete_job(v1::CompleteJobRequest {
+                lease: Some(lease),
+                final_step: 20,
+            })
+            .await
+            .expect("complete");
+    }
+    let baseline = sweep.arms[0].clone();
+    let summary = ui
+        .jobs
+        .get_sweep_summary(v1::GetSweepSummaryRequest {
+            sweep_id: sweep_id.clone(),
+            baseline_arm: baseline.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("summary")
+        .into_inner();
+
+    let browser = Browser::start().expect("headless Chromium (.ci/run installs it)");
+    // Both arms start from random weights: no default baseline, and the page says so.
+    browser
+        .goto(&ui.url(&format!("/sweeps/{sweep_id}")))
+        .expect("sweep page");
+    assert!(browser.find("#summary-error").expect("find").is_some());
+    browser
+        .goto(&ui.url(&format!(
+            "/sweeps/{sweep_id}?{}",
+            serde_urlencoded::to_string([("baseline", &baseline)]).expect("query")
+        )))
+        .expect("sweep page with a baseline");
+    browser
+        .wait_for("#arms", Duration::from_secs(10))
+        .expect("the arms table");
+    let cell = |s: &Option<v1::Stat>| {
+        let s = s.as_ref().expect("a statistic");
+        let mut text = proto::report::num(s.mean);
+        if let (Some(lo), Some(hi)) = (s.ci_low, s.ci_high) {
+            text += &format!(" [{}, {}]", proto::report::num(lo), proto::report::num(hi));
+        }
+        format!("{text} n={}", s.n)
+    };
+    let mut checked = 0;
+    for arm in &summary.arms {
+        for m in &arm.metrics {
+            let row = format!("tr[data-arm='{}'][data-metric='{}']", arm.arm, m.name);
+            let last = browser
+                .find(&format!("{row} td.last"))
+                .expect("find")
+                .unwrap_or_else(|| panic!("a row for {} {}", arm.arm, m.name));
+            assert_eq!(browser.text(&last).expect("text"), cell(&m.last));
+            if !arm.baseline {
+                let diff = browser
+                    .find(&format!("{row} td.diff"))
+                    .expect("find")
+                    .expect("the paired difference");
+                assert_eq!(browser.text(&diff).expect("text"), cell(&m.last_diff));
+                let verdict = browser
+                    .find(&format!("{row} td.verdict"))
+                    .expect("find")
+                    .expect("the verdict");
+                let expected = match proto::report::judge(
+                    m.last_diff.as_ref(),
+                    proto::report::lower_is_better(&m.name),
+                ) {
+                    proto::report::Verdict::Better { .. } => "better",
+                    proto::report::Verdict::Worse { .. } => "worse",
+                    proto::report::Verdict::NoDifference { .. } => "no difference",
+                    proto::report::Verdict::TooFewSeeds { .. } => "too few seeds",
+                };
+                assert_eq!(browser.text(&verdict).expect("text"), expected);
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "two arms, at least two metrics each");
+    browser
+        .wait_until("window.trainqLive.charts >= 1", Duration::from_secs(10))
+        .expect("the arms' mean curves");
+    browser
+        .screenshot(out_dir().join("sweep.png"))
         .expect("screenshot");
 }

@@ -242,11 +242,20 @@ pub async fn sweeps(
     Ok(Html(views::sweeps_page(&session, &page).into_string()))
 }
 
+/// The arm a sweep is compared with (empty: GetSweepSummary's default, the one random-init arm).
+#[derive(Debug, Default, Deserialize)]
+pub struct SweepQuery {
+    #[serde(default)]
+    baseline: String,
+}
+
 pub async fn sweep(
     State(web): State<Web>,
     Extension(session): Extension<Session>,
     Path(id): Path<String>,
+    q: Result<Query<SweepQuery>, QueryRejection>,
 ) -> Page {
+    let q = query(q)?;
     let sweep = web
         .api
         .get_sweep(Web::req(v1::GetSweepRequest {
@@ -261,6 +270,7 @@ pub async fn sweep(
         .api
         .get_sweep_summary(Web::req(v1::GetSweepSummaryRequest {
             sweep_id: id,
+            baseline_arm: q.baseline,
             ..Default::default()
         }))
         .await

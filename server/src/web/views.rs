@@ -429,7 +429,12 @@ pub fn sweep_page(
             h1 { "Sweep " (name) }
             p.meta #progress { (done) " of " (total) " jobs ended · " (job_counts(&sweep.jobs_by_state)) }
             @match summary {
-                Err(message) => { p.error #summary-error { "No summary: " (message) } },
+                Err(message) => {
+                    p.error #summary-error { "No summary: " (message) }
+                    p { "Compare with: "
+                        @for arm in &sweep.arms { a href={ "?baseline=" (arm) } { (arm) } " " }
+                    }
+                },
                 Ok(summary) => {
                     p { "Baseline arm: " strong #baseline { (summary.baseline_arm) }
                         " · convergence on " (summary.convergence_metric) }

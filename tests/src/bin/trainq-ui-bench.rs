@@ -16,8 +16,8 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt as _;
-use proto::v1::{self, job_service_client::JobServiceClient};
 use proto::v1::worker_service_client::WorkerServiceClient;
+use proto::v1::{self, job_service_client::JobServiceClient};
 use tests::bench::{arg, channel, quantile};
 use tests::browser::Browser;
 use tests::*;
@@ -60,7 +60,10 @@ async fn main() -> anyhow::Result<()> {
     let requests: usize = arg(3, 50)?;
     let env = TestEnv::new();
     let http = format!("127.0.0.1:{}", free_port());
-    let coordinator = env.start_coordinator(&["--http-listen", &http]).await;
+    // The bench holds its lease without heartbeats: a lease that outlasts it.
+    let coordinator = env
+        .start_coordinator(&["--http-listen", &http, "--lease-timeout-ms", "3600000"])
+        .await;
     let ch = channel(&coordinator.url()).await?;
     let client = JobServiceClient::new(ch.clone());
     let mut workers = WorkerServiceClient::new(ch);
@@ -84,7 +87,11 @@ async fn main() -> anyhow::Result<()> {
     )
     .execute(&pool)
     .await?;
-    eprintln!("stored {} jobs in {:.1} s", ids.len(), t.elapsed().as_secs_f64());
+    eprintln!(
+        "stored {} jobs in {:.1} s",
+        ids.len(),
+        t.elapsed().as_secs_f64()
+    );
 
     // The job with the points: claimed by the bench as a worker.
     let heavy = ids[0].clone();
@@ -130,7 +137,11 @@ async fn main() -> anyhow::Result<()> {
     // Page 20 of the runs table: follow the next-page links.
     let mut deep = "/".to_string();
     for _ in 0..20 {
-        let body = agent.get(format!("{base}{deep}")).call()?.body_mut().read_to_string()?;
+        let body = agent
+            .get(format!("{base}{deep}"))
+            .call()?
+            .body_mut()
+            .read_to_string()?;
         let href = body
             .split("id=\"next-page\" href=\"")
             .nth(1)
@@ -140,7 +151,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let cases = [
         ("runs page 1", "/".to_string()),
-        ("runs, state=queued&name=run-0", "/?state=queued&name=run-0".to_string()),
+        (
+            "runs, state=queued&name=run-0",
+            "/?state=queued&name=run-0".to_string(),
+        ),
         ("runs page 21", deep),
         ("run page, 1M points", format!("/runs/{heavy}")),
     ];
@@ -164,7 +178,10 @@ async fn main() -> anyhow::Result<()> {
     // Reported point -> drawn in the open page.
     let browser = Browser::start()?;
     browser.goto(&format!("{base}/runs/{heavy}"))?;
-    browser.wait_until("window.trainqLive && window.trainqLive.charts >= 4", Duration::from_secs(30))?;
+    browser.wait_until(
+        "window.trainqLive && window.trainqLive.charts >= 4",
+        Duration::from_secs(30),
+    )?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut latencies = Vec::new();
     for i in 0..20u64 {
@@ -194,7 +211,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let (p50, _) = p(&latencies);
     let max = latencies.iter().cloned().fold(0.0, f64::max);
-    println!("\n| reported point -> drawn in the open page (20) | median ms | max ms |\n|---|---:|---:|");
+    println!(
+        "\n| reported point -> drawn in the open page (20) | median ms | max ms |\n|---|---:|---:|"
+    );
     println!("| run page over SSE | {p50:.1} | {max:.1} |");
     drop(coordinator);
     Ok(())
