@@ -334,6 +334,46 @@ async fn the_runs_table_a_live_run_page_and_hostile_input() {
         .expect("the new point appears within 2 s, without a reload");
     browser.screenshot(out.join("run.png")).expect("screenshot");
 
+    // Compare: tick two runs in the table; the page overlays their curves of the metric.
+    let other = ui.submit("gamma-compare").await;
+    let other_lease = ui.claim(&other).await;
+    ui.report(&other_lease, 0..10).await;
+    browser.goto(&ui.url("/")).expect("runs page");
+    for id in [&live, &other] {
+        let tick = browser
+            .find(&format!("tr[data-job-id='{id}'] input[name=run]"))
+            .expect("find")
+            .expect("a checkbox per run");
+        browser.click(&tick).expect("tick");
+    }
+    let compare = browser
+        .find("#compare-form button[type=submit]")
+        .expect("find")
+        .expect("the compare button");
+    browser.click(&compare).expect("compare");
+    browser
+        .wait_for("#compared", Duration::from_secs(10))
+        .expect("the comparison");
+    let shown: Vec<String> = browser
+        .find_all("#compared tbody tr td.num:nth-of-type(3)")
+        .expect("rows")
+        .iter()
+        .map(|e| browser.text(e).expect("text"))
+        .collect();
+    assert_eq!(shown.len(), 2, "both runs are compared");
+    let mut shown_sorted = shown.clone();
+    shown_sorted.sort();
+    assert_eq!(
+        shown_sorted,
+        vec!["10", "41"],
+        "every point of each run's train/loss"
+    );
+    browser
+        .wait_until("window.trainqLive.charts === 1", Duration::from_secs(10))
+        .expect("one overlaid chart");
+    let (status, body) = get(&ui.url(&format!("/compare?run={live}&bogus=1")));
+    assert_eq!(status, 400, "{body}");
+
     // A cross-site POST and a POST without the CSRF token are refused; nothing is cancelled.
     let cancel_url = ui.url(&format!("/runs/{queued}/cancel"));
     assert_eq!(
@@ -344,6 +384,9 @@ async fn the_runs_table_a_live_run_page_and_hostile_input() {
     assert_eq!(ui.state(&queued).await, v1::JobState::Queued);
 
     // Cancel from the button.
+    browser
+        .goto(&ui.url(&format!("/runs/{live}")))
+        .expect("run page");
     let button = browser
         .find("#cancel-button")
         .expect("find")
