@@ -99,6 +99,9 @@ pub enum Experiment {
 }
 
 impl Experiment {
+    /// Every [`Experiment::kind`], in the order of the .proto's oneof.
+    pub const KINDS: [&'static str; 2] = ["mnist_classifier", "cifar_cvae"];
+
     /// Stable name stored in Postgres (`jobs.kind`).
     pub fn kind(&self) -> &'static str {
         match self {

@@ -130,22 +130,8 @@ async fn serve_until(
     let artifacts = ArtifactStore::open(&config.artifacts, &config.s3)
         .with_context(|| format!("opening the artifact store {:?}", config.artifacts))?;
     // Bound before anything else, so that a port already in use stops the start at once.
-    let metrics_listener = match config.metrics_listen {
-        config::MetricsListen::Off => None,
-        config::MetricsListen::At(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the metrics endpoint {addr}"))?,
-        ),
-    };
-    let http_listener = match config.http_listen {
-        config::MetricsListen::Off => None,
-        config::MetricsListen::At(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("binding the web UI {addr}"))?,
-        ),
-    };
+    let metrics_listener = bind_http(config.metrics_listen, "the metrics endpoint").await?;
+    let http_listener = bind_http(config.http_listen, "the web UI").await?;
     let metrics = Arc::new(Metrics::new());
     let exposure = Exposure::of(&tokens, &listener)?;
     exposure.report(&metrics);
@@ -246,6 +232,20 @@ async fn serve_until(
     }
     pool.close().await;
     served
+}
+
+/// The listener of an HTTP endpoint that can be `off`.
+async fn bind_http(
+    listen: config::MetricsListen,
+    what: &str,
+) -> anyhow::Result<Option<TcpListener>> {
+    match listen {
+        config::MetricsListen::Off => Ok(None),
+        config::MetricsListen::At(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .with_context(|| format!("binding {what} {addr}")),
+    }
 }
 
 /// What stands between a caller and the trainq services: the tokens each service requires

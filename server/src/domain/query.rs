@@ -7,6 +7,7 @@
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
+use proto::spec::Experiment;
 use proto::{v1, JobId, JobState, MetricName, SweepId};
 use uuid::Uuid;
 
@@ -128,8 +129,6 @@ impl MetricsPageToken {
     }
 }
 
-/// The experiment kinds ListJobs filters on (`proto::spec::Experiment::kind`).
-const KINDS: [&str; 2] = ["mnist_classifier", "cifar_cvae"];
 /// Longest `name_contains`.
 const MAX_NAME_FILTER_CHARS: usize = 256;
 
@@ -167,10 +166,13 @@ impl TryFrom<v1::ListJobsRequest> for JobQuery {
                 .collect(),
         );
         for (i, kind) in req.kinds.iter().enumerate() {
-            if !KINDS.contains(&kind.as_str()) {
+            if !Experiment::KINDS.contains(&kind.as_str()) {
                 return Err(Error::invalid(
                     format!("kinds[{i}]"),
-                    format!("must be one of {}, got {kind:?}", KINDS.join(", ")),
+                    format!(
+                        "must be one of {}, got {kind:?}",
+                        Experiment::KINDS.join(", ")
+                    ),
                 ));
             }
         }

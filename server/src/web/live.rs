@@ -16,7 +16,7 @@ use proto::v1::{self, job_event};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{views, Web, WebError};
+use super::{Web, WebError};
 use crate::domain::parse_job_id;
 
 #[derive(Debug, Default, Deserialize)]
@@ -38,7 +38,7 @@ pub async fn events(
                 event: Some(job_event::Event::Job(job)),
             }) => Event::default().event("job").data(
                 json!({
-                    "state": views::state_name(job.state()),
+                    "state": proto::state_name(job.state()),
                     "attempt": job.attempt,
                     "terminal": job.state().is_terminal(),
                 })

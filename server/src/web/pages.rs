@@ -55,15 +55,14 @@ pub struct RunsQuery {
 }
 
 /// A state as the UI names it (`running`), as the API's enum.
-pub fn parse_state(s: &str) -> Result<v1::JobState, WebError> {
-    v1::JobState::from_str_name(&format!("JOB_STATE_{}", s.to_ascii_uppercase()))
-        .filter(|s| *s != v1::JobState::Unspecified)
-        .ok_or_else(|| {
-            WebError::bad_request(format!(
-                "state must be one of {}, got {s:?}",
-                views::STATES.join(", ")
-            ))
-        })
+fn parse_state(s: &str) -> Result<v1::JobState, WebError> {
+    proto::state_from_name(&s.to_ascii_lowercase()).ok_or_else(|| {
+        let names: Vec<&str> = proto::JobState::ALL.iter().map(|s| s.as_str()).collect();
+        WebError::bad_request(format!(
+            "state must be one of {}, got {s:?}",
+            names.join(", ")
+        ))
+    })
 }
 
 pub async fn runs(
@@ -96,14 +95,15 @@ pub async fn runs(
     Ok(Html(views::runs_page(&session, &q, &page).into_string()))
 }
 
-/// Every series of a job (or only `names`), downsampled on the server to `max_points` each.
-async fn series(
+/// A job's points (of `names`, or all), every page of GetMetrics, each series downsampled on
+/// the server to `max_points` (0: every point).
+async fn metric_points(
     web: &Web,
     job_id: &str,
     names: Vec<String>,
     max_points: u32,
-) -> Result<BTreeMap<String, Vec<(u64, f64)>>, WebError> {
-    let mut out: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+) -> Result<Vec<v1::MetricPoint>, WebError> {
+    let mut out = Vec::new();
     let mut token = String::new();
     for _ in 0..MAX_METRIC_PAGES {
         let page = web
@@ -117,13 +117,25 @@ async fn series(
             }))
             .await?
             .into_inner();
-        for p in page.points {
-            out.entry(p.name).or_default().push((p.step, p.value));
-        }
+        out.extend(page.points);
         if page.next_page_token.is_empty() {
             break;
         }
         token = page.next_page_token;
+    }
+    Ok(out)
+}
+
+/// [`metric_points`] as (step, value) lists by series name.
+async fn series(
+    web: &Web,
+    job_id: &str,
+    names: Vec<String>,
+    max_points: u32,
+) -> Result<BTreeMap<String, Vec<(u64, f64)>>, WebError> {
+    let mut out: BTreeMap<String, Vec<(u64, f64)>> = BTreeMap::new();
+    for p in metric_points(web, job_id, names, max_points).await? {
+        out.entry(p.name).or_default().push((p.step, p.value));
     }
     Ok(out)
 }
@@ -286,7 +298,8 @@ pub async fn sweep(
             .iter()
             .filter(|r| !r.source && r.state() == v1::JobState::Succeeded)
         {
-            let points = series_points(&web, &r.job_id, &metric).await?;
+            // Every point, with epochs: the curves keep each epoch's end.
+            let points = metric_points(&web, &r.job_id, vec![metric.clone()], 0).await?;
             runs.push(proto::report::RunSeries {
                 arm: r.arm.clone(),
                 seed: r.seed,
@@ -314,35 +327,6 @@ pub async fn sweep(
     Ok(Html(
         views::sweep_page(&session, &sweep, &summary, &curves, &grids).into_string(),
     ))
-}
-
-/// One metric's points of a run, with epochs (the sweep's curves keep epoch ends).
-async fn series_points(
-    web: &Web,
-    job_id: &str,
-    metric: &str,
-) -> Result<Vec<v1::MetricPoint>, WebError> {
-    let mut out = Vec::new();
-    let mut token = String::new();
-    for _ in 0..MAX_METRIC_PAGES {
-        let page = web
-            .api
-            .get_metrics(Web::req(v1::GetMetricsRequest {
-                job_id: job_id.to_string(),
-                names: vec![metric.to_string()],
-                page_size: 5000,
-                page_token: token,
-                max_points: 0,
-            }))
-            .await?
-            .into_inner();
-        out.extend(page.points);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
-    Ok(out)
 }
 
 /// `/compare?run=ID&run=ID&metric=NAME`: the runs' curves of one metric, overlaid.

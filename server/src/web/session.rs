@@ -152,9 +152,8 @@ pub async fn guard(State(web): State<Web>, mut request: Request, next: Next) -> 
     if path == "/login" || path.starts_with("/static/") {
         return next.run(request).await;
     }
-    let headers = request.headers().clone();
     if web.tokens.enabled() {
-        let Some((value, key)) = cookie(&headers, SESSION_COOKIE)
+        let Some((value, key)) = cookie(request.headers(), SESSION_COOKIE)
             .and_then(|v| verify_session(&web, &v, now_secs()).map(|k| (v, k)))
         else {
             let next_path = request
@@ -171,7 +170,7 @@ pub async fn guard(State(web): State<Web>, mut request: Request, next: Next) -> 
         return next.run(request).await;
     }
     // Auth off: a double-submit CSRF cookie, set on the first page.
-    let (csrf, fresh) = match cookie(&headers, CSRF_COOKIE) {
+    let (csrf, fresh) = match cookie(request.headers(), CSRF_COOKIE) {
         Some(v) if v.len() == 32 && v.chars().all(|c| c.is_ascii_hexdigit()) => (v, false),
         _ => {
             let mut bytes = [0u8; 16];

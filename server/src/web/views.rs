@@ -5,23 +5,12 @@
 use std::collections::BTreeMap;
 
 use maud::{html, Markup, PreEscaped, DOCTYPE};
-use proto::report;
-use proto::v1;
+use proto::spec::Experiment;
+use proto::{report, state_name, v1, AttemptOutcome, JobState, SweepState};
 
 use super::pages::{RunsQuery, RUN_POINTS};
 use super::session::Session;
 
-/// The states as the UI's filter names them.
-pub const STATES: [&str; 6] = [
-    "waiting",
-    "queued",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-];
-/// The experiment kinds (`proto::spec::Experiment::kind`).
-const KINDS: [&str; 2] = ["mnist_classifier", "cifar_cvae"];
 /// Most metric columns in the runs table (the test metrics first).
 const METRIC_COLUMNS: usize = 6;
 /// The CIFAR-100 fine classes of the sample grid's rows, top to bottom (the worker's
@@ -30,16 +19,12 @@ const SAMPLE_ROWS: [&str; 10] = [
     "apple", "bowl", "chair", "dolphin", "lamp", "mouse", "plain", "rose", "squirrel", "train",
 ];
 
-pub fn state_name(s: v1::JobState) -> &'static str {
-    match s {
-        v1::JobState::Waiting => "waiting",
-        v1::JobState::Queued => "queued",
-        v1::JobState::Running => "running",
-        v1::JobState::Succeeded => "succeeded",
-        v1::JobState::Failed => "failed",
-        v1::JobState::Cancelled => "cancelled",
-        _ => "unknown",
-    }
+fn outcome_name(o: v1::AttemptOutcome) -> &'static str {
+    AttemptOutcome::try_from(o).map_or("unspecified", AttemptOutcome::as_str)
+}
+
+fn sweep_state_name(s: v1::SweepState) -> &'static str {
+    SweepState::try_from(s).map_or("unspecified", SweepState::as_str)
 }
 
 fn time(t: &Option<proto::Timestamp>) -> String {
@@ -151,11 +136,17 @@ pub fn login_page(next: &str, message: Option<&str>) -> Markup {
     )
 }
 
-/// The metric names shown first: test metrics, then the rest, alphabetically.
+/// The order metrics are shown in: test metrics first, then the rest, alphabetically.
+fn metric_order(name: &str) -> (bool, &str) {
+    (!name.starts_with("test/"), name)
+}
+
+/// The metric shown first (see [`metric_order`]).
 pub fn preferred_metric(names: &[String]) -> Option<String> {
-    let mut sorted: Vec<&String> = names.iter().collect();
-    sorted.sort_by_key(|n| (!n.starts_with("test/"), n.as_str()));
-    sorted.first().map(|s| s.to_string())
+    names
+        .iter()
+        .min_by(|a, b| metric_order(a).cmp(&metric_order(b)))
+        .cloned()
 }
 
 fn metric_columns(jobs: &[v1::Job]) -> Vec<String> {
@@ -163,7 +154,7 @@ fn metric_columns(jobs: &[v1::Job]) -> Vec<String> {
         .iter()
         .flat_map(|j| j.latest_metrics.iter().map(|m| m.name.clone()))
         .collect();
-    names.sort_by(|a, b| (!a.starts_with("test/"), a).cmp(&(!b.starts_with("test/"), b)));
+    names.sort_by(|a, b| metric_order(a).cmp(&metric_order(b)));
     names.dedup();
     names.truncate(METRIC_COLUMNS);
     names
@@ -202,13 +193,13 @@ pub fn runs_page(session: &Session, q: &RunsQuery, page: &v1::ListJobsResponse) 
                 label { "State "
                     select name="state" {
                         option value="" { "any" }
-                        @for s in STATES { option value=(s) selected[q.state == s] { (s) } }
+                        @for s in JobState::ALL.iter().map(|s| s.as_str()) { option value=(s) selected[q.state == s] { (s) } }
                     }
                 }
                 label { "Kind "
                     select name="kind" {
                         option value="" { "any" }
-                        @for k in KINDS { option value=(k) selected[q.kind == k] { (k) } }
+                        @for k in Experiment::KINDS { option value=(k) selected[q.kind == k] { (k) } }
                     }
                 }
                 label { "Name contains " input name="name" value=(q.name); }
@@ -323,7 +314,7 @@ pub fn run_page(
                 tbody { @for a in &job.attempts {
                     tr {
                         td { (a.attempt) } td { (a.worker_id) } td { (time(&a.claimed_at)) } td { (time(&a.ended_at)) }
-                        td { (a.outcome().as_str_name().trim_start_matches("ATTEMPT_OUTCOME_").to_ascii_lowercase()) }
+                        td { (outcome_name(a.outcome())) }
                         td.num { (a.resumed_from_step) } td { (a.reason) }
                     }
                 } }
@@ -352,7 +343,7 @@ pub fn sweeps_page(session: &Session, page: &v1::ListSweepsResponse) -> Markup {
                 tbody { @for s in &page.sweeps {
                     tr {
                         td { a href={ "/sweeps/" (s.sweep_id) } { (s.spec.as_ref().map(|s| s.name.as_str()).unwrap_or("")) } }
-                        td { (s.state().as_str_name().trim_start_matches("SWEEP_STATE_").to_ascii_lowercase()) }
+                        td { (sweep_state_name(s.state())) }
                         td.num { (s.arms.len()) }
                         td { (job_counts(&s.jobs_by_state)) }
                         td { (time(&s.created_at)) }
