@@ -215,6 +215,21 @@ fn line_pixels(browser: &Browser) -> u64 {
         .unwrap_or(0)
 }
 
+/// Presses the open run page's cancel button and waits for the page to show the job cancelled.
+fn cancel_from_the_button(browser: &Browser) {
+    let button = browser
+        .find("#cancel-button")
+        .expect("find")
+        .expect("a job that has not ended has a cancel button");
+    browser.click(&button).expect("cancel");
+    browser
+        .wait_until(
+            "document.getElementById('state') && document.getElementById('state').textContent === 'cancelled'",
+            Duration::from_secs(10),
+        )
+        .expect("the page shows the job cancelled");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_runs_table_a_live_run_page_and_hostile_input() {
     let env = TestEnv::new();
@@ -387,17 +402,7 @@ async fn the_runs_table_a_live_run_page_and_hostile_input() {
     browser
         .goto(&ui.url(&format!("/runs/{live}")))
         .expect("run page");
-    let button = browser
-        .find("#cancel-button")
-        .expect("find")
-        .expect("a running job has a cancel button");
-    browser.click(&button).expect("cancel");
-    browser
-        .wait_until(
-            "document.getElementById('state') && document.getElementById('state').textContent === 'cancelled'",
-            Duration::from_secs(10),
-        )
-        .expect("the page shows the cancelled job");
+    cancel_from_the_button(&browser);
     assert_eq!(ui.state(&live).await, v1::JobState::Cancelled);
 
     // Workers and sweeps pages render (the test's fake worker sends no fleet heartbeat).
@@ -478,17 +483,7 @@ async fn with_client_tokens_the_ui_asks_for_one_and_checks_csrf() {
     assert_eq!(status, json!(403));
     assert_eq!(ui.state(&job).await, v1::JobState::Queued);
 
-    let button = browser
-        .find("#cancel-button")
-        .expect("find")
-        .expect("the cancel button");
-    browser.click(&button).expect("cancel");
-    browser
-        .wait_until(
-            "document.getElementById('state') && document.getElementById('state').textContent === 'cancelled'",
-            Duration::from_secs(10),
-        )
-        .expect("cancelled from the button");
+    cancel_from_the_button(&browser);
     assert_eq!(ui.state(&job).await, v1::JobState::Cancelled);
 
     browser.goto(&ui.url("/")).expect("runs page");
