@@ -34,7 +34,7 @@ use crate::proc::{free_port, Proc};
 use crate::services::{PrivatePostgres, PrivateRedis};
 
 /// The coordinator's web UI address in the compose file.
-pub const WEB_UI_LISTEN: &str = "0.0.0.0:8080";
+const WEB_UI_LISTEN: &str = "0.0.0.0:8080";
 
 /// A parsed compose file.
 #[derive(Debug, Clone)]
@@ -516,7 +516,7 @@ impl ComposeStack {
         }
 
         let service = file.service(&coordinator)?;
-        let env = stack.service_env(&service, &opts.vars, "0.0.0.0:9091")?;
+        let env = stack.service_env(&service, &opts.vars, &["0.0.0.0:9091", WEB_UI_LISTEN])?;
         let args = service.command(&opts.vars)?.unwrap_or_default();
         let proc = stack.spawn(&coordinator, "trainq-server", &args, &env)?;
         let healthcheck = service
@@ -532,7 +532,7 @@ impl ComposeStack {
 
         for name in &workers {
             let service = file.service(name)?;
-            let env = stack.service_env(&service, &opts.vars, "0.0.0.0:9092")?;
+            let env = stack.service_env(&service, &opts.vars, &["0.0.0.0:9092"])?;
             let args = service.command(&opts.vars)?.unwrap_or_default();
             let proc = stack.spawn(name, "trainq-worker", &args, &env)?;
             stack.started.push(StartedService {
@@ -668,27 +668,25 @@ impl ComposeStack {
         Ok(JobServiceClient::connect(self.server_url()).await?)
     }
 
-    /// The interpolated environment with addresses and paths rewritten; the listen addresses for
-    /// Prometheus metrics (`metrics_listen` in the file) and the web UI ([`WEB_UI_LISTEN`]) get
-    /// free ports of their own.
+    /// The interpolated environment with addresses and paths rewritten; each of the file's HTTP
+    /// listen addresses in `listens` (Prometheus metrics, the web UI) gets a free port of its own.
     fn service_env(
         &self,
         service: &Service<'_>,
         vars: &HashMap<String, String>,
-        metrics_listen: &str,
+        listens: &[&str],
     ) -> anyhow::Result<BTreeMap<String, String>> {
-        let metrics = format!("127.0.0.1:{}", free_port());
-        let web = format!("127.0.0.1:{}", free_port());
+        let free: HashMap<&str, String> = listens
+            .iter()
+            .map(|l| (*l, format!("127.0.0.1:{}", free_port())))
+            .collect();
         Ok(service
             .environment(vars)?
             .into_iter()
             .map(|(k, v)| {
-                let v = if v == metrics_listen {
-                    metrics.clone()
-                } else if k == "TRAINQ_HTTP_LISTEN" && v == WEB_UI_LISTEN {
-                    web.clone()
-                } else {
-                    self.rewrite(&v)
+                let v = match free.get(v.as_str()) {
+                    Some(port) => port.clone(),
+                    None => self.rewrite(&v),
                 };
                 (k, v)
             })
