@@ -39,6 +39,7 @@ pub mod env;
 pub mod fuzz;
 mod health;
 mod helpers;
+pub mod loadgen;
 mod locate;
 pub mod logcapture;
 mod proc;
