@@ -1,83 +1,170 @@
-//! The change poller: wakes the watchers of jobs that changed where this process's notifier
-//! cannot see it (another coordinator's writes, or a notification lost in a race), with one
-//! query per round for every watched job, however many watchers there are.
+//! Change notifications from Postgres: how a write on any coordinator replica (or in psql)
+//! reaches the watchers on this one.
 //!
-//! Each round reads a version (update time, attempt, highest metric seq) of every job that has
-//! a watcher here and notifies those whose version moved since the last round; a job seen for
-//! the first time is notified once, so a change between a watcher's first read and the first
-//! round is not lost. Versions of jobs nobody watches any more are forgotten.
+//! Migration 0010's triggers send a NOTIFY on [`CHANNEL`] from the writing transaction itself
+//! whenever a job's state or attempt changes (`s<job id>`) or metric points are stored for it
+//! (`p<job id>`). Postgres delivers it to every listening session when that transaction commits.
+//! This module holds one connection of its own (outside the pool) that LISTENs, and turns each
+//! notification into a [`Notifier`] call: a state change wakes every watcher of the job, points
+//! only WatchJob's. This is the only way watchers are woken: the coordinator that made a change
+//! learns of it the same way as every other replica, in the same time.
+//!
+//! Notifications sent while the connection is down are lost, so after every (re)connection
+//! every job watched here is woken once ("look again"): a watcher reads Postgres and sends what
+//! it missed. The follow loop's slow safety poll covers the rest.
 //!
 //! Must not write, and must not decide what a watcher sends (it only says "look again").
 
-use std::collections::HashMap;
 use std::time::Duration;
 
+use sqlx::postgres::{PgListener, PgNotification, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
 use uuid::Uuid;
 
-use crate::error::Result;
 use crate::events::Notifier;
+use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
-use crate::store::{self, JobVersion};
 
-/// How often the poller looks: the longest a change made by another coordinator takes to reach
-/// a watcher here.
-pub const CHANGE_POLL: Duration = Duration::from_millis(500);
+/// The channel the triggers notify on (migration 0010).
+pub const CHANNEL: &str = "trainq_changes";
 
-/// Most jobs one query reads; more watched jobs take several queries per round.
-const CHUNK: usize = 5000;
+/// Pause between attempts to connect the listener again.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
-/// What the poller saw last round.
-#[derive(Debug, Default)]
-pub struct Versions {
-    seen: HashMap<Uuid, JobVersion>,
+/// What one notification asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The job's state (or attempt) changed: wake every watcher.
+    State(Uuid),
+    /// Metric points were stored for the job: wake its WatchJob watchers.
+    Points(Uuid),
 }
 
-impl Versions {
-    /// One round: reads the versions of the watched jobs and notifies the changed ones.
-    /// Returns how many were notified.
-    pub async fn round(&mut self, pool: &PgPool, notifier: &Notifier) -> Result<usize> {
-        let watched = notifier.watched();
-        if watched.is_empty() {
-            self.seen.clear();
-            return Ok(0);
+impl Change {
+    /// Parses a payload (`s<uuid>` or `p<uuid>`); anything else is `None`.
+    pub fn parse(payload: &str) -> Option<Change> {
+        let (kind, id) = payload.split_at_checked(1)?;
+        let id = Uuid::try_parse(id).ok()?;
+        match kind {
+            "s" => Some(Change::State(id)),
+            "p" => Some(Change::Points(id)),
+            _ => None,
         }
-        let mut now = HashMap::with_capacity(watched.len());
-        for chunk in watched.chunks(CHUNK) {
-            now.extend(store::job_versions(pool, chunk).await?);
+    }
+
+    fn wake(self, notifier: &Notifier) {
+        match self {
+            Change::State(id) => notifier.notify(id),
+            Change::Points(id) => notifier.notify_points(id),
         }
-        let mut woken = 0;
-        for (id, version @ (updated, attempt, _)) in &now {
-            match self.seen.get(id) {
-                Some(seen) if seen == version => continue,
-                // Only new points: WatchSweep (states only) need not look.
-                Some((u, a, _)) if (u, a) == (updated, attempt) => notifier.notify_points(*id),
-                _ => notifier.notify(*id),
-            }
-            woken += 1;
-        }
-        self.seen = now;
-        Ok(woken)
     }
 }
 
-/// Runs rounds every [`CHANGE_POLL`] until shutdown; a failed round is logged and retried at
-/// the next tick.
-pub fn spawn(pool: PgPool, notifier: Notifier, mut shutdown: Shutdown) -> JoinHandle<()> {
+/// Connects a listener on a connection of its own: a pool of one, outside the coordinator's
+/// pool, with the same connect options.
+pub async fn listen(pool: &PgPool) -> sqlx::Result<PgListener> {
+    let own = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .max_lifetime(None)
+        .idle_timeout(None)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(pool.connect_options().as_ref().clone());
+    let mut listener = PgListener::connect_with(&own).await?;
+    listener.listen(CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Delivers notifications to `notifier` until shutdown, reconnecting (and then waking every
+/// watched job) whenever the connection is lost. `listener` is the first connection, made
+/// before the coordinator serves, so nothing a first watcher waits for is missed.
+pub fn spawn(
+    pool: PgPool,
+    listener: Option<PgListener>,
+    notifier: Notifier,
+    metrics: std::sync::Arc<Metrics>,
+    mut shutdown: Shutdown,
+) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut versions = Versions::default();
-        let mut ticker = tokio::time::interval(CHANGE_POLL);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut current = listener;
         loop {
-            tokio::select! {
-                _ = shutdown.wait() => break,
-                _ = ticker.tick() => {}
+            let mut listener = match current.take() {
+                Some(listener) => listener,
+                None => {
+                    let connected = tokio::select! {
+                        _ = shutdown.wait() => break,
+                        connected = listen(&pool) => connected,
+                    };
+                    match connected {
+                        Ok(listener) => {
+                            tracing::info!("listening for change notifications again");
+                            listener
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "cannot listen for change notifications yet");
+                            tokio::select! {
+                                _ = shutdown.wait() => break,
+                                _ = tokio::time::sleep(RECONNECT_PAUSE) => continue,
+                            }
+                        }
+                    }
+                }
+            };
+            metrics.change_listener_up(true);
+            // Whatever was notified while nobody listened is lost: every watcher looks again.
+            for id in notifier.watched() {
+                notifier.notify(id);
             }
-            if let Err(e) = versions.round(&pool, &notifier).await {
-                tracing::warn!(error = %e, "change poller round failed; retrying");
+            loop {
+                let received: sqlx::Result<Option<PgNotification>> = tokio::select! {
+                    _ = shutdown.wait() => return,
+                    received = listener.try_recv() => received,
+                };
+                match received {
+                    Ok(Some(notification)) => match Change::parse(notification.payload()) {
+                        Some(change) => change.wake(&notifier),
+                        None => tracing::debug!(
+                            payload = notification.payload(),
+                            "ignoring an unknown change notification"
+                        ),
+                    },
+                    Ok(None) => {
+                        tracing::warn!(
+                            "lost the change-notification connection to postgres; reconnecting"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "change notifications failed; reconnecting");
+                        break;
+                    }
+                }
             }
+            metrics.change_listener_up(false);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_parse_into_changes_and_anything_else_is_ignored() {
+        let id = Uuid::now_v7();
+        assert_eq!(Change::parse(&format!("s{id}")), Some(Change::State(id)));
+        assert_eq!(Change::parse(&format!("p{id}")), Some(Change::Points(id)));
+        for bad in [
+            "",
+            "s",
+            "x",
+            &format!("x{id}"),
+            &format!("s{id}x"),
+            "ssss",
+            "é",
+        ] {
+            assert_eq!(Change::parse(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -1,13 +1,13 @@
 //! In-process change notifications, keyed by job id, that make WatchJob and WatchSweep live.
 //!
-//! Whoever changes a job's state in this process (the api after a write, the lease reaper)
-//! calls [`Notifier::notify`]; ReportMetrics, after storing new points, calls
-//! [`Notifier::notify_points`]. A [`Notifier::subscribe`]r (WatchJob) wakes on both; a
+//! The change listener ([`crate::changes`]) calls [`Notifier::notify`] when Postgres says a job's
+//! state changed (through any coordinator replica) and [`Notifier::notify_points`] when points
+//! were stored for it. A [`Notifier::subscribe`]r (WatchJob) wakes on both; a
 //! [`Notifier::subscribe_states`]r (WatchSweep, which shows only states) on state changes
 //! only, so a sweep's watchers are not woken by every metric batch of every one of its jobs. A
-//! notification carries no data, only "look again", so a missed or merged one costs at most one
-//! round of the change poller ([`crate::changes`]), which also notifies for changes another
-//! coordinator made.
+//! notification carries no data, only "look again": merged ones cost nothing (a look reads all
+//! that is new), and those missed while the listener was disconnected are made up for by its
+//! waking every watcher once it is back.
 //!
 //! Must not hold job state (Postgres is the truth) and must not block: notify never waits.
 

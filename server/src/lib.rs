@@ -10,7 +10,9 @@
 //! - [`api`]: the `JobService` and `WorkerService` implementations.
 //! - [`error`]: the one error type and its mapping to gRPC status codes.
 //! - [`events`]: in-process job change notifications for WatchJob and WatchSweep.
-//! - [`changes`]: the change poller, which notifies for changes made elsewhere.
+//! - [`changes`]: Postgres's change notifications (LISTEN), which feed [`events`] with the
+//!   changes every replica makes.
+//! - [`leader`]: which replica runs the background loops (a Postgres advisory lock).
 //! - [`metrics`]: Prometheus metrics and their `/metrics` endpoint.
 //! - [`web`]: the web UI on its own HTTP port.
 //! - [`reconcile`]: the reconciler (re-dispatch) and the lease reaper.
@@ -29,6 +31,7 @@ pub mod dispatch;
 pub mod domain;
 pub mod error;
 pub mod events;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod shutdown;
@@ -78,6 +81,8 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 const MAX_CONNECT_BACKOFF: Duration = Duration::from_secs(10);
 /// Longest start-up waits for Redis to say whether it lost its keys.
 const REDIS_CHECK_AT_START: Duration = Duration::from_secs(1);
+/// Longest start-up waits for the change-notification listener to connect.
+const LISTEN_AT_START: Duration = Duration::from_secs(5);
 /// Idle time before the kernel probes an accepted connection.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// How often the server pings a client over HTTP/2, and how long it waits for the answer
@@ -158,6 +163,35 @@ async fn serve_until(
     }
     let notifier = Notifier::new();
     let mut background = Vec::new();
+    // Before serving, so that nothing a first watcher waits for is missed; if Postgres's
+    // notifications cannot be had now, the listener keeps trying (watchers fall back to their
+    // slow poll meanwhile).
+    let change_listener = match tokio::time::timeout(LISTEN_AT_START, changes::listen(&pool)).await
+    {
+        Ok(Ok(change_listener)) => Some(change_listener),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot listen for change notifications yet; retrying");
+            None
+        }
+        Err(_) => {
+            tracing::warn!("listening for change notifications timed out; retrying");
+            None
+        }
+    };
+    background.push(changes::spawn(
+        pool.clone(),
+        change_listener,
+        notifier.clone(),
+        metrics.clone(),
+        signal.clone(),
+    ));
+    let leadership = leader::Leadership::default();
+    background.push(leader::spawn(
+        pool.clone(),
+        leadership.clone(),
+        metrics.clone(),
+        signal.clone(),
+    ));
     if let Some(listener) = metrics_listener {
         tracing::info!(addr = %listener.local_addr()?, "serving metrics on /metrics");
         let serve = metrics::serve(
@@ -177,17 +211,12 @@ async fn serve_until(
         reconcile::Background {
             pool: pool.clone(),
             dispatcher: dispatcher.clone(),
-            notifier: notifier.clone(),
+            leadership,
             interval: config.reconcile_interval(),
             redispatch_after: config.redispatch_after(),
             grace: Arc::new(reconcile::LeaseGrace::new(config.lease_timeout())),
             metrics: metrics.clone(),
         },
-        signal.clone(),
-    ));
-    background.push(changes::spawn(
-        pool.clone(),
-        notifier.clone(),
         signal.clone(),
     ));
     let state = Arc::new(AppState {

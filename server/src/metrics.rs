@@ -38,6 +38,9 @@ use crate::dispatch::Dispatcher;
 use crate::shutdown::Shutdown;
 use crate::store;
 
+/// The loops `trainq_background_rounds_total` counts.
+pub const BACKGROUND_LOOPS: [&str; 2] = ["reconciler", "lease_reaper"];
+
 /// How long a scrape waits for Postgres or Redis before it reports the last known values.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -58,6 +61,9 @@ pub struct Metrics {
     rpc_duration: HistogramVec,
     auth_enabled: IntGauge,
     insecure_listen: IntGauge,
+    leader: IntGauge,
+    change_listener_up: IntGauge,
+    background_rounds: IntCounterVec,
     methods: KnownMethods,
 }
 
@@ -155,6 +161,26 @@ impl Metrics {
             "1 when auth is off while gRPC listens on a non-loopback address, else 0.",
         )
         .expect("valid metric");
+        let leader = IntGauge::new(
+            "trainq_leader",
+            "1 while this coordinator replica leads the background loops (reconciler, lease \
+             reaper), else 0. Exactly one replica of a database leads.",
+        )
+        .expect("valid metric");
+        let change_listener_up = IntGauge::new(
+            "trainq_change_listener_up",
+            "1 while this coordinator listens to Postgres's change notifications (which wake its \
+             watchers), else 0.",
+        )
+        .expect("valid metric");
+        let background_rounds = IntCounterVec::new(
+            Opts::new(
+                "trainq_background_rounds_total",
+                "Rounds of each background loop this replica ran (only the leader runs them).",
+            ),
+            &["loop"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(queue_depth.clone()),
@@ -168,6 +194,9 @@ impl Metrics {
             Box::new(rpc_duration.clone()),
             Box::new(auth_enabled.clone()),
             Box::new(insecure_listen.clone()),
+            Box::new(leader.clone()),
+            Box::new(change_listener_up.clone()),
+            Box::new(background_rounds.clone()),
         ] {
             registry
                 .register(collector)
@@ -179,6 +208,9 @@ impl Metrics {
         }
         for cause in [AttemptOutcome::Failed, AttemptOutcome::LeaseExpired] {
             retries.with_label_values(&[cause.as_str()]).reset();
+        }
+        for name in BACKGROUND_LOOPS {
+            background_rounds.with_label_values(&[name]).reset();
         }
         // The default queue has a series from the first scrape.
         let default_queue = proto::queue::DEFAULT_QUEUE;
@@ -199,6 +231,9 @@ impl Metrics {
             rpc_duration,
             auth_enabled,
             insecure_listen,
+            leader,
+            change_listener_up,
+            background_rounds,
             methods: KnownMethods::served(),
         }
     }
@@ -232,6 +267,22 @@ impl Metrics {
 
     pub fn lease_expired(&self) {
         self.lease_expiries.inc();
+    }
+
+    /// Whether this replica leads the background loops now.
+    pub fn leader(&self, leads: bool) {
+        self.leader.set(i64::from(leads));
+    }
+
+    /// Whether the change-notification listener is connected.
+    pub fn change_listener_up(&self, up: bool) {
+        self.change_listener_up.set(i64::from(up));
+    }
+
+    /// One round of a background loop (one of [`BACKGROUND_LOOPS`]) ran here.
+    pub fn background_round(&self, name: &'static str) {
+        debug_assert!(BACKGROUND_LOOPS.contains(&name));
+        self.background_rounds.with_label_values(&[name]).inc();
     }
 
     /// Reads the gauges that live in Postgres and Redis, then renders every metric in the text

@@ -14,8 +14,12 @@
 //!   it moves every running lease by the step ([`ClockWatch`]), so that a step does not expire
 //!   the leases of workers that are heartbeating.
 //!
-//! Both are safe to run in several coordinators at once (the store uses SKIP LOCKED and
-//! conditional updates). Must not hold job state between rounds, and must stop on shutdown.
+//! With several coordinator replicas, only the leader runs them ([`crate::leader`]): a
+//! follower's rounds do nothing. Both would still be safe to run in several coordinators at once
+//! (the store uses SKIP LOCKED and conditional updates), which is what makes a round that is
+//! under way when its leader steps down harmless. Watchers learn of what a round changed from
+//! Postgres's change notifications, like of every other write ([`crate::changes`]). Must not
+//! hold job state between rounds, and must stop on shutdown.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -29,7 +33,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::dispatch::Dispatcher;
 use crate::error::{Error, Result};
-use crate::events::Notifier;
+use crate::leader::Leadership;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{self, ReapedJob};
@@ -103,18 +107,16 @@ pub async fn dispatch_due(
     }
 }
 
-/// Takes every job with an expired lease away from its worker and wakes its watchers (and those
-/// of the dependents that failed with it).
-pub async fn reap_expired(pool: &PgPool, notifier: &Notifier) -> Result<Vec<ReapedJob>> {
+/// Takes every job with an expired lease away from its worker (and fails the jobs waiting for
+/// one that failed for good).
+pub async fn reap_expired(pool: &PgPool) -> Result<Vec<ReapedJob>> {
     let mut all = Vec::new();
     loop {
         let reaped = store::reap_expired_leases(pool, BATCH).await?;
         for job in &reaped {
             tracing::info!(job_id = %job.id, attempt = job.attempt, state = %job.state, "lease expired");
-            notifier.notify(job.id.as_uuid());
             for dependent in &job.dependents_failed {
                 tracing::info!(job_id = %dependent, attempt = 0, dependency = %job.id, "dependency failed");
-                notifier.notify(dependent.as_uuid());
             }
         }
         let done = (reaped.len() as i64) < BATCH;
@@ -247,22 +249,28 @@ pub async fn correct_clock_steps(pool: &PgPool, clock: &ClockWatch) -> Result<()
 pub struct Background {
     pub pool: PgPool,
     pub dispatcher: Arc<Dispatcher>,
-    pub notifier: Notifier,
+    /// Rounds run only while this replica leads.
+    pub leadership: Leadership,
     pub interval: Duration,
     pub redispatch_after: Duration,
     /// Shared by both loops: both report database errors, the reaper obeys it.
     pub grace: Arc<LeaseGrace>,
-    /// Counts lease expiries and the retries they cause.
+    /// Counts rounds, lease expiries and the retries they cause.
     pub metrics: Arc<Metrics>,
 }
 
-/// Starts the reconciler and the lease reaper; they end when `shutdown` fires.
+/// Starts the reconciler and the lease reaper; they end when `shutdown` fires. Each round runs
+/// only while this replica leads, and is counted (`trainq_background_rounds_total`).
 pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
     let reconciler = {
         let bg = bg.clone();
         every("reconciler", bg.interval, shutdown.clone(), move || {
             let bg = bg.clone();
             async move {
+                if !bg.leadership.leads() {
+                    return Ok(());
+                }
+                bg.metrics.background_round("reconciler");
                 let n = reconcile_queue(&bg.pool, &bg.dispatcher, bg.redispatch_after).await;
                 let n = bg.grace.observe(n)?;
                 if n > 0 {
@@ -276,6 +284,10 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
     let reaper = every("lease reaper", bg.interval, shutdown, move || {
         let (bg, clock) = (bg.clone(), clock.clone());
         async move {
+            if !bg.leadership.leads() {
+                return Ok(());
+            }
+            bg.metrics.background_round("lease_reaper");
             // Before the grace check, so that a step during the grace is corrected too.
             bg.grace
                 .observe(correct_clock_steps(&bg.pool, &clock).await)?;
@@ -285,9 +297,7 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
                 );
                 return Ok(());
             }
-            let reaped = bg
-                .grace
-                .observe(reap_expired(&bg.pool, &bg.notifier).await)?;
+            let reaped = bg.grace.observe(reap_expired(&bg.pool).await)?;
             for job in &reaped {
                 bg.metrics.lease_expired();
                 bg.metrics

@@ -195,3 +195,70 @@ impl Service<http::Request<Body>> for Lossy {
         })
     }
 }
+
+/// A TCP load balancer in front of several coordinator replicas, as a Kubernetes Service (kube-
+/// proxy) or an L4 balancer is: each new connection goes to the next replica in turn that
+/// accepts one; a replica that refuses (it is down) is skipped. A connection stays on its
+/// replica until either side closes it, so when a replica dies its clients see their
+/// connections end and reconnect, through the balancer, to the others.
+pub struct Balancer {
+    pub addr: SocketAddr,
+    /// How many connections went to each backend so far, in the order given.
+    connections: Arc<Vec<AtomicU64>>,
+    task: JoinHandle<()>,
+}
+
+impl Balancer {
+    /// Listens on 127.0.0.1 (a free port) and spreads connections over `backends`.
+    pub async fn start(backends: Vec<SocketAddr>) -> std::io::Result<Balancer> {
+        assert!(!backends.is_empty(), "a balancer needs a backend");
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let connections: Arc<Vec<AtomicU64>> =
+            Arc::new(backends.iter().map(|_| AtomicU64::new(0)).collect());
+        let counts = connections.clone();
+        let task = tokio::spawn(async move {
+            let next = Arc::new(AtomicUsize::new(0));
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (backends, counts, next) = (backends.clone(), counts.clone(), next.clone());
+                tokio::spawn(async move {
+                    let first = next.fetch_add(1, Ordering::Relaxed);
+                    for k in 0..backends.len() {
+                        let i = (first + k) % backends.len();
+                        let Ok(mut server) = TcpStream::connect(backends[i]).await else {
+                            continue;
+                        };
+                        counts[i].fetch_add(1, Ordering::Relaxed);
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        return;
+                    }
+                });
+            }
+        });
+        Ok(Balancer {
+            addr,
+            connections,
+            task,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Connections each backend has been given so far, in the order of `start`'s list.
+    pub fn connections(&self) -> Vec<u64> {
+        self.connections
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

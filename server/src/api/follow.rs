@@ -2,9 +2,8 @@
 //! job (or the slow safety poll), let the watcher send what changed, and stop when it says so,
 //! when the client goes away, or (with UNAVAILABLE) when the coordinator shuts down.
 //!
-//! Notifications come from this process's writes and from the change poller
-//! ([`crate::changes`]), which finds changes other coordinators made with one query for every
-//! watched job, so an idle watcher costs Postgres nothing. Each look holds one of the limited
+//! Notifications come from Postgres's change notifications ([`crate::changes`]), for writes made
+//! through any coordinator replica, so an idle watcher costs Postgres nothing. Each look holds one of the limited
 //! read slots ([`super::limits`]) while it reads, so however many watchers wake at once, the
 //! rest of the database pool stays free for the other RPCs.
 //!
@@ -32,9 +31,9 @@ pub(super) struct Context {
     pub limits: WatchLimits,
 }
 
-/// How often a watcher re-reads Postgres without being poked: a safety net only (the change
-/// poller wakes watchers for changes made elsewhere within its interval), kept long so that
-/// thousands of idle watchers cost little.
+/// How often a watcher re-reads Postgres without being poked: a safety net only (every change
+/// notification wakes it, and every watcher is woken once after the listener reconnects), kept
+/// long so that thousands of idle watchers cost little.
 pub(super) const FALLBACK_POLL: Duration = Duration::from_secs(30);
 
 /// Room for events the client has not read yet, per stream.

@@ -112,10 +112,8 @@ impl JobApi {
         let reason = domain::reason_text(&req.reason, "cancelled by user");
         let (row, failed) = store::cancel_job(&self.state.pool, id, &reason).await?;
         tracing::info!(job_id = %id, attempt = row.attempt, %reason, "job cancelled");
-        self.state.notifier.notify(id.as_uuid());
         for dependent in failed {
             tracing::info!(job_id = %dependent, attempt = 0, dependency = %id, "dependency cancelled");
-            self.state.notifier.notify(dependent.as_uuid());
         }
         let latest = store::latest_metrics(&self.state.pool, id).await?;
         let attempts = store::attempts_of(&self.state.pool, id).await?;

@@ -1,8 +1,8 @@
 //! The gRPC services: `trainq.v1.JobService` (users) and `trainq.v1.WorkerService` (workers).
 //!
 //! Each handler parses its request into domain types at the edge (`TryFrom`, see
-//! [`crate::domain`]), calls the store, pokes the notifier after a write, and converts rows back
-//! into wire types. Errors become `tonic::Status` only through `From<Error>`.
+//! [`crate::domain`]), calls the store, and converts rows back into wire types (watchers
+//! learn of a write from Postgres's change notifications, [`crate::changes`]). Errors become `tonic::Status` only through `From<Error>`.
 //!
 //! Must not write SQL, touch Redis or the blob store directly (store, dispatch and artifacts
 //! do), and must not fail a request because Redis is down.

@@ -182,9 +182,6 @@ pub async fn cancel(state: &AppState, req: v1::CancelSweepRequest) -> Result<v1:
     let done = store::cancel_sweep(&state.pool, id, &reason)
         .await?
         .ok_or_else(|| Error::sweep_not_found(id))?;
-    for job in done.cancelled.iter().chain(&done.dependents_failed) {
-        state.notifier.notify(job.as_uuid());
-    }
     let cancelled = done.cancelled.len();
     tracing::info!(sweep_id = %id, jobs = cancelled, %reason, "sweep cancelled");
     load(state, id, RunPage::FIRST).await

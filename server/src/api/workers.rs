@@ -58,7 +58,6 @@ impl WorkerApi {
             resume_from_step = resume_from.as_ref().map_or(0, |a| a.step),
             waited_ms = waited.as_millis() as u64, "job claimed"
         );
-        self.state.notifier.notify(id.as_uuid());
         Ok(v1::ClaimJobResponse {
             claimed: true,
             lease: Some(v1::JobLease {
@@ -85,9 +84,6 @@ impl WorkerApi {
         let report = MetricsReport::try_from(req)?;
         let lease = &report.lease;
         let done = store::record_metrics(&self.state.pool, lease, &report.points).await?;
-        if done.stored > 0 {
-            self.state.notifier.notify_points(lease.job_id.as_uuid());
-        }
         if let Some((name, step)) = &done.first_conflict {
             tracing::warn!(
                 job_id = %lease.job_id, attempt = lease.attempt, conflicting = done.conflicting,
@@ -108,10 +104,8 @@ impl WorkerApi {
         tracing::info!(job_id = %lease.job_id, attempt = lease.attempt, final_step, "job succeeded");
         artifacts::delete_pruned(&self.state, &pruned).await;
         self.state.metrics.finished(JobState::Succeeded.as_str());
-        self.state.notifier.notify(lease.job_id.as_uuid());
         for dependent in &queued {
             tracing::info!(job_id = %dependent, attempt = 0, dependency = %lease.job_id, "dependencies succeeded; job queued");
-            self.state.notifier.notify(dependent.as_uuid());
         }
         dispatch_now(&self.state, &queued).await;
         Ok(v1::CompleteJobResponse {})
@@ -133,10 +127,8 @@ impl WorkerApi {
         self.state
             .metrics
             .attempt_ended(state.as_str(), AttemptOutcome::Failed.as_str());
-        self.state.notifier.notify(lease.job_id.as_uuid());
         for dependent in failed {
             tracing::info!(job_id = %dependent, attempt = 0, dependency = %lease.job_id, "dependency failed");
-            self.state.notifier.notify(dependent.as_uuid());
         }
         Ok(v1::FailJobResponse {
             state: v1::JobState::from(state) as i32,
@@ -153,7 +145,6 @@ impl WorkerApi {
             job_id = %lease.job_id, attempt = lease.attempt, worker = %lease.worker_id, %reason,
             "job handed back"
         );
-        self.state.notifier.notify(lease.job_id.as_uuid());
         dispatch_now(&self.state, &[lease.job_id]).await;
         Ok(v1::ReleaseJobResponse {
             state: v1::JobState::from(JobState::Queued) as i32,

@@ -36,14 +36,13 @@
 //! The parts: [`jobs`] (submit, dependencies, dispatch bookkeeping, cancel, reads),
 //! [`leases`] (claim, heartbeat, complete, fail, hand back, the reaper), [`attempts`] (attempt
 //! records and lease checks that every worker write shares), [`metrics`], [`artifacts`],
-//! [`sweeps`], [`changes`] (the change poller's read), [`workers`] (the fleet). Callers use the re-exports here (`store::claim_job`).
+//! [`sweeps`], [`workers`] (the fleet). Callers use the re-exports here (`store::claim_job`).
 //!
 //! Must not touch Redis, must not know about gRPC types, and must not decide policy (how long a
 //! lease lasts, how long a retry waits): callers pass those in.
 
 mod artifacts;
 mod attempts;
-mod changes;
 mod jobs;
 mod leases;
 mod metrics;
@@ -82,7 +81,6 @@ pub use artifacts::{
     record_artifact, ArtifactRow, Recorded, Retention,
 };
 pub use attempts::check_lease;
-pub use changes::{job_versions, JobVersion};
 pub use jobs::{
     attempts_of, attempts_of_jobs, cancel_job, clear_dispatched, count_jobs_by_state,
     dependencies_of, forget_all_dispatches, get_job, insert_job, list_jobs, queue_stats,
