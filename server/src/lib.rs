@@ -198,6 +198,7 @@ async fn serve_until(
             metrics.clone(),
             pool.clone(),
             dispatcher.clone(),
+            config.lease_timeout(),
             listener,
             signal.clone(),
         );

@@ -64,6 +64,8 @@ pub struct Metrics {
     leader: IntGauge,
     change_listener_up: IntGauge,
     background_rounds: IntCounterVec,
+    worker_slots_busy: IntGaugeVec,
+    worker_slots_total: IntGaugeVec,
     methods: KnownMethods,
 }
 
@@ -181,6 +183,23 @@ impl Metrics {
             &["loop"],
         )
         .expect("valid metric");
+        let worker_slots_busy = IntGaugeVec::new(
+            Opts::new(
+                "trainq_worker_slots_busy",
+                "Per live worker (one heard from within the lease timeout), the slots running a \
+                 job as of its last WorkerHeartbeat (read from Postgres at scrape time).",
+            ),
+            &["worker"],
+        )
+        .expect("valid metric");
+        let worker_slots_total = IntGaugeVec::new(
+            Opts::new(
+                "trainq_worker_slots_total",
+                "Per live worker, its slots in all (--slots), as of its last WorkerHeartbeat.",
+            ),
+            &["worker"],
+        )
+        .expect("valid metric");
         for collector in [
             Box::new(jobs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(queue_depth.clone()),
@@ -197,6 +216,8 @@ impl Metrics {
             Box::new(leader.clone()),
             Box::new(change_listener_up.clone()),
             Box::new(background_rounds.clone()),
+            Box::new(worker_slots_busy.clone()),
+            Box::new(worker_slots_total.clone()),
         ] {
             registry
                 .register(collector)
@@ -234,6 +255,8 @@ impl Metrics {
             leader,
             change_listener_up,
             background_rounds,
+            worker_slots_busy,
+            worker_slots_total,
             methods: KnownMethods::served(),
         }
     }
@@ -287,7 +310,13 @@ impl Metrics {
 
     /// Reads the gauges that live in Postgres and Redis, then renders every metric in the text
     /// exposition format.
-    pub async fn scrape(&self, pool: &PgPool, dispatcher: &Dispatcher) -> String {
+    /// `lease_timeout` says which workers are live (the per-worker gauges show only those).
+    pub async fn scrape(
+        &self,
+        pool: &PgPool,
+        dispatcher: &Dispatcher,
+        lease_timeout: Duration,
+    ) -> String {
         match tokio::time::timeout(SCRAPE_TIMEOUT, store::count_jobs_by_state(pool)).await {
             Ok(Ok(counts)) => {
                 for &state in JobState::ALL {
@@ -307,6 +336,27 @@ impl Metrics {
             Ok(Ok(stats)) => self.set_queues(&stats),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "metrics: cannot read the queues");
+                self.store_up.set(0);
+            }
+            Err(_) => self.store_up.set(0),
+        }
+        match tokio::time::timeout(
+            SCRAPE_TIMEOUT,
+            store::live_worker_slots(pool, lease_timeout),
+        )
+        .await
+        {
+            Ok(Ok(workers)) => {
+                // Only live workers have series: a lost one's disappear.
+                self.worker_slots_busy.reset();
+                self.worker_slots_total.reset();
+                for (id, busy, total) in &workers {
+                    self.worker_slots_busy.with_label_values(&[id]).set(*busy);
+                    self.worker_slots_total.with_label_values(&[id]).set(*total);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "metrics: cannot read the workers");
                 self.store_up.set(0);
             }
             Err(_) => self.store_up.set(0),
@@ -487,6 +537,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     pool: PgPool,
     dispatcher: Arc<Dispatcher>,
+    lease_timeout: Duration,
     listener: TcpListener,
     mut signal: Shutdown,
 ) -> anyhow::Result<()> {
@@ -503,7 +554,7 @@ pub async fn serve(
                         http::header::CONTENT_TYPE,
                         "text/plain; version=0.0.4; charset=utf-8",
                     )],
-                    metrics.scrape(&pool, &dispatcher).await,
+                    metrics.scrape(&pool, &dispatcher, lease_timeout).await,
                 )
             }
         }),

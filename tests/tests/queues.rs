@@ -197,7 +197,8 @@ async fn exact_points(client: &mut Client, id: &str) -> Vec<(String, u64, u64)> 
 async fn two_slots_train_two_jobs_at_once_as_they_would_alone_and_cancel_one_by_one() {
     let env = TestEnv::new();
     let data = data_dir_with_cifar(&env.dir.path().join("data"), 256, 64, 3);
-    let coordinator = env.start_coordinator(&[]).await;
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let coordinator = env.start_coordinator(&["--metrics-listen", &metrics]).await;
     let mut client = coordinator.client().await;
 
     let alone = submit(&mut client, cvae("alone", 7, 3)).await;
@@ -253,6 +254,31 @@ async fn two_slots_train_two_jobs_at_once_as_they_would_alone_and_cancel_one_by_
         .expect("get worker")
         .into_inner();
     assert_eq!(fleet.slots_total, 2);
+    // The coordinator's per-worker gauges show both slots busy (as of a WorkerHeartbeat), and
+    // the stopped one-slot worker (live until its lease timeout) with its one slot.
+    let gauges = |text: &str, worker: &str| {
+        let busy = prometheus_sample(
+            text,
+            &format!("trainq_worker_slots_busy{{worker=\"{worker}\"}}"),
+        );
+        let total = prometheus_sample(
+            text,
+            &format!("trainq_worker_slots_total{{worker=\"{worker}\"}}"),
+        );
+        (busy, total)
+    };
+    loop {
+        let (_, text) = http_get(&metrics, "/metrics").await.expect("scrape");
+        if gauges(&text, "two-slots") == (Some(2.0), Some(2.0)) {
+            assert_eq!(gauges(&text, "one-slot").1, Some(1.0), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gauges never showed two busy slots:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     client
         .cancel_job(v1::CancelJobRequest {
             job_id: long.clone(),

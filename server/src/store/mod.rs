@@ -100,7 +100,9 @@ pub use sweeps::{
     sweep_snapshot, sweep_state_counts, InsertedSweep, SweepArmRow, SweepCancelled, SweepProgress,
     SweepRow, SweepRunRow, SweepSnapshot,
 };
-pub use workers::{get_worker, list_workers, live_queues, record_worker, WorkerRow};
+pub use workers::{
+    get_worker, list_workers, live_queues, live_worker_slots, record_worker, WorkerRow,
+};
 
 /// One row of `jobs`, as stored.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]

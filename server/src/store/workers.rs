@@ -158,6 +158,21 @@ pub async fn get_worker(
     Ok(row.map(worker_row))
 }
 
+/// Each live worker's (one seen within `lease_timeout`) id with its slots busy and in all, by
+/// id: what the coordinator's per-worker gauges show.
+pub async fn live_worker_slots(
+    ex: impl PgExecutor<'_>,
+    lease_timeout: Duration,
+) -> Result<Vec<(String, i64, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT id, slots_busy::int8, slots_total::int8 FROM workers
+         WHERE last_seen_at > now() - $1 * interval '1 millisecond' ORDER BY id",
+    )
+    .bind(millis(lease_timeout))
+    .fetch_all(ex)
+    .await?)
+}
+
 /// Every queue that a live worker (one seen within `lease_timeout`) serves.
 pub async fn live_queues(ex: impl PgExecutor<'_>, lease_timeout: Duration) -> Result<Vec<String>> {
     let rows: Vec<(String,)> = sqlx::query_as(
