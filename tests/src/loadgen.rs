@@ -353,6 +353,8 @@ pub struct Tally {
     pub leases_lost: u64,
     /// Failed Redis pops, in the whole run.
     pub redis_errors: u64,
+    /// Submits left out at `--submit-rate` because [`SUBMITS_IN_FLIGHT`] were still waiting.
+    pub submits_skipped: u64,
     /// Tasks that gave up (could not connect), with why.
     pub failures: Vec<String>,
 }
@@ -382,6 +384,7 @@ impl Tally {
         self.conflicting_total += other.conflicting_total;
         self.leases_lost += other.leases_lost;
         self.redis_errors += other.redis_errors;
+        self.submits_skipped += other.submits_skipped;
         self.failures.extend(other.failures);
     }
 
@@ -1147,7 +1150,7 @@ async fn hold(
 
 /// How many ids the submitter keeps in the queue when no `--submit-rate` is given.
 fn queue_target(workers: usize) -> usize {
-    (workers / 10).max(16)
+    (workers / 5).max(16)
 }
 
 /// Submits `n` jobs, at most 32 at a time, round-robin over `clients`.
@@ -1192,26 +1195,30 @@ async fn zcard(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize
         .unwrap_or(0)
 }
 
-/// Keeps the queue at [`queue_target`] ids (checked every 50 ms), or submits at
-/// `--submit-rate`, until `stop`.
+/// Most SubmitJob calls the submitter has in flight.
+const SUBMITS_IN_FLIGHT: usize = 64;
+
+/// Keeps the queue at [`queue_target`] ids (checked every 50 ms, counting the submits in
+/// flight), or submits at `--submit-rate`, until `stop`; at most [`SUBMITS_IN_FLIGHT`] calls
+/// at once, so a slow answer never holds the next submit back.
 async fn submitter(
     f: Arc<Fleet>,
     clients: Vec<JobServiceClient<Channel>>,
     mut next: usize,
     mut stop: Stop,
 ) -> Tally {
-    let tally = Mutex::new(Tally::default());
+    let mut tally = Tally::default();
     let mut conn = match redis::Client::open(f.redis_url.as_str()) {
         Ok(c) => match c.get_multiplexed_async_connection().await {
             Ok(conn) => conn,
             Err(e) => {
-                lock(&tally).failures.push(format!("submitter: {e}"));
-                return tally.into_inner().unwrap_or_default();
+                tally.failures.push(format!("submitter: {e}"));
+                return tally;
             }
         },
         Err(e) => {
-            lock(&tally).failures.push(format!("submitter: {e}"));
-            return tally.into_inner().unwrap_or_default();
+            tally.failures.push(format!("submitter: {e}"));
+            return tally;
         }
     };
     let every = match f.o.submit_rate {
@@ -1221,18 +1228,47 @@ async fn submitter(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let target = queue_target(f.workers);
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             _ = stop.wait() => break,
+            Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
+                if let Ok((started, took, ok)) = done {
+                    tally.record(f.window, Method::SubmitJob, started, took, ok);
+                }
+                continue;
+            }
             _ = tick.tick() => {}
         }
-        let n = match f.o.submit_rate {
+        let wanted = match f.o.submit_rate {
             Some(_) => 1,
-            None => target.saturating_sub(zcard(&mut conn, &f.ready_key).await),
+            None => target
+                .saturating_sub(zcard(&mut conn, &f.ready_key).await)
+                .saturating_sub(in_flight.len()),
         };
-        submit_many(&clients, n, f.window, &tally, f.run, &mut next).await;
+        let room = SUBMITS_IN_FLIGHT.saturating_sub(in_flight.len());
+        tally.submits_skipped += wanted.saturating_sub(room) as u64;
+        for _ in 0..wanted.min(room) {
+            let mut client = clients[next % clients.len()].clone();
+            let name = format!("loadgen-{}-{next}", f.run);
+            next += 1;
+            in_flight.spawn(async move {
+                let request = v1::SubmitJobRequest {
+                    spec: spec(&name).ok(),
+                    request_id: String::new(),
+                };
+                let started = Instant::now();
+                let answer = client.submit_job(request).await;
+                (started, started.elapsed(), answer.is_ok())
+            });
+        }
     }
-    tally.into_inner().unwrap_or_default()
+    while let Some(done) = in_flight.join_next().await {
+        if let Ok((started, took, ok)) = done {
+            tally.record(f.window, Method::SubmitJob, started, took, ok);
+        }
+    }
+    tally
 }
 
 /// One watcher: follows worker `w`'s job through coordinator `(w + 1) % n`, one WatchJob stream
@@ -1419,6 +1455,7 @@ impl FleetResult {
             "jobs_reaped": self.reaped,
             "jobs_claimed_again": self.claimed_again,
             "redis_errors": self.tally.redis_errors,
+            "submits_skipped": self.tally.submits_skipped,
             "failures": self.tally.failures,
             "methods": methods,
             "coordinators": self.coordinators.iter().map(|c| json!({
@@ -2071,7 +2108,7 @@ fn settings_text(d: &Deployment, o: &Options, files: &str) -> (String, Value) {
                 o.batch_every.as_millis(),
                 o.job.as_secs_f64(),
                 o.submit_rate.map_or_else(
-                    || "queue kept at max(16, workers / 10) ids".to_string(),
+                    || "queue kept at max(16, workers / 5) ids, counting submits in flight".to_string(),
                     |r| format!("{r}/s")
                 ),
                 o.watchers
