@@ -161,6 +161,29 @@ pub async fn watch(
     Ok(jobs)
 }
 
+/// Failures in a row after which a watch gives up reconnecting (about 15 s of tries).
+const RECONNECT_TRIES: usize = 8;
+
+/// Whether a broken watch is worth opening again: the coordinator went away or shut down (a
+/// replica behind a balancer; the next connection reaches another), or the link broke. A watch
+/// only reads, so opening it again is always safe.
+fn reconnects_on(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Aborted
+            | tonic::Code::Cancelled
+    )
+}
+
+/// The pauses between tries of one run of failures.
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    use ::client::retry::BackoffBuilder as _;
+    ::client::retry::tries(RECONNECT_TRIES).build()
+}
+
 async fn watch_one(
     mut client: Client,
     id: String,
@@ -168,71 +191,111 @@ async fn watch_one(
     display: Display,
 ) -> Result<v1::Job, CliError> {
     let what = format!("watch {id}");
-    let mut stream = client
-        .watch_job(v1::WatchJobRequest { job_id: id.clone() })
-        .await
-        .map_err(|s| CliError::from_status(&what, &s))?
-        .into_inner();
     let short: String = id.chars().take(8).collect();
     let mut progress = Progress::default();
     let mut last: Option<v1::Job> = None;
     let mut last_state = None;
     // For the ETA of plain lines: when and at which step the first metric arrived.
     let mut first_seen: Option<(Instant, u64)> = None;
-    while let Some(event) = stream.next().await {
-        let event = event.map_err(|s| CliError::from_status(&what, &s))?;
-        match event.event {
-            Some(v1::job_event::Event::Job(job)) => {
-                progress.on_job(&job);
-                last = Some(job);
+    let mut delays = reconnect_delays();
+    'streams: loop {
+        // A stream that breaks is opened again (it starts over with the job and all its points,
+        // which the progress takes as it would the first time), until the job ended.
+        let broke = |status: tonic::Status, delays: &mut dyn Iterator<Item = Duration>| match delays
+            .next()
+        {
+            Some(pause) if reconnects_on(&status) => {
+                eprintln!(
+                    "trainq: {what}: the stream broke ({:?}: {}); watching again in {} ms",
+                    status.code(),
+                    status.message(),
+                    pause.as_millis()
+                );
+                Ok(pause)
             }
-            Some(v1::job_event::Event::Metrics(batch)) => progress.on_points(&batch.points),
-            None => continue,
-        }
-        if first_seen.is_none() && progress.step > 0 {
-            first_seen = Some((Instant::now(), progress.step));
-        }
-        let state = proto::state_name(progress.state);
-        match (&bar, display) {
-            (Some(bar), _) => {
-                bar.set_prefix(format!("{short} {}", progress.name));
-                if let Some(total) = progress.total {
-                    bar.set_length(total.max(progress.step));
-                }
-                bar.set_position(progress.step);
-                bar.set_message(format!("{state}  {}", progress.summary()));
+            _ => Err(CliError::from_status(&what, &status)),
+        };
+        let mut stream = match client
+            .watch_job(v1::WatchJobRequest { job_id: id.clone() })
+            .await
+        {
+            Ok(stream) => stream.into_inner(),
+            Err(status) => {
+                tokio::time::sleep(broke(status, &mut delays)?).await;
+                continue 'streams;
             }
-            (None, Display::Lines) => {
-                // The end gets its own line below.
-                if last_state != Some(progress.state) && !progress.state.is_terminal() {
-                    println!("{id} {}: {state}", progress.name);
-                    last_state = Some(progress.state);
+        };
+        loop {
+            let event = match stream.next().await {
+                Some(Ok(event)) => event,
+                Some(Err(status)) => {
+                    tokio::time::sleep(broke(status, &mut delays)?).await;
+                    continue 'streams;
                 }
-                if progress.step > 0 && !progress.state.is_terminal() {
-                    let total = progress
-                        .total
-                        .map_or("?".into(), |t| t.max(progress.step).to_string());
-                    let eta = match (first_seen, progress.total) {
-                        (Some((t0, s0)), Some(total)) if progress.step > s0 => {
-                            let per_step = t0.elapsed().as_secs_f64() / (progress.step - s0) as f64;
-                            format!(
-                                "{:.0}s",
-                                per_step * total.saturating_sub(progress.step) as f64
-                            )
-                        }
-                        _ => "?".into(),
-                    };
-                    println!(
-                        "{id} step {}/{total}  {}  eta {eta}",
-                        progress.step,
-                        progress.summary()
-                    );
+                // Ended without the job's end (a coordinator shutting down may close it so).
+                None if !progress.state.is_terminal() => {
+                    let status = tonic::Status::unavailable("the stream ended before the job did");
+                    tokio::time::sleep(broke(status, &mut delays)?).await;
+                    continue 'streams;
                 }
+                None => break 'streams,
+            };
+            // Something arrived: the next break starts the tries over.
+            delays = reconnect_delays();
+            match event.event {
+                Some(v1::job_event::Event::Job(job)) => {
+                    progress.on_job(&job);
+                    last = Some(job);
+                }
+                Some(v1::job_event::Event::Metrics(batch)) => progress.on_points(&batch.points),
+                None => continue,
             }
-            _ => {}
-        }
-        if progress.state.is_terminal() {
-            break;
+            if first_seen.is_none() && progress.step > 0 {
+                first_seen = Some((Instant::now(), progress.step));
+            }
+            let state = proto::state_name(progress.state);
+            match (&bar, display) {
+                (Some(bar), _) => {
+                    bar.set_prefix(format!("{short} {}", progress.name));
+                    if let Some(total) = progress.total {
+                        bar.set_length(total.max(progress.step));
+                    }
+                    bar.set_position(progress.step);
+                    bar.set_message(format!("{state}  {}", progress.summary()));
+                }
+                (None, Display::Lines) => {
+                    // The end gets its own line below.
+                    if last_state != Some(progress.state) && !progress.state.is_terminal() {
+                        println!("{id} {}: {state}", progress.name);
+                        last_state = Some(progress.state);
+                    }
+                    if progress.step > 0 && !progress.state.is_terminal() {
+                        let total = progress
+                            .total
+                            .map_or("?".into(), |t| t.max(progress.step).to_string());
+                        let eta = match (first_seen, progress.total) {
+                            (Some((t0, s0)), Some(total)) if progress.step > s0 => {
+                                let per_step =
+                                    t0.elapsed().as_secs_f64() / (progress.step - s0) as f64;
+                                format!(
+                                    "{:.0}s",
+                                    per_step * total.saturating_sub(progress.step) as f64
+                                )
+                            }
+                            _ => "?".into(),
+                        };
+                        println!(
+                            "{id} step {}/{total}  {}  eta {eta}",
+                            progress.step,
+                            progress.summary()
+                        );
+                    }
+                }
+                _ => {}
+            }
+            if progress.state.is_terminal() {
+                break 'streams;
+            }
         }
     }
     let job = match last {

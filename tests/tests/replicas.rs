@@ -214,6 +214,20 @@ async fn a_job_submitted_to_one_replica_is_watched_whole_on_another_and_killing_
         "a worker talks to A: {:?}",
         balancer.connections()
     );
+    // The CLI follows the first job through a balancer of its own, whose first connection goes
+    // to A: when A dies, `trainq watch` opens the stream again, through B.
+    let cli_balancer = Balancer::start(vec![a.addr(), b.addr()])
+        .await
+        .expect("balancer");
+    let mut cli = std::process::Command::new(binary("trainq"));
+    cli.args(["watch", &ids[0]])
+        .env("TRAINQ_SERVER", cli_balancer.url())
+        .env_remove("TRAINQ_TOKEN");
+    let mut cli = Proc::spawn("trainq-watch", cli, env.dir.path()).expect("trainq watch");
+    wait_for("the CLI watches through A", WAIT, async || {
+        cli_balancer.connections()[0] >= 1 && cli.log().contains(" step ")
+    })
+    .await;
     a.coordinator.proc.kill();
 
     // B takes over the background loops and the workers; its watchers go on to the end.
@@ -277,6 +291,28 @@ async fn a_job_submitted_to_one_replica_is_watched_whole_on_another_and_killing_
         );
         assert_eq!(seen.repeated, 0, "and each once");
     }
+
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = cli.try_exit_status() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "trainq watch still runs:\n{}",
+            cli.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = cli.log();
+    assert_eq!(status.code(), Some(0), "trainq watch:\n{log}");
+    assert!(log.contains("the stream broke"), "it reconnected:\n{log}");
+    assert!(log.contains("succeeded at step 128"), "{log}");
+    assert!(
+        cli_balancer.connections()[1] >= 1,
+        "{:?}",
+        cli_balancer.connections()
+    );
 
     // Exactly one replica reaps: A comes back as a follower while B leads.
     let a_again = Replica::start(&env, "coordinator-a-again").await;
