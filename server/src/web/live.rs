@@ -4,7 +4,11 @@
 //! between the page and the stream is lost.
 //!
 //! Events: `job` (`{"state": "running", "attempt": 1, "terminal": false}`) and `points` (an
-//! array of `{"name", "step", "epoch", "value"}`, a non-finite value as null).
+//! array of `{"name", "step", "epoch", "value"}`, a non-finite value as null), and `end` (the
+//! watch was refused or failed for good: the page stops listening). When this coordinator
+//! shuts down (UNAVAILABLE) the stream just ends, with no `end`, so the browser's EventSource
+//! connects again by itself, through a balancer to another replica, from the same cursor (the
+//! page skips points it already has).
 
 use std::convert::Infallible;
 
@@ -19,6 +23,9 @@ use serde_json::json;
 use super::{Web, WebError};
 use crate::domain::parse_job_id;
 
+/// How soon a browser opens a stream again after it broke (the SSE `retry` field).
+const RECONNECT_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug, Default, Deserialize)]
 pub struct EventsQuery {
     after: Option<i64>,
@@ -32,7 +39,12 @@ pub async fn events(
     let Query(q) = q.map_err(|e| WebError::bad_request(e.body_text()))?;
     let id = parse_job_id("job_id", &id).map_err(tonic::Status::from)?;
     let stream = web.api.watch_after(id, q.after).await?;
-    let events = stream.map(|item| {
+    let events = stream
+        .take_while(|item| {
+            let unavailable = matches!(item, Err(s) if s.code() == tonic::Code::Unavailable);
+            std::future::ready(!unavailable)
+        })
+        .map(|item| {
         Ok(match item {
             Ok(v1::JobEvent {
                 event: Some(job_event::Event::Job(job)),
@@ -64,5 +76,10 @@ pub async fn events(
                 .data(status.message()),
         })
     });
+    // Reconnect a second after a broken stream (the default is three).
+    let events = futures::stream::once(std::future::ready(Ok(
+        Event::default().retry(RECONNECT_AFTER)
+    )))
+    .chain(events);
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
 }
