@@ -91,6 +91,8 @@ const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connections in the database pool.
 const POOL_CONNECTIONS: u32 = 16;
+/// Connections of the liveness pool (heartbeats), besides the database pool.
+const LIVENESS_CONNECTIONS: u32 = 4;
 /// Of those, how many watcher reads may hold at once: the other half always serves the other
 /// RPCs, however many watchers wake together.
 const WATCH_READ_CONNECTIONS: u32 = POOL_CONNECTIONS / 2;
@@ -220,8 +222,10 @@ async fn serve_until(
         },
         signal.clone(),
     ));
+    let liveness_pool = liveness_pool(&pool, config.db_acquire_timeout());
     let state = Arc::new(AppState {
         pool: pool.clone(),
+        liveness_pool: liveness_pool.clone(),
         dispatcher,
         notifier,
         artifacts,
@@ -261,7 +265,24 @@ async fn serve_until(
         }
     }
     pool.close().await;
+    liveness_pool.close().await;
     served
+}
+
+/// The pool of the liveness writes ([`AppState::liveness_pool`]): the database pool's
+/// connection settings, with `synchronous_commit = off`; connects on first use.
+fn liveness_pool(pool: &PgPool, acquire_timeout: Duration) -> PgPool {
+    let options = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .options([("synchronous_commit", "off")])
+        .application_name("trainq-liveness");
+    PgPoolOptions::new()
+        .max_connections(LIVENESS_CONNECTIONS)
+        .acquire_timeout(acquire_timeout)
+        .test_before_acquire(true)
+        .connect_lazy_with(options)
 }
 
 /// The listener of an HTTP endpoint that can be `off`.

@@ -20,7 +20,7 @@ pub const SHOW_LOST_FOR: Duration = Duration::from_secs(3600);
 
 pub async fn record(state: &AppState, req: v1::WorkerHeartbeatRequest) -> Result<()> {
     let report = WorkerReport::try_from(req)?;
-    store::record_worker(&state.pool, &report).await
+    store::record_worker(&state.liveness_pool, &report).await
 }
 
 pub async fn list(

@@ -39,6 +39,12 @@ use crate::store::{self, ArtifactRow, AttemptRow, JobRow};
 /// What every handler shares.
 pub struct AppState {
     pub pool: PgPool,
+    /// A few connections of their own for the liveness writes (lease renewals, WorkerHeartbeat),
+    /// so that they never wait behind metric batches or watcher reads for a connection, and
+    /// committed without waiting for the WAL flush (`synchronous_commit = off`): a renewal lost
+    /// in a Postgres crash only makes a lease look older, and after an outage the reaper waits a
+    /// lease timeout anyway (`reconcile::LeaseGrace`).
+    pub liveness_pool: PgPool,
     pub dispatcher: Arc<Dispatcher>,
     pub notifier: Notifier,
     /// Where artifact bytes live.

@@ -360,3 +360,86 @@ async fn a_handed_back_job_is_pushed_at_once_and_its_next_attempt_resumes_from_t
     );
     server.stop().await;
 }
+
+/// Lease renewals have connections of their own: with every connection of the database pool
+/// held by metric batches that wait on a lock, the heartbeat of another job still answers (and
+/// keeps its lease), while a call that needs the database pool gives up with UNAVAILABLE.
+#[tokio::test]
+async fn heartbeats_are_answered_while_metric_batches_hold_every_pooled_connection() {
+    let server = TestServer::start_with(&redis_url(), &["--db-acquire-timeout-ms", "500"]).await;
+    let (mut jobs, mut workers) = (server.jobs(), server.workers());
+    let busy = submit(&mut jobs, valid_spec()).await;
+    let other = submit(&mut jobs, valid_spec()).await;
+    let busy_lease = crate::helpers::claim(&mut workers, &busy).await;
+    let other_lease = crate::helpers::claim(&mut workers, &other).await;
+
+    // Metric batches cannot finish while the latest-value table is locked; each one holds a
+    // pooled connection while it waits (on the lock, or on the first batch's row lock).
+    let mut lock = server.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE job_metric_latest IN EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let mut batches = Vec::new();
+    for i in 0..24u64 {
+        let mut workers = server.workers();
+        let lease = busy_lease.clone();
+        batches.push(tokio::spawn(async move {
+            workers
+                .report_metrics(v1::ReportMetricsRequest {
+                    lease: Some(lease),
+                    points: vec![point(TRAIN_LOSS, i + 1, 1.0)],
+                })
+                .await
+        }));
+    }
+    eventually(
+        "every pooled connection is held by a waiting batch",
+        || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&server.pool)
+            .await
+            .expect("pg_stat_activity");
+            waiting >= 16
+        },
+    )
+    .await;
+    let refused = jobs
+        .get_job(v1::GetJobRequest {
+            job_id: other.clone(),
+        })
+        .await
+        .expect_err("the database pool is exhausted");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+
+    let beat = workers
+        .heartbeat(v1::HeartbeatRequest {
+            lease: Some(other_lease),
+        })
+        .await
+        .expect("a heartbeat answers all the same")
+        .into_inner();
+    assert!(beat.keep_running);
+    let renewed: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name = 'trainq-liveness'",
+    )
+    .fetch_one(&server.pool)
+    .await
+    .expect("pg_stat_activity");
+    assert!(renewed >= 1, "the heartbeat went through the liveness pool");
+
+    lock.rollback().await.expect("unlock");
+    for batch in batches {
+        let answer = batch.await.expect("task");
+        // A batch that waited too long for a connection was refused (its worker retries); the
+        // others are stored.
+        if let Err(status) = answer {
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        }
+    }
+    server.stop().await;
+}
