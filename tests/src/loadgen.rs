@@ -1036,8 +1036,24 @@ async fn run_worker(
             device_kind: "cpu".into(),
             free_gpu_memory_mib: None,
         };
-        let (answer, started) =
-            call(tally, f.window, Method::ClaimJob, client.claim_job(request)).await;
+        // As the agent does: a transient error is retried for a while (the popped id is gone).
+        let deadline = Instant::now() + CLAIM_PATIENCE;
+        let mut backoff = Backoff::default();
+        let (answer, started) = loop {
+            let (answer, started) = call(
+                tally,
+                f.window,
+                Method::ClaimJob,
+                client.claim_job(request.clone()),
+            )
+            .await;
+            match answer {
+                Err(s) if transient(&s) && Instant::now() < deadline && !stop.is_set() => {
+                    tokio::time::sleep(backoff.wait(&mut rng)).await;
+                }
+                answer => break (answer, started),
+            }
+        };
         let Ok(answer) = answer else { continue };
         let Some(lease) = answer.lease.filter(|_| answer.claimed) else {
             continue;
@@ -1057,8 +1073,94 @@ async fn run_worker(
     Ok(())
 }
 
-/// Holds one claimed job: heartbeats, a batch every `--batch-every-ms`, then CompleteJob (also
-/// at `stop`, so no job is left to the reaper); abandons it when the lease is lost.
+/// The agent's retry waits (`client::retry`): from 50 ms, doubling, capped at 2.5 s, each
+/// jittered up to twice its value.
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self(Duration::from_millis(50))
+    }
+}
+
+impl Backoff {
+    fn wait(&mut self, rng: &mut rand::rngs::StdRng) -> Duration {
+        let d = self.0;
+        self.0 = (self.0 * 2).min(Duration::from_millis(2_500));
+        d.mul_f64(rng.random_range(1.0..2.0))
+    }
+}
+
+/// The agent's transient errors (`agent/coordinator.rs`): worth retrying.
+fn transient(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Cancelled
+    )
+}
+
+/// How long a claim is retried (the agent's CLAIM_PATIENCE).
+const CLAIM_PATIENCE: Duration = Duration::from_secs(30);
+/// How long the job's end is retried (the agent's FINAL_REPORT_PATIENCE); 30 s once stopping.
+const FINAL_REPORT_PATIENCE: Duration = Duration::from_secs(300);
+
+/// How sending the queued batches went.
+enum Flush {
+    Done,
+    /// A transient error: the batches stay queued for the next try.
+    Failed,
+    /// The lease is gone.
+    Lost,
+}
+
+/// Sends the queued batches in order until one fails, as the agent's outbox does: a batch
+/// leaves the queue only once stored.
+async fn flush(
+    f: &Fleet,
+    client: &mut WorkerServiceClient<Channel>,
+    lease: &v1::JobLease,
+    queued: &mut std::collections::VecDeque<u64>,
+    tally: &Mutex<Tally>,
+) -> Flush {
+    while let Some(&batch) = queued.front() {
+        let request = v1::ReportMetricsRequest {
+            lease: Some(lease.clone()),
+            points: points(batch, f.o.batch_points),
+        };
+        let (answer, sent) = call(
+            tally,
+            f.window,
+            Method::ReportMetrics,
+            client.report_metrics(request),
+        )
+        .await;
+        let answered = Instant::now();
+        match answer {
+            Ok(r) => {
+                {
+                    let mut t = lock(tally);
+                    t.stored_total += u64::from(r.stored);
+                    t.conflicting_total += u64::from(r.conflicting);
+                    if f.window.contains(sent) {
+                        t.stored_window += u64::from(r.stored);
+                    }
+                }
+                if let Some(answers) = &f.answers {
+                    lock(answers).insert((lease.job_id.clone(), batch), (sent, answered));
+                }
+                queued.pop_front();
+            }
+            Err(status) if refused(&status) => return Flush::Lost,
+            Err(_) => return Flush::Failed,
+        }
+    }
+    Flush::Done
+}
+
+/// Holds one claimed job as the agent does: heartbeats on a task of their own, a batch queued
+/// every `--batch-every-ms` and the queue sent (what fails is sent again at the next batch),
+/// then the queue and CompleteJob retried on transient errors (also at `stop`, so no job is
+/// left to the reaper); abandons the job when the lease is lost.
 async fn hold(
     f: &Fleet,
     client: &mut WorkerServiceClient<Channel>,
@@ -1084,8 +1186,8 @@ async fn hold(
     let end = now + f.o.job.mul_f64(rng.random_range(0.5..1.5));
     // The first batch at a random point of the first interval, so batches are not in step.
     let mut next = now + f.o.batch_every.mul_f64(rng.random_range(0.0..1.0));
-    let mut batch = 0u64;
-    let n = f.o.batch_points;
+    let mut batches = 0u64;
+    let mut queued = std::collections::VecDeque::new();
     loop {
         tokio::select! {
             _ = stop.wait() => break,
@@ -1094,55 +1196,53 @@ async fn hold(
         if lost.load(Ordering::SeqCst) || Instant::now() >= end {
             break;
         }
-        let request = v1::ReportMetricsRequest {
-            lease: Some(lease.clone()),
-            points: points(batch, n),
-        };
-        let (answer, sent) = call(
-            tally,
-            f.window,
-            Method::ReportMetrics,
-            client.report_metrics(request),
-        )
-        .await;
-        let answered = Instant::now();
-        match answer {
-            Ok(r) => {
-                {
-                    let mut t = lock(tally);
-                    t.stored_total += u64::from(r.stored);
-                    t.conflicting_total += u64::from(r.conflicting);
-                    if f.window.contains(sent) {
-                        t.stored_window += u64::from(r.stored);
-                    }
-                }
-                if let Some(answers) = &f.answers {
-                    lock(answers).insert((lease.job_id.clone(), batch), (sent, answered));
-                }
-            }
-            Err(status) if refused(&status) => mark_lost(&lost, tally),
-            // Another error (UNAVAILABLE): the batch is not retried, the next one goes on time.
-            Err(_) => {}
-        }
-        batch += 1;
+        queued.push_back(batches);
+        batches += 1;
         next += f.o.batch_every;
-    }
-    if !lost.load(Ordering::SeqCst) {
-        done.store(true, Ordering::SeqCst);
-        let request = v1::CompleteJobRequest {
-            lease: Some(lease),
-            final_step: batch * u64::from(n),
-        };
-        let (answer, _) = call(
-            tally,
-            f.window,
-            Method::CompleteJob,
-            client.complete_job(request),
-        )
-        .await;
-        if matches!(&answer, Err(s) if refused(s)) {
+        if let Flush::Lost = flush(f, client, &lease, &mut queued, tally).await {
             mark_lost(&lost, tally);
         }
+    }
+    let mut deadline = Instant::now() + FINAL_REPORT_PATIENCE;
+    let mut backoff = Backoff::default();
+    while !lost.load(Ordering::SeqCst) {
+        if stop.is_set() {
+            deadline = deadline.min(Instant::now() + Duration::from_secs(30));
+        }
+        let failed = match flush(f, client, &lease, &mut queued, tally).await {
+            Flush::Lost => {
+                mark_lost(&lost, tally);
+                break;
+            }
+            Flush::Failed => true,
+            Flush::Done => {
+                done.store(true, Ordering::SeqCst);
+                let request = v1::CompleteJobRequest {
+                    lease: Some(lease.clone()),
+                    final_step: batches * u64::from(f.o.batch_points),
+                };
+                let (answer, _) = call(
+                    tally,
+                    f.window,
+                    Method::CompleteJob,
+                    client.complete_job(request),
+                )
+                .await;
+                match answer {
+                    Ok(_) => break,
+                    Err(s) if refused(&s) => {
+                        mark_lost(&lost, tally);
+                        break;
+                    }
+                    Err(_) => true,
+                }
+            }
+        };
+        if failed && Instant::now() >= deadline {
+            // The agent gives up here too; the lease expires and the reaper re-queues the job.
+            break;
+        }
+        tokio::time::sleep(backoff.wait(rng)).await;
     }
     heartbeat.abort();
     let _ = heartbeat.await;
