@@ -92,7 +92,7 @@ const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Connections in the database pool.
 const POOL_CONNECTIONS: u32 = 16;
 /// Connections of the liveness pool (heartbeats), besides the database pool.
-const LIVENESS_CONNECTIONS: u32 = 4;
+const LIVENESS_CONNECTIONS: u32 = 8;
 /// Of those, how many watcher reads may hold at once: the other half always serves the other
 /// RPCs, however many watchers wake together.
 const WATCH_READ_CONNECTIONS: u32 = POOL_CONNECTIONS / 2;
@@ -281,7 +281,9 @@ fn liveness_pool(pool: &PgPool, acquire_timeout: Duration) -> PgPool {
     PgPoolOptions::new()
         .max_connections(LIVENESS_CONNECTIONS)
         .acquire_timeout(acquire_timeout)
-        .test_before_acquire(true)
+        // No ping before each use (a round trip per heartbeat): a connection that died with a
+        // Postgres restart fails one renewal, which its worker retries.
+        .test_before_acquire(false)
         .connect_lazy_with(options)
 }
 
