@@ -73,7 +73,8 @@ impl WorkerApi {
 
     async fn heartbeat(&self, req: v1::HeartbeatRequest) -> Result<v1::HeartbeatResponse> {
         let lease = Lease::try_from(req.lease)?;
-        let expires = store::heartbeat(&self.state.liveness_pool, &lease, self.state.lease_timeout).await?;
+        let expires =
+            store::heartbeat(&self.state.liveness_pool, &lease, self.state.lease_timeout).await?;
         Ok(v1::HeartbeatResponse {
             keep_running: expires.is_some(),
             lease_expires_at: expires.map(timestamp),
