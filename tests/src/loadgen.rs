@@ -1403,7 +1403,6 @@ async fn watcher(
                 changed = current.changed() => if changed.is_err() { break 'jobs },
             }
         };
-        last = Some(job.clone());
         let request = v1::WatchJobRequest {
             job_id: job.clone(),
         };
@@ -1416,9 +1415,13 @@ async fn watcher(
         .await;
         let opened = Instant::now();
         let Ok(mut stream) = answer else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+            // Opened again (while the job is still the worker's), as `trainq watch` does.
+            tokio::select! {
+                _ = stop.wait() => break 'jobs,
+                _ = tokio::time::sleep(Duration::from_millis(200)) => continue,
+            }
         };
+        last = Some(job.clone());
         loop {
             let message = tokio::select! {
                 _ = stop.wait() => break 'jobs,
@@ -1448,7 +1451,14 @@ async fn watcher(
                     event: Some(Event::Job(j)),
                 })) if j.state().is_terminal() => break,
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
+                // Broken before the job ended: open it again if it is still the worker's.
+                Ok(None) | Err(_) => {
+                    last = None;
+                    tokio::select! {
+                        _ = stop.wait() => break 'jobs,
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => break,
+                    }
+                }
             }
         }
     }
