@@ -50,14 +50,6 @@ pub struct Leadership {
 }
 
 impl Leadership {
-    /// A replica that leads from the start and never competes: for a coordinator that is
-    /// alone by construction (tests of the loops themselves).
-    pub fn always() -> Self {
-        let leadership = Self::default();
-        leadership.leads.store(true, Ordering::SeqCst);
-        leadership
-    }
-
     /// True while this replica holds the lock (as of its last check).
     pub fn leads(&self) -> bool {
         self.leads.load(Ordering::SeqCst)

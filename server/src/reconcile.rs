@@ -264,13 +264,9 @@ pub struct Background {
 pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
     let reconciler = {
         let bg = bg.clone();
-        every("reconciler", bg.interval, shutdown.clone(), move || {
+        every("reconciler", bg.clone(), shutdown.clone(), move || {
             let bg = bg.clone();
             async move {
-                if !bg.leadership.leads() {
-                    return Ok(());
-                }
-                bg.metrics.background_round("reconciler");
                 let n = reconcile_queue(&bg.pool, &bg.dispatcher, bg.redispatch_after).await;
                 let n = bg.grace.observe(n)?;
                 if n > 0 {
@@ -281,13 +277,9 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
         })
     };
     let clock = Arc::new(ClockWatch::new(CLOCK_STEP_TOLERANCE));
-    let reaper = every("lease reaper", bg.interval, shutdown, move || {
+    let reaper = every("lease_reaper", bg.clone(), shutdown, move || {
         let (bg, clock) = (bg.clone(), clock.clone());
         async move {
-            if !bg.leadership.leads() {
-                return Ok(());
-            }
-            bg.metrics.background_round("lease_reaper");
             // Before the grace check, so that a step during the grace is corrected too.
             bg.grace
                 .observe(correct_clock_steps(&bg.pool, &clock).await)?;
@@ -309,11 +301,12 @@ pub fn spawn(bg: Background, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
     vec![reconciler, reaper]
 }
 
-/// Runs `round` every `interval` until shutdown. A failed round is logged and the loop goes on:
-/// the database may be back by the next one.
+/// Runs `round` every `bg.interval` until shutdown, while this replica leads (a follower's tick
+/// does nothing), counting each round under `name` (one of `metrics::BACKGROUND_LOOPS`). A
+/// failed round is logged and the loop goes on: the database may be back by the next one.
 fn every<F, Fut>(
     name: &'static str,
-    interval: Duration,
+    bg: Background,
     mut shutdown: Shutdown,
     mut round: F,
 ) -> JoinHandle<()>
@@ -321,6 +314,12 @@ where
     F: FnMut() -> Fut + Send + 'static,
     Fut: Future<Output = Result<()>> + Send,
 {
+    let Background {
+        interval,
+        leadership,
+        metrics,
+        ..
+    } = bg;
     tokio::spawn(async move {
         // The first round comes one interval after start, not at once: a coordinator that has
         // just started has nothing urgent to do, and its first requests get the database.
@@ -331,6 +330,10 @@ where
                 _ = shutdown.wait() => break,
                 _ = ticker.tick() => {}
             }
+            if !leadership.leads() {
+                continue;
+            }
+            metrics.background_round(name);
             if let Err(e) = round().await {
                 tracing::warn!(task = name, error = %e, "background round failed");
             }
