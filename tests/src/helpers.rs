@@ -126,3 +126,28 @@ pub fn mnist_spec_json(name: &str, epochs: u32, train: u32, test: u32) -> String
     })
     .to_string()
 }
+
+/// Every stored metric point of a job, in (name, step) order, following GetMetrics' pages.
+pub async fn all_points(
+    client: &mut JobServiceClient<Channel>,
+    job_id: &str,
+) -> anyhow::Result<Vec<proto::v1::MetricPoint>> {
+    let mut points = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .get_metrics(proto::v1::GetMetricsRequest {
+                job_id: job_id.into(),
+                page_size: 5000,
+                page_token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        points.extend(page.points);
+        if page.next_page_token.is_empty() {
+            return Ok(points);
+        }
+        page_token = page.next_page_token;
+    }
+}

@@ -165,29 +165,13 @@ fn cvae(name: &str, seed: u32, epochs: u32) -> serde_json::Value {
 
 /// Every point of a job but the timing, with its value's exact bits.
 async fn exact_points(client: &mut Client, id: &str) -> Vec<(String, u64, u64)> {
-    let mut points = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = client
-            .get_metrics(v1::GetMetricsRequest {
-                job_id: id.into(),
-                page_token: page_token.clone(),
-                ..Default::default()
-            })
-            .await
-            .expect("metrics")
-            .into_inner();
-        points.extend(
-            page.points
-                .into_iter()
-                .filter(|p| p.name != proto::metric::TRAIN_IMAGES_PER_S)
-                .map(|p| (p.name, p.step, p.value.to_bits())),
-        );
-        if page.next_page_token.is_empty() {
-            return points;
-        }
-        page_token = page.next_page_token;
-    }
+    all_points(client, id)
+        .await
+        .expect("metrics")
+        .into_iter()
+        .filter(|p| p.name != proto::metric::TRAIN_IMAGES_PER_S)
+        .map(|p| (p.name, p.step, p.value.to_bits()))
+        .collect()
 }
 
 /// `--slots 2`: two jobs train at once in one worker; a CVAE's metric points are bit for bit

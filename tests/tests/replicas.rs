@@ -137,27 +137,14 @@ fn watch(
     (rx, task)
 }
 
-/// Every stored point of a job, every page.
+/// Every stored point of a job, as (name, step).
 async fn stored_points(jobs: &mut JobServiceClient<Channel>, id: &str) -> BTreeSet<(String, u64)> {
-    let mut all = BTreeSet::new();
-    let mut token = String::new();
-    loop {
-        let page = jobs
-            .get_metrics(v1::GetMetricsRequest {
-                job_id: id.into(),
-                page_size: 5000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await
-            .expect("GetMetrics")
-            .into_inner();
-        all.extend(page.points.into_iter().map(|p| (p.name, p.step)));
-        if page.next_page_token.is_empty() {
-            return all;
-        }
-        token = page.next_page_token;
-    }
+    all_points(jobs, id)
+        .await
+        .expect("GetMetrics")
+        .into_iter()
+        .map(|p| (p.name, p.step))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
