@@ -53,11 +53,12 @@ pub use coordinator::{Coordinator, GrpcurlOutput, TestEnv};
 pub use env::{database_url, postgres_server_url, redis_url};
 pub use health::{wait_for_health, wait_until_serving, WAIT};
 pub use helpers::{
-    expect_exit, http_get, latest, mnist_spec_json, prometheus_sample, submit, trainq,
+    all_points, expect_exit, http_get, latest, mnist_spec_json, prometheus_sample, submit, trainq,
     wait_terminal,
 };
 pub use locate::{
-    binary, data_dir_with_cifar, grpcurl, moto_server, shared_data_dir, workspace_root,
+    binary, data_dir_with_cifar, grpcurl, kubectl, kubernetes_validate, moto_server,
+    shared_data_dir, workspace_root,
 };
 pub use proc::{free_port, Proc};
 pub use slot::{training_lock, TrainingSlot};

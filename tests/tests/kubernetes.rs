@@ -19,7 +19,7 @@ use std::process::Command;
 use proto::state::JobState;
 use serde_yaml::Value;
 use tests::compose::ComposeFile;
-use tests::workspace_root;
+use tests::{kubectl, kubernetes_validate, workspace_root};
 
 /// The Kubernetes version whose schemas every object must pass (native gRPC probes are GA since
 /// 1.27; managed clusters still run 1.30).
@@ -48,47 +48,6 @@ const WORKER: &str = "trainq-worker";
 
 fn kube_dir() -> PathBuf {
     workspace_root().join("deploy/kubernetes")
-}
-
-/// The first `name` on the PATH.
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-/// kubectl: $TRAINQ_KUBECTL or the PATH.
-fn kubectl() -> PathBuf {
-    if let Some(p) = std::env::var_os("TRAINQ_KUBECTL") {
-        return p.into();
-    }
-    on_path("kubectl").unwrap_or_else(|| {
-        panic!(
-            "kubectl not found ($TRAINQ_KUBECTL or on PATH): install kubectl 1.27 or newer (its \
-             built-in kustomize renders deploy/kubernetes)"
-        )
-    })
-}
-
-/// kubernetes-validate: $TRAINQ_KUBERNETES_VALIDATE, .tools/kubernetes-validate
-/// (scripts/setup.sh links it from the project's virtualenv), or the PATH.
-fn kubernetes_validate() -> PathBuf {
-    if let Some(p) = std::env::var_os("TRAINQ_KUBERNETES_VALIDATE") {
-        return p.into();
-    }
-    let tools = workspace_root().join(".tools/kubernetes-validate");
-    if tools.exists() {
-        return tools;
-    }
-    on_path("kubernetes-validate").unwrap_or_else(|| {
-        panic!(
-            "kubernetes-validate not found ($TRAINQ_KUBERNETES_VALIDATE, \
-             .tools/kubernetes-validate, or on PATH): run scripts/setup.sh, which installs it \
-             into the project's virtualenv"
-        )
-    })
 }
 
 /// Every overlay directory (a folder of overlays/ with a kustomization.yaml), sorted.
