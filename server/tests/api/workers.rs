@@ -395,16 +395,7 @@ async fn heartbeats_are_answered_while_metric_batches_hold_every_pooled_connecti
     }
     eventually(
         "every pooled connection is held by a waiting batch",
-        || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&server.pool)
-            .await
-            .expect("pg_stat_activity");
-            waiting >= 16
-        },
+        || async { sessions(&server.pool, "wait_event_type = 'Lock'").await >= 16 },
     )
     .await;
     let refused = jobs
@@ -423,14 +414,10 @@ async fn heartbeats_are_answered_while_metric_batches_hold_every_pooled_connecti
         .expect("a heartbeat answers all the same")
         .into_inner();
     assert!(beat.keep_running);
-    let renewed: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity
-         WHERE datname = current_database() AND application_name = 'trainq-liveness'",
-    )
-    .fetch_one(&server.pool)
-    .await
-    .expect("pg_stat_activity");
-    assert!(renewed >= 1, "the heartbeat went through the liveness pool");
+    assert!(
+        sessions(&server.pool, "application_name = 'trainq-liveness'").await >= 1,
+        "the heartbeat went through the liveness pool"
+    );
 
     lock.rollback().await.expect("unlock");
     for batch in batches {
@@ -442,4 +429,14 @@ async fn heartbeats_are_answered_while_metric_batches_hold_every_pooled_connecti
         }
     }
     server.stop().await;
+}
+
+/// How many sessions on the test's database match `condition` (SQL over pg_stat_activity).
+async fn sessions(pool: &sqlx::PgPool, condition: &str) -> i64 {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND {condition}"
+    ))
+    .fetch_one(pool)
+    .await
+    .expect("pg_stat_activity")
 }
