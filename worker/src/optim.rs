@@ -8,9 +8,12 @@
 //! (a frozen layer) is skipped and its step count does not advance, as in PyTorch. Parameter
 //! groups carry their own learning rate (a transferred layer's multiplier).
 //!
-//! Every update is a handful of in-place tensor ops on the parameter's device; the bias
-//! corrections come from host-side step counts, so a step never synchronises with the device.
-//! Must not know about jobs or files.
+//! Every update is a handful of in-place tensor ops on the parameter's device, and a step never
+//! synchronises with the device. By default the bias corrections come from host-side step counts
+//! (f64, as `torch.optim` computes them). [`Optimizer::make_capturable`] moves the step counts
+//! and the learning rates into device tensors and computes the bias corrections there (PyTorch's
+//! `capturable=True`), so a step replayed from a CUDA graph advances them itself; the two
+//! agree to float rounding. Must not know about jobs or files.
 
 use std::collections::BTreeMap;
 
@@ -32,10 +35,15 @@ struct Param {
     moments: Option<(Tensor, Tensor)>,
     /// Steps taken on this parameter (Adam's bias correction).
     steps: u64,
+    /// Capturable: the step count as an f32 scalar on the parameter's device (the truth, in
+    /// place of `steps`).
+    steps_t: Option<Tensor>,
 }
 
 struct Group {
     lr: f64,
+    /// Capturable: `lr` as an f32 scalar on the group's device.
+    lr_t: Option<Tensor>,
     params: Vec<Param>,
 }
 
@@ -43,6 +51,7 @@ struct Group {
 pub struct Optimizer {
     kind: Kind,
     groups: Vec<Group>,
+    capturable: bool,
 }
 
 impl Optimizer {
@@ -50,6 +59,7 @@ impl Optimizer {
         Self {
             kind,
             groups: Vec::new(),
+            capturable: false,
         }
     }
 
@@ -66,10 +76,59 @@ impl Optimizer {
                 tensor,
                 moments: None,
                 steps: 0,
+                steps_t: None,
             })
             .collect();
-        self.groups.push(Group { lr, params });
+        self.groups.push(Group {
+            lr,
+            lr_t: None,
+            params,
+        });
+        if self.capturable {
+            let g = self.groups.len() - 1;
+            // Cannot fail for want of a device: a group without parameters gets no tensors.
+            let _ = self.capture_group(g);
+        }
         self.groups.len() - 1
+    }
+
+    /// Moves the step counts and learning rates into device tensors (see the module's doc), so
+    /// that [`Optimizer::step`] launches only device work and can be captured in a CUDA graph.
+    /// Idempotent; states saved and loaded afterwards read and write the device counts.
+    pub fn make_capturable(&mut self) -> Result<(), TchError> {
+        self.capturable = true;
+        for g in 0..self.groups.len() {
+            self.capture_group(g)?;
+        }
+        Ok(())
+    }
+
+    pub fn is_capturable(&self) -> bool {
+        self.capturable
+    }
+
+    fn capture_group(&mut self, g: usize) -> Result<(), TchError> {
+        let group = &mut self.groups[g];
+        let Some(first) = group.params.first() else {
+            return Ok(());
+        };
+        let device = first.tensor.device();
+        if group.lr_t.is_none() {
+            group.lr_t = Some(
+                Tensor::f_from_slice(&[group.lr as f32])?
+                    .f_to_device(device)?
+                    .f_reshape([])?,
+            );
+        }
+        for p in &mut group.params {
+            if p.steps_t.is_none() {
+                let t = Tensor::f_from_slice(&[p.steps as f32])?
+                    .f_to_device(p.tensor.device())?
+                    .f_reshape([])?;
+                p.steps_t = Some(t);
+            }
+        }
+        Ok(())
     }
 
     /// Number of parameters the optimiser updates.
@@ -103,11 +162,19 @@ impl Optimizer {
                 if !grad.defined() {
                     continue;
                 }
-                match kind {
-                    Kind::Sgd => {
+                match (kind, &group.lr_t) {
+                    (Kind::Sgd, None) => {
                         let _ = p.tensor.f_add_(&grad.f_mul_scalar(-lr)?)?;
                     }
-                    Kind::Adam | Kind::AdamW => adam_update(p, &grad, lr, kind == Kind::AdamW)?,
+                    (Kind::Sgd, Some(lr_t)) => {
+                        let _ = p.tensor.f_sub_(&grad.f_mul(lr_t)?)?;
+                    }
+                    (Kind::Adam | Kind::AdamW, None) => {
+                        adam_update(p, &grad, lr, kind == Kind::AdamW)?
+                    }
+                    (Kind::Adam | Kind::AdamW, Some(lr_t)) => {
+                        adam_update_capturable(p, &grad, lr_t, kind == Kind::AdamW)?
+                    }
                 }
             }
         }
@@ -123,7 +190,11 @@ impl Optimizer {
                 let key = |what: &str| format!("{STATE_PREFIX}{}.{what}", p.name);
                 out.push((key("exp_avg"), m.shallow_clone()));
                 out.push((key("exp_avg_sq"), v.shallow_clone()));
-                out.push((key("step"), Tensor::f_from_slice(&[p.steps as f32])?));
+                let step = match &p.steps_t {
+                    Some(t) => t.f_to_device(tch::Device::Cpu)?.f_reshape([1])?,
+                    None => Tensor::f_from_slice(&[p.steps as f32])?,
+                };
+                out.push((key("step"), step));
             }
         }
         Ok(out)
@@ -202,6 +273,9 @@ impl Optimizer {
             let param = &mut self.groups[g].params[i];
             param.moments = Some((m, v));
             param.steps = steps;
+            if let Some(t) = &mut param.steps_t {
+                let _ = t.f_fill_(steps as f64)?;
+            }
         }
         Ok(())
     }
@@ -236,6 +310,42 @@ fn adam_update(
         .f_div_scalar_(bias2.sqrt())?
         .f_add_scalar_(EPS)?
         .f_mul_scalar_(-1.0 / step_size)?;
+    let _ = p.tensor.f_addcdiv_(m, &denom)?;
+    Ok(())
+}
+
+/// [`adam_update`] with the step count and learning rate as device scalars (PyTorch's
+/// capturable Adam): `bias1 = 1 - b1^t`, `bias2 = 1 - b2^t`, then
+/// `p += m / (sqrt(v) / (sqrt(bias2) * -lr/bias1) + eps / (-lr/bias1))`, all on the device.
+fn adam_update_capturable(
+    p: &mut Param,
+    grad: &Tensor,
+    lr: &Tensor,
+    decoupled_decay: bool,
+) -> Result<(), TchError> {
+    if p.moments.is_none() {
+        p.moments = Some((grad.f_zeros_like()?, grad.f_zeros_like()?));
+    }
+    let (m, v) = p.moments.as_mut().expect("allocated above");
+    let t = p
+        .steps_t
+        .as_mut()
+        .ok_or_else(|| TchError::Convert(format!("{}: no device step count", p.name)))?;
+    if decoupled_decay {
+        let _ = p
+            .tensor
+            .f_mul_(&lr.f_mul_scalar(-ADAMW_WEIGHT_DECAY)?.f_add_scalar(1.0)?)?;
+    }
+    let _ = t.f_add_scalar_(1.0)?;
+    let _ = m.f_lerp_(grad, 1.0 - BETA1)?;
+    let _ = v.f_lerp_(&grad.f_square()?, 1.0 - BETA2)?;
+    let bias1 = Tensor::f_pow_scalar(BETA1, t)?.f_neg()?.f_add_scalar(1.0)?;
+    let bias2 = Tensor::f_pow_scalar(BETA2, t)?.f_neg()?.f_add_scalar(1.0)?;
+    let neg_step_size = lr.f_div(&bias1)?.f_neg()?;
+    let mut denom = v.f_sqrt()?;
+    let _ = denom
+        .f_div_(&bias2.f_sqrt()?.f_mul(&neg_step_size)?)?
+        .f_add_(&neg_step_size.f_reciprocal()?.f_mul_scalar(EPS)?)?;
     let _ = p.tensor.f_addcdiv_(m, &denom)?;
     Ok(())
 }
@@ -348,6 +458,53 @@ mod tests {
             diff > 1e-4,
             "fresh moments should change the path, got {diff}"
         );
+    }
+
+    /// The capturable path (device step counts and learning rates) follows the host path to
+    /// float rounding, and its saved state carries the device step count.
+    #[test]
+    fn the_capturable_optimiser_follows_the_host_one_and_saves_its_device_step_count() {
+        for kind in [Kind::Adam, Kind::AdamW, Kind::Sgd] {
+            let host_w = start();
+            let mut host = Optimizer::new(kind);
+            host.add_group(0.05, [("w".to_string(), host_w.shallow_clone())]);
+            let dev_w = start();
+            let mut dev = Optimizer::new(kind);
+            dev.add_group(0.05, [("w".to_string(), dev_w.shallow_clone())]);
+            dev.make_capturable().expect("capturable");
+            assert!(dev.is_capturable());
+            for _ in 0..10 {
+                for (w, opt) in [(&host_w, &mut host), (&dev_w, &mut dev)] {
+                    opt.zero_grad().expect("zero");
+                    loss(w).backward();
+                    opt.step().expect("step");
+                }
+            }
+            // f32 bias corrections on the device against f64 ones on the host: rounding only.
+            let diff = f64::try_from((&host_w - &dev_w).abs().max()).expect("scalar");
+            assert!(diff < 1e-5, "{kind:?}: capturable differs by {diff}");
+            let moved = f64::try_from((&dev_w - start()).abs().max()).expect("scalar");
+            assert!(moved > 1e-3, "{kind:?} moved only {moved}");
+            if kind != Kind::Sgd {
+                let state: BTreeMap<String, Tensor> =
+                    dev.state().expect("state").into_iter().collect();
+                assert_eq!(
+                    f64::try_from(&state["optimizer.w.step"]).expect("step"),
+                    10.0
+                );
+                // Loading into a capturable optimiser sets its device count.
+                let mut again = Optimizer::new(kind);
+                again.add_group(0.05, [("w".to_string(), start())]);
+                again.make_capturable().expect("capturable");
+                again.load_state(&state).expect("loads");
+                let loaded: BTreeMap<String, Tensor> =
+                    again.state().expect("state").into_iter().collect();
+                assert_eq!(
+                    f64::try_from(&loaded["optimizer.w.step"]).expect("step"),
+                    10.0
+                );
+            }
+        }
     }
 
     #[test]
