@@ -23,5 +23,5 @@ impls = sorted({r["impl"] for r in rows})
 med = {i: statistics.median(r["images_per_s"] for r in rows if r["impl"] == i) for i in impls}
 print()
 print("medians: " + ", ".join("%s %.0f" % (k, med[k]) for k in impls)
-      + "; trainq / reference = %.2f" % (med["trainq-tch"] / med["torch-eager"]))
+      + "".join("; %s / reference = %.2f" % (k, med[k] / med["torch-eager"]) for k in impls if k.startswith("trainq-")))
 '

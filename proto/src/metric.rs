@@ -22,6 +22,10 @@ pub const TRAIN_KL: &str = "train/kl";
 pub const TRAIN_ACCURACY: &str = "train/accuracy";
 /// Training throughput of the epoch, images per second.
 pub const TRAIN_IMAGES_PER_S: &str = "train/images_per_s";
+/// 1 when the epoch's last steps were replayed from a captured CUDA graph, else 0 (eager).
+pub const TRAIN_GRAPH: &str = "train/graph";
+/// 1 when the epoch trained in bf16 autocast (`training.precision`), else 0 (fp32).
+pub const TRAIN_BF16: &str = "train/bf16";
 /// Test loss at the end of an epoch.
 pub const TEST_LOSS: &str = "test/loss";
 /// Classifier: test accuracy at the end of an epoch.
@@ -36,12 +40,14 @@ pub const TEST_RECON: &str = "test/recon";
 pub const TEST_KL: &str = "test/kl";
 
 /// Every name of the shared contract.
-pub const CONTRACT: [&str; 11] = [
+pub const CONTRACT: [&str; 13] = [
     TRAIN_LOSS,
     TRAIN_RECON,
     TRAIN_KL,
     TRAIN_ACCURACY,
     TRAIN_IMAGES_PER_S,
+    TRAIN_GRAPH,
+    TRAIN_BF16,
     TEST_LOSS,
     TEST_ACCURACY,
     TEST_NEG_ELBO_NATS,

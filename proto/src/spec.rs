@@ -74,6 +74,29 @@ pub enum Optimizer {
     Sgd,
 }
 
+/// The arithmetic of a training step (`spec.training.precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere.
+    #[default]
+    Auto,
+    Fp32,
+    /// bf16 autocast (convolutions and matrix products in bfloat16; parameters, gradients and
+    /// optimiser state in fp32). Allowed on a CPU too, where libtorch's CPU autocast runs it.
+    Bf16,
+}
+
+impl Precision {
+    /// The name used in logs and the worker's `--precision` flag.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Auto => "auto",
+            Precision::Fp32 => "fp32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Training {
     pub epochs: u32,
@@ -88,6 +111,7 @@ pub struct Training {
     pub log_every_steps: u32,
     /// Store a resumable training state every N steps as well as at every epoch's end.
     pub checkpoint_every_steps: Option<u32>,
+    pub precision: Precision,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -401,6 +425,17 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
             ),
         ));
     }
+    let precision = match v1::Precision::try_from(t.precision) {
+        Ok(v1::Precision::Unspecified | v1::Precision::Auto) => Precision::Auto,
+        Ok(v1::Precision::Fp32) => Precision::Fp32,
+        Ok(v1::Precision::Bf16) => Precision::Bf16,
+        Err(_) => {
+            return Err(FieldViolation::new(
+                format!("{F}.precision"),
+                format!("unknown precision {}", t.precision),
+            ))
+        }
+    };
     let nonzero = |n: u32| (n > 0).then_some(n);
     Ok(Training {
         epochs: t.epochs,
@@ -412,6 +447,7 @@ fn parse_training(t: &v1::Training) -> Result<Training, FieldViolation> {
         max_test_examples: nonzero(t.max_test_examples),
         log_every_steps: nonzero(t.log_every_steps).unwrap_or(DEFAULT_LOG_EVERY_STEPS),
         checkpoint_every_steps: nonzero(t.checkpoint_every_steps),
+        precision,
     })
 }
 

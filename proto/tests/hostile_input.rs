@@ -16,7 +16,9 @@ use proptest::sample::Index;
 use prost::Message;
 use proto::queue::MAX_PRIORITY;
 use proto::spec::MAX_GPU_MEMORY_MIB;
-use proto::spec::{Conv1Adaptation, Experiment, Freeze, Init, JobSpec, Optimizer, SpecFileError};
+use proto::spec::{
+    Conv1Adaptation, Experiment, Freeze, Init, JobSpec, Optimizer, Precision, SpecFileError,
+};
 use proto::v1;
 use serde_json::Value;
 
@@ -217,18 +219,22 @@ fn training() -> BoxedStrategy<v1::Training> {
         any::<u32>(),
         within(0, MAX_LOG_EVERY_STEPS),
         within(0, MAX_CHECKPOINT_EVERY_STEPS),
+        0..=3i32,
     )
         .prop_map(
-            |(epochs, batch, lr, optimizer, seed, train, test, log, ckpt)| v1::Training {
-                epochs,
-                batch_size: batch,
-                learning_rate: lr,
-                optimizer,
-                seed,
-                max_train_examples: train,
-                max_test_examples: test,
-                log_every_steps: log,
-                checkpoint_every_steps: ckpt,
+            |(epochs, batch, lr, optimizer, seed, train, test, log, ckpt, precision)| {
+                v1::Training {
+                    epochs,
+                    batch_size: batch,
+                    learning_rate: lr,
+                    optimizer,
+                    seed,
+                    max_train_examples: train,
+                    max_test_examples: test,
+                    log_every_steps: log,
+                    checkpoint_every_steps: ckpt,
+                    precision,
+                }
             },
         )
         .boxed()
@@ -404,6 +410,12 @@ fn check_domain(raw: &v1::JobSpec, s: &JobSpec) -> Result<(), TestCaseError> {
         s.training.checkpoint_every_steps,
         nonzero(t.checkpoint_every_steps)
     );
+    let precision = match t.precision {
+        2 => Precision::Fp32,
+        3 => Precision::Bf16,
+        _ => Precision::Auto,
+    };
+    prop_assert_eq!(s.training.precision, precision);
     prop_assert_eq!(
         s.max_attempts,
         nonzero(raw.max_attempts).unwrap_or(DEFAULT_MAX_ATTEMPTS)
@@ -482,6 +494,7 @@ enum Break {
     BatchSize(u32),
     LearningRate(f64),
     Optimizer(i32),
+    Precision(i32),
     LogEverySteps(u32),
     CheckpointEverySteps(u32),
     MaxAttempts(u32),
@@ -597,6 +610,7 @@ fn a_break() -> BoxedStrategy<Break> {
         out_of(1, MAX_BATCH_SIZE).prop_map(Break::BatchSize),
         not_positive_up_to(MAX_LEARNING_RATE).prop_map(Break::LearningRate),
         prop_oneof![4..=i32::MAX, i32::MIN..0].prop_map(Break::Optimizer),
+        prop_oneof![4..=i32::MAX, i32::MIN..0].prop_map(Break::Precision),
         out_of(0, MAX_LOG_EVERY_STEPS).prop_map(Break::LogEverySteps),
         out_of(0, MAX_CHECKPOINT_EVERY_STEPS).prop_map(Break::CheckpointEverySteps),
         out_of(0, MAX_ATTEMPTS).prop_map(Break::MaxAttempts),
@@ -724,6 +738,10 @@ impl Break {
             Break::Optimizer(n) => {
                 training_mut(spec).optimizer = n;
                 "spec.training.optimizer".into()
+            }
+            Break::Precision(n) => {
+                training_mut(spec).precision = n;
+                "spec.training.precision".into()
             }
             Break::LogEverySteps(n) => {
                 training_mut(spec).log_every_steps = n;
@@ -957,6 +975,8 @@ const VOCABULARY: &[&str] = &[
     "logEverySteps",
     "checkpointEverySteps",
     "checkpoint_every_steps",
+    "precision",
+    "PRECISION_BF16",
     "latentDim",
     "beta",
     "init",

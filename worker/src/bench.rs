@@ -2,9 +2,12 @@
 //! device, printed as JSON lines in the format of bench/torch_reference.py so the two
 //! can be compared side by side (run both in the same command on the same machine).
 //!
-//! It times the very step the trainer runs ([`crate::train::Task::step`]), after warm-up steps,
-//! with the device synchronised at both ends. Must not measure anything the trainer does not do,
-//! nor skip anything it does per step.
+//! It times the very step the trainer runs ([`crate::train::Stepper::step`] over the task's
+//! `prepare` and `compute`), for each requested step plan (`--variants`: eager or CUDA graph,
+//! fp32 or bf16, NCHW or channels_last), after warm-up steps (which include a graph's capture),
+//! with the device synchronised at both ends. On CUDA it also prints the peak memory the
+//! configuration allocated. Must not measure anything the trainer does not do, nor skip anything
+//! it does per step.
 
 use std::time::Instant;
 
@@ -13,33 +16,49 @@ use tch::{Device, Kind, Tensor};
 
 use crate::config::{BenchArgs, BenchModel};
 use crate::data::MnistTensors;
+use crate::shim;
 use crate::train::classifier::ClassifierTask;
 use crate::train::cvae::{CvaeConfig, CvaeData, CvaeTask};
-use crate::train::{seeded, sync_device, Task};
+use crate::train::{seeded, sync_device, StepPlan, Stepper, Task};
 
 /// One measured configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BenchResult {
     pub model: &'static str,
     pub device: String,
+    /// The step plan measured.
+    pub plan: StepPlan,
+    /// Whether the timed steps were replayed from a CUDA graph (a graph plan that fell back to
+    /// eager says false).
+    pub replayed: bool,
     pub batch_size: i64,
     pub steps: u32,
     pub seconds: f64,
     pub images_per_s: f64,
+    /// CUDA: the most memory allocated at once during the configuration, in MiB.
+    pub peak_mib: Option<f64>,
 }
 
 impl BenchResult {
-    /// The reference's JSON line (its keys in its order), with `"impl": "trainq-tch"`.
+    /// The reference's JSON line (its keys in its order), with `"impl": "trainq-<plan>"`, then
+    /// trainq's own keys (`graph`, `peak_mib`).
     pub fn to_json_line(&self) -> String {
         let text = |s: &str| serde_json::Value::from(s).to_string();
+        let peak = self
+            .peak_mib
+            .map_or("null".to_string(), |m| format!("{:.1}", m));
         format!(
-            r#"{{"impl": "trainq-tch", "model": {}, "device": {}, "amp": false, "batch_size": {}, "steps": {}, "seconds": {}, "images_per_s": {}}}"#,
+            r#"{{"impl": {}, "model": {}, "device": {}, "amp": {}, "batch_size": {}, "steps": {}, "seconds": {}, "images_per_s": {}, "graph": {}, "peak_mib": {}}}"#,
+            text(&format!("trainq-{}", self.plan.name())),
             text(self.model),
             text(&self.device),
+            self.plan.bf16,
             self.batch_size,
             self.steps,
             (self.seconds * 1e4).round() / 1e4,
             self.images_per_s.round() as u64,
+            self.replayed,
+            peak,
         )
     }
 }
@@ -54,14 +73,42 @@ fn device_name(device: Device) -> String {
     }
 }
 
+/// `--variants`: `auto` is the plan a job with `precision: auto` gets on `device`.
+pub fn parse_variants(variants: &[String], device: Device) -> anyhow::Result<Vec<StepPlan>> {
+    variants
+        .iter()
+        .map(|v| match v.trim() {
+            "auto" => Ok(StepPlan::for_device(
+                device,
+                proto::spec::Precision::Auto,
+            )),
+            other => StepPlan::parse(other).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--variants: unknown plan {other:?}; expected auto, or eager/graph with optional -bf16 then -cl (graph-bf16-cl)"
+                )
+            }),
+        })
+        .collect()
+}
+
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.trainer.apply_threads();
     let device = args.trainer.trainer_config()?.device;
+    let plans = parse_variants(&args.variants, device)?;
     for &bs in &args.batch_sizes {
         anyhow::ensure!(bs >= 1, "--batch-sizes: {bs} is not a batch size");
-        let r = measure(args.model, device, bs, args.steps, args.warmup)
-            .with_context(|| format!("benchmarking {} at batch size {bs}", args.model.name()))?;
-        println!("{}", r.to_json_line());
+        for &plan in &plans {
+            let r = measure(args.model, device, plan, bs, args.steps, args.warmup).with_context(
+                || {
+                    format!(
+                        "benchmarking {} ({}) at batch size {bs}",
+                        args.model.name(),
+                        plan.name()
+                    )
+                },
+            )?;
+            println!("{}", r.to_json_line());
+        }
     }
     Ok(())
 }
@@ -72,10 +119,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 pub fn measure(
     model: BenchModel,
     device: Device,
+    plan: StepPlan,
     bs: i64,
     steps: u32,
     warmup: u32,
 ) -> anyhow::Result<BenchResult> {
+    let cuda = matches!(device, Device::Cuda(_));
+    if cuda {
+        sync_device(device);
+        shim::cuda_reset_peak(device)?;
+    }
     let n = 8192.max(2 * bs);
     let adam = proto::spec::Optimizer::Adam;
     let mut task: Box<dyn Task> = match model {
@@ -110,19 +163,26 @@ pub fn measure(
         }
     };
     let order = Tensor::f_arange(n, (Kind::Int64, device))?;
-    let run = |task: &mut dyn Task, k: u32| -> anyhow::Result<()> {
-        for i in 0..i64::from(k) {
+    let mut stepper = Stepper::new(task.as_mut(), plan, device)?;
+    let mut run = |task: &mut dyn Task, from: u32, k: u32| -> anyhow::Result<()> {
+        for i in i64::from(from)..i64::from(from + k) {
             let o = (i * bs) % (n - bs);
-            task.step(&order.f_narrow(0, o, bs)?, i as u64 + 1)?;
+            stepper.step(task, &order.f_narrow(0, o, bs)?, i as u64 + 1)?;
         }
         Ok(())
     };
-    run(task.as_mut(), warmup)?;
+    run(task.as_mut(), 0, warmup)?;
     sync_device(device);
     let started = Instant::now();
-    run(task.as_mut(), steps)?;
+    run(task.as_mut(), warmup, steps)?;
     sync_device(device);
     let seconds = started.elapsed().as_secs_f64();
+    let replayed = stepper.replaying();
+    let peak_mib = if cuda {
+        Some(shim::cuda_memory(device)?.peak_allocated as f64 / (1024.0 * 1024.0))
+    } else {
+        None
+    };
     let window = task.take_window()?;
     anyhow::ensure!(
         window.iter().all(|(_, v)| v.is_finite()),
@@ -131,10 +191,13 @@ pub fn measure(
     Ok(BenchResult {
         model: model.name(),
         device: device_name(device),
+        plan,
+        replayed,
         batch_size: bs,
         steps,
         seconds,
         images_per_s: (bs * i64::from(steps)) as f64 / seconds.max(1e-9),
+        peak_mib,
     })
 }
 
@@ -145,7 +208,8 @@ mod tests {
     #[test]
     fn the_cvae_benchmark_runs_the_cvae_step() {
         tch::set_num_threads(1);
-        let r = measure(BenchModel::Cvae, Device::Cpu, 8, 2, 1).expect("bench");
+        let r =
+            measure(BenchModel::Cvae, Device::Cpu, StepPlan::EAGER_FP32, 8, 2, 1).expect("bench");
         assert!(r.images_per_s > 0.0);
         assert!(r.to_json_line().contains(r#""model": "cvae""#));
     }
@@ -153,7 +217,15 @@ mod tests {
     #[test]
     fn a_short_benchmark_prints_the_reference_format() {
         tch::set_num_threads(1);
-        let r = measure(BenchModel::Mnist, Device::Cpu, 16, 2, 1).expect("bench");
+        let r = measure(
+            BenchModel::Mnist,
+            Device::Cpu,
+            StepPlan::EAGER_FP32,
+            16,
+            2,
+            1,
+        )
+        .expect("bench");
         assert!(r.images_per_s > 0.0);
         let line = r.to_json_line();
         let v: serde_json::Value = serde_json::from_str(&line).expect("valid json");
@@ -168,11 +240,13 @@ mod tests {
         ] {
             assert!(v.get(key).is_some(), "{key} missing from {v}");
         }
-        assert_eq!(v["impl"], "trainq-tch");
+        assert_eq!(v["impl"], "trainq-eager");
+        assert_eq!(v["graph"], false);
+        assert!(v["peak_mib"].is_null(), "no CUDA peak on the CPU: {v}");
         assert_eq!(v["model"], "mnist");
         assert_eq!(v["device"], "cpu");
         assert!(
-            line.starts_with(r#"{"impl": "trainq-tch", "model": "mnist", "device": "cpu""#),
+            line.starts_with(r#"{"impl": "trainq-eager", "model": "mnist", "device": "cpu""#),
             "{line}"
         );
     }

@@ -196,9 +196,14 @@ pub struct BenchArgs {
     /// Timed optimiser steps per batch size.
     #[arg(long, default_value_t = 30)]
     pub steps: u32,
-    /// Untimed steps first (allocator, kernel selection).
+    /// Untimed steps first (allocator, kernel selection, and a CUDA graph's warm-up and capture).
     #[arg(long, default_value_t = 10)]
     pub warmup: u32,
+    /// Step plans to measure, comma-separated: `auto` (what a job with `precision: auto` gets on
+    /// this device), or `eager`/`graph` with optional `-bf16` then `-cl` (channels_last), as in
+    /// `eager,graph-bf16,graph-bf16-cl`.
+    #[arg(long, value_delimiter = ',', default_value = "auto")]
+    pub variants: Vec<String>,
     #[command(flatten)]
     pub trainer: TrainerArgs,
 }

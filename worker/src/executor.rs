@@ -58,6 +58,12 @@ impl Executor {
                 if torch_threads > 0 {
                     tch::set_num_threads(torch_threads);
                 }
+                if matches!(config.device, tch::Device::Cuda(_)) {
+                    // Each slot's kernels on a stream of its own, so jobs overlap on the GPU.
+                    if let Err(e) = crate::shim::use_pool_stream(config.device) {
+                        tracing::warn!(slot, error = %e, "slot stays on the default CUDA stream");
+                    }
+                }
                 let mut trainer = Trainer::sharing(config, data);
                 for job in rx {
                     let _in_job = job.span.enter();

@@ -73,6 +73,11 @@ fn run_spec(
 ) -> (Result<Outcome, TrainError>, String) {
     let started = Instant::now();
     let mut images_per_s = Vec::new();
+    // Pure training time: each epoch's images (its steps times the batch) over its throughput.
+    let batch_size = f64::from(spec.training.batch_size);
+    let mut last_epoch_step = None::<u64>;
+    let mut first_step = None::<u64>;
+    let mut train_s = 0.0;
     let mut last_accuracy = None;
     let mut last_neg_elbo = None;
     let mut artifacts: Vec<String> = Vec::new();
@@ -83,9 +88,19 @@ fn run_spec(
         inputs,
         &mut |event: Event| match event {
             Event::Metrics(batch) => {
+                if first_step.is_none() {
+                    first_step = batch.first().map(|m| m.step);
+                }
                 for m in &batch {
                     match m.name.as_str() {
-                        metric::TRAIN_IMAGES_PER_S => images_per_s.push(m.value),
+                        metric::TRAIN_IMAGES_PER_S => {
+                            images_per_s.push(m.value);
+                            // A resumed run's first epoch starts mid-way; its throughput counts
+                            // from the resume point, which the first step seen approximates.
+                            let from = last_epoch_step.unwrap_or(first_step.unwrap_or(1) - 1);
+                            train_s += (m.step - from) as f64 * batch_size / m.value.max(1e-9);
+                            last_epoch_step = Some(m.step);
+                        }
                         metric::TEST_ACCURACY => last_accuracy = Some(m.value),
                         metric::TEST_NEG_ELBO_NATS => last_neg_elbo = Some(m.value),
                         _ => {}
@@ -126,6 +141,7 @@ fn run_spec(
             "outcome": outcome,
             "name": spec.name,
             "wall_s": (wall * 1000.0).round() / 1000.0,
+            "train_s": (train_s * 1000.0).round() / 1000.0,
             "mean_images_per_s": mean.map(f64::round),
             "test_accuracy": last_accuracy,
             "test_neg_elbo_nats": last_neg_elbo,
@@ -134,7 +150,7 @@ fn run_spec(
         })
         .to_string()
     } else {
-        let mut s = format!("{outcome}  wall {wall:.1} s");
+        let mut s = format!("{outcome}  wall {wall:.1} s  training {train_s:.1} s");
         if let Some(m) = mean {
             s += &format!("  mean {m:.0} images/s");
         }

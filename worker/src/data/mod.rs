@@ -156,7 +156,10 @@ impl DataCache {
                 let dir = data_dir.join(mnist::DIR_NAME);
                 mnist::ensure(&dir, mirrors)?;
                 let host = mnist::MnistHost::load_dir(&dir)?;
-                Ok(slot.insert(host.to_device(device)?))
+                let tensors = host.to_device(device)?;
+                // Slots read it from their own CUDA streams: finish every copy first.
+                crate::train::sync_device(device);
+                Ok(slot.insert(tensors))
             }
         }
     }
@@ -182,7 +185,10 @@ impl DataCache {
             Entry::Vacant(slot) => {
                 cifar::ensure(data_dir, mirrors)?;
                 let host = cifar::CifarHost::load_dir(&data_dir.join(cifar::DIR_NAME))?;
-                Ok(slot.insert(host.to_device(device)?))
+                let tensors = host.to_device(device)?;
+                // Slots read it from their own CUDA streams: finish every copy first.
+                crate::train::sync_device(device);
+                Ok(slot.insert(tensors))
             }
         }
     }

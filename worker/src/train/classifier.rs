@@ -91,9 +91,20 @@ impl Task for ClassifierTask {
         self.batch
     }
 
-    fn step(&mut self, idx: &Tensor, _step: u64) -> Result<(), TchError> {
+    fn use_channels_last(&mut self) -> Result<(), TchError> {
+        super::step::params_to_channels_last(&self.vs)?;
+        self.x = super::step::buffer_to_channels_last(&self.x)?;
+        Ok(())
+    }
+
+    fn prepare(&mut self, idx: &Tensor, _step: u64) -> Result<(), TchError> {
         let _ = self.train_x.f_index_select_out(&self.x, 0, idx)?;
         let _ = self.train_y.f_index_select_out(&self.y, 0, idx)?;
+        self.window_steps += 1;
+        Ok(())
+    }
+
+    fn compute(&mut self) -> Result<(), TchError> {
         self.opt.zero_grad()?;
         let logits = self.model.forward(&self.x)?;
         let loss =
@@ -106,9 +117,7 @@ impl Task for ClassifierTask {
                 .f_eq_tensor(&self.y)?
                 .f_sum(Kind::Double)
         })?;
-        self.window.add(&loss, &correct)?;
-        self.window_steps += 1;
-        Ok(())
+        self.window.add(&loss, &correct)
     }
 
     fn take_window(&mut self) -> Result<Vec<(&'static str, f64)>, TchError> {

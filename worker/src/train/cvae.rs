@@ -238,7 +238,8 @@ impl Task for CvaeTask {
         self.batch
     }
 
-    fn begin_epoch(&mut self, epoch: u32) -> Result<(), TchError> {
+    fn begin_epoch(&mut self, epoch: u32) -> Result<bool, TchError> {
+        let mut changed = false;
         if let Some((plan, params)) = &self.plan {
             let trainable = !plan.frozen_in(epoch);
             for p in params {
@@ -246,17 +247,29 @@ impl Task for CvaeTask {
                     // Frozen parameters get no gradient, so no optimiser rule (weight decay
                     // included) touches them; libtorch's optimisers skip undefined gradients.
                     let _ = p.f_set_requires_grad(trainable)?;
+                    changed = true;
                 }
             }
         }
+        Ok(changed)
+    }
+
+    fn use_channels_last(&mut self) -> Result<(), TchError> {
+        super::step::params_to_channels_last(&self.vs)?;
+        self.x = super::step::buffer_to_channels_last(&self.x)?;
         Ok(())
     }
 
-    fn step(&mut self, idx: &Tensor, step: u64) -> Result<(), TchError> {
+    fn prepare(&mut self, idx: &Tensor, step: u64) -> Result<(), TchError> {
         let _ = self.train_x.f_index_select_out(&self.x, 0, idx)?;
         let _ = self.train_y.f_index_select_out(&self.y, 0, idx)?;
         let _ = self.eye.f_index_select_out(&self.cond, 0, &self.y)?;
         let _ = seeded(step_seed(self.seed, step), || self.eps.f_normal_(0.0, 1.0))?;
+        self.window_steps += 1;
+        Ok(())
+    }
+
+    fn compute(&mut self) -> Result<(), TchError> {
         self.opt.zero_grad()?;
         let (logits, mu, logvar) = self.model.forward(&self.x, &self.cond, &self.eps)?;
         let (recon, kl) = loss_terms(&logits, &self.x, &mu, &logvar)?;
@@ -265,9 +278,7 @@ impl Task for CvaeTask {
             .f_div_scalar(self.batch as f64)?;
         loss.f_backward()?;
         self.opt.step()?;
-        self.window.add(&recon, &kl)?;
-        self.window_steps += 1;
-        Ok(())
+        self.window.add(&recon, &kl)
     }
 
     fn take_window(&mut self) -> Result<Vec<(&'static str, f64)>, TchError> {
@@ -468,7 +479,64 @@ mod tests {
             max_test_examples: None,
             log_every_steps,
             checkpoint_every_steps: None,
+            precision: proto::spec::Precision::Auto,
         }
+    }
+
+    /// channels_last (the CUDA default) keeps its layout through a step, since the batch is
+    /// gathered straight into the channels_last buffer, and trains like NCHW to float rounding.
+    #[test]
+    fn a_channels_last_task_keeps_its_layout_and_trains_like_nchw() {
+        tch::set_num_threads(1);
+        let cl = crate::train::StepPlan {
+            channels_last: true,
+            ..crate::train::StepPlan::EAGER_FP32
+        };
+        let mut task = CvaeTask::new(
+            random_data(64, 8),
+            &config(Optimizer::Adam, 1e-3, 1.0),
+            &Init::Random,
+            None,
+        )
+        .expect("task");
+        let mut stepper = crate::train::Stepper::new(&mut task, cl, Device::Cpu).expect("stepper");
+        let mut plain = CvaeTask::new(
+            random_data(64, 8),
+            &config(Optimizer::Adam, 1e-3, 1.0),
+            &Init::Random,
+            None,
+        )
+        .expect("task");
+        for i in 0..6i64 {
+            let idx = Tensor::arange_start(i * 8, i * 8 + 16, (Kind::Int64, Device::Cpu));
+            stepper.step(&mut task, &idx, i as u64 + 1).expect("step");
+            plain.step(&idx, i as u64 + 1).expect("step");
+        }
+        assert!(
+            crate::shim::is_channels_last(&task.x).expect("layout"),
+            "x: {:?}",
+            task.x.stride()
+        );
+        assert!(crate::shim::is_channels_last(&task.model.conv2.ws).expect("layout"));
+        assert!(
+            task.x.equal(&plain.x),
+            "the gathered batch has the same values"
+        );
+        let (a, b) = (
+            task.take_window().expect("w"),
+            plain.take_window().expect("w"),
+        );
+        for ((name, x), (_, y)) in a.iter().zip(&b) {
+            assert!(
+                (x - y).abs() <= 1e-4 * y.abs(),
+                "{name}: channels_last {x}, NCHW {y}"
+            );
+        }
+        // Checkpoints are written in the contract's layout whatever the memory format.
+        let bytes = checkpoint::to_safetensors(task.var_store()).expect("checkpoint");
+        let back = checkpoint::read_safetensors(&bytes).expect("reads");
+        let w = &back["conv2.weight"];
+        assert!(w.allclose(&task.model.conv2.ws.detach(), 0.0, 0.0, false));
     }
 
     #[test]

@@ -60,12 +60,14 @@ pub mod cvae;
 pub mod device;
 pub mod event;
 pub mod rng;
+pub mod step;
 pub mod trainer;
 pub mod transfer;
 
 pub use device::{parse_device, sync_device};
 pub use event::{ArtifactFile, Event, JobInputs, Metric, Outcome, TrainError};
 pub use rng::{epoch_seed, seeded, step_seed, unseeded};
+pub use step::{StepPlan, Stepper};
 
 /// The optimiser named in the spec over every trainable variable of `vs` (in name order), with
 /// PyTorch's default hyper-parameters (see [`optim`]).
@@ -105,9 +107,24 @@ pub trait Task {
     fn train_len(&self) -> i64;
     /// Examples per step (fixed for the whole run).
     fn batch_size(&self) -> i64;
-    /// One optimiser step on the training examples at `idx` (`i64 [batch_size]`, on the device);
-    /// `step` is its global number (1-based), which seeds any noise it draws ([`step_seed`]).
-    fn step(&mut self, idx: &Tensor, step: u64) -> Result<(), TchError>;
+    /// The host side of one optimiser step on the training examples at `idx` (`i64
+    /// [batch_size]`, on the device): copies the batch into the task's fixed buffers, draws the
+    /// step's noise into its fixed buffer, counts the step in the metric window. `step` is the
+    /// global step number (1-based), which seeds any noise it draws ([`step_seed`]). Everything
+    /// [`Task::compute`] reads is in place afterwards.
+    fn prepare(&mut self, idx: &Tensor, step: u64) -> Result<(), TchError>;
+    /// The optimiser step on the prepared buffers: gradients zeroed in place, forward, backward,
+    /// the optimiser's update and the metric accumulators. Device work only: no host
+    /// synchronisation and no host-side state, so a CUDA graph can capture it once and replay it
+    /// ([`step::Stepper`]).
+    fn compute(&mut self) -> Result<(), TchError>;
+    /// One eager step: [`Task::prepare`] then [`Task::compute`].
+    fn step(&mut self, idx: &Tensor, step: u64) -> Result<(), TchError> {
+        self.prepare(idx, step)?;
+        self.compute()
+    }
+    /// Puts the convolution weights and the fixed image buffers in channels_last (CUDA plans).
+    fn use_channels_last(&mut self) -> Result<(), TchError>;
     /// The training metrics accumulated since the last call (means over the window), read back
     /// in one transfer; resets the window. Empty when no step ran since the last call.
     fn take_window(&mut self) -> Result<Vec<(&'static str, f64)>, TchError>;
@@ -119,9 +136,10 @@ pub trait Task {
     fn optimizer(&self) -> &optim::Optimizer;
     fn optimizer_mut(&mut self) -> &mut optim::Optimizer;
     /// Called before the first step of every epoch (1-based), for schedules such as freezing
-    /// layers during the first epochs.
-    fn begin_epoch(&mut self, _epoch: u32) -> Result<(), TchError> {
-        Ok(())
+    /// layers during the first epochs. True when the set of trained parameters changed (a
+    /// captured step must be captured again).
+    fn begin_epoch(&mut self, _epoch: u32) -> Result<bool, TchError> {
+        Ok(false)
     }
     /// Files to store once the last epoch (`epoch`) has ended, besides its checkpoint.
     fn final_artifacts(&mut self, _epoch: u32) -> Result<Vec<ArtifactFile>, TrainError> {
@@ -237,14 +255,24 @@ pub fn train_loop(
         }));
         Ok::<(), TrainError>(())
     };
+    let mut stepper = Stepper::new(
+        task,
+        StepPlan::for_device(device, training.precision),
+        device,
+    )
+    .map_err(tch_err("preparing the training step"))?;
     let first_epoch = (global / per_epoch) as u32 + 1;
     for epoch in first_epoch..=training.epochs {
         let perm = seeded(epoch_seed(training.seed, epoch), || {
             Tensor::f_randperm(n, (Kind::Int64, device))
         })
         .map_err(tch_err("shuffling"))?;
-        task.begin_epoch(epoch)
-            .map_err(tch_err("starting an epoch"))?;
+        if task
+            .begin_epoch(epoch)
+            .map_err(tch_err("starting an epoch"))?
+        {
+            stepper.invalidate();
+        }
         let started = Instant::now();
         let first = (global - u64::from(epoch - 1) * per_epoch) as i64;
         for i in first..steps_per_epoch {
@@ -257,7 +285,9 @@ pub fn train_loop(
             let idx = perm
                 .f_narrow(0, i * b, b)
                 .map_err(tch_err("selecting a batch"))?;
-            task.step(&idx, global + 1).map_err(tch_err("training"))?;
+            stepper
+                .step(task, &idx, global + 1)
+                .map_err(tch_err("training"))?;
             global += 1;
             let mut points = Vec::new();
             let mut push = |values: Vec<(&'static str, f64)>| {
@@ -277,12 +307,17 @@ pub fn train_loop(
             if last_of_epoch {
                 sync_device(device);
                 let seconds = started.elapsed().as_secs_f64();
-                let eval = task.evaluate().map_err(tch_err("evaluating"))?;
+                let eval = stepper.evaluate(task).map_err(tch_err("evaluating"))?;
                 check_finite(&eval, global)?;
                 push(eval);
                 let images = ((steps_per_epoch - first) * b) as f64;
                 let images_per_s = images / seconds.max(1e-9);
-                push(vec![(metric::TRAIN_IMAGES_PER_S, images_per_s)]);
+                let flag = |on: bool| if on { 1.0 } else { 0.0 };
+                push(vec![
+                    (metric::TRAIN_IMAGES_PER_S, images_per_s),
+                    (metric::TRAIN_GRAPH, flag(stepper.replaying())),
+                    (metric::TRAIN_BF16, flag(stepper.plan().bf16)),
+                ]);
                 info!(
                     epoch,
                     of = training.epochs,
