@@ -5,7 +5,9 @@
 //   - memory format: a tensor's channels_last copy, and whether a tensor is channels_last;
 //   - autocast (mixed precision) on a device type with a dtype (bf16), entered and left;
 //   - the CUDA caching allocator's statistics (allocated, reserved, peak) for memory estimates,
-//     and a device's compute capability (whether it has bf16).
+//     and a device's compute capability (whether it has bf16);
+//   - glibc malloc's thresholds, so that a CPU training step's activations are reused from the
+//     heap instead of being unmapped and faulted in again every step.
 //
 // Rules: every entry point catches every exception and returns it as a malloc'd message (NULL
 // on success) that the caller frees with tq_free_error; nothing here aborts or prints. Tensors
@@ -21,6 +23,9 @@
 
 #include <cstdlib>
 #include <cstring>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <exception>
 #include <optional>
 #include <string>
@@ -112,6 +117,20 @@ constexpr const char* kNoCuda =
 extern "C" {
 
 void tq_free_error(char* error) { std::free(error); }
+
+// Sets glibc malloc's mmap threshold (allocations at least this big get their own mapping,
+// returned to the OS when freed) and trim threshold (free memory at the heap's top kept before
+// it is given back). 1 when both were set; 0 where malloc is not glibc's or a value was refused.
+int tq_set_malloc_thresholds(long mmap_threshold, long trim_threshold) {
+#if defined(__GLIBC__)
+  int a = mallopt(M_MMAP_THRESHOLD, static_cast<int>(mmap_threshold));
+  int b = mallopt(M_TRIM_THRESHOLD, static_cast<int>(trim_threshold));
+  return a == 1 && b == 1 ? 1 : 0;
+#else
+  (void)mmap_threshold; (void)trim_threshold;
+  return 0;
+#endif
+}
 
 // 1 when the shim was built with CUDA support and a CUDA device is present.
 int tq_cuda_usable() {
@@ -278,6 +297,11 @@ void tq_graph_free(void* graph) {
     if (g->capturing) g->graph.capture_end();
   } catch (...) {
   }
+  try {
+    // Replays still in flight use the graph's memory pool, which deleting the graph releases.
+    if (g->captured) c10::cuda::device_synchronize();
+  } catch (...) {
+  }
   if (g->previous) {
     try {
       c10::cuda::setCurrentCUDAStream(*g->previous);
@@ -380,6 +404,7 @@ char* tq_graph_reset(void* graph) {
   return guarded([&] {
     auto* g = static_cast<Graph*>(graph);
     if (g->capturing) throw std::logic_error("cannot reset during a capture");
+    if (g->captured) c10::cuda::device_synchronize();  // in-flight replays use the pool
     g->graph.reset();
     g->captured = false;
   });

@@ -9,6 +9,8 @@ use client::logging::{Format, Output};
 use worker::config::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
+    // Before any tensor exists: training steps reuse freed memory instead of faulting it in anew.
+    worker::shim::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Run(args)) => worker::standalone::run(args),

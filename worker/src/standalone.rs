@@ -263,6 +263,14 @@ mod tests {
         let s: serde_json::Value = serde_json::from_str(&summary).expect("json summary");
         assert_eq!(s["outcome"], "succeeded");
         assert!(s["mean_images_per_s"].as_f64().expect("mean") > 0.0);
+        let (wall, train) = (
+            s["wall_s"].as_f64().expect("wall"),
+            s["train_s"].as_f64().expect("train"),
+        );
+        assert!(
+            train > 0.0 && train <= wall,
+            "training {train} s of {wall} s"
+        );
     }
 
     #[test]
