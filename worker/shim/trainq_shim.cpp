@@ -108,6 +108,14 @@ void stream_wait(c10::cuda::CUDAStream waiter, c10::cuda::CUDAStream on) {
 }
 #endif
 
+// The body of a CUDA entry point: run guarded with CUDA, or answer kNoCuda without it (the body's
+// tokens are then dropped, so it may name CUDA types freely).
+#ifdef TRAINQ_SHIM_CUDA
+#define CUDA_ONLY(...) return guarded([&] __VA_ARGS__)
+#else
+#define CUDA_ONLY(...) return error_text(kNoCuda)
+#endif
+
 constexpr const char* kNoCuda =
     "this worker's C++ shim was built without CUDA (a CPU-only libtorch, or no CUDA headers were "
     "found when it was built)";
@@ -216,38 +224,27 @@ char* tq_autocast_exit(int device, int prev_enabled, int prev_dtype, int prev_ca
 // Makes a stream from libtorch's pool the calling thread's current stream on `device`, so the
 // work of this thread (one worker slot) overlaps with other threads' work on the same GPU.
 char* tq_use_pool_stream(int device) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     require_cuda(device);
     c10::cuda::setCurrentCUDAStream(
         c10::cuda::getStreamFromPool(false, static_cast<c10::DeviceIndex>(device)));
   });
-#else
-  (void)device;
-  return error_text(kNoCuda);
-#endif
 }
 
 // The compute capability of `device` (8.0 and newer have bf16 tensor cores).
 char* tq_cuda_capability(int device, int* major, int* minor) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     require_cuda(device);
     const cudaDeviceProp* p = at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device));
     *major = p->major;
     *minor = p->minor;
   });
-#else
-  (void)device; (void)major; (void)minor;
-  return error_text(kNoCuda);
-#endif
 }
 
 // The caching allocator's bytes now allocated, reserved, and the peak allocated since the last
 // tq_cuda_reset_peak, on `device`.
 char* tq_cuda_memory(int device, int64_t* allocated, int64_t* reserved, int64_t* peak) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     require_cuda(device);
     auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
         static_cast<c10::DeviceIndex>(device));
@@ -256,37 +253,23 @@ char* tq_cuda_memory(int device, int64_t* allocated, int64_t* reserved, int64_t*
     *reserved = stats.reserved_bytes[all].current;
     *peak = stats.allocated_bytes[all].peak;
   });
-#else
-  (void)device; (void)allocated; (void)reserved; (void)peak;
-  return error_text(kNoCuda);
-#endif
 }
 
 char* tq_cuda_reset_peak(int device) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     require_cuda(device);
     c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
   });
-#else
-  (void)device;
-  return error_text(kNoCuda);
-#endif
 }
 
 // *out = a new, empty CUDA graph for `device`.
 char* tq_graph_new(int device, void** out) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     require_cuda(device);
     auto* g = new Graph();
     g->device = device;
     *out = g;
   });
-#else
-  (void)device; (void)out;
-  return error_text(kNoCuda);
-#endif
 }
 
 void tq_graph_free(void* graph) {
@@ -317,8 +300,7 @@ void tq_graph_free(void* graph) {
 // Switches the calling thread to a side stream (which first waits for the current one), for
 // warm-up steps and the capture; tq_graph_side_stream_end switches back.
 char* tq_graph_side_stream_begin(void* graph) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     auto* g = static_cast<Graph*>(graph);
     if (g->previous) throw std::logic_error("already on the graph's side stream");
     auto dev = static_cast<c10::DeviceIndex>(g->device);
@@ -329,15 +311,10 @@ char* tq_graph_side_stream_begin(void* graph) {
     g->previous = current;
     g->side = side;
   });
-#else
-  (void)graph;
-  return error_text(kNoCuda);
-#endif
 }
 
 char* tq_graph_side_stream_end(void* graph) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     auto* g = static_cast<Graph*>(graph);
     if (!g->previous) throw std::logic_error("not on the graph's side stream");
     if (g->capturing) throw std::logic_error("the capture has not ended");
@@ -346,72 +323,48 @@ char* tq_graph_side_stream_end(void* graph) {
     g->previous.reset();
     g->side.reset();
   });
-#else
-  (void)graph;
-  return error_text(kNoCuda);
-#endif
 }
 
 // Starts capturing the calling thread's work on the side stream (thread-local capture mode, so
 // other slots' threads may go on allocating and launching while this one captures).
 char* tq_graph_capture_begin(void* graph) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     auto* g = static_cast<Graph*>(graph);
     if (!g->previous) throw std::logic_error("capture needs the side stream: begin it first");
     if (g->capturing || g->captured) throw std::logic_error("the graph is already captured");
     g->graph.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     g->capturing = true;
   });
-#else
-  (void)graph;
-  return error_text(kNoCuda);
-#endif
 }
 
 char* tq_graph_capture_end(void* graph) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     auto* g = static_cast<Graph*>(graph);
     if (!g->capturing) throw std::logic_error("no capture in progress");
     g->capturing = false;
     g->graph.capture_end();
     g->captured = true;
   });
-#else
-  (void)graph;
-  return error_text(kNoCuda);
-#endif
 }
 
 // Replays the captured work on the calling thread's current stream.
 char* tq_graph_replay(void* graph) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     auto* g = static_cast<Graph*>(graph);
     if (!g->captured) throw std::logic_error("nothing captured to replay");
     g->graph.replay();
   });
-#else
-  (void)graph;
-  return error_text(kNoCuda);
-#endif
 }
 
 // Drops the captured graph and its memory pool; the graph can be captured again.
 char* tq_graph_reset(void* graph) {
-#ifdef TRAINQ_SHIM_CUDA
-  return guarded([&] {
+  CUDA_ONLY({
     auto* g = static_cast<Graph*>(graph);
     if (g->capturing) throw std::logic_error("cannot reset during a capture");
     if (g->captured) c10::cuda::device_synchronize();  // in-flight replays use the pool
     g->graph.reset();
     g->captured = false;
   });
-#else
-  (void)graph;
-  return error_text(kNoCuda);
-#endif
 }
 
 }  // extern "C"

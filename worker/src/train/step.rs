@@ -233,17 +233,14 @@ impl Stepper {
                 Ok(())
             }
             Mode::WarmingUp { mut graph, left } if left > 0 => {
-                match graph.on_side_stream(|_| self.compute(task, true)) {
-                    Ok(()) => {
-                        self.mode = Mode::WarmingUp {
-                            graph,
-                            left: left - 1,
-                        };
-                        Ok(())
-                    }
-                    // A failure in an eager step is the job's error, not a capture problem.
-                    Err(e) => Err(e),
-                }
+                // A failure in a warm-up step is the job's error (an eager step failed), not a
+                // capture problem.
+                graph.on_side_stream(|_| self.compute(task, true))?;
+                self.mode = Mode::WarmingUp {
+                    graph,
+                    left: left - 1,
+                };
+                Ok(())
             }
             Mode::WarmingUp { mut graph, .. } => {
                 let captured = graph
