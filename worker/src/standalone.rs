@@ -77,6 +77,7 @@ fn run_spec(
     let batch_size = f64::from(spec.training.batch_size);
     let mut last_epoch_step = None::<u64>;
     let mut first_step = None::<u64>;
+    let resumed = inputs.resume.is_some();
     let mut train_s = 0.0;
     let mut last_accuracy = None;
     let mut last_neg_elbo = None;
@@ -95,9 +96,16 @@ fn run_spec(
                     match m.name.as_str() {
                         metric::TRAIN_IMAGES_PER_S => {
                             images_per_s.push(m.value);
-                            // A resumed run's first epoch starts mid-way; its throughput counts
-                            // from the resume point, which the first step seen approximates.
-                            let from = last_epoch_step.unwrap_or(first_step.unwrap_or(1) - 1);
+                            // Epoch `e` ends at step e * steps_per_epoch, so the first epoch seen
+                            // starts one epoch earlier. A resumed run's first epoch starts at
+                            // the resume point instead, which the first step it reported
+                            // approximates (to within log_every_steps).
+                            let epoch_start = m.step - m.step / u64::from(m.epoch.max(1));
+                            let from = last_epoch_step.unwrap_or(if resumed {
+                                epoch_start.max(first_step.unwrap_or(1) - 1)
+                            } else {
+                                epoch_start
+                            });
                             train_s += (m.step - from) as f64 * batch_size / m.value.max(1e-9);
                             last_epoch_step = Some(m.step);
                         }
@@ -270,6 +278,13 @@ mod tests {
         assert!(
             train > 0.0 && train <= wall,
             "training {train} s of {wall} s"
+        );
+        // One epoch of 320 images: its training time is 320 images at the epoch's throughput.
+        let mean = s["mean_images_per_s"].as_f64().expect("mean");
+        let images = train * mean;
+        assert!(
+            (images - 320.0).abs() < 320.0 * 0.01 + mean * 0.001,
+            "{images} images"
         );
     }
 
