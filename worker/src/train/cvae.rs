@@ -256,7 +256,7 @@ impl Task for CvaeTask {
 
     fn use_channels_last(&mut self) -> Result<(), TchError> {
         super::step::params_to_channels_last(&self.vs)?;
-        self.x = super::step::buffer_to_channels_last(&self.x)?;
+        self.x = crate::shim::channels_last(&self.x)?;
         Ok(())
     }
 

@@ -122,11 +122,6 @@ pub fn params_to_channels_last(vs: &tch::nn::VarStore) -> Result<(), TchError> {
     Ok(())
 }
 
-/// A fixed image buffer in channels_last (same shape and values).
-pub fn buffer_to_channels_last(t: &Tensor) -> Result<Tensor, TchError> {
-    Ok(shim::channels_last(t)?)
-}
-
 enum Mode {
     Eager,
     /// Eager steps on the graph's side stream; `left` of them before the capture.
